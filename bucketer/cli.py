@@ -1,0 +1,91 @@
+"""The ``bucketer`` console script. The only place that reads the environment and installs signal handlers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bucketer.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, fetch_jars
+
+app = typer.Typer(help="Kafka-fed streaming bucketer: Sequin changes -> cityHash64 buckets -> ClickHouse.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+local_app = typer.Typer(help="A single-node Apache Kafka 4.x broker (KRaft) on 127.0.0.1.", no_args_is_help=True)
+app.add_typer(local_app, name="local")
+
+PortOpt = Annotated[int, typer.Option("--port", envvar="BUCKETER_LOCAL_PORT", help="Broker port on 127.0.0.1.")]
+DirOpt = Annotated[Path, typer.Option("--dir", envvar="BUCKETER_LOCAL_DIR",
+                                      help="Broker directory; its data survives stop/start.")]
+DEFAULT_LOCAL_DIR = Path(".bucketer/kafka")
+
+
+def fail(reason: str, code: int = 1) -> typer.Exit:
+    """Print a one-line reason on stderr and return the exit to raise."""
+    typer.echo(f"bucketer: {reason}", err=True)
+    return typer.Exit(code)
+
+
+@local_app.command("start")
+def local_start(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -> None:
+    """Start the broker (idempotent); the last line printed is bootstrap=127.0.0.1:PORT."""
+    broker = LocalKafka(dir, port=port)
+    try:
+        was_running = broker.status().running
+        bootstrap = broker.start()
+    except LocalKafkaError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"kafka {'already running' if was_running else 'started'} in {broker.directory}")
+    typer.echo(f"bootstrap={bootstrap}")
+
+
+@local_app.command("stop")
+def local_stop(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -> None:
+    """Stop the broker gracefully (SIGTERM, then SIGKILL after a grace period)."""
+    stopped = LocalKafka(dir, port=port).stop()
+    typer.echo("kafka stopped" if stopped else "kafka was not running")
+
+
+@local_app.command("status")
+def local_status(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -> None:
+    """Tell whether the broker is running, and its bootstrap address. Exit 0 running, 3 stopped."""
+    st = LocalKafka(dir, port=port).status()
+    if st.running:
+        typer.echo(f"running pid={st.pid} dir={st.directory}")
+        typer.echo(f"bootstrap={st.bootstrap}")
+    else:
+        typer.echo(f"stopped dir={st.directory}")
+        raise typer.Exit(3)
+
+
+@local_app.command("fetch")
+def local_fetch() -> None:
+    """Fetch the broker's jars from Maven Central into the cache (done by start when needed)."""
+    try:
+        typer.echo(str(fetch_jars(quiet=False)))
+    except LocalKafkaError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("bucket-of")
+def bucket_of_cmd(
+    segment_ids: Annotated[list[str] | None, typer.Argument(help="Segment ids; read from stdin when none.")] = None,
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+) -> None:
+    """Print cityHash64(segmentId) % N for each id, one per line, in order (bit-exact with ClickHouse)."""
+    from stream.buckets import bucket_of
+
+    ids = segment_ids if segment_ids else (line.rstrip("\r\n") for line in sys.stdin)
+    out = sys.stdout
+    for sid in ids:
+        out.write(f"{bucket_of(sid, buckets)}\n")
+    out.flush()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
