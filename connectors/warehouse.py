@@ -1,0 +1,284 @@
+"""The warehouse: ClickHouse SQL behind one small interface, two backends.
+
+Contract (``Warehouse`` protocol):
+
+- ``command(sql, params=None)``: run DDL/DML, no result.
+- ``rows(sql, params=None) -> list[tuple]`` and ``dicts(sql, params=None) -> list[dict]``: a query's rows.
+- ``insert(table, columns, rows)``: insert Python rows (small volumes: tests, reference fix-ups).
+- ``insert_json(table, select, data) -> None``: let ClickHouse parse JSON itself. ``data`` is one or more JSON
+  values (each Kafka message value as is, separated by newlines); ``select`` is a SELECT whose FROM is the
+  placeholder ``{source}``, a relation with one column ``v String`` holding one JSON value per row
+  (``JSONAsString``). This is the loader's fast path: Python never parses the messages.
+- Context manager: ``with open_warehouse(...) as wh``. Constructors do no I/O; ``__enter__`` connects.
+
+Backends (both via clickhouse-connect, both speak the same SQL):
+
+- ``EmbeddedWarehouse(data_dir)``: chdb in this process, data in ``data_dir`` (``chdb:///abs/path``). chdb hosts
+  ONE engine per process, and one process may own a data directory: a lock file ``bucketer.lock`` (flock, with
+  the owner's pid in it) refuses a second process with a one-line error. Inside one process a registry lets
+  any number of warehouses open the same directory (each gets its own connection handle, so threads do not
+  serialise on one client); opening another directory while one is open is a clear error. chdb can switch
+  directories once every handle on the previous one is closed, so tests use one data dir each, in turn.
+- ``ServerWarehouse(url)``: a ClickHouse server, ``http(s)://user:pass@host:port/database``.
+
+Errors surface as ``WarehouseError`` (one line, no credentials).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Self, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+LOCK_NAME = "bucketer.lock"
+ENGINE_DIR = "chdb"
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse operation failed; the message is one line and safe to print."""
+
+
+@runtime_checkable
+class Warehouse(Protocol):
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None: ...
+
+    def rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
+
+    def dicts(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def insert_json(self, table: str, select: str, data: bytes) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:600]
+
+
+class _ClientWarehouse:
+    """The shared part: a clickhouse-connect client, set by the subclass's ``__enter__``."""
+
+    _client: Any = None
+
+    def _c(self) -> Any:
+        if self._client is None:
+            raise WarehouseError("the warehouse is not open (use it as a context manager)")
+        return self._client
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            self._c().command(sql, parameters=dict(params) if params else None)
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise WarehouseError(one_line(exc)) from exc
+
+    def rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        try:
+            return [tuple(r) for r in self._c().query(sql, parameters=dict(params) if params else None).result_rows]
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise WarehouseError(one_line(exc)) from exc
+
+    def dicts(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        try:
+            return list(self._c().query(sql, parameters=dict(params) if params else None).named_results())
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise WarehouseError(one_line(exc)) from exc
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        try:
+            self._c().insert(table, [list(r) for r in rows], column_names=list(columns))
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise WarehouseError(one_line(exc)) from exc
+
+
+# --- embedded (chdb) ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Engine:
+    path: str
+    lock_fd: int
+    users: int = 0
+
+
+_registry_lock = threading.Lock()
+_engine: _Engine | None = None
+
+
+def _take_dir_lock(data_dir: Path) -> int:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = data_dir / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise WarehouseError(f"data dir {data_dir} is in use by another bucketer process (pid {owner}); "
+                             f"stop it or use another --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _acquire_engine(data_dir: Path) -> str:
+    """Register one more user of the process's chdb engine at ``data_dir``; returns the engine path."""
+    global _engine
+    path = os.path.realpath(data_dir / ENGINE_DIR)
+    with _registry_lock:
+        if _engine is not None:
+            if _engine.path != path:
+                raise WarehouseError(f"this process already has the embedded warehouse at {_engine.path} open; "
+                                     f"chdb hosts one data dir per process (close it before opening {path})")
+            _engine.users += 1
+            return path
+        fd = _take_dir_lock(Path(data_dir))
+        _engine = _Engine(path=path, lock_fd=fd, users=1)
+        return path
+
+
+def _release_engine() -> None:
+    global _engine
+    with _registry_lock:
+        if _engine is None:
+            return
+        _engine.users -= 1
+        if _engine.users <= 0:
+            try:
+                fcntl.flock(_engine.lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(_engine.lock_fd)
+            _engine = None
+
+
+class EmbeddedWarehouse(_ClientWarehouse):
+    """chdb in this process, data under ``data_dir``; ``database`` is created on open."""
+
+    def __init__(self, data_dir: str | Path, database: str = "bucketer") -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.database = database
+        self._client = None
+        self._registered = False
+
+    @property
+    def dsn(self) -> str:
+        return f"chdb://{os.path.realpath(self.data_dir / ENGINE_DIR)}"
+
+    def __enter__(self) -> Self:
+        from clickhouse_connect.driver._chdbclient import ChdbClient
+
+        path = _acquire_engine(self.data_dir)
+        self._registered = True
+        try:
+            client = ChdbClient(path=path)
+            client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
+            client.database = self.database
+            self._client = client
+        except Exception as exc:
+            self.__exit__()
+            raise WarehouseError(f"cannot open the embedded warehouse at {path}: {one_line(exc)}") from exc
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        client, self._client = self._client, None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if self._registered:
+                self._registered = False
+                _release_engine()
+
+    def insert_json(self, table: str, select: str, data: bytes) -> None:
+        if not data:
+            return
+        fd, name = tempfile.mkstemp(prefix="bucketer-", suffix=".json", dir=self.data_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            source = f"file('{name}', 'JSONAsString', 'v String')"
+            self.command(f"INSERT INTO {table} " + select.format(source=source))
+        finally:
+            os.unlink(name)
+
+
+# --- server ---------------------------------------------------------------------------------------------------
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class ServerWarehouse(_ClientWarehouse):
+    """A ClickHouse server at ``url`` (http/https). The URL path names the database (default ``bucketer``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        self.database = parts.path.strip("/") or "bucketer"
+        self._client = None
+
+    def __enter__(self) -> Self:
+        import clickhouse_connect
+
+        parts = urlsplit(self.url)
+        try:
+            client = clickhouse_connect.get_client(
+                host=parts.hostname or "localhost", port=parts.port or (8443 if parts.scheme == "https" else 8123),
+                username=parts.username or "default", password=parts.password or "",
+                secure=parts.scheme == "https")
+            client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
+            client.database = self.database
+        except Exception as exc:
+            raise WarehouseError(f"cannot reach ClickHouse at {redact(self.url)}: {one_line(exc)}") from exc
+        self._client = client
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def insert_json(self, table: str, select: str, data: bytes) -> None:
+        if not data:
+            return
+        sql = f"INSERT INTO {table} " + select.format(source="input('v String')") + " FORMAT JSONAsString"
+        try:
+            self._c().command(sql, data=data)
+        except Exception as exc:
+            raise WarehouseError(one_line(exc)) from exc
+
+
+def open_warehouse(data_dir: str | Path = ".bucketer", url: str | None = None,
+                   database: str = "bucketer") -> EmbeddedWarehouse | ServerWarehouse:
+    """The warehouse to use: a server when ``url`` is given, else the embedded one in ``data_dir``.
+    Not yet connected; use it as a context manager."""
+    if url:
+        return ServerWarehouse(url)
+    return EmbeddedWarehouse(data_dir, database=database)

@@ -1,0 +1,209 @@
+"""Warehouse schema for N buckets: idempotent DDL, the names of PIPELINE.md, the rows of CONTRACTS.md.
+
+``ensure_schema(wh, buckets)`` creates what is missing and (re)defines the views for ``buckets``; running it
+again changes nothing. Tables (all in the warehouse's database):
+
+Raw bucket ``activityRelations_bucket_MV_ds_{n}``: the 23 activity columns + ``_deleted UInt8`` +
+``_version UInt64`` (= toUnixTimestamp64Milli(updatedAt) * 2 + _deleted), ReplacingMergeTree(_version,
+_deleted), PARTITION BY toYear(createdAt), ORDER BY (segmentId, timestamp, type, platform, channel, sourceId).
+``SELECT … FROM t FINAL`` gives exactly the live rows.
+
+Reference tables, each ReplacingMergeTree(_version, _deleted) ORDER BY id, same ``_version`` rule
+(updatedAt, or the message's commit_timestamp when the record has none, e.g. a key-only delete)::
+
+    members          (id String, attributes String, isBot UInt8, isTeamMember UInt8, isOrganization UInt8,
+                      displayName String, joinedAt DateTime64(3,'UTC'), createdAt DateTime64(3,'UTC'),
+                      updatedAt DateTime64(3,'UTC'), _deleted UInt8, _version UInt64)
+    organizations    (id String, displayName String, location String, country String,
+                      createdAt …, updatedAt …, _deleted, _version)
+    repositories     (id String, url String, segmentId String, insightsProjectId String,
+                      sourceIntegrationId String, enabled UInt8 DEFAULT 1, excluded UInt8, archived UInt8,
+                      deletedAt Nullable(DateTime64(3,'UTC')), createdAt …, updatedAt …, _deleted, _version)
+    insightsProjects (id String, name String, slug String, segmentId String, enabled UInt8 DEFAULT 1,
+                      deletedAt Nullable(DateTime64(3,'UTC')), createdAt …, updatedAt …, _deleted, _version)
+    integrations     (id String, platform LowCardinality(String), segmentId String,
+                      deletedAt Nullable(DateTime64(3,'UTC')), createdAt …, updatedAt …, _deleted, _version)
+
+Read them with ``FINAL`` (deleted rows vanish). ``members.attributes`` is the JSON text of the record's
+attributes; the three flags come from ``attributes.<flag>.default`` (0 when absent).
+
+Cleaned bucket ``activityRelations_deduplicated_cleaned_bucket_{n}_ds``: the 23 columns + gitChangedLines
+UInt64, gitChangedLinesBucket String, organizationCountryCode LowCardinality(String), organizationName String,
+snapshotId DateTime('UTC'); MergeTree ORDER BY (segmentId, timestamp, type, platform, memberId, organizationId).
+``cleaned_columns_ddl()`` gives its column list for a table built aside.
+
+Views: ``activityRelations_deduplicated_cleaned_bucket_union`` (all cleaned buckets),
+``activityRelations_bucket_routing(bucketId=n)`` (one cleaned bucket; an id outside 0..N-1 raises
+"invalid bucketId"), ``project_buckets(project='slug')`` → (project, projectId, segmentId, bucketId) for the
+enabled, not-deleted insightsProject; no rows otherwise. ``bucketer_settings`` records the bucket count.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from stream.buckets import cleaned_table, raw_table
+
+UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
+ROUTING_VIEW = "activityRelations_bucket_routing"
+PROJECT_VIEW = "project_buckets"
+SETTINGS_TABLE = "bucketer_settings"
+
+TS = "DateTime64(3, 'UTC')"
+
+# (name, type, default expression or None). Order is the table's column order.
+ACTIVITY_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("activityId", "String", None),
+    ("conversationId", "String", None),
+    ("createdAt", TS, None),
+    ("updatedAt", TS, None),
+    ("memberId", "String", None),
+    ("objectMemberId", "String", None),
+    ("objectMemberUsername", "String", None),
+    ("organizationId", "String", None),
+    ("parentId", "String", None),
+    ("platform", "LowCardinality(String)", None),
+    ("segmentId", "String", None),
+    ("username", "String", None),
+    ("sourceId", "String", None),
+    ("type", "LowCardinality(String)", None),
+    ("timestamp", TS, None),
+    ("sourceParentId", "String", None),
+    ("channel", "String", None),
+    ("sentimentScore", "Int8", "-1"),
+    ("gitInsertions", "UInt32", None),
+    ("gitDeletions", "UInt32", None),
+    ("score", "Int8", "-1"),
+    ("isContribution", "UInt8", None),
+    ("pullRequestReviewState", "LowCardinality(String)", None),
+)
+ACTIVITY_NAMES = tuple(c[0] for c in ACTIVITY_COLUMNS)
+SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
+CLEANED_EXTRA: tuple[tuple[str, str, str | None], ...] = (
+    ("gitChangedLines", "UInt64", None),
+    ("gitChangedLinesBucket", "String", None),
+    ("organizationCountryCode", "LowCardinality(String)", None),
+    ("organizationName", "String", None),
+    ("snapshotId", "DateTime('UTC')", None),
+)
+CLEANED_ORDER = ("segmentId", "timestamp", "type", "platform", "memberId", "organizationId")
+VERSION_COLUMNS: tuple[tuple[str, str, str | None], ...] = (("_deleted", "UInt8", None), ("_version", "UInt64", None))
+
+REFERENCE_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
+    "members": (
+        ("id", "String", None), ("attributes", "String", None), ("isBot", "UInt8", None),
+        ("isTeamMember", "UInt8", None), ("isOrganization", "UInt8", None), ("displayName", "String", None),
+        ("joinedAt", TS, None), ("createdAt", TS, None), ("updatedAt", TS, None),
+    ),
+    "organizations": (
+        ("id", "String", None), ("displayName", "String", None), ("location", "String", None),
+        ("country", "String", None), ("createdAt", TS, None), ("updatedAt", TS, None),
+    ),
+    "repositories": (
+        ("id", "String", None), ("url", "String", None), ("segmentId", "String", None),
+        ("insightsProjectId", "String", None), ("sourceIntegrationId", "String", None),
+        ("enabled", "UInt8", "1"), ("excluded", "UInt8", None), ("archived", "UInt8", None),
+        ("deletedAt", f"Nullable({TS})", None), ("createdAt", TS, None), ("updatedAt", TS, None),
+    ),
+    "insightsProjects": (
+        ("id", "String", None), ("name", "String", None), ("slug", "String", None),
+        ("segmentId", "String", None), ("enabled", "UInt8", "1"), ("deletedAt", f"Nullable({TS})", None),
+        ("createdAt", TS, None), ("updatedAt", TS, None),
+    ),
+    "integrations": (
+        ("id", "String", None), ("platform", "LowCardinality(String)", None), ("segmentId", "String", None),
+        ("deletedAt", f"Nullable({TS})", None), ("createdAt", TS, None), ("updatedAt", TS, None),
+    ),
+}
+
+
+class _Commands(Protocol):
+    def command(self, sql: str, params: None = None) -> None: ...
+
+
+def _cols(columns: tuple[tuple[str, str, str | None], ...]) -> str:
+    return ",\n    ".join(f"`{n}` {t}" + (f" DEFAULT {d}" if d is not None else "") for n, t, d in columns)
+
+
+def raw_table_ddl(n: int) -> str:
+    return (f"CREATE TABLE IF NOT EXISTS {raw_table(n)} (\n    {_cols(ACTIVITY_COLUMNS + VERSION_COLUMNS)}\n)\n"
+            f"ENGINE = ReplacingMergeTree(_version, _deleted)\nPARTITION BY toYear(createdAt)\n"
+            f"ORDER BY ({', '.join(SORT_KEY)})")
+
+
+def reference_table_ddl(table: str) -> str:
+    cols = REFERENCE_COLUMNS[table] + VERSION_COLUMNS
+    return (f"CREATE TABLE IF NOT EXISTS {table} (\n    {_cols(cols)}\n)\n"
+            f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY id")
+
+
+def cleaned_columns_ddl() -> str:
+    """The column list (inside the parentheses) of a cleaned bucket table."""
+    return _cols(ACTIVITY_COLUMNS + CLEANED_EXTRA)
+
+
+def cleaned_table_ddl(n: int, name: str | None = None) -> str:
+    """CREATE TABLE IF NOT EXISTS for cleaned bucket ``n`` (or the same layout under ``name``, built aside)."""
+    return (f"CREATE TABLE IF NOT EXISTS {name or cleaned_table(n)} (\n    {cleaned_columns_ddl()}\n)\n"
+            f"ENGINE = MergeTree\nORDER BY ({', '.join(CLEANED_ORDER)})")
+
+
+def union_view_ddl(buckets: int) -> str:
+    parts = "\nUNION ALL\n".join(f"SELECT * FROM {cleaned_table(n)}" for n in range(buckets))
+    return f"CREATE OR REPLACE VIEW {UNION_VIEW} AS\n{parts}"
+
+
+def routing_view_ddl(buckets: int) -> str:
+    check = (f"throwIf(NOT ({{bucketId:Int64}} BETWEEN 0 AND {buckets - 1}), "
+             f"'invalid bucketId: expected an integer from 0 to {buckets - 1}')")
+    # A scalar subquery is evaluated once, before any table is read: the check fires even on empty buckets.
+    parts = "\nUNION ALL\n".join(
+        f"SELECT * FROM {cleaned_table(n)} WHERE (SELECT {check}) = 0 AND {{bucketId:Int64}} = {n}"
+        for n in range(buckets))
+    return f"CREATE OR REPLACE VIEW {ROUTING_VIEW} AS\n{parts}"
+
+
+def project_view_ddl(buckets: int) -> str:
+    return (f"CREATE OR REPLACE VIEW {PROJECT_VIEW} AS\n"
+            f"SELECT slug AS project, id AS projectId, segmentId,\n"
+            f"       toUInt32(cityHash64(segmentId) % {buckets}) AS bucketId\n"
+            f"FROM insightsProjects FINAL\n"
+            f"WHERE slug = {{project:String}} AND enabled = 1 AND deletedAt IS NULL")
+
+
+def settings_ddl() -> str:
+    return (f"CREATE TABLE IF NOT EXISTS {SETTINGS_TABLE} (key String, value String, at DateTime64(3, 'UTC') "
+            f"DEFAULT now64(3)) ENGINE = ReplacingMergeTree(at) ORDER BY key")
+
+
+def schema_statements(buckets: int) -> list[str]:
+    """Every statement ``ensure_schema`` runs, in order."""
+    if buckets < 1:
+        raise ValueError(f"the number of buckets must be at least 1, got {buckets}")
+    out = [settings_ddl()]
+    out += [reference_table_ddl(t) for t in REFERENCE_COLUMNS]
+    out += [raw_table_ddl(n) for n in range(buckets)]
+    out += [cleaned_table_ddl(n) for n in range(buckets)]
+    out += [union_view_ddl(buckets), routing_view_ddl(buckets), project_view_ddl(buckets)]
+    return out
+
+
+def ensure_schema(wh: _Commands, buckets: int) -> None:
+    """Create the tables for ``buckets`` buckets if missing and (re)define the views. Idempotent."""
+    for sql in schema_statements(buckets):
+        wh.command(sql)
+    wh.command(f"INSERT INTO {SETTINGS_TABLE} (key, value) VALUES ('buckets', '{int(buckets)}')")
+
+
+def bucket_count(wh: object) -> int | None:
+    """The bucket count the schema was last set up for, or None when there is no schema yet."""
+    rows = wh.rows(  # type: ignore[attr-defined]
+        f"SELECT value FROM {SETTINGS_TABLE} FINAL WHERE key = 'buckets'") if _has_settings(wh) else []
+    return int(rows[0][0]) if rows else None
+
+
+def _has_settings(wh: object) -> bool:
+    rows = wh.rows(  # type: ignore[attr-defined]
+        "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+        {"t": SETTINGS_TABLE})
+    return bool(rows and rows[0][0])
