@@ -83,6 +83,52 @@ def bucket_of_cmd(
     out.flush()
 
 
+# --- loadgen (stream/loadgen.py) -----------------------------------------------------------------------
+@app.command("loadgen")
+def loadgen_cmd(
+    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP",
+                                           help="Kafka bootstrap servers.")],
+    count: Annotated[int, typer.Option("--count", min=0, help="Messages on activityRelations (bad ones included).")],
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001,
+                                               help="Messages per second (default: unlimited).")] = None,
+    seed: Annotated[int, typer.Option("--seed", envvar="BUCKETER_LOADGEN_SEED", help="Same seed, same messages.")] = 1,
+    segments: Annotated[int, typer.Option("--segments", min=1, help="Segments (projects), Zipf-skewed sizes.")] = 60,
+    bad_fraction: Annotated[float, typer.Option("--bad-fraction", min=0.0, max=1.0,
+                                                help="Share of bad activity messages.")] = 0.01,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    partitions: Annotated[int, typer.Option("--partitions", min=1, help="Partitions of topics created here.")] = 3,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the broker.")] = 30.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Produce synthetic Sequin change messages for all six topics, deterministic for a seed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stream.loadgen import LoadgenConfig
+    from stream.loadgen_producer import LoadgenError, LoadProducer, ProducerSettings, ensure_topics, expected_total
+
+    config = LoadgenConfig(count=count, seed=seed, segments=segments, bad_fraction=bad_fraction)
+    settings = ProducerSettings(bootstrap=bootstrap, topic_prefix=topic_prefix, partitions=partitions, rate=rate,
+                                timeout=timeout)
+    console = Console(stderr=True)
+    try:
+        ensure_topics(settings)
+        with LoadProducer(settings) as producer, Progress(
+                TextColumn("loadgen"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=console, disable=quiet, transient=True) as progress:
+            task = progress.add_task("produce", total=expected_total(config))
+            summary = producer.run(config, on_progress=lambda n: progress.update(task, completed=n))
+    except LoadgenError as exc:
+        raise fail(str(exc)) from None
+    for topic, n in sorted(summary.per_topic.items()):
+        typer.echo(f"topic {topic_prefix}{topic}: {n}")
+    for action, n in sorted(summary.per_action.items()):
+        typer.echo(f"action {action}: {n}")
+    typer.echo(f"bad: {summary.bad_total} ({', '.join(f'{k}={v}' for k, v in sorted(summary.bad.items()))})")
+    typer.echo(f"total: {summary.total} messages, {summary.bytes} bytes, {summary.duplicates} duplicates")
+# --- end loadgen ---------------------------------------------------------------------------------------
+
+
 def main() -> None:
     app()
 
