@@ -1,0 +1,176 @@
+"""Decoding and validation of Sequin change messages on ``activityRelations`` (SEQUIN.md).
+
+Contract (other parts build on it):
+
+- ``decode(value, topic, partition, offset) -> Change`` or raises ``BadMessage``. Nothing else
+  escapes: any input (random bytes included) is either a ``Change`` or a ``BadMessage``.
+- ``Change.segment_id`` is the bucket key (the non-empty segmentId string of ``record``; for a delete
+  the deleted row's). The router forwards the **original value bytes**; it never re-encodes them.
+- ``Change.retirement`` is ``None`` or a ``Retirement(segment_id, value, reason)``: the router-made
+  Sequin-shaped delete of the old row (docs/CONTRACTS.md) for an ``update`` whose ``changes`` alter
+  segmentId or another sort-key column; it goes to the bucket of ``Retirement.segment_id`` with the
+  source key and header ``bucketer-derived: retirement``.
+- ``Change.old_values_unknown`` is True for an ``update`` whose ``changes`` is ``{}``/null (no
+  REPLICA IDENTITY FULL): the old row cannot be known, so nothing is guessed; the router counts it.
+- ``BadMessage.error_class`` is one of ``ERROR_CLASSES``; ``detail`` is a short human reason.
+
+Required columns (CLEANED_BUCKETS.md) must be present and not null: strings for the string ones,
+timestamps as ISO-8601 text (``2025-03-01T10:00:00.000000Z``) or integer unix microseconds. A delete
+may lack ``updatedAt`` when ``metadata.commit_timestamp`` is a valid timestamp (CONTRACTS.md).
+Only ``orjson.loads`` and a few dict lookups run per message; retirements are encoded only when needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+ACTIONS = frozenset({"insert", "update", "delete", "read"})
+STRING_COLUMNS = ("activityId", "memberId", "platform", "sourceId", "type")
+TIMESTAMP_COLUMNS = ("createdAt", "updatedAt", "timestamp")
+SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
+ERROR_CLASSES = (
+    "tombstone", "invalid_utf8", "not_json", "not_object", "unknown_action", "no_record",
+    "record_not_object", "missing_segment_id", "null_segment_id", "non_string_segment_id",
+    "empty_segment_id", "missing_column", "bad_column", "bad_timestamp", "bad_changes",
+    "too_large",  # raised by the router: over the producer's message.max.bytes
+)
+# DateTime64(3) range: 1900-01-01 .. 2299-12-31, in microseconds.
+_MIN_US, _MAX_US = -2_208_988_800_000_000, 10_413_791_999_999_999
+
+
+class BadMessage(ValueError):
+    """Input that cannot be routed; ``error_class`` names why (one of ERROR_CLASSES)."""
+
+    def __init__(self, error_class: str, detail: str) -> None:
+        super().__init__(f"{error_class}: {detail}")
+        self.error_class = error_class
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Retirement:
+    segment_id: str
+    value: bytes
+    reason: str  # "segment_move" | "sort_key_change"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    action: str
+    segment_id: str
+    record: dict[str, Any]
+    retirement: Retirement | None = None
+    old_values_unknown: bool = False
+
+
+def decode(value: bytes | None, topic: str = "", partition: int = -1, offset: int = -1) -> Change:
+    """Validate one Sequin value; where it came from is written into a retirement's metadata."""
+    if value is None:
+        raise BadMessage("tombstone", "null value")
+    try:
+        msg = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise BadMessage("invalid_utf8", str(uexc)[:200]) from None
+        raise BadMessage("not_json", str(exc)[:200]) from None
+    if type(msg) is not dict:
+        raise BadMessage("not_object", f"top level is {type(msg).__name__}")
+    action = msg.get("action")
+    if action not in ACTIONS:
+        raise BadMessage("unknown_action", f"action {_short(action)}")
+    record = msg.get("record")
+    if record is None:
+        raise BadMessage("no_record", "record missing or null")
+    if type(record) is not dict:
+        raise BadMessage("record_not_object", f"record is {type(record).__name__}")
+    segment_id = _segment_id(record, "record")
+    _check_columns(record, action, msg.get("metadata"))
+    changes = msg.get("changes")
+    if action != "update":
+        return Change(action, segment_id, record)
+    if changes is None or changes == {}:
+        return Change(action, segment_id, record, old_values_unknown=True)
+    if type(changes) is not dict:
+        raise BadMessage("bad_changes", f"changes is {type(changes).__name__}")
+    source = f"{topic}/{partition}/{offset}"
+    return Change(action, segment_id, record, retirement=_retirement(msg, record, changes, source))
+
+
+def _short(v: object) -> str:
+    return repr(v)[:60]
+
+
+def _segment_id(record: dict[str, Any], where: str) -> str:
+    if "segmentId" not in record:
+        raise BadMessage("missing_segment_id", f"{where}.segmentId absent")
+    sid = record["segmentId"]
+    if sid is None:
+        raise BadMessage("null_segment_id", f"{where}.segmentId is null")
+    if type(sid) is not str:
+        raise BadMessage("non_string_segment_id", f"{where}.segmentId is {type(sid).__name__}")
+    if not sid:
+        raise BadMessage("empty_segment_id", f"{where}.segmentId is empty")
+    return sid
+
+
+def _check_columns(record: dict[str, Any], action: str, metadata: object) -> None:
+    for col in STRING_COLUMNS:
+        v = record.get(col)
+        if v is None:
+            raise BadMessage("missing_column", f"record.{col} absent or null")
+        if type(v) is not str:
+            raise BadMessage("bad_column", f"record.{col} is {type(v).__name__}")
+    for col in TIMESTAMP_COLUMNS:
+        v = record.get(col)
+        if v is None:
+            if col == "updatedAt" and action == "delete" and type(metadata) is dict \
+                    and valid_timestamp(metadata.get("commit_timestamp")):
+                continue
+            raise BadMessage("missing_column", f"record.{col} absent or null")
+        if not valid_timestamp(v):
+            raise BadMessage("bad_timestamp", f"record.{col} = {_short(v)}")
+
+
+def valid_timestamp(v: object) -> bool:
+    """ISO-8601 text or integer unix microseconds within ClickHouse DateTime64(3)'s range."""
+    if type(v) is int:
+        return _MIN_US <= v <= _MAX_US
+    if type(v) is not str or len(v) < 10 or len(v) > 40:
+        return False
+    try:
+        ts = datetime.fromisoformat(v)
+    except ValueError:
+        return False
+    return 1900 <= ts.year <= 2299
+
+
+def _retirement(msg: dict[str, Any], record: dict[str, Any], changes: dict[str, Any],
+                source: str) -> Retirement | None:
+    """The delete of the old row when ``changes`` alters the sort key (segmentId moves the bucket)."""
+    moved = [c for c in SORT_KEY if c in changes and changes[c] != record.get(c)]
+    if not moved:
+        return None
+    old = {**record, **changes}
+    old_sid = _segment_id_of_changes(old)
+    for col in TIMESTAMP_COLUMNS:
+        if col in changes and changes[col] is not None and not valid_timestamp(changes[col]):
+            raise BadMessage("bad_changes", f"changes.{col} = {_short(changes[col])}")
+    reason = "segment_move" if "segmentId" in moved else "sort_key_change"
+    metadata = msg.get("metadata")
+    meta = dict(metadata) if type(metadata) is dict else {}
+    meta["bucketer"] = {"derived": "retirement", "reason": reason, "source": source}
+    value = orjson.dumps({"action": "delete", "changes": None, "record": old, "metadata": meta})
+    return Retirement(old_sid, value, reason)
+
+
+def _segment_id_of_changes(old: dict[str, Any]) -> str:
+    try:
+        return _segment_id(old, "changes")
+    except BadMessage as exc:
+        raise BadMessage("bad_changes", exc.detail) from None
