@@ -219,7 +219,7 @@ class EmbeddedWarehouse(_ClientWarehouse):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             source = f"file('{name}', 'JSONAsString', 'v String')"
-            self.command(f"INSERT INTO {table} " + select.format(source=source))
+            self.command(f"INSERT INTO {table} " + select.replace("{source}", source))
         finally:
             os.unlink(name)
 
@@ -268,7 +268,7 @@ class ServerWarehouse(_ClientWarehouse):
     def insert_json(self, table: str, select: str, data: bytes) -> None:
         if not data:
             return
-        sql = f"INSERT INTO {table} " + select.format(source="input('v String')") + " FORMAT JSONAsString"
+        sql = f"INSERT INTO {table} " + select.replace("{source}", "input('v String')") + " FORMAT JSONAsString"
         try:
             self._c().command(sql, data=data)
         except Exception as exc:

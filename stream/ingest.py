@@ -1,0 +1,177 @@
+"""Sequin change message → warehouse row, written once as SQL (the fast path) and once as a Python check.
+
+The loader hands ClickHouse the message bytes as they came from Kafka; ``insert_sql(table)`` is the SELECT
+that turns each JSON value (column ``v`` of the ``{source}`` relation) into a row of the raw bucket table or
+of a reference table (stream/schema.py), following CONTRACTS.md:
+
+- ``record`` fields by name; nulls and missing fields become the column defaults ('' / -1 / 0, enabled 1);
+- timestamps as ISO-8601 text or integer unix microseconds, truncated to the millisecond (UTC);
+- ``action`` delete (a Sequin delete or a router retirement) gives ``_deleted = 1``;
+- ``_version = toUnixTimestamp64Milli(updatedAt) * 2 + _deleted``, with ``metadata.commit_timestamp`` standing
+  in for a missing updatedAt (a repository delete carries only its primary key);
+- a message without its required fields (or not JSON, or with a value of the wrong type) fails the insert
+  (throwIf) instead of becoming a row of defaults. The loader then asks ``problem()`` which messages are bad,
+  sends those to the DLQ with the reason, and inserts the rest.
+
+``problem(value, table)`` mirrors those rules in Python; it runs only on the slow path after a failed insert.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from stream.schema import ACTIVITY_COLUMNS, REFERENCE_COLUMNS, TS, VERSION_COLUMNS
+
+ACTIONS = ("insert", "update", "delete", "read")
+ACTIVITY_REQUIRED = ("activityId", "memberId", "platform", "segmentId", "sourceId", "type",
+                     "createdAt", "updatedAt", "timestamp")
+MEMBER_FLAGS = ("isBot", "isTeamMember", "isOrganization")
+INT_RANGES = {"Int8": (-128, 127), "UInt8": (0, 255), "UInt32": (0, 2**32 - 1)}
+Column = tuple[str, str, str | None]
+
+
+def _ts(expr: str) -> str:
+    """Nullable(String) holding ISO text or unix microseconds → Nullable(DateTime64(3,'UTC')), truncated."""
+    return (f"if(match(ifNull({expr}, ''), '^-?[0-9]+$'), "
+            f"toDateTime64(fromUnixTimestamp64Micro(toInt64OrZero({expr}), 'UTC'), 3, 'UTC'), "
+            f"parseDateTime64BestEffortOrNull({expr}, 3, 'UTC'))")
+
+
+def _extract_type(columns: tuple[Column, ...], skip: tuple[str, ...] = ()) -> str:
+    def one(name: str, ctype: str) -> str:
+        if ctype == TS or ctype.startswith("Nullable(DateTime64"):
+            return f"`{name}` Nullable(String)"
+        base = ctype.removeprefix("LowCardinality(").removesuffix(")") if ctype.startswith("Low") else ctype
+        return f"`{name}` Nullable({base})"
+
+    record = ", ".join(one(n, t) for n, t, _ in columns if n not in skip)
+    return (f"Tuple(action Nullable(String), record Tuple({record}), "
+            f"metadata Tuple(commit_timestamp Nullable(String)))")
+
+
+def _value(name: str, ctype: str, default: str | None) -> str:
+    ref = f"m.record.`{name}`"
+    if ctype == TS:
+        return f"ifNull({_ts(ref)}, toDateTime64(0, 3, 'UTC'))"
+    if ctype.startswith("Nullable(DateTime64"):
+        return _ts(ref)
+    if "String" in ctype:
+        return f"ifNull({ref}, '')"
+    return f"ifNull({ref}, {default if default is not None else 0})"
+
+
+def target_columns(table: str) -> tuple[Column, ...]:
+    cols = ACTIVITY_COLUMNS if table == "activityRelations" else REFERENCE_COLUMNS[table]
+    return cols + VERSION_COLUMNS
+
+
+def insert_sql(table: str) -> tuple[str, str]:
+    """(column list, SELECT with a ``{source}`` placeholder) for rows of ``table``: ``"activityRelations"`` (any
+    raw bucket) or a reference table name."""
+    if table == "activityRelations":
+        columns, required = ACTIVITY_COLUMNS, ACTIVITY_REQUIRED
+        extra: list[str] = []
+        skip: tuple[str, ...] = ()
+    else:
+        columns, required = REFERENCE_COLUMNS[table], ("id",)
+        skip = ("attributes",) if table == "members" else ()
+        extra = ["JSONExtractRaw(v, 'record', 'attributes') AS _attributes"] if table == "members" else []
+    values = []
+    for name, ctype, default in columns:
+        if table == "members" and name == "attributes":
+            values.append("if(_attributes IN ('', 'null'), '{}', _attributes) AS `attributes`")
+        elif table == "members" and name in MEMBER_FLAGS:
+            values.append(f"ifNull(JSONExtract(v, 'record', 'attributes', '{name}', 'default', 'Nullable(UInt8)'), 0)"
+                          f" AS `{name}`")
+        elif name == "updatedAt":  # a key-only delete: the commit time stands in (CONTRACTS.md)
+            values.append("assumeNotNull(_version_ts) AS `updatedAt`")
+        else:
+            values.append(f"{_value(name, ctype, default)} AS `{name}`")
+    times = ("createdAt", "updatedAt", "timestamp")
+    missing = [f"isNull({_ts(f'm.record.`{n}`')})" if n in times else f"ifNull(m.record.`{n}`, '') = ''"
+               for n in required]
+    missing.append(f"ifNull(m.action, '') NOT IN ({', '.join(repr(a) for a in ACTIONS)})")
+    deleted = "toUInt8(m.action = 'delete')"
+    version_ts = f"ifNull({_ts('m.record.`updatedAt`')}, {_ts('m.metadata.commit_timestamp')})"
+    missing.append("isNull(_version_ts)")
+    select = (
+        f"SELECT {', '.join(values)}, {deleted} AS `_deleted`, "
+        f"toUInt64(toUnixTimestamp64Milli(assumeNotNull(_version_ts))) * 2 + `_deleted` AS `_version`\n"
+        f"FROM (SELECT v, JSONExtract(v, '{_extract_type(columns, skip)}') AS m, {version_ts} AS _version_ts"
+        + "".join(f", {e}" for e in extra) + " FROM {source})\n"
+        f"WHERE throwIf({' OR '.join(missing)}, "
+        f"'a change message without its required fields, or not a JSON object of the expected types') = 0")
+    column_list = ", ".join(f"`{n}`" for n, _, _ in target_columns(table))
+    return column_list, select
+
+
+# --- the same rules in Python, for the slow path -------------------------------------------------------------
+
+
+def _bad_ts(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return False
+    if not isinstance(value, str):
+        return True
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return True
+    return False
+
+
+def _bad_number(value: Any, ctype: str) -> bool:
+    if isinstance(value, bool):
+        return ctype != "UInt8"
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            return True
+    if not isinstance(value, int):
+        return True
+    lo, hi = INT_RANGES.get(ctype, (-(2**63), 2**64 - 1))
+    return not lo <= value <= hi
+
+
+def problem(value: bytes | None, table: str) -> str | None:
+    """Why this message cannot become a row of ``table``, or None when it can."""
+    if not value:
+        return "empty value (tombstone)"
+    try:
+        msg = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return f"not JSON: {exc}"
+    if not isinstance(msg, dict):
+        return "not a JSON object"
+    if msg.get("action") not in ACTIONS:
+        return f"unknown action {msg.get('action')!r}"
+    record = msg.get("record")
+    if not isinstance(record, dict):
+        return "no record object"
+    required = ACTIVITY_REQUIRED if table == "activityRelations" else ("id",)
+    for name in required:
+        if record.get(name) in (None, ""):
+            return f"required field {name} is missing or null"
+    for name, ctype, _ in target_columns(table):
+        v = record.get(name)
+        if v is None or name.startswith("_") or name == "attributes":
+            continue
+        if ctype == TS or ctype.startswith("Nullable(DateTime64"):
+            if _bad_ts(v):
+                return f"field {name} is not a timestamp: {str(v)[:40]!r}"
+        elif "String" in ctype:
+            if isinstance(v, (dict, list)):
+                return f"field {name} is not a scalar"
+        elif _bad_number(v, ctype):
+            return f"field {name} is not a {ctype}: {str(v)[:40]!r}"
+    if record.get("updatedAt") is None:
+        meta = msg.get("metadata")
+        if not isinstance(meta, dict) or meta.get("commit_timestamp") is None or _bad_ts(meta["commit_timestamp"]):
+            return "no updatedAt and no metadata.commit_timestamp to version the row"
+    return None

@@ -1,0 +1,276 @@
+"""The loader: bucket topics and reference topics → raw bucket tables and reference tables.
+
+``Loader(config, warehouse).run()`` consumes (read_committed, manual commits) the N bucket topics and the five
+reference topics, collects message values per target table, and flushes when a batch reaches
+``max_rows`` messages or ``max_bytes`` bytes, or is ``max_wait`` seconds old. A flush hands each table's message
+bytes to ClickHouse as they are (``Warehouse.insert_json`` with the SQL of stream/ingest.py: the engine parses
+the JSON) and only then commits the next offsets. A crash before the commit replays the batch, which is
+harmless: rows are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
+
+Bad messages never stop the loader and are never dropped silently: when an insert fails, ``ingest.problem``
+names the bad messages, the rest is inserted again, and if the warehouse still refuses, the batch is split in
+halves until the refused message is alone. Each refused message goes to the DLQ topic with the reason (headers
+of CONTRACTS.md) and is counted in ``stats.dead_lettered``; DLQ deliveries are confirmed before the commit.
+If the warehouse itself is down (a probe query fails) the loader raises without committing.
+
+``stop()`` only sets a flag; ``run()`` then flushes, commits and closes. ``run(until_idle=S)`` returns after S
+seconds without new messages (batch use, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from connectors.kafka import classify, consumer_config, dlq_headers, producer_config
+from connectors.topics import TopicNames
+from connectors.warehouse import Warehouse, WarehouseError
+from stream.buckets import raw_table
+from stream.ingest import insert_sql, problem
+
+log = logging.getLogger(__name__)
+ACTIVITY = "activityRelations"
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    bootstrap: str
+    buckets: int
+    group: str = "bucketer-loader"
+    topics: TopicNames = field(default_factory=TopicNames)
+    max_rows: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_wait: float = 1.0
+    poll_timeout: float = 0.2
+    consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoaderStats:
+    messages: int = 0
+    inserted: dict[str, int] = field(default_factory=dict)
+    dead_lettered: int = 0
+    flushes: int = 0
+    retirements: int = 0
+
+
+@dataclass
+class _Pending:
+    values: list[bytes] = field(default_factory=list)
+    origins: list[tuple[str, int, int, bytes | None]] = field(default_factory=list)  # topic, partition, offset, key
+
+
+class LoaderError(RuntimeError):
+    """The loader cannot go on; nothing of the current batch was committed (it will be replayed)."""
+
+
+class WarehouseUnavailable(LoaderError):
+    """The warehouse does not answer."""
+
+
+class DeadLetterFailed(LoaderError):
+    """A dead letter could not be delivered, so its offset must not be committed."""
+
+
+class Loader:
+    def __init__(self, config: LoaderConfig, warehouse: Warehouse,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.warehouse = warehouse
+        self.clock = clock
+        self.stats = LoaderStats()
+        self._stop = False
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._targets: dict[str, tuple[str, str]] = {}  # topic -> (table, kind)
+        for n in range(config.buckets):
+            self._targets[config.topics.bucket(n)] = (raw_table(n), ACTIVITY)
+        for table, topic in config.topics.references().items():
+            self._targets[topic] = (table, table)
+        self._sql = {kind: insert_sql(kind) for _, kind in self._targets.values()}
+        self._pending: dict[str, _Pending] = {}
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._bytes = 0
+        self._count = 0
+        self._batch_started: float | None = None
+        self._dlq_errors: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self, until_idle: float | None = None) -> LoaderStats:
+        cfg = self.config
+        overrides = {"topic.metadata.refresh.interval.ms": 2000, **cfg.consumer_overrides}
+        self._consumer = Consumer(consumer_config(cfg.bootstrap, cfg.group, **overrides))
+        self._producer = Producer(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
+        try:
+            self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
+            last_input = self.clock()
+            while not self._stop:
+                msgs = self._consumer.consume(num_messages=10_000, timeout=cfg.poll_timeout)
+                if msgs:
+                    last_input = self.clock()
+                    self._take(msgs)
+                if self._due():
+                    self.flush()
+                if until_idle is not None and self.clock() - last_input >= until_idle and not self._count:
+                    break
+            self.flush()
+        except BaseException:
+            self._close()
+            raise
+        self._close()
+        return self.stats
+
+    def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.flush(10)
+        if consumer is not None:
+            consumer.close()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Before partitions go to another loader, write and commit what was read from them.
+        self.flush()
+
+    # --- intake ----------------------------------------------------------------------------------------------
+
+    def _take(self, msgs: list[Message]) -> None:
+        targets, pending = self._targets, self._pending
+        if self._batch_started is None:
+            self._batch_started = self.clock()
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                self._consumer_error(err)
+                continue
+            topic = m.topic()
+            partition, offset, value = m.partition(), m.offset(), m.value()
+            self._offsets[(topic, partition)] = offset + 1
+            self.stats.messages += 1
+            table = targets[topic][0]
+            if not value:
+                self._dead_letter("invalid-message", "empty value (tombstone)", topic, partition, offset, m.key(), b"")
+                continue
+            p = pending.get(table)
+            if p is None:
+                p = pending[table] = _Pending()
+            p.values.append(value)
+            p.origins.append((topic, partition, offset, m.key()))
+            self._bytes += len(value)
+            self._count += 1
+
+    def _consumer_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                          KafkaError._UNKNOWN_PARTITION):
+            log.debug("loader: %s", err.str())
+            return
+        exc = classify(err, "loader consume")
+        if err.fatal():
+            raise exc
+        log.warning("loader: %s", exc)
+
+    def _due(self) -> bool:
+        if not self._offsets:
+            return False
+        if self._count >= self.config.max_rows or self._bytes >= self.config.max_bytes:
+            return True
+        started = self._batch_started
+        return started is not None and self.clock() - started >= self.config.max_wait
+
+    # --- flush -----------------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Insert every pending message, then commit the offsets after them. Nothing pending: no-op."""
+        if not self._offsets:
+            return
+        pending, self._pending = self._pending, {}
+        for table, p in pending.items():
+            self._insert(table, p.values, p.origins)
+        self._confirm_dlq()
+        if self._consumer is not None:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        self._offsets.clear()
+        self._bytes = self._count = 0
+        self._batch_started = None
+        self.stats.flushes += 1
+
+    def _kind(self, table: str) -> str:
+        return ACTIVITY if table.startswith("activityRelations_bucket_") else table
+
+    def _try(self, table: str, values: list[bytes]) -> WarehouseError | None:
+        columns, select = self._sql[self._kind(table)]
+        try:
+            self.warehouse.insert_json(f"{table} ({columns})", select, b"\n".join(values))
+        except WarehouseError as exc:
+            return exc
+        self.stats.inserted[table] = self.stats.inserted.get(table, 0) + len(values)
+        return None
+
+    def _insert(self, table: str, values: list[bytes], origins: list[tuple[str, int, int, bytes | None]]) -> None:
+        if not values or self._try(table, values) is None:
+            return
+        self._probe()
+        kind = self._kind(table)
+        good_v, good_o = [], []
+        for v, o in zip(values, origins, strict=True):
+            reason = problem(v, kind)
+            if reason is None:
+                good_v.append(v)
+                good_o.append(o)
+            else:
+                self._dead_letter("invalid-message", reason, *o, v)
+        self._bisect(table, good_v, good_o)
+
+    def _bisect(self, table: str, values: list[bytes], origins: list[tuple[str, int, int, bytes | None]]) -> None:
+        if not values:
+            return
+        err = self._try(table, values)
+        if err is None:
+            return
+        if len(values) == 1:
+            self._probe()
+            self._dead_letter("warehouse-rejected", str(err), *origins[0], values[0])
+            return
+        mid = len(values) // 2
+        self._bisect(table, values[:mid], origins[:mid])
+        self._bisect(table, values[mid:], origins[mid:])
+
+    def _probe(self) -> None:
+        try:
+            self.warehouse.rows("SELECT 1")
+        except WarehouseError as exc:
+            raise WarehouseUnavailable(f"the warehouse does not answer ({exc}); nothing committed") from exc
+
+    # --- dead letters ----------------------------------------------------------------------------------------
+
+    def _dead_letter(self, error_class: str, reason: str, topic: str, partition: int, offset: int,
+                     key: bytes | None, value: bytes | None) -> None:
+        log.warning("loader: dead-lettering %s/%d/%d: %s", topic, partition, offset, reason)
+        assert self._producer is not None, "dead letters need a running loader"
+        self._producer.produce(self.config.topics.dlq, value=value or b"", key=key,
+                               headers=dlq_headers(error_class, reason, topic, partition, offset))
+        self._producer.poll(0)
+        self.stats.dead_lettered += 1
+
+    def _on_dlq_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._dlq_errors.append(err.str())
+
+    def _confirm_dlq(self) -> None:
+        if self._producer is None:
+            return
+        left = self._producer.flush(30)
+        if left or self._dlq_errors:
+            errors, self._dlq_errors = self._dlq_errors, []
+            raise DeadLetterFailed(f"could not deliver {left or len(errors)} dead letter(s) "
+                                       f"({'; '.join(errors[:3]) or 'timeout'}); nothing committed")
