@@ -82,7 +82,7 @@ def decode(value: bytes | None, topic: str = "", partition: int = -1, offset: in
     if type(msg) is not dict:
         raise BadMessage("not_object", f"top level is {type(msg).__name__}")
     action = msg.get("action")
-    if action not in ACTIONS:
+    if type(action) is not str or action not in ACTIONS:
         raise BadMessage("unknown_action", f"action {_short(action)}")
     record = msg.get("record")
     if record is None:
