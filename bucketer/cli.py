@@ -129,6 +129,97 @@ def loadgen_cmd(
 # --- end loadgen ---------------------------------------------------------------------------------------
 
 
+# --- warehouse: query, status (connectors/warehouse.py, stream/query.py, stream/status.py) ---------------
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="BUCKETER_DATA_DIR",
+                                          help="Embedded warehouse directory (ignored with BUCKETER_CLICKHOUSE_URL).")]
+DEFAULT_DATA_DIR = Path(".bucketer")
+
+
+def open_configured_warehouse(data_dir: Path):  # noqa: ANN201 - EmbeddedWarehouse | ServerWarehouse
+    """The warehouse the environment asks for: a ClickHouse server URL, else embedded chdb in ``data_dir``."""
+    import os
+
+    from connectors.warehouse import open_warehouse
+
+    return open_warehouse(data_dir, url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None)
+
+
+@app.command("query")
+def query_cmd(
+    sql: Annotated[str, typer.Argument(help="One SELECT. With --project: {bucket} and {segmentId:String} etc.")],
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    project: Annotated[str | None, typer.Option("--project", envvar="BUCKETER_PROJECT",
+                                                help="Project slug; resolves its bucket via project_buckets.")] = None,
+) -> None:
+    """Read-only SQL on the warehouse; one JSON object per line."""
+    from connectors.warehouse import WarehouseError
+    from stream.query import QueryError, json_lines, read_only, run_query
+
+    try:
+        read_only(sql)
+        with open_configured_warehouse(data_dir) as wh:
+            rows = run_query(wh, sql, project=project)
+    except (QueryError, WarehouseError) as exc:
+        raise fail(str(exc)) from None
+    out = sys.stdout.buffer
+    for line in json_lines(rows):
+        out.write(line + b"\n")
+    out.flush()
+
+
+@app.command("status")
+def status_cmd(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    bootstrap: Annotated[str | None, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP",
+                                                  help="Kafka, for the DLQ count and router lag.")] = None,
+    router_group: Annotated[str, typer.Option("--router-group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+) -> None:
+    """Per bucket: raw rows, cleaned rows, share, snapshotId and its age; DLQ count and router lag."""
+    import json
+
+    from connectors.topics import TopicNames
+    from connectors.warehouse import WarehouseError
+    from stream.status import collect
+
+    try:
+        with open_configured_warehouse(data_dir) as wh:
+            st = collect(wh, bootstrap=bootstrap, topics=TopicNames(topic_prefix), router_group=router_group)
+    except (WarehouseError, LookupError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(st.as_json()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def age(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        return f"{seconds / 3600:.1f}h" if seconds >= 3600 else f"{seconds / 60:.0f}m"
+
+    widest = max((b.raw_rows for b in st.buckets), default=0) or 1
+    table = Table(title=f"bucketer status ({len(st.buckets)} buckets)")
+    for col, justify in (("bucket", "right"), ("raw rows", "right"), ("cleaned rows", "right"),
+                         ("share", "right"), ("", "left"), ("snapshotId", "left"), ("age", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for b in st.buckets:
+        table.add_row(str(b.bucket), f"{b.raw_rows:,}", f"{b.cleaned_rows:,}", f"{b.share:.1%}",
+                      "█" * round(24 * b.raw_rows / widest), b.snapshot_id.strftime("%Y-%m-%d %H:%M") if
+                      b.snapshot_id else "-", age(b.snapshot_age_s))
+    table.add_section()
+    table.add_row("all", f"{st.raw_total:,}", f"{st.cleaned_total:,}", "100%" if st.raw_total else "-", "", "", "")
+    console = Console()
+    console.print(table)
+    if st.kafka_error:
+        console.print(f"kafka: {st.kafka_error}")
+    elif bootstrap:
+        console.print(f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "
+                      f"router lag: {st.router_lag if st.router_lag is not None else 'no source topic'}")
+# --- end warehouse -------------------------------------------------------------------------------------
+
+
 def main() -> None:
     app()
 
