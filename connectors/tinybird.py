@@ -1,0 +1,453 @@
+"""The Tinybird sink of the router (``--sink tinybird``): bucket n -> data source
+``activityRelations_bucket_MV_ds_{n}`` through the Events API (connectors/tinybird_api.py).
+
+Contract (the ``Sink`` seam of stream/sinks.py, TINYBIRD.md):
+- ``write`` appends the original Sequin value bytes (retirements included) as one NDJSON line to the
+  buffer of its data source. A worker thread per data source sends a buffer when it reaches
+  ``max_batch_bytes`` or is ``linger`` seconds old: one request in flight per data source (so its lines
+  stay in order), at most ``max_concurrent_requests`` across data sources, never more than
+  ``max_requests_per_second`` per data source, gzip when the body is big enough to gain from it.
+- Failures: 429 -> that data source waits ``Retry-After`` (else ``X-RateLimit-Reset``, else backoff)
+  before its next request; 5xx/timeouts -> capped exponential backoff with jitter, retried; 413 -> the
+  batch is split in halves; 400/403/404 -> stop with a clear error; 422 -> logged loudly with the
+  response and stop (no blind retry). A stop is sticky: the sink refuses to commit or reopen, so no later
+  offset is ever committed past undelivered rows. Quarantined rows are counted and logged.
+- Offsets (``AckTracker``): each router batch is a checkpoint; ``commit`` seals it with its offsets and
+  commits, per source partition, the offsets of the longest prefix of checkpoints whose every line was
+  acknowledged (200). ``commit`` only blocks when more than ``max_pending_bytes`` are unacknowledged.
+  ``close`` flushes, waits (bounded) and commits what was acknowledged. A crash re-sends, never loses.
+- Bad input goes to the DLQ Kafka topic through the ``dlq`` sink, never to Tinybird.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaException, TopicPartition
+
+from connectors.kafka import KafkaFatalError, from_exception
+from connectors.tinybird_api import (
+    Secret,
+    TinybirdClient,
+    TinybirdError,
+    TinybirdPartialWrite,
+    TinybirdRetryable,
+    TinybirdTooLarge,
+)
+
+log = logging.getLogger("bucketer.tinybird")
+Headers = list[tuple[str, bytes]] | None
+
+
+@dataclass(frozen=True)
+class TinybirdConfig:
+    url: str
+    token: Secret = field(repr=False)
+    buckets: int = 10
+    datasource_template: str = "activityRelations_bucket_MV_ds_{n}"
+    max_batch_bytes: int = 4_000_000          # per request, well under the 10 MB limit
+    linger: float = 0.5                       # seconds a partly filled batch waits
+    max_concurrent_requests: int = 8
+    max_requests_per_second: float = 100.0    # per data source
+    timeout: float = 30.0
+    backoff_base: float = 0.25
+    backoff_cap: float = 30.0
+    max_pending_bytes: int = 64_000_000       # unacknowledged bytes before commit() waits
+    gzip_min_bytes: int = 4096
+    close_timeout: float = 60.0
+
+    def datasource(self, bucket: int) -> str:
+        return self.datasource_template.format(n=bucket)
+
+
+class TinybirdSinkError(KafkaFatalError):
+    """The sink stopped (configuration error, partial write, undeliverable rows); restart replays."""
+
+
+class Checkpoint:
+    """The lines of one router batch and, once sealed, the source offsets that batch completes."""
+
+    __slots__ = ("pending", "bytes", "offsets")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.bytes = 0
+        self.offsets: list[TopicPartition] | None = None
+
+
+class AckTracker:
+    """Which source offsets may be committed: those of the longest acknowledged prefix of checkpoints."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._queue: deque[Checkpoint] = deque()
+        self.pending_bytes = 0
+
+    def open(self) -> Checkpoint:
+        with self.cond:
+            ckpt = Checkpoint()
+            self._queue.append(ckpt)
+            return ckpt
+
+    def added(self, ckpt: Checkpoint, nbytes: int) -> None:
+        with self.cond:
+            ckpt.pending += 1
+            ckpt.bytes += nbytes
+            self.pending_bytes += nbytes
+
+    def acked(self, owners: list[Checkpoint], sizes: list[int]) -> None:
+        with self.cond:
+            for ckpt, n in zip(owners, sizes, strict=True):
+                ckpt.pending -= 1
+                self.pending_bytes -= n
+            self.cond.notify_all()
+
+    def seal(self, ckpt: Checkpoint, offsets: list[TopicPartition]) -> None:
+        with self.cond:
+            ckpt.offsets = list(offsets)
+            self.cond.notify_all()
+
+    def discard(self, ckpt: Checkpoint) -> None:
+        """An aborted batch: the router replays it, so its offsets are never committed from here."""
+        with self.cond:
+            if ckpt.offsets is None and ckpt in self._queue:
+                self._queue.remove(ckpt)
+                self.pending_bytes -= ckpt.bytes
+                ckpt.bytes = 0  # its lines may still be sent (harmless duplicates); acks then go nowhere
+                self.cond.notify_all()
+
+    def take_committable(self) -> list[TopicPartition]:
+        """Pop the acknowledged sealed prefix; the offsets to commit, latest per partition."""
+        out: dict[tuple[str, int], TopicPartition] = {}
+        with self.cond:
+            while self._queue and self._queue[0].offsets is not None and self._queue[0].pending <= 0:
+                for tp in self._queue.popleft().offsets or []:
+                    out[(tp.topic, tp.partition)] = tp
+        return list(out.values())
+
+    def acknowledged(self) -> dict[tuple[str, int], int]:
+        """Per source partition, the offset up to which (exclusive) everything was acknowledged."""
+        out: dict[tuple[str, int], int] = {}
+        with self.cond:
+            for ckpt in self._queue:
+                if ckpt.offsets is None or ckpt.pending > 0:
+                    break
+                out.update({(tp.topic, tp.partition): tp.offset for tp in ckpt.offsets})
+        return out
+
+    def outstanding(self) -> int:
+        with self.cond:
+            return sum(1 for c in self._queue if c.pending > 0 or c.offsets is not None)
+
+
+class SourceWorker:
+    """Buffers and sends the lines of one data source, one request at a time."""
+
+    def __init__(self, sink: TinybirdSink, datasource: str) -> None:
+        self.sink, self.datasource, self.cfg = sink, datasource, sink.config
+        self.cond = threading.Condition()
+        self.lines: list[bytes] = []
+        self.owners: list[Checkpoint] = []
+        self.size = 0
+        self.since = 0.0
+        self.flush_now = False
+        self.stopping = False
+        self.not_before = 0.0
+        self.thread = threading.Thread(target=self._run, name=f"tinybird-{datasource}", daemon=True)
+        self.thread.start()
+
+    def add(self, line: bytes, owner: Checkpoint) -> None:
+        with self.cond:
+            if not self.lines:
+                self.since = self.sink.clock()
+            self.lines.append(line)
+            self.owners.append(owner)
+            self.size += len(line) + 1
+            if self.size >= self.cfg.max_batch_bytes:
+                self.cond.notify()
+
+    def flush(self) -> None:
+        with self.cond:
+            self.flush_now = True
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def _take(self) -> tuple[list[bytes], list[Checkpoint]] | None:
+        with self.cond:
+            while True:
+                if self.stopping or self.sink.fatal is not None:
+                    return None
+                if self.lines:
+                    age = self.sink.clock() - self.since
+                    if self.flush_now or self.size >= self.cfg.max_batch_bytes or age >= self.cfg.linger:
+                        break
+                    self.cond.wait(max(0.005, self.cfg.linger - age))
+                else:
+                    self.flush_now = False
+                    self.cond.wait(0.5)
+            # cut at max_batch_bytes so one request stays under the limit
+            n, size = 0, 0
+            while n < len(self.lines) and (n == 0 or size + len(self.lines[n]) + 1 <= self.cfg.max_batch_bytes):
+                size += len(self.lines[n]) + 1
+                n += 1
+            lines, owners = self.lines[:n], self.owners[:n]
+            del self.lines[:n], self.owners[:n]
+            self.size -= size
+            self.since = self.sink.clock()
+            if not self.lines:
+                self.flush_now = False
+            return lines, owners
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._deliver(*batch)
+            except TinybirdError as exc:
+                self.sink.fail(self.datasource, exc)
+                return
+            except _Stopped:
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must stop the sink, never be swallowed silently
+                log.exception("tinybird worker for %s crashed", self.datasource)
+                self.sink.fail(self.datasource, TinybirdError(f"worker crashed: {type(exc).__name__}: {exc}"))
+                return
+
+    def _deliver(self, lines: list[bytes], owners: list[Checkpoint]) -> None:
+        parts = [(lines, owners)]
+        while parts:
+            part_lines, part_owners = parts.pop(0)
+            try:
+                self._post(part_lines)
+            except TinybirdTooLarge as exc:
+                if len(part_lines) == 1:
+                    raise TinybirdError(f"{self.datasource}: one row of {len(part_lines[0])} bytes is over the "
+                                        f"request limit ({exc.status})", exc.status, exc.body) from None
+                mid = len(part_lines) // 2
+                self.sink.count(self.datasource, "splits")
+                parts[0:0] = [(part_lines[:mid], part_owners[:mid]), (part_lines[mid:], part_owners[mid:])]
+                continue
+            self.sink.tracker.acked(part_owners, [len(x) + 1 for x in part_lines])
+
+    def _post(self, lines: list[bytes]) -> None:
+        body = b"\n".join(lines) + b"\n"
+        gzipped = len(body) >= self.cfg.gzip_min_bytes
+        if gzipped:
+            packed = gzip.compress(body, compresslevel=5)
+            gzipped = len(packed) < len(body) * 0.9
+            body = packed if gzipped else body
+        attempt = 0
+        while True:
+            self._pace()
+            try:
+                with self.sink.slots:
+                    result = self.sink.client.post_events(self.datasource, body, gzipped)
+            except TinybirdRetryable as exc:
+                attempt += 1
+                delay = exc.delay if exc.delay is not None else self.sink.backoff(attempt)
+                self.not_before = max(self.not_before, self.sink.clock() + delay)
+                self.sink.count(self.datasource, "throttled" if exc.status == 429 else "retries")
+                log.warning("%s: %s; retry %d in %.2fs", self.datasource, exc, attempt, delay)
+                continue
+            except TinybirdPartialWrite as exc:
+                log.error("%s: PARTIAL WRITE (422), not retried (a retry may duplicate rows); "
+                          "%d rows in the request; response: %s", self.datasource, len(lines), exc.body)
+                raise
+            self.sink.count(self.datasource, "requests")
+            self.sink.count(self.datasource, "rows", len(lines))
+            if result.quarantined_rows:
+                self.sink.count(self.datasource, "quarantined", result.quarantined_rows)
+                log.warning("%s: %d of %d rows quarantined (see %s_quarantine)", self.datasource,
+                            result.quarantined_rows, len(lines), self.datasource)
+            return
+
+    def _pace(self) -> None:
+        """Wait for this data source's next slot: Retry-After and the requests-per-second limit."""
+        while True:
+            if self.stopping or self.sink.fatal is not None:
+                raise _Stopped
+            wait = self.not_before - self.sink.clock()
+            if wait <= 0:
+                break
+            self.sink.sleep(min(wait, 0.25))
+        self.not_before = self.sink.clock() + 1.0 / self.cfg.max_requests_per_second
+
+
+class _Stopped(Exception):
+    pass
+
+
+class TinybirdSink:
+    """The router's sink for Tinybird (see the module docstring). ``exactly_once`` is False."""
+
+    exactly_once = False
+
+    def __init__(self, config: TinybirdConfig, dlq: Any = None, *,
+                 client_factory: Callable[[TinybirdConfig], TinybirdClient] | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        self.config, self.dlq = config, dlq
+        self.clock, self.sleep = clock, sleep
+        self._rng = rng or random.Random()
+        self._client_factory = client_factory or (lambda c: TinybirdClient(c.url, c.token, c.timeout))
+        self.tracker = AckTracker()
+        self.stats: dict[str, Counter[str]] = {}
+        self.fatal: TinybirdError | None = None
+        self._stats_lock = threading.Lock()
+        self._client: TinybirdClient | None = None
+        self._workers: dict[int, SourceWorker] = {}
+        self._current: Checkpoint | None = None
+        self._consumer: Any = None
+        self.slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+
+    def __repr__(self) -> str:
+        return f"TinybirdSink(url={self.config.url!r}, buckets={self.config.buckets}, token=***)"
+
+    # --- the Sink seam --------------------------------------------------------------------------------
+    def open(self) -> None:
+        self._raise_if_failed()
+        self._client = self._client_factory(self.config).__enter__()
+        if self.dlq is not None:
+            self.dlq.open()
+
+    @property
+    def client(self) -> TinybirdClient:
+        assert self._client is not None, "TinybirdSink used before open()"
+        return self._client
+
+    def begin(self) -> None:
+        self._raise_if_failed()
+        self._current = self.tracker.open()
+        if self.dlq is not None:
+            self.dlq.begin()
+
+    def write(self, bucket: int, key: bytes | None, value: bytes, headers: Headers = None) -> None:
+        if self._current is None:
+            self.begin()
+        assert self._current is not None
+        if b"\n" in value:  # NDJSON: one message per line (Sequin's JSON is compact; be safe anyway)
+            value = orjson.dumps(orjson.loads(value))
+        worker = self._workers.get(bucket)
+        if worker is None:
+            if not 0 <= bucket < self.config.buckets:
+                raise ValueError(f"bucket {bucket} out of range 0..{self.config.buckets - 1}")
+            worker = self._workers[bucket] = SourceWorker(self, self.config.datasource(bucket))
+        self.tracker.added(self._current, len(value) + 1)
+        worker.add(value, self._current)
+
+    def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        if self.dlq is None:
+            raise TinybirdSinkError("bad input but no DLQ sink configured")
+        self.dlq.dead_letter(key, value, headers)
+
+    def commit(self, offsets: list[TopicPartition], consumer: Any) -> None:
+        self._raise_if_failed()
+        if self.dlq is not None:
+            self.dlq.flush()
+        if self._current is None:
+            self._current = self.tracker.open()
+        self.tracker.seal(self._current, offsets)
+        self._current = None
+        self._consumer = consumer
+        self._commit_ready(consumer)
+        with self.tracker.cond:  # backpressure: bounded unacknowledged bytes
+            while self.tracker.pending_bytes > self.config.max_pending_bytes and self.fatal is None:
+                self.tracker.cond.wait(0.2)
+        self._raise_if_failed()
+        self._commit_ready(consumer)
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self.tracker.discard(self._current)
+            self._current = None
+        if self.dlq is not None:
+            self.dlq.abort()
+
+    def close(self) -> None:
+        """Flush every buffer, wait (bounded) for the acknowledgements, commit them, stop the workers."""
+        if self._current is not None:
+            self.abort()
+        for w in self._workers.values():
+            w.flush()
+        deadline = self.clock() + self.config.close_timeout
+        with self.tracker.cond:
+            while self.tracker.pending_bytes > 0 and self.fatal is None and self.clock() < deadline:
+                self.tracker.cond.wait(0.1)
+            undelivered = self.tracker.pending_bytes
+        if self._consumer is not None:
+            try:
+                self._commit_ready(self._consumer)
+            except KafkaFatalError as exc:
+                log.warning("final commit failed: %s", exc)
+        for w in self._workers.values():
+            w.stop()
+        for w in self._workers.values():
+            w.thread.join(5.0)
+        self._workers.clear()
+        if undelivered > 0 and self.fatal is None:
+            self.fatal = TinybirdError(f"{undelivered} bytes not acknowledged by Tinybird within "
+                                       f"{self.config.close_timeout}s; restart to re-send them")
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.dlq is not None:
+            self.dlq.close()
+        self._consumer = None
+
+    # --- helpers --------------------------------------------------------------------------------------
+    def acknowledged(self) -> dict[tuple[str, int], int]:
+        """Per source partition, the offset below which every message was acknowledged (not yet popped)."""
+        return self.tracker.acknowledged()
+
+    def _commit_ready(self, consumer: Any) -> None:
+        offsets = self.tracker.take_committable()
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise from_exception(exc, "commit offsets") from None
+
+    def fail(self, datasource: str, exc: TinybirdError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("tinybird sink stopped on %s: %s", datasource, exc)
+        with self.tracker.cond:
+            self.tracker.cond.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        if self.fatal is not None:
+            raise TinybirdSinkError(f"tinybird sink stopped: {self.fatal}")
+
+    def backoff(self, attempt: int) -> float:
+        ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** (attempt - 1)))
+        return ceiling * (0.5 + self._rng.random() / 2)
+
+    def count(self, datasource: str, what: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats.setdefault(datasource, Counter())[what] += n
+
+
+def make_router_sink(config: Any, dlq: Any) -> TinybirdSink:
+    """The seam of stream/sinks.py: the router's config carries ``tinybird`` (a TinybirdConfig), or
+    ``tinybird_url`` and ``tinybird_token``."""
+    tb = getattr(config, "tinybird", None)
+    if tb is None:
+        url, token = getattr(config, "tinybird_url", None), getattr(config, "tinybird_token", None)
+        if not url or not token:
+            raise TinybirdSinkError("the tinybird sink needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN")
+        tb = TinybirdConfig(url=url, token=token if isinstance(token, Secret) else Secret(str(token)),
+                            buckets=config.buckets)
+    return TinybirdSink(tb, dlq)
