@@ -1,0 +1,268 @@
+"""Enrichment: rebuild a cleaned bucket from its raw bucket and the reference tables (CLEANED_BUCKETS.md).
+
+One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
+
+1. Country codes: ``refresh_country_codes`` resolves, in Python (connectors/countries.py), every distinct
+   (country, location) pair of ``organizations FINAL`` not yet in ``organization_country_codes`` for the
+   current ``RESOLVER_VERSION``, and inserts the codes there. Organizations are few; activities are many, so
+   the rebuild SQL only joins this small table: the resolver never runs per activity row, and the server
+   never needs Python. (ReplacingMergeTree(resolverVersion) ORDER BY (country, location): a new resolver
+   version recomputes every pair; concurrent refreshes insert identical rows, which is harmless.)
+2. Build aside: ``DROP`` any leftover ``<cleaned>__next``, create it with the cleaned layout, and
+   ``INSERT INTO <cleaned>__next`` the ``cleaning_select`` of the raw bucket (below) with the run's snapshotId.
+3. Swap: ``EXCHANGE TABLES <cleaned> AND <cleaned>__next`` (atomic; Atomic/Replicated databases, which is
+   what chdb and a default server give), else ``RENAME TABLE <cleaned> TO <cleaned>__old, <cleaned>__next TO
+   <cleaned>`` (a database engine without EXCHANGE: not atomic for readers between the two renames). Then the
+   previous snapshot is dropped (SYNC). A failure or a kill anywhere before the swap leaves the previous
+   snapshot untouched and readable; the leftover ``__next`` is dropped by the next run.
+
+``cleaning_select(source)`` — the rules, one SELECT:
+- rows: ``source FINAL`` minus retired rows (``_deleted = 0``);
+- member: exists in ``members FINAL`` with isBot = isTeamMember = isOrganization = 0;
+- git platforms (exactly git, gerrit, github, gitlab): ``(lower(channel), segmentId)`` is in the allowed
+  channels: ``(lower(url), segmentId)`` of each repository FINAL with enabled = 1 and deletedAt IS NULL
+  whose insightsProject FINAL has enabled = 1 and deletedAt IS NULL (excluded and archived kept); a gerrit
+  repository (its sourceIntegration's platform is 'gerrit' in ``integrations FINAL``) also gives the
+  query-URL variant of ``lower(url)``: first '/r/' -> '/r/q/project:', else first '/gerrit/' ->
+  '/gerrit/q/project:', else 'scheme://host/q/project:' + the path without its leading '/'. The variant is
+  taken of the lower-cased url. Other platforms pass;
+- gitChangedLines = gitInsertions + gitDeletions (UInt64); gitChangedLinesBucket '' / '1-9' / '10-59' /
+  '60-99' / '100-499' / '500+'; organizationName = displayName of ``organizations FINAL`` ('' when none);
+  organizationCountryCode from ``organization_country_codes`` ('XX' when no organization or unknown);
+  snapshotId = the start of the UTC hour of the run (from the injected clock), the same for every row.
+
+Concurrency: never two rebuilds of one bucket at once — an in-process lock per bucket plus, when a
+``lock_dir`` is given, an flock on ``lock_dir/bucket-<n>.lock`` for other processes on the host (the CLI uses
+``<data-dir>/locks``). A busy bucket raises ``BucketBusyError`` (the scheduler skips it until its next slot).
+Workers on several hosts against one server must share the lock dir or own disjoint buckets.
+``rebuild_many(buckets, parallel=K)`` refreshes the codes once and rebuilds up to K buckets at a time, each on
+its own warehouse connection from ``connect()``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from connectors.countries import RESOLVER_VERSION, organization_country_code
+from connectors.warehouse import Warehouse, WarehouseError, one_line
+from stream.buckets import cleaned_table, raw_table
+from stream.schedule import Clock, SystemClock
+from stream.schema import ACTIVITY_NAMES, cleaned_table_ddl
+
+log = logging.getLogger(__name__)
+
+COUNTRY_TABLE = "organization_country_codes"
+GIT_PLATFORMS = ("git", "gerrit", "github", "gitlab")
+ASIDE_SUFFIX = "__next"
+OLD_SUFFIX = "__old"
+EXCHANGE_ENGINES = {"Atomic", "Replicated", "Shared"}
+
+
+class EnrichError(RuntimeError):
+    """A rebuild failed; the previous snapshot of the bucket is still in place."""
+
+
+class BucketBusyError(EnrichError):
+    """Another rebuild of the same bucket is running (in this process or another)."""
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    bucket: int
+    status: str  # "ok" | "busy" | "failed"
+    rows: int = 0
+    seconds: float = 0.0
+    snapshot_id: datetime | None = None
+    error: str = ""
+
+
+def country_table_ddl() -> str:
+    return (f"CREATE TABLE IF NOT EXISTS {COUNTRY_TABLE} (country String, location String, "
+            f"code LowCardinality(String), resolverVersion UInt32) "
+            f"ENGINE = ReplacingMergeTree(resolverVersion) ORDER BY (country, location)")
+
+
+def refresh_country_codes(wh: Warehouse) -> int:
+    """Resolve the organizations' (country, location) pairs not yet coded by this resolver; returns how many."""
+    wh.command(country_table_ddl())
+    pairs = wh.rows(
+        f"SELECT DISTINCT country, location FROM organizations FINAL WHERE (country, location) NOT IN "
+        f"(SELECT country, location FROM {COUNTRY_TABLE} FINAL WHERE resolverVersion = {{v:UInt32}})",
+        {"v": RESOLVER_VERSION})
+    rows = [(c, loc, organization_country_code(c, loc), RESOLVER_VERSION) for c, loc in pairs]
+    wh.insert(COUNTRY_TABLE, ("country", "location", "code", "resolverVersion"), rows)
+    return len(rows)
+
+
+def gerrit_variant_sql(url: str) -> str:
+    """SQL of the gerrit query-URL variant of the (already lower-cased) url expression ``url``."""
+    return (f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'), "
+            f"position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'), "
+            f"replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))")
+
+
+def allowed_channels_sql() -> str:
+    """(url, segmentId) pairs a git activity's (lower(channel), segmentId) must be one of."""
+    repos = ("SELECT lower(r.url) AS url, r.segmentId AS segmentId, r.sourceIntegrationId AS integration "
+             "FROM repositories AS r FINAL "
+             "WHERE r.enabled = 1 AND r.deletedAt IS NULL AND r.insightsProjectId IN "
+             "(SELECT id FROM insightsProjects FINAL WHERE enabled = 1 AND deletedAt IS NULL)")
+    return (f"SELECT url, segmentId FROM ({repos}) "
+            f"UNION ALL SELECT {gerrit_variant_sql('url')}, segmentId FROM ({repos}) "
+            f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = 'gerrit')")
+
+
+def cleaning_select(source: str) -> str:
+    """The SELECT producing the cleaned rows of raw table ``source``; takes the parameter ``snapshot``
+    (a 'YYYY-MM-DD HH:MM:SS' UTC string)."""
+    cols = ", ".join(f"a.`{c}` AS `{c}`" for c in ACTIVITY_NAMES)
+    platforms = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+    return f"""SELECT {cols},
+    toUInt64(a.gitInsertions) + toUInt64(a.gitDeletions) AS gitChangedLines,
+    multiIf(gitChangedLines = 0, '', gitChangedLines < 10, '1-9', gitChangedLines < 60, '10-59',
+            gitChangedLines < 100, '60-99', gitChangedLines < 500, '100-499', '500+') AS gitChangedLinesBucket,
+    if(o.id = '' OR o.code = '', 'XX', o.code) AS organizationCountryCode,
+    o.displayName AS organizationName,
+    toDateTime({{snapshot:String}}, 'UTC') AS snapshotId
+FROM (SELECT * FROM {source} FINAL WHERE _deleted = 0) AS a
+LEFT JOIN (
+    SELECT org.id AS id, org.displayName AS displayName, c.code AS code
+    FROM (SELECT id, displayName, country, location FROM organizations FINAL) AS org
+    LEFT JOIN (SELECT country, location, code FROM {COUNTRY_TABLE} FINAL) AS c
+        ON c.country = org.country AND c.location = org.location
+) AS o ON o.id = a.organizationId
+WHERE a.memberId IN (SELECT id FROM members FINAL WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0)
+  AND (a.platform NOT IN ({platforms}) OR (lower(a.channel), a.segmentId) IN ({allowed_channels_sql()}))
+SETTINGS join_use_nulls = 0"""
+
+
+def snapshot_of(now: datetime) -> datetime:
+    """The start of the UTC hour of ``now``."""
+    return now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+_inproc_locks: dict[tuple[str, int], threading.Lock] = {}
+_inproc_guard = threading.Lock()
+
+
+@contextmanager
+def bucket_lock(bucket: int, lock_dir: Path | None) -> Iterator[None]:
+    """Hold bucket ``bucket`` exclusively (in this process, and on the host through ``lock_dir``), or raise
+    BucketBusyError at once."""
+    key = (str(lock_dir.resolve()) if lock_dir else "", bucket)
+    with _inproc_guard:
+        lock = _inproc_locks.setdefault(key, threading.Lock())
+    if not lock.acquire(blocking=False):
+        raise BucketBusyError(f"bucket {bucket} is being rebuilt in this process")
+    fd = -1
+    try:
+        if lock_dir is not None:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_dir / f"bucket-{bucket}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise BucketBusyError(f"bucket {bucket} is being rebuilt by another process") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the flock
+        lock.release()
+
+
+class Enricher:
+    """Rebuilds cleaned buckets. ``connect()`` returns a new (unopened) warehouse; each rebuild opens its own.
+
+    ``before_swap(wh, bucket)`` runs after the new snapshot is built and before it is swapped in (tests use
+    it to fail or stall a rebuild at its most delicate point)."""
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Warehouse]], *, clock: Clock | None = None,
+                 lock_dir: Path | None = None,
+                 before_swap: Callable[[Warehouse, int], None] | None = None) -> None:
+        self._connect = connect
+        self._clock = clock or SystemClock()
+        self._lock_dir = lock_dir
+        self._before_swap = before_swap
+
+    def refresh_countries(self) -> int:
+        with self._connect() as wh:
+            return refresh_country_codes(wh)
+
+    def rebuild(self, bucket: int, *, refresh: bool = True) -> RebuildResult:
+        """Rebuild cleaned bucket ``bucket`` now; raises BucketBusyError or EnrichError."""
+        if bucket < 0:
+            raise EnrichError(f"invalid bucket {bucket}")
+        started = time.monotonic()
+        snapshot = snapshot_of(self._clock.now())
+        target = cleaned_table(bucket)
+        aside = target + ASIDE_SUFFIX
+        with bucket_lock(bucket, self._lock_dir):
+            try:
+                with self._connect() as wh:
+                    if refresh:
+                        refresh_country_codes(wh)
+                    else:
+                        wh.command(country_table_ddl())
+                    wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+                    wh.command(cleaned_table_ddl(bucket, aside))
+                    wh.command(f"INSERT INTO {aside} {cleaning_select(raw_table(bucket))}",
+                               {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")})
+                    rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
+                    if self._before_swap is not None:
+                        self._before_swap(wh, bucket)
+                    self._swap(wh, bucket)
+            except WarehouseError as exc:
+                raise EnrichError(f"rebuild of bucket {bucket} failed (previous snapshot kept): {exc}") from exc
+        seconds = time.monotonic() - started
+        log.info("enrich: bucket %d rebuilt, %d rows, snapshot %s, %.2fs", bucket, rows, snapshot, seconds)
+        return RebuildResult(bucket, "ok", rows=rows, seconds=seconds, snapshot_id=snapshot)
+
+    def _swap(self, wh: Warehouse, bucket: int) -> None:
+        target = cleaned_table(bucket)
+        aside, old = target + ASIDE_SUFFIX, target + OLD_SUFFIX
+        wh.command(cleaned_table_ddl(bucket))  # a first rebuild before ensure_schema: nothing to exchange with
+        engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
+        if engine and engine[0][0] in EXCHANGE_ENGINES:
+            wh.command(f"EXCHANGE TABLES {target} AND {aside}")
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+        else:
+            wh.command(f"DROP TABLE IF EXISTS {old}")
+            wh.command(f"RENAME TABLE {target} TO {old}, {aside} TO {target}")
+            wh.command(f"DROP TABLE IF EXISTS {old}")
+
+    def rebuild_many(self, buckets: Iterable[int], parallel: int = 1) -> list[RebuildResult]:
+        """Rebuild ``buckets``, up to ``parallel`` at once; never raises for one bucket's failure."""
+        todo = list(dict.fromkeys(buckets))
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
+        try:
+            self.refresh_countries()
+        except WarehouseError as exc:
+            return [RebuildResult(b, "failed", error=f"country codes: {one_line(exc)}") for b in todo]
+
+        def one(b: int) -> RebuildResult:
+            try:
+                return self.rebuild(b, refresh=False)
+            except BucketBusyError as exc:
+                log.warning("enrich: %s", exc)
+                return RebuildResult(b, "busy", error=str(exc))
+            except Exception as exc:  # one bucket's failure must not stop the others
+                log.error("enrich: %s", one_line(exc))
+                return RebuildResult(b, "failed", error=one_line(exc))
+
+        if parallel == 1 or len(todo) <= 1:
+            return [one(b) for b in todo]
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="enrich") as pool:
+            return list(pool.map(one, todo))
