@@ -308,7 +308,7 @@ class ActivityStream:
             elif kind == "null_segment_id":
                 row["segmentId"] = None
             elif kind == "bad_timestamp":
-                row["timestamp"] = rng.choice(("yesterday", "2025-13-45T99:00:00Z", "", 17))
+                row["timestamp"] = rng.choice(("yesterday", "2025-13-45T99:00:00Z", "", "17:00"))
             elif kind == "missing_record":
                 del msg["record"]
             elif kind == "unknown_action":
