@@ -128,6 +128,56 @@ def loadgen_cmd(
     typer.echo(f"total: {summary.total} messages, {summary.bytes} bytes, {summary.duplicates} duplicates")
 # --- end loadgen ---------------------------------------------------------------------------------------
 
+# --- route (stream/router.py) -------------------------------------------------------------------------
+@app.command("route")
+def route_cmd(
+    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    sink: Annotated[str, typer.Option("--sink", envvar="BUCKETER_SINK", help="kafka (default) or tinybird.")] = "kafka",
+    group: Annotated[str, typer.Option("--group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
+    until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE",
+                                                     help="Exit 0 after S seconds without input.")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    at_least_once: Annotated[bool, typer.Option(
+        "--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE",
+        help="Faster: idempotent producer, offsets committed after delivery; a crash may duplicate.")] = False,
+    partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1,
+                                            help="Partitions of the bucket topics the router creates.")] = 3,
+    replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 5000,
+    batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.5,
+    instance_id: Annotated[str | None, typer.Option(
+        "--instance-id", envvar="BUCKETER_ROUTER_INSTANCE",
+        help="Unique per router replica (default: host name); keeps transactional.id stable across restarts.")] = None,
+    progress: Annotated[float, typer.Option("--progress", envvar="BUCKETER_PROGRESS", min=0.1,
+                                            help="Seconds between progress lines.")] = 10.0,
+) -> None:
+    """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
+    import logging
+    import signal
+
+    from connectors.kafka import BrokerUnreachable, BucketerKafkaError
+    from stream.router import Router, RouterConfig
+
+    if sink not in ("kafka", "tinybird"):
+        raise fail(f"unknown sink {sink!r}; expected kafka or tinybird", 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    extra = {"instance_id": instance_id} if instance_id else {}
+    config = RouterConfig(bootstrap=bootstrap, buckets=buckets, group=group, topic_prefix=topic_prefix, sink=sink,
+                          partitions=partitions, replication=replication, batch_size=batch_size,
+                          batch_time=batch_time, exactly_once=not at_least_once, until_idle=until_idle,
+                          progress_interval=progress, **extra)
+    router = Router(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: router.stop())
+    try:
+        router.run()
+    except BrokerUnreachable as exc:
+        raise fail(str(exc)) from None
+    except BucketerKafkaError as exc:
+        raise fail(f"router stopped on a Kafka error: {exc}") from None
+# --- end route -----------------------------------------------------------------------------------------
+
 
 # --- warehouse: query, status (connectors/warehouse.py, stream/query.py, stream/status.py) ---------------
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="BUCKETER_DATA_DIR",

@@ -1,0 +1,201 @@
+"""Where routed records go: the ``Sink`` seam of the router, and its default, ``KafkaSink``.
+
+The router drives a sink batch by batch, never concurrently::
+
+    sink.open()                              # once, before the consumer joins (network happens here)
+    loop:
+        sink.begin()                         # a batch starts (a Kafka transaction for exactly-once)
+        sink.write(bucket, key, value, headers)      # each routed record, original bytes
+        sink.dead_letter(key, value, headers)        # each bad input (DLQ headers of CONTRACTS.md)
+        sink.commit(offsets, consumer)       # make the batch durable, THEN the source offsets
+        # or, on a BucketerKafkaError from commit: sink.abort(); the router rewinds the consumer
+    sink.close()
+
+``commit`` is where the delivery guarantee lives. ``exactly_once`` sinks commit records and offsets
+atomically (Kafka transactions: ``send_offsets_to_transaction`` + ``commit_transaction``). Others
+must first wait until every record of the batch is acknowledged and only then call
+``consumer.commit(offsets, asynchronous=False)`` (at-least-once: a crash in between replays the
+batch). ``commit`` raises ``connectors.kafka.KafkaRetryError`` (batch not durable: the router aborts
+and replays it), ``KafkaFatalError`` (the sink is unusable: the router closes and reopens it a few
+times, then gives up). ``abort`` forgets what was written since ``begin`` where it can.
+
+A Tinybird sink (``--sink tinybird``) plugs in through ``make_sink``: ``connectors/tinybird.py``
+exposes ``make_router_sink(config, dlq) -> Sink``, where ``dlq`` is an at-least-once ``KafkaSink``
+it should use for ``dead_letter`` (the DLQ stays a Kafka topic whatever the sink).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from connectors.kafka import (
+    BucketerKafkaError,
+    KafkaFatalError,
+    KafkaRetryError,
+    classify,
+    ensure_topics,
+    from_exception,
+    producer_config,
+)
+from connectors.topics import TopicNames
+
+if TYPE_CHECKING:
+    from stream.router import RouterConfig
+
+log = logging.getLogger("bucketer.sink")
+Headers = list[tuple[str, bytes]] | None
+
+
+class Sink(Protocol):
+    exactly_once: bool
+
+    def open(self) -> None: ...
+    def begin(self) -> None: ...
+    def write(self, bucket: int, key: bytes | None, value: bytes, headers: Headers = None) -> None: ...
+    def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None: ...
+    def commit(self, offsets: list[TopicPartition], consumer: Consumer) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class KafkaSink:
+    """Bucket topics ``activityRelations_bucket_{b}`` and the DLQ on Kafka; transactional when
+    ``transactional_id`` is set, else an idempotent producer committing offsets after delivery."""
+
+    def __init__(self, bootstrap: str, topics: TopicNames, buckets: int, *, transactional_id: str | None,
+                 partitions: int = 3, replication: int = 1, timeout: float = 30.0,
+                 producer_overrides: dict[str, Any] | None = None) -> None:
+        self.exactly_once = transactional_id is not None
+        self._bootstrap, self._names, self._buckets = bootstrap, topics, buckets
+        self._topics = topics.buckets(buckets)
+        self._conf = producer_config(bootstrap, transactional_id, **(producer_overrides or {}))
+        self._conf["error_cb"] = self._on_client_error
+        if not self.exactly_once:
+            self._conf["on_delivery"] = self._on_delivery_error
+        self._partitions, self._replication, self._timeout = partitions, replication, timeout
+        self._producer: Producer | None = None
+        self._in_txn = False
+        self._failed: list[KafkaError] = []
+
+    def open(self) -> None:
+        ensure_topics(self._bootstrap, [*self._topics, self._names.dlq], self._partitions,
+                      self._replication, self._timeout)
+        self._producer = Producer(self._conf)
+        self._in_txn = False
+        if self.exactly_once:
+            self._retrying("init_transactions", lambda t: self._p.init_transactions(t))
+
+    @property
+    def _p(self) -> Producer:
+        assert self._producer is not None, "KafkaSink used before open()"
+        return self._producer
+
+    def begin(self) -> None:
+        self._failed.clear()
+        if self.exactly_once:
+            try:
+                self._p.begin_transaction()
+            except KafkaException as exc:
+                raise from_exception(exc, "begin_transaction") from None
+            self._in_txn = True
+
+    def write(self, bucket: int, key: bytes | None, value: bytes, headers: Headers = None) -> None:
+        self._produce(self._topics[bucket], key, value, headers)
+
+    def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        self._produce(self._names.dlq, key, value, headers)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        while True:
+            try:
+                self._p.produce(topic, value, key, headers=headers)
+                return
+            except BufferError:
+                self._p.poll(0.05)  # local queue full: serve delivery reports, then retry
+            except KafkaException as exc:
+                raise from_exception(exc, f"produce to {topic}") from None
+
+    def commit(self, offsets: list[TopicPartition], consumer: Consumer) -> None:
+        if self.exactly_once:
+            meta = consumer.consumer_group_metadata()
+            self._retrying("send_offsets_to_transaction",
+                           lambda t: self._p.send_offsets_to_transaction(offsets, meta, t))
+            self._retrying("commit_transaction", lambda t: self._p.commit_transaction(t))
+            self._in_txn = False
+            return
+        self.flush()
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise from_exception(exc, "commit offsets") from None
+
+    def flush(self) -> None:
+        """Wait until every record is acknowledged (bounded by message.timeout.ms); raise on failures."""
+        deadline = time.monotonic() + self._conf["message.timeout.ms"] / 1000 + 10
+        while self._p.flush(1.0) > 0:
+            if time.monotonic() > deadline:
+                raise KafkaRetryError("flush: records still undelivered after message.timeout.ms")
+        if self._failed:
+            first = self._failed[0]
+            raise classify(first, f"{len(self._failed)} record(s) not delivered")
+
+    def abort(self) -> None:
+        if self.exactly_once and self._in_txn:
+            self._retrying("abort_transaction", lambda t: self._p.abort_transaction(t))
+            self._in_txn = False
+        self._failed.clear()
+
+    def close(self) -> None:
+        if self._producer is not None:
+            if not self.exactly_once:
+                self._producer.flush(5.0)
+            self._producer = None  # librdkafka closes the client when the last reference goes
+
+    def _retrying(self, what: str, call: Any) -> None:
+        """Call a transactional API, repeating it on retriable errors until ``timeout``."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                call(min(10.0, max(0.1, deadline - time.monotonic())))
+                return
+            except KafkaException as exc:
+                err: BucketerKafkaError = from_exception(exc, what)
+                retriable = bool(err.error is not None and err.error.retriable())
+                if isinstance(err, KafkaFatalError) or err.abortable or not retriable \
+                        or time.monotonic() > deadline:
+                    raise err from None
+                log.warning("%s: %s; retrying", what, err)
+
+    def _on_delivery_error(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._failed.append(err)
+            log.warning("delivery to %s [%s] failed: %s", msg.topic(), msg.partition(), err.str())
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        log.debug("kafka client: %s", err.str())
+
+
+def make_sink(config: RouterConfig) -> Sink:
+    """The sink named by ``config.sink`` ("kafka" by default, or "tinybird")."""
+    names = TopicNames(config.topic_prefix)
+    txn_id = f"bucketer-router.{config.topic_prefix}{config.group}.{config.instance_id}" \
+        if config.exactly_once else None
+    kafka = KafkaSink(config.bootstrap, names, config.buckets, transactional_id=txn_id,
+                      partitions=config.partitions, replication=config.replication)
+    if config.sink == "kafka":
+        return kafka
+    if config.sink == "tinybird":
+        try:
+            module = importlib.import_module("connectors.tinybird")
+            factory = module.make_router_sink
+        except (ImportError, AttributeError) as exc:
+            raise KafkaFatalError(f"the tinybird sink is not available: {exc}") from None
+        dlq = KafkaSink(config.bootstrap, names, 0, transactional_id=None, partitions=config.partitions,
+                        replication=config.replication)
+        return factory(config, dlq)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown sink {config.sink!r}; expected kafka or tinybird")
