@@ -5,8 +5,9 @@ Contract (``Warehouse`` protocol):
 - ``command(sql, params=None)``: run DDL/DML, no result.
 - ``rows(sql, params=None) -> list[tuple]`` and ``dicts(sql, params=None) -> list[dict]``: a query's rows.
 - ``insert(table, columns, rows)``: insert Python rows (small volumes: tests, reference fix-ups).
-- ``insert_json(table, select, data) -> None``: let ClickHouse parse JSON itself. ``data`` is one or more JSON
-  values (each Kafka message value as is, separated by newlines); ``select`` is a SELECT whose FROM is the
+- ``insert_json(table, select, data) -> None``: let ClickHouse parse JSON itself. ``data`` is JSON values
+  (bytes of whitespace-separated values, or a sequence of values, e.g. Kafka message values as is);
+  ``select`` is a SELECT whose FROM is the
   placeholder ``{source}``, a relation with one column ``v String`` holding one JSON value per row
   (``JSONAsString``). This is the loader's fast path: Python never parses the messages.
 - Context manager: ``with open_warehouse(...) as wh``. Constructors do no I/O; ``__enter__`` connects.
@@ -54,7 +55,7 @@ class Warehouse(Protocol):
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
 
-    def insert_json(self, table: str, select: str, data: bytes) -> None: ...
+    def insert_json(self, table: str, select: str, data: bytes | Sequence[bytes]) -> None: ...
 
     def __enter__(self) -> Self: ...
 
@@ -211,13 +212,16 @@ class EmbeddedWarehouse(_ClientWarehouse):
                 self._registered = False
                 _release_engine()
 
-    def insert_json(self, table: str, select: str, data: bytes) -> None:
+    def insert_json(self, table: str, select: str, data: bytes | Sequence[bytes]) -> None:
         if not data:
             return
         fd, name = tempfile.mkstemp(prefix="bucketer-", suffix=".json", dir=self.data_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                if isinstance(data, bytes):
+                    fh.write(data)
+                else:  # JSONAsString needs no separator between objects: no copy into one buffer
+                    fh.writelines(data)
             source = f"file('{name}', 'JSONAsString', 'v String')"
             self.command(f"INSERT INTO {table} " + select.replace("{source}", source))
         finally:
@@ -265,9 +269,11 @@ class ServerWarehouse(_ClientWarehouse):
         if client is not None:
             client.close()
 
-    def insert_json(self, table: str, select: str, data: bytes) -> None:
+    def insert_json(self, table: str, select: str, data: bytes | Sequence[bytes]) -> None:
         if not data:
             return
+        if not isinstance(data, bytes):
+            data = b"\n".join(data)
         sql = f"INSERT INTO {table} " + select.replace("{source}", "input('v String')") + " FORMAT JSONAsString"
         try:
             self._c().command(sql, data=data)

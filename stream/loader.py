@@ -2,7 +2,8 @@
 
 ``Loader(config, warehouse).run()`` consumes (read_committed, manual commits) the N bucket topics and the five
 reference topics, collects message values per target table, and flushes when a batch reaches
-``max_rows`` messages or ``max_bytes`` bytes, or is ``max_wait`` seconds old. A flush hands each table's message
+``max_rows`` messages or ``max_bytes`` bytes, or is ``max_wait`` seconds old, or when the input is drained
+(a poll brought nothing: caught up, so waiting longer only adds latency). A flush hands each table's message
 bytes to ClickHouse as they are (``Warehouse.insert_json`` with the SQL of stream/ingest.py: the engine parses
 the JSON) and only then commits the next offsets. A crash before the commit replays the batch, which is
 harmless: rows are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +54,8 @@ class LoaderConfig:
 
 @dataclass
 class LoaderStats:
-    messages: int = 0
+    messages: int = 0  # read from Kafka
+    committed: int = 0  # read, inserted or dead-lettered, and their offsets committed
     inserted: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
     flushes: int = 0
@@ -99,6 +102,10 @@ class Loader:
         self._count = 0
         self._batch_started: float | None = None
         self._dlq_errors: list[str] = []
+        # One insert runs in the background while the next batch is read; its offsets wait with it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
+        self._inflight: tuple[Future[None], list[TopicPartition], int] | None = None
+        self._batch_messages = 0
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -107,20 +114,26 @@ class Loader:
 
     def run(self, until_idle: float | None = None) -> LoaderStats:
         cfg = self.config
-        overrides = {"topic.metadata.refresh.interval.ms": 2000, **cfg.consumer_overrides}
+        overrides = {"topic.metadata.refresh.interval.ms": 2000, "max.partition.fetch.bytes": 16 << 20,
+                     "fetch.max.bytes": 64 << 20, **cfg.consumer_overrides}
         self._consumer = Consumer(consumer_config(cfg.bootstrap, cfg.group, **overrides))
         self._producer = Producer(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
         try:
             self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
             last_input = self.clock()
             while not self._stop:
-                msgs = self._consumer.consume(num_messages=10_000, timeout=cfg.poll_timeout)
+                # While a batch waits, poll briefly: an empty poll means the input is drained.
+                timeout = min(cfg.poll_timeout, 0.02) if self._offsets else cfg.poll_timeout
+                msgs = self._consumer.consume(num_messages=10_000, timeout=timeout)
                 if msgs:
                     last_input = self.clock()
                     self._take(msgs)
-                if self._due():
-                    self.flush()
-                if until_idle is not None and self.clock() - last_input >= until_idle and not self._count:
+                self._reap(wait=False)
+                # Hand over a full or old batch, and one as soon as the input is drained (caught up).
+                if self._due() or (not msgs and self._offsets):
+                    self._dispatch()
+                if (until_idle is not None and self.clock() - last_input >= until_idle and not self._offsets
+                        and self._inflight is None):
                     break
             self.flush()
         except BaseException:
@@ -130,6 +143,8 @@ class Loader:
         return self.stats
 
     def _close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._inflight = None
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
         if producer is not None:
@@ -156,6 +171,7 @@ class Loader:
             partition, offset, value = m.partition(), m.offset(), m.value()
             self._offsets[(topic, partition)] = offset + 1
             self.stats.messages += 1
+            self._batch_messages += 1
             table = targets[topic][0]
             if not value:
                 self._dead_letter("invalid-message", "empty value (tombstone)", topic, partition, offset, m.key(), b"")
@@ -189,20 +205,41 @@ class Loader:
     # --- flush -----------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Insert every pending message, then commit the offsets after them. Nothing pending: no-op."""
+        """Insert every pending message, then commit the offsets after them; returns when done."""
+        self._dispatch()
+        self._reap(wait=True)
+
+    def _dispatch(self) -> None:
+        """Start inserting the current batch in the background (after the previous one is committed)."""
         if not self._offsets:
             return
+        self._reap(wait=True)
         pending, self._pending = self._pending, {}
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+        self._offsets = {}
+        self._bytes = self._count = 0
+        self._batch_started = None
+        self._inflight = (self._executor.submit(self._write, pending), offsets, self._batch_messages)
+        self._batch_messages = 0
+
+    def _write(self, pending: dict[str, _Pending]) -> None:
         for table, p in pending.items():
             self._insert(table, p.values, p.origins)
         self._confirm_dlq()
+
+    def _reap(self, wait: bool) -> None:
+        """Commit the offsets of the background insert once it has succeeded; re-raise its failure."""
+        if self._inflight is None:
+            return
+        future, offsets, messages = self._inflight
+        if not wait and not future.done():
+            return
+        self._inflight = None
+        future.result()  # raises the insert's error: nothing of that batch is committed
         if self._consumer is not None:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
             self._consumer.commit(offsets=offsets, asynchronous=False)
-        self._offsets.clear()
-        self._bytes = self._count = 0
-        self._batch_started = None
         self.stats.flushes += 1
+        self.stats.committed += messages
 
     def _kind(self, table: str) -> str:
         return ACTIVITY if table.startswith("activityRelations_bucket_") else table
@@ -210,7 +247,7 @@ class Loader:
     def _try(self, table: str, values: list[bytes]) -> WarehouseError | None:
         columns, select = self._sql[self._kind(table)]
         try:
-            self.warehouse.insert_json(f"{table} ({columns})", select, b"\n".join(values))
+            self.warehouse.insert_json(f"{table} ({columns})", select, values)
         except WarehouseError as exc:
             return exc
         self.stats.inserted[table] = self.stats.inserted.get(table, 0) + len(values)

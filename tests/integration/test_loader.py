@@ -109,8 +109,8 @@ def load(bootstrap: str, topics: TopicNames, wh: EmbeddedWarehouse, expect_messa
     t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
-        wait_until(lambda: errors or (loader.stats.messages >= expect_messages and loader._count == 0
-                                      and loader.stats.flushes > 0), 60, f"{expect_messages} messages loaded")
+        wait_until(lambda: errors or loader.stats.committed >= expect_messages, 60,
+                   f"{expect_messages} messages loaded and committed")
     finally:
         loader.stop()
         t.join(30)
