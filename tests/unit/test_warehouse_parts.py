@@ -1,0 +1,127 @@
+"""Pure parts of the warehouse side: schema DDL text, the ingest rules in Python, read-only query checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connectors.warehouse import EmbeddedWarehouse, ServerWarehouse, open_warehouse, redact
+from stream.ingest import insert_sql, problem
+from stream.query import QueryError, read_only
+from stream.schema import (
+    PROJECT_VIEW,
+    ROUTING_VIEW,
+    UNION_VIEW,
+    cleaned_table_ddl,
+    raw_table_ddl,
+    reference_table_ddl,
+    schema_statements,
+)
+
+
+def columns_of(ddl: str) -> list[str]:
+    body = ddl[ddl.index("(") + 1: ddl.rindex(")\nENGINE")]
+    return [line.strip().split()[0].strip("`") for line in body.strip().splitlines()]
+
+
+def test_raw_table_layout_follows_the_contract() -> None:
+    ddl = raw_table_ddl(7)
+    assert ddl.startswith("CREATE TABLE IF NOT EXISTS activityRelations_bucket_MV_ds_7 (")
+    cols = columns_of(ddl)
+    assert len(cols) == 25 and cols[:3] == ["activityId", "conversationId", "createdAt"]
+    assert cols[-2:] == ["_deleted", "_version"]
+    assert "ENGINE = ReplacingMergeTree(_version, _deleted)" in ddl
+    assert "PARTITION BY toYear(createdAt)" in ddl
+    assert "ORDER BY (segmentId, timestamp, type, platform, channel, sourceId)" in ddl
+    assert "`timestamp` DateTime64(3, 'UTC')" in ddl and "`sentimentScore` Int8 DEFAULT -1" in ddl
+
+
+def test_cleaned_and_reference_tables() -> None:
+    cleaned = cleaned_table_ddl(2)
+    cols = columns_of(cleaned)
+    assert cols[23:] == ["gitChangedLines", "gitChangedLinesBucket", "organizationCountryCode", "organizationName",
+                         "snapshotId"]
+    assert "ENGINE = MergeTree\nORDER BY (segmentId, timestamp, type, platform, memberId, organizationId)" in cleaned
+    members = reference_table_ddl("members")
+    assert {"isBot", "isTeamMember", "isOrganization", "attributes"} <= set(columns_of(members))
+    assert "ReplacingMergeTree(_version, _deleted)\nORDER BY id" in members
+    assert "`enabled` UInt8 DEFAULT 1" in reference_table_ddl("repositories")
+
+
+def test_schema_statements_cover_n_buckets_and_are_idempotent_text() -> None:
+    stmts = schema_statements(3)
+    created = [re.search(r"(?:TABLE IF NOT EXISTS|OR REPLACE VIEW) (\w+)", s).group(1) for s in stmts]
+    for n in range(3):
+        assert f"activityRelations_bucket_MV_ds_{n}" in created
+        assert f"activityRelations_deduplicated_cleaned_bucket_{n}_ds" in created
+    assert "activityRelations_bucket_MV_ds_3" not in created
+    assert {UNION_VIEW, ROUTING_VIEW, PROJECT_VIEW, "members", "insightsProjects"} <= set(created)
+    assert all("IF NOT EXISTS" in s or "OR REPLACE" in s for s in stmts)
+    with pytest.raises(ValueError):
+        schema_statements(0)
+
+
+def test_insert_sql_lists_every_column_and_reads_the_source() -> None:
+    cols, select = insert_sql("activityRelations")
+    assert cols.count("`") == 2 * 25 and "{source}" in select and "throwIf" in select
+    ref_cols, ref_select = insert_sql("repositories")
+    assert ref_cols.split(", ")[0] == "`id`" and ref_cols.endswith("`_deleted`, `_version`")
+    assert "commit_timestamp" in ref_select
+
+
+RECORD = {"activityId": "a", "memberId": "m", "platform": "git", "segmentId": "s", "sourceId": "x", "type": "t",
+          "createdAt": "2025-01-01T00:00:00Z", "updatedAt": 1735689600000000, "timestamp": "2025-01-01T00:00:00Z"}
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    (None, "tombstone"),
+    (b"", "tombstone"),
+    (b"{nope", "not JSON"),
+    (b"[1]", "not a JSON object"),
+    (orjson.dumps({"action": "upsert", "record": RECORD}), "unknown action"),
+    (orjson.dumps({"action": "insert", "record": "x"}), "no record"),
+    (orjson.dumps({"action": "insert", "record": {**RECORD, "segmentId": None}}), "segmentId"),
+    (orjson.dumps({"action": "insert", "record": {**RECORD, "timestamp": "soon"}}), "timestamp"),
+    (orjson.dumps({"action": "insert", "record": {**RECORD, "score": 300}}), "score"),
+    (orjson.dumps({"action": "insert", "record": {**RECORD, "gitInsertions": -1}}), "gitInsertions"),
+    (orjson.dumps({"action": "insert", "record": {**RECORD, "channel": {"a": 1}}}), "channel"),
+])
+def test_problem_names_what_is_wrong(value: bytes | None, needle: str) -> None:
+    reason = problem(value, "activityRelations")
+    assert reason is not None and needle in reason
+
+
+def test_problem_accepts_good_messages_and_key_only_deletes() -> None:
+    good = {"action": "read", "record": {**RECORD, "score": "3", "isContribution": True, "sentimentScore": None}}
+    assert problem(orjson.dumps(good), "activityRelations") is None
+    key_only = {"action": "delete", "record": {"id": "r1", "url": None},
+                "metadata": {"commit_timestamp": "2025-01-01T00:00:00.000001Z"}}
+    assert problem(orjson.dumps(key_only), "repositories") is None
+    no_version = {"action": "delete", "record": {"id": "r1"}, "metadata": {}}
+    assert "version" in (problem(orjson.dumps(no_version), "repositories") or "")
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1", "  with x as (select 1) select * from x;",
+                                 "(SELECT 1) UNION ALL (SELECT 2)", "-- note\nSELECT ';' AS semicolon",
+                                 "/* a */ select 'drop table x'"])
+def test_read_only_accepts_selects(sql: str) -> None:
+    assert read_only(sql).strip()
+
+
+@pytest.mark.parametrize("sql", ["", ";", "DROP TABLE members", "insert into t values (1)", "SELECT 1; DROP TABLE t",
+                                 "select 1 into outfile '/tmp/x'", "ALTER TABLE t DELETE WHERE 1", "optimize table t"])
+def test_read_only_rejects_the_rest(sql: str) -> None:
+    with pytest.raises(QueryError):
+        read_only(sql)
+
+
+def test_constructors_do_no_io_and_urls_pick_the_backend(tmp_path: Path) -> None:
+    where = tmp_path / "never-created"
+    wh = open_warehouse(where)
+    assert isinstance(wh, EmbeddedWarehouse) and not where.exists()
+    server = open_warehouse(where, url="https://u:secret@ch.example:8443/analytics")
+    assert isinstance(server, ServerWarehouse) and server.database == "analytics"
+    assert redact(server.url) == "https://u:***@ch.example:8443/analytics"
