@@ -270,6 +270,53 @@ def status_cmd(
 # --- end warehouse -------------------------------------------------------------------------------------
 
 
+# --- enrich (stream/enrich.py, stream/schedule.py, connectors/countries.py) ------------------------------
+@app.command("enrich")
+def enrich_cmd(
+    bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", min=0,
+                                                     help="Bucket to rebuild (repeatable).")] = None,
+    all_buckets: Annotated[bool, typer.Option("--all", help="Rebuild every bucket.")] = False,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, envvar="BUCKETER_ENRICH_PARALLEL",
+                                          help="Buckets rebuilt at the same time.")] = 1,
+    buckets: Annotated[int | None, typer.Option("--buckets", "-n", min=1, envvar="BUCKETER_BUCKETS",
+                                                help="Bucket count (default: the warehouse's, else 10).")] = None,
+) -> None:
+    """Rebuild cleaned buckets now (the manual trigger): built aside, swapped in atomically."""
+    from connectors.warehouse import WarehouseError
+    from stream.enrich import Enricher
+    from stream.schema import bucket_count, ensure_schema
+
+    if all_buckets == bool(bucket):
+        raise fail("give either --bucket n (repeatable) or --all")
+    try:
+        with open_configured_warehouse(data_dir) as wh:
+            known = bucket_count(wh)
+            n = buckets or known or 10
+            if known is None:
+                ensure_schema(wh, n)
+            elif buckets and buckets != known:
+                raise fail(f"the warehouse is set up for {known} buckets, not {buckets}")
+        todo = list(range(n)) if all_buckets else list(bucket or [])
+        bad = [b for b in todo if b >= n]
+        if bad:
+            raise fail(f"no bucket {bad[0]}: buckets are 0..{n - 1}")
+        enricher = Enricher(lambda: open_configured_warehouse(data_dir), lock_dir=data_dir / "locks")
+        results = enricher.rebuild_many(todo, parallel=parallel)
+    except WarehouseError as exc:
+        raise fail(str(exc)) from None
+    for r in results:
+        if r.status == "ok":
+            snap = r.snapshot_id.strftime("%Y-%m-%dT%H:%MZ") if r.snapshot_id else "-"
+            typer.echo(f"bucket {r.bucket}: {r.rows} rows in {r.seconds:.2f}s, snapshot {snap}")
+        else:
+            typer.echo(f"bucket {r.bucket}: {r.status}: {r.error}", err=True)
+    failed = [r.bucket for r in results if r.status != "ok"]
+    if failed:
+        raise fail(f"{len(failed)} of {len(results)} bucket(s) not rebuilt: {failed}")
+# --- end enrich ----------------------------------------------------------------------------------------
+
+
 def main() -> None:
     app()
 
