@@ -495,3 +495,32 @@ def test_a_killed_rebuild_leaves_the_previous_snapshot(data_dir: Path, tmp_path:
         assert aside == [(1,)]  # the half-done run left its table aside, nothing else
         assert enricher(data_dir).rebuild(2).status == "ok"
         assert cleaned_rows(w, 2) == expected_rows(Dataset(data.activities + more), 2, SNAPSHOT)
+
+
+def test_cli_enrich_rebuilds_the_named_buckets(data_dir: Path) -> None:
+    data = make_activities(seed=31, count=90)
+    with open_warehouse(data_dir) as w:
+        ensure_schema(w, N)
+        insert_reference(w)
+        insert_activities(w, data.activities)
+        # While this process owns the data dir, the CLI refuses with a one-line reason.
+        busy = subprocess.run([sys.executable, "-m", "bucketer.cli", "enrich", "--data-dir", str(data_dir), "--all"],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+        assert busy.returncode != 0 and "in use" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+    cli = [sys.executable, "-m", "bucketer.cli", "enrich", "--data-dir", str(data_dir)]
+    ok = subprocess.run(cli + ["--bucket", "0", "--bucket", "2", "--parallel", "2"], capture_output=True, text=True,
+                        cwd=REPO_ROOT, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["bucket 0", "bucket 2"]
+    bad = subprocess.run(cli + ["--bucket", str(N)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert bad.returncode != 0 and f"no bucket {N}" in bad.stderr
+    with open_warehouse(data_dir) as w:
+        for b in (0, 2):
+            rows = cleaned_rows(w, b)
+            snaps = {r[-1] for r in rows}
+            assert len(snaps) == 1  # one snapshot for the whole bucket: the hour the CLI ran
+            snap = snaps.pop()
+            assert rows == expected_rows(data, b, snap)
+            assert f"{len(rows)} rows" in lines[0 if b == 0 else 1]
+        assert cleaned_rows(w, 1) == []  # not asked for
