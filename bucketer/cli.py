@@ -317,6 +317,163 @@ def enrich_cmd(
 # --- end enrich ----------------------------------------------------------------------------------------
 
 
+# --- run, load (stream/pipeline.py, stream/loader.py) -------------------------------------------------------
+def _install_stop(stop) -> None:  # noqa: ANN001 - any zero-argument callable
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+def _log_to_stderr(verbose: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.command("run")
+def run_cmd(
+    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE",
+                                                     help="Exit 0 once S seconds pass without new input.")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    parallel: Annotated[int, typer.Option("--parallel", envvar="BUCKETER_PARALLEL", min=1,
+                                          help="Cleaned buckets rebuilt at once.")] = 1,
+    schedule: Annotated[str | None, typer.Option("--schedule", envvar="BUCKETER_SCHEDULE",
+                                                 help="Rebuild schedule (default: pairs 4 minutes apart from :10).")]
+    = None,
+    enrich_on_exit: Annotated[bool, typer.Option("--enrich-on-exit", help="Rebuild every bucket before exiting.")]
+    = False,
+    at_least_once: Annotated[bool, typer.Option("--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE")] = False,
+    partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1)] = 3,
+) -> None:
+    """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
+    import os
+
+    from connectors.kafka import BucketerKafkaError
+    from connectors.warehouse import WarehouseError
+    from stream.pipeline import Pipeline, PipelineConfig
+
+    _log_to_stderr()
+    pipeline = Pipeline(PipelineConfig(
+        bootstrap=bootstrap, data_dir=data_dir, clickhouse_url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None,
+        buckets=buckets, topic_prefix=topic_prefix, until_idle=until_idle, exactly_once=not at_least_once,
+        parallel=parallel, schedule=schedule, enrich_on_exit=enrich_on_exit, partitions=partitions))
+    _install_stop(pipeline.stop)
+    try:
+        pipeline.run()
+    except (BucketerKafkaError, WarehouseError) as exc:
+        raise fail(str(exc)) from None
+    router, loader = pipeline.router, pipeline.loader
+    if router is not None and loader is not None:
+        typer.echo(f"run: {router.stats.summary()}")
+        typer.echo(f"run: loaded {loader.stats.committed} messages "
+                   f"({loader.stats.retirements} retirements, {loader.stats.dead_lettered} dead-lettered)")
+    for r in pipeline.rebuilds:
+        typer.echo(f"run: rebuilt bucket {r.bucket}: {r.status} {r.rows} rows" + (f" ({r.error})" if r.error else ""))
+
+
+@app.command("load")
+def load_cmd(
+    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    group: Annotated[str, typer.Option("--group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
+    until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE")] = None,
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+) -> None:
+    """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""
+    from connectors.kafka import BucketerKafkaError, check_reachable
+    from connectors.topics import TopicNames
+    from connectors.warehouse import WarehouseError
+    from stream.loader import Loader, LoaderConfig, LoaderError
+    from stream.schema import ensure_schema
+
+    _log_to_stderr()
+    try:
+        check_reachable(bootstrap)
+        with open_configured_warehouse(data_dir) as wh:
+            ensure_schema(wh, buckets)
+            loader = Loader(LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group,
+                                         topics=TopicNames(topic_prefix)), wh)
+            _install_stop(loader.stop)
+            stats = loader.run(until_idle=until_idle)
+    except (BucketerKafkaError, WarehouseError, LoaderError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"load: {stats.committed} messages loaded, {stats.retirements} retirements, "
+               f"{stats.dead_lettered} dead-lettered")
+# --- end run, load -------------------------------------------------------------------------------------
+
+
+# --- tinybird (connectors/tinybird*.py, stream/tinybird_copy.py) ---------------------------------------
+tinybird_app = typer.Typer(help="The Tinybird target: generate the project for N buckets, run cleaning copies.",
+                           no_args_is_help=True)
+app.add_typer(tinybird_app, name="tinybird")
+TOKEN_ENV = "BUCKETER_TINYBIRD_TOKEN"
+
+
+def tinybird_token() -> object:
+    """The API token from BUCKETER_TINYBIRD_TOKEN, as a Secret (never an option: it must not show in --help)."""
+    import os
+
+    from connectors.tinybird_api import Secret
+
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise fail(f"set {TOKEN_ENV} to a Tinybird token", 2)
+    return Secret(token)
+
+
+@tinybird_app.command("generate")
+def tinybird_generate(
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    out: Annotated[Path, typer.Option("--out", help="Project folder (datasources/, pipes/).")] = Path("tinybird"),
+) -> None:
+    """Write the Tinybird datafiles for N buckets (deterministic: same N, same files)."""
+    from connectors.tinybird_project import write_project
+
+    paths = write_project(buckets, out)
+    typer.echo(f"{len(paths)} datafiles for {buckets} buckets in {out}")
+
+
+@tinybird_app.command("copy")
+def tinybird_copy(
+    url: Annotated[str, typer.Option("--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
+                                     help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).")],
+    bucket: Annotated[list[int] | None, typer.Option("--bucket", help="Bucket to rebuild (repeatable).")] = None,
+    all_buckets: Annotated[bool, typer.Option("--all", help="Every bucket 0..N-1.")] = False,
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Copy jobs at once (the account allows 12).")] = 12,
+    poll: Annotated[float, typer.Option("--poll", min=0.01, help="Seconds between job polls.")] = 2.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one job may take.")] = 3600.0,
+) -> None:
+    """Run the cleaning copy pipes now through the API and wait for each job; exit 1 if any failed."""
+    from connectors.tinybird_api import Secret, TinybirdClient
+    from stream.tinybird_copy import CopyRunner
+
+    if all_buckets == bool(bucket):
+        raise fail("give --bucket n (repeatable) or --all", 2)
+    chosen = list(range(buckets)) if all_buckets else list(dict.fromkeys(bucket or []))
+    bad = [b for b in chosen if not 0 <= b < buckets]
+    if bad:
+        raise fail(f"bucket {bad[0]} out of range 0..{buckets - 1}", 2)
+    token = tinybird_token()
+    assert isinstance(token, Secret)
+    with TinybirdClient(url, token, timeout=30.0) as client:
+        runner = CopyRunner(client, max_concurrent=parallel, poll_interval=poll, timeout=timeout,
+                            on_result=lambda r: typer.echo(f"bucket {r.bucket}: {r.status} job={r.job_id} "
+                                                           f"{r.seconds:.1f}s {r.detail}".rstrip()))
+        results = runner.run(chosen)
+    failed = [r for r in results if not r.ok]
+    typer.echo(f"{len(results) - len(failed)} of {len(results)} copies done")
+    if failed:
+        raise typer.Exit(1)
+# --- end tinybird --------------------------------------------------------------------------------------
+
+
 def main() -> None:
     app()
 

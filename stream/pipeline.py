@@ -1,0 +1,152 @@
+"""``bucketer run``: the whole pipeline in one process on one warehouse — router, loader, enrichment schedule.
+
+Three workers, each a thread running its own ``run()``:
+
+- the router (stream/router.py): ``activityRelations`` -> bucket topics, exactly once by default;
+- the loader (stream/loader.py): bucket topics + reference topics -> raw and reference tables;
+- the scheduler (stream/schedule.py): rebuilds cleaned buckets on the staggered hourly pattern through the
+  Enricher (stream/enrich.py), ``parallel`` buckets at a time.
+
+The embedded warehouse allows one process per data directory; inside this process every worker opens its own
+handle on the same engine (connectors/warehouse.py), so the loader inserts while a rebuild runs.
+
+Stopping: ``stop()`` only sets flags. Workers stop in data-flow order — the router first, then the loader
+once it has written everything the router committed, then the scheduler — so a clean stop leaves nothing
+routed but unloaded. With ``until_idle=S`` the router exits after S idle seconds, the loader after it has been
+idle for S seconds *after the router finished* (its own idle timer would fire while the router starts up),
+then, with ``enrich_on_exit``, every bucket is rebuilt once before the scheduler stops. If any worker fails,
+the others are stopped and the first error is raised from ``run()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connectors.kafka import ensure_topics
+from connectors.topics import TopicNames
+from connectors.warehouse import open_warehouse
+from stream.enrich import Enricher, RebuildResult
+from stream.loader import Loader, LoaderConfig
+from stream.router import Router, RouterConfig
+from stream.schedule import Clock, ScheduleConfig, Scheduler, SystemClock
+from stream.schema import ensure_schema
+
+log = logging.getLogger("bucketer.pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    bootstrap: str
+    data_dir: Path = Path(".bucketer")
+    clickhouse_url: str | None = None
+    buckets: int = 10
+    topic_prefix: str = ""
+    until_idle: float | None = None
+    exactly_once: bool = True
+    parallel: int = 1
+    schedule: str | None = None          # ScheduleConfig.parse spec; None = the staggered default
+    enrich_on_exit: bool = False
+    partitions: int = 3
+    router_group: str = "bucketer-router"
+    loader_group: str = "bucketer-loader"
+    router_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.topics = TopicNames(config.topic_prefix)
+        self._clock = clock or SystemClock()
+        self._stopping = threading.Event()
+        self._errors: list[BaseException] = []
+        self.router: Router | None = None
+        self.loader: Loader | None = None
+        self.scheduler: Scheduler | None = None
+        self.rebuilds: list[RebuildResult] = []
+
+    def connect(self) -> Any:
+        """A new, unopened warehouse handle (the Enricher opens one per rebuild)."""
+        return open_warehouse(self.config.data_dir, url=self.config.clickhouse_url)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.router is not None:
+            self.router.stop()
+
+    def run(self) -> None:
+        cfg = self.config
+        ensure_topics(cfg.bootstrap, [*self.topics.buckets(cfg.buckets), self.topics.dlq,
+                                      *self.topics.references().values(), self.topics.source],
+                      cfg.partitions, 1)
+        with self.connect() as wh:
+            ensure_schema(wh, cfg.buckets)
+            self.router = Router(RouterConfig(
+                bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.router_group, topic_prefix=cfg.topic_prefix,
+                exactly_once=cfg.exactly_once, until_idle=cfg.until_idle, partitions=cfg.partitions,
+                **cfg.router_overrides))
+            self.loader = Loader(LoaderConfig(bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.loader_group,
+                                              topics=self.topics), wh)
+            enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
+            schedule = (ScheduleConfig.parse(cfg.schedule, cfg.buckets) if cfg.schedule
+                        else ScheduleConfig(buckets=cfg.buckets))
+            self.scheduler = Scheduler(schedule, lambda bs: self.rebuilds.extend(
+                enricher.rebuild_many(bs, parallel=cfg.parallel)), clock=self._clock)
+
+            threads = [self._spawn("router", self.router.run), self._spawn("loader", self.loader.run),
+                       self._spawn("scheduler", self.scheduler.run)]
+            try:
+                self._supervise(threads[0])
+            finally:
+                self.router.stop()
+                threads[0].join()
+                self._drain_loader(threads[1])
+                if cfg.enrich_on_exit and not self._errors:
+                    self.rebuilds.extend(enricher.rebuild_many(range(cfg.buckets), parallel=cfg.parallel))
+                self.scheduler.stop()
+                for t in threads[1:]:
+                    t.join()
+        if self._errors:
+            raise self._errors[0]
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, target: Callable[[], Any]) -> threading.Thread:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # a worker failure stops the pipeline, and run() re-raises it
+                log.error("%s failed: %s", name, exc)
+                self._errors.append(exc)
+                self.stop()
+
+        thread = threading.Thread(target=body, name=f"bucketer-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    def _supervise(self, router_thread: threading.Thread) -> None:
+        """Wait until the router ends (until-idle, stop, or failure)."""
+        while router_thread.is_alive() and not self._stopping.is_set():
+            router_thread.join(0.2)
+
+    def _drain_loader(self, loader_thread: threading.Thread) -> None:
+        """Let the loader write everything the router committed, then stop it."""
+        assert self.loader is not None
+        stats = self.loader.stats
+        idle_for = self.config.until_idle if self.config.until_idle is not None else 2.0
+        last_seen, last_change = stats.messages, time.monotonic()
+        # On a plain stop (no until-idle) the loader still catches up, bounded by a grace period.
+        deadline = time.monotonic() + (3600 if self.config.until_idle is not None else 60)
+        while loader_thread.is_alive() and time.monotonic() < deadline and not self._errors:
+            if stats.messages != last_seen:
+                last_seen, last_change = stats.messages, time.monotonic()
+            elif stats.committed >= stats.messages and time.monotonic() - last_change >= idle_for:
+                break
+            time.sleep(0.1)
+        self.loader.stop()
+        loader_thread.join()
