@@ -1,0 +1,1 @@
+"""Benchmarks: see bench/README.md. Run with ``python -m bench``."""
