@@ -196,6 +196,7 @@ class ActivityStream:
         rng, m = self.rng, self.model
         seg = m.pick_segment(rng)
         git = rng.random() < 0.55
+        channel: str | None
         if git:
             platform, channel = m.git_channel(rng, seg)
             type_ = rng.choice(GIT_TYPES[platform])

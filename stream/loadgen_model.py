@@ -75,7 +75,8 @@ class ReferenceModel:
         repos = self.repos.get(segment) or []
         if not repos or rng.random() < 0.08:
             # A repository this segment does not own (another segment's, or unknown): dropped by cleaning.
-            other = rng.choice([r for rs in self.repos.values() for r in rs] or [None])
+            pool: list[dict[str, Any] | None] = [r for rs in self.repos.values() for r in rs]
+            other = rng.choice(pool or [None])
             url = other["url"] if other and rng.random() < 0.5 else f"https://github.com/unknown/{rng.choice(WORDS)}"
             return "github", url
         repo = rng.choice(repos)
@@ -145,7 +146,7 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
         kinds = ["github"] + (["gerrit"] if rng.random() < 0.25 else []) + (["gitlab"] if rng.random() < 0.2 else [])
         for kind in kinds:
             created, moment = born()
-            row = {"id": new_uuid(rng), "platform": kind, "segmentId": seg, "status": "done",
+            row: dict[str, Any] = {"id": new_uuid(rng), "platform": kind, "segmentId": seg, "status": "done",
                    "settings": {"orgs": [rng.choice(WORDS)]}, "deletedAt": None, "createdAt": created,
                    "updatedAt": ts(moment), "tenantId": "875c38bd-2b1b-4e91-ad07-0cfbabb4c49f"}
             integrations.setdefault(seg, []).append(row)
@@ -182,7 +183,8 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
                     continue
                 seen_urls.add(url)
                 created, moment = born()
-                row = {"id": new_uuid(rng), "url": url, "segmentId": seg, "insightsProjectId": projects[seg]["id"],
+                row = {"id": new_uuid(rng), "url": url, "segmentId": seg,
+                       "insightsProjectId": projects[seg]["id"],
                        "sourceIntegrationId": integ["id"], "enabled": True, "excluded": False,
                        "archived": False, "deletedAt": None, "forkedFrom": None, "createdAt": created,
                        "updatedAt": ts(moment)}
