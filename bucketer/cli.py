@@ -449,6 +449,8 @@ def tinybird_copy(
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Copy jobs at once (the account allows 12).")] = 12,
     poll: Annotated[float, typer.Option("--poll", min=0.01, help="Seconds between job polls.")] = 2.0,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one job may take.")] = 3600.0,
+    skip_countries: Annotated[bool, typer.Option("--skip-countries",
+                                                 help="Do not resolve new organization countries first.")] = False,
 ) -> None:
     """Run the cleaning copy pipes now through the API and wait for each job; exit 1 if any failed."""
     from connectors.tinybird_api import Secret, TinybirdClient
@@ -463,6 +465,8 @@ def tinybird_copy(
     token = tinybird_token()
     assert isinstance(token, Secret)
     with TinybirdClient(url, token, timeout=30.0) as client:
+        if not skip_countries:
+            sync_countries(client)
         runner = CopyRunner(client, max_concurrent=parallel, poll_interval=poll, timeout=timeout,
                             on_result=lambda r: typer.echo(f"bucket {r.bucket}: {r.status} job={r.job_id} "
                                                            f"{r.seconds:.1f}s {r.detail}".rstrip()))
@@ -471,6 +475,29 @@ def tinybird_copy(
     typer.echo(f"{len(results) - len(failed)} of {len(results)} copies done")
     if failed:
         raise typer.Exit(1)
+def sync_countries(client: object) -> None:
+    from connectors.tinybird_api import TinybirdError
+    from stream.tinybird_countries import sync_country_codes
+
+    try:
+        n = sync_country_codes(client)  # type: ignore[arg-type]
+    except TinybirdError as exc:
+        raise fail(f"country codes: {exc}") from None
+    typer.echo(f"{n} new (country, location) pairs resolved into organization_country_codes")
+
+
+@tinybird_app.command("countries")
+def tinybird_countries(
+    url: Annotated[str, typer.Option("--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
+                                     help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).")],
+) -> None:
+    """Resolve the organizations' new (country, location) pairs into organization_country_codes."""
+    from connectors.tinybird_api import Secret, TinybirdClient
+
+    token = tinybird_token()
+    assert isinstance(token, Secret)
+    with TinybirdClient(url, token, timeout=30.0) as client:
+        sync_countries(client)
 # --- end tinybird --------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ Contract (TINYBIRD.md):
   the batch), ``TinybirdConfigError`` (400, 403, 404 and other 4xx: configuration, not data; stop),
   ``TinybirdPartialWrite`` (422: partly written, retrying may duplicate; stop loudly).
 - ``start_copy(pipe, mode)`` starts a copy job and returns its id; ``job(id)`` returns the job's JSON.
+- ``query(sql)`` runs a read-only query (``GET /v0/sql?q=... FORMAT JSON``) and returns its ``data`` rows.
 - The token is a ``Secret``: it is sent in the Authorization header only and never appears in a repr,
   a log line or an error message (response texts are redacted as well).
 """
@@ -170,6 +171,13 @@ class TinybirdClient:
         if not job_id:
             raise TinybirdError(f"{what}: no job id in the answer {self._token.redact(resp.text[:500])}")
         return str(job_id)
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        what = "query /v0/sql"
+        resp = self._request("GET", "/v0/sql", what, params={"q": f"{sql} FORMAT JSON"})
+        self._raise_for(resp, what)
+        rows: list[dict[str, Any]] = orjson.loads(resp.content).get("data", [])
+        return rows
 
     def job(self, job_id: str) -> dict[str, Any]:
         what = f"poll job {job_id}"

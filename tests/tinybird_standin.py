@@ -8,8 +8,9 @@ not JSON objects are quarantined, not rejected); 403 for a wrong token; 413 over
 
 Failures are scripted per data source: ``standin.script("ds", Reply(429, {"Retry-After": "1"}), ...)``
 queues answers that are used, in order, for the next requests to that data source (``"*"`` for any).
-``Reply(200, delay=2)`` answers slowly; ``Reply(200, quarantine=3)`` writes but reports 3 rows
-quarantined; ``Reply(422)`` writes half the rows, then fails. Everything received is recorded.
+``GET /v0/sql`` answers with ``standin.sql(q)``. ``Reply(200, delay=2)`` answers slowly;
+``Reply(200, quarantine=3)`` writes but reports 3 rows quarantined; ``Reply(422)`` writes half the rows,
+then fails. Everything received is recorded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -69,6 +71,8 @@ class Standin:
         self.max_open = 0                  # jobs started by clients and not yet seen finished by them
         self._seen_final: set[str] = set()
         self.failing_pipes: set[str] = set()
+        self.queries: list[str] = []
+        self.sql: Callable[[str], list[dict[str, Any]]] = lambda q: []   # answers GET /v0/sql
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -129,6 +133,10 @@ class Standin:
         parts = url.path.strip("/").split("/")
         if method == "POST" and len(parts) == 4 and parts[:2] == ["v0", "pipes"] and parts[3] == "copy":
             return self.start_copy(h, parts[2], query.get("_mode", "append"))
+        if method == "GET" and url.path == "/v0/sql":
+            with self._lock:
+                self.queries.append(query.get("q", ""))
+            return self.answer(h, 200, {"meta": [], "data": self.sql(query.get("q", ""))})
         if method == "GET" and len(parts) == 3 and parts[:2] == ["v0", "jobs"]:
             return self.job(h, parts[2])
         return self.answer(h, 404, {"error": f"not found: {url.path}"})

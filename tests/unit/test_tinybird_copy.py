@@ -43,19 +43,40 @@ def test_cli_all_buckets_reports_failures_and_never_prints_the_token(standin: St
     assert result.exit_code == 1, result.output
     assert "bucket 3: error" in result.output and "5 of 6 copies done" in result.output
     assert TOKEN not in result.output
-    help_text = CliRunner().invoke(app, ["tinybird", "copy", "--help"]).output
+    help_text = CliRunner().invoke(app, ["tinybird", "copy", "--help"], env={"COLUMNS": "250"}).output
     assert TOKEN not in help_text and "BUCKETER_TINYBIRD_TOKEN" in help_text
 
 
 def test_cli_wrong_token_and_bad_arguments(standin: Standin, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BUCKETER_TINYBIRD_TOKEN", "p.wrong-token-xyz")
     result = CliRunner().invoke(app, ["tinybird", "copy", "--tinybird-url", standin.url, "--bucket", "1",
-                                      "--bucket", "2", "--poll", "0.02"])
+                                      "--bucket", "2", "--poll", "0.02", "--skip-countries"])
     assert result.exit_code == 1
     assert result.output.count("failed") == 2 and "403" in result.output
+    result = CliRunner().invoke(app, ["tinybird", "countries", "--tinybird-url", standin.url])
+    assert result.exit_code == 1 and "403" in result.output and "p.wrong-token-xyz" not in result.output
     assert "p.wrong-token-xyz" not in result.output and standin.jobs == {}
     assert CliRunner().invoke(app, ["tinybird", "copy", "--tinybird-url", standin.url]).exit_code == 2
     assert CliRunner().invoke(app, ["tinybird", "copy", "--tinybird-url", standin.url, "--bucket", "10"]).exit_code == 2
     monkeypatch.delenv("BUCKETER_TINYBIRD_TOKEN")
     result = CliRunner().invoke(app, ["tinybird", "copy", "--tinybird-url", standin.url, "--all"])
     assert result.exit_code == 2 and "BUCKETER_TINYBIRD_TOKEN" in result.output
+
+
+def test_countries_are_resolved_into_their_data_source_before_copies(standin: Standin,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    pairs = [("", "UK"), ("", "Bucharest, Romania"), ("", "Lagos, Nigeria"), ("", "Newark, New Jersey"),
+             ("", ""), ("Germany", "Berlin")]
+    standin.sql = lambda q: [{"country": c, "location": loc} for c, loc in pairs] if "organizations" in q else []
+    monkeypatch.setenv("BUCKETER_TINYBIRD_TOKEN", TOKEN)
+    result = CliRunner().invoke(app, ["tinybird", "copy", "--tinybird-url", standin.url, "--bucket", "0",
+                                      "--poll", "0.02"])
+    assert result.exit_code == 0, result.output
+    assert "6 new (country, location) pairs" in result.output
+    rows = map(json.loads, standin.rows["organization_country_codes"])
+    got = {(r["country"], r["location"]): r["code"] for r in rows}
+    assert got == {("", "UK"): "GB", ("", "Bucharest, Romania"): "RO", ("", "Lagos, Nigeria"): "NG",
+                   ("", "Newark, New Jersey"): "US", ("", ""): "XX", ("Germany", "Berlin"): "DE"}
+    assert "FINAL" in standin.queries[0] and len(standin.jobs) == 1
