@@ -424,7 +424,8 @@ class Report:
         for r in self.ratios:
             target = "–" if r["target"] is None else f"{'≥' if r['higher_is_better'] else '≤'} {r['target']:g}"
             met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
-            rows.append(f"| {r['name']} | {r['value']:.2f}× | {target} | {met} |")
+            value = f"{r['value']:.2f}×" if r["value"] == r["value"] else "–"
+            rows.append(f"| {r['name']} | {value} | {target} | {met} |")
         return "\n".join(rows)
 
     def save(self, body: str) -> None:

@@ -12,7 +12,8 @@ Method (the same for every contender, so ratios compare like with like):
    first append millisecond divided by (last append − first append), scaled to input messages
    (retirements add outputs). Start-up, group join and the first batch are therefore excluded, for
    every contender alike; the wall time including start-up is reported too.
-4. CPU seconds (user+system of the worker tree) between the first output and the end, and peak RSS.
+4. CPU seconds (user+system of the worker tree) from the first poll that sees output to the end, over
+   the messages output in that stretch (end offsets), and peak RSS.
    On a shared machine, messages per CPU-second is steadier than messages per second.
 """
 
@@ -44,12 +45,14 @@ class RunResult:
     outputs: int
     msgs_per_s: float  # input messages per second, first output append -> last output append
     wall_s: float  # worker start -> outputs complete (start-up included)
-    cpu_s: float  # worker CPU seconds from first output to completion
+    cpu_s: float  # worker CPU seconds from the first poll that saw output to completion
+    cpu_msgs: float  # input messages routed in that stretch (from end offsets)
     peak_rss_mb: float
+    coarse: bool = False  # too few messages for a rate between appends (smoke runs)
 
     @property
     def msgs_per_cpu_s(self) -> float:
-        return self.inputs / self.cpu_s if self.cpu_s > 0 else float("nan")
+        return self.cpu_msgs / self.cpu_s if self.cpu_s > 0 and self.cpu_msgs > 0 else float("nan")
 
 
 def admin(bootstrap: str) -> AdminClient:
@@ -189,7 +192,8 @@ def run_worker(
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    cpu_first = None
+    cpu_first: float | None = None
+    total_first = 0
     try:
         with PeakRss(proc.pid) as rss:
             last, last_change = -1, time.monotonic()
@@ -211,7 +215,7 @@ def run_worker(
                     time.sleep(0.2)
                     continue
                 if total > 0 and cpu_first is None:
-                    cpu_first = rss.cpu_seconds()
+                    cpu_first, total_first = rss.cpu_seconds(), total
                 if total != last:
                     last, last_change = total, now
                 elif total >= inputs and now - last_change >= settle:
@@ -232,10 +236,16 @@ def run_worker(
         raise RunError(f"only {count} committed output records for {inputs} inputs")
     first, end = stamps[0], stamps[-1]
     after_first = sum(1 for s in stamps if s > first)
-    if end <= first or after_first == 0:
-        raise RunError("all output appended within one millisecond: too few messages to measure a rate")
-    rate = after_first / ((end - first) / 1000.0) * (inputs / count)
-    return RunResult(inputs, count, rate, wall, cpu, peak)
+    # A run too small to span several appends (one batch) gives no rate between appends: fall back to
+    # everything over the span plus one millisecond, flagged as coarse.
+    coarse = after_first < count // 10
+    if coarse:
+        rate = inputs / ((end - first + 1) / 1000.0)
+    else:
+        rate = after_first / ((end - first) / 1000.0) * (inputs / count)
+    # CPU per message over the same stretch: outputs seen between the first poll with output and the end.
+    cpu_msgs = max(last - total_first, 0) * inputs / count
+    return RunResult(inputs, count, rate, wall, cpu, cpu_msgs, peak, coarse)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
