@@ -44,6 +44,7 @@ REVIEW_STATES = ("APPROVED", "CHANGES_REQUESTED", "COMMENTED", "")
 BAD_KINDS = ("not_json", "invalid_utf8", "missing_segment_id", "null_segment_id", "tombstone",
              "bad_timestamp", "not_an_object", "missing_record", "unknown_action", "truncated")
 
+MAX_TRACKED = 20_000  # live rows kept as candidates for updates, moves and deletes
 # Shares of the activityRelations stream (the rest are inserts). Applied to the good messages.
 MIX = (("read", 0.10), ("update", 0.10), ("segment_move", 0.03), ("timestamp_change", 0.03),
        ("sort_key_change", 0.01), ("delete", 0.04), ("duplicate", 0.05))
@@ -237,6 +238,8 @@ class ActivityStream:
     def insert(self, action: str = "insert") -> Generated:
         moment = self.gen.now()
         row = self.new_row(moment)
+        if len(self.live) >= MAX_TRACKED:  # bounded memory: an old row stays live, it just changes no more
+            self.forget(self.live[self.rng.randrange(len(self.live))])
         self.index[row["activityId"]] = len(self.live)
         self.live.append(row)
         return self.good(action, row, None, moment)

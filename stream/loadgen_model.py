@@ -46,8 +46,10 @@ WORDS = ("acme", "widget", "zephyr", "kestrel", "nimbus", "orbit", "quartz", "lu
 
 
 def ts(moment: datetime) -> str:
-    """Sequin's timestamptz text: ISO-8601 UTC with microseconds and a Z."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Sequin's timestamptz text: ISO-8601 UTC with microseconds and a Z (formatted by hand: fast)."""
+    m = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+            f"{m.microsecond:06d}Z")
 
 
 def new_uuid(rng: random.Random) -> str:
