@@ -80,3 +80,12 @@ def test_countries_are_resolved_into_their_data_source_before_copies(standin: St
     assert got == {("", "UK"): "GB", ("", "Bucharest, Romania"): "RO", ("", "Lagos, Nigeria"): "NG",
                    ("", "Newark, New Jersey"): "US", ("", ""): "XX", ("Germany", "Berlin"): "DE"}
     assert "FINAL" in standin.queries[0] and len(standin.jobs) == 1
+
+
+@pytest.mark.parametrize("args", [["--help"], ["route", "--help"], ["tinybird", "--help"],
+                                  ["tinybird", "copy", "--help"], ["tinybird", "countries", "--help"],
+                                  ["tinybird", "generate", "--help"]])
+def test_help_never_shows_the_token(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args, env={"BUCKETER_TINYBIRD_TOKEN": TOKEN, "COLUMNS": "250"})
+    assert result.exit_code == 0 and "Usage" in result.output
+    assert TOKEN not in result.output
