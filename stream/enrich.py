@@ -8,15 +8,21 @@ One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
    the rebuild SQL only joins this small table: the resolver never runs per activity row, and the server
    never needs Python. (ReplacingMergeTree(resolverVersion) ORDER BY (country, location): a new resolver
    version recomputes every pair; concurrent refreshes insert identical rows, which is harmless.)
-2. Build aside: ``DROP`` any leftover ``<cleaned>__next``, create it with the cleaned layout, and
+2. Reference state, once per batch of buckets (``prepare_reference``): three small in-memory tables named
+   ``enrich_ref_<tag>_*`` — the real members (``Set``), the allowed repository channels (``Set`` of (url,
+   segmentId)) and the organizations' name and code (``Join``, read with ``joinGet``) — built from the
+   reference tables ``FINAL``, so each bucket's query only probes ready-made sets instead of re-reading
+   ``members FINAL`` and friends (a fixed cost that would otherwise be paid N times). Unique per batch, so
+   concurrent batches never share one; dropped at the end (leftovers of killed runs after 6 hours).
+3. Build aside: ``DROP`` any leftover ``<cleaned>__next``, create it with the cleaned layout, and
    ``INSERT INTO <cleaned>__next`` the ``cleaning_select`` of the raw bucket (below) with the run's snapshotId.
-3. Swap: ``EXCHANGE TABLES <cleaned> AND <cleaned>__next`` (atomic; Atomic/Replicated databases, which is
+4. Swap: ``EXCHANGE TABLES <cleaned> AND <cleaned>__next`` (atomic; Atomic/Replicated databases, which is
    what chdb and a default server give), else ``RENAME TABLE <cleaned> TO <cleaned>__old, <cleaned>__next TO
    <cleaned>`` (a database engine without EXCHANGE: not atomic for readers between the two renames). Then the
    previous snapshot is dropped (SYNC). A failure or a kill anywhere before the swap leaves the previous
    snapshot untouched and readable; the leftover ``__next`` is dropped by the next run.
 
-``cleaning_select(source)`` — the rules, one SELECT:
+``cleaning_select(source, ref)`` — the rules, one SELECT over the raw rows and the reference state:
 - rows: ``source FINAL`` minus retired rows (``_deleted = 0``);
 - member: exists in ``members FINAL`` with isBot = isTeamMember = isOrganization = 0;
 - git platforms (exactly git, gerrit, github, gitlab): ``(lower(channel), segmentId)`` is in the allowed
@@ -35,8 +41,9 @@ Concurrency: never two rebuilds of one bucket at once — an in-process lock per
 ``lock_dir`` is given, an flock on ``lock_dir/bucket-<n>.lock`` for other processes on the host (the CLI uses
 ``<data-dir>/locks``). A busy bucket raises ``BucketBusyError`` (the scheduler skips it until its next slot).
 Workers on several hosts against one server must share the lock dir or own disjoint buckets.
-``rebuild_many(buckets, parallel=K)`` refreshes the codes once and rebuilds up to K buckets at a time, each on
-its own warehouse connection from ``connect()``.
+``rebuild_many(buckets, parallel=K)`` refreshes the codes and prepares the reference state once, and rebuilds
+up to K buckets at a time, each on its own warehouse connection from ``connect()``; ``rebuild(n)`` alone does
+the same for one bucket.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -53,7 +61,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from connectors.countries import RESOLVER_VERSION, organization_country_code
+from connectors.countries import RESOLVER_VERSION, UNKNOWN, organization_country_code
 from connectors.warehouse import Warehouse, WarehouseError, one_line
 from stream.buckets import cleaned_table, raw_table
 from stream.schedule import Clock, SystemClock
@@ -66,6 +74,7 @@ GIT_PLATFORMS = ("git", "gerrit", "github", "gitlab")
 ASIDE_SUFFIX = "__next"
 OLD_SUFFIX = "__old"
 EXCHANGE_ENGINES = {"Atomic", "Replicated", "Shared"}
+REF_PREFIX = "enrich_ref_"
 
 
 class EnrichError(RuntimeError):
@@ -122,28 +131,83 @@ def allowed_channels_sql() -> str:
             f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = 'gerrit')")
 
 
-def cleaning_select(source: str) -> str:
-    """The SELECT producing the cleaned rows of raw table ``source``; takes the parameter ``snapshot``
-    (a 'YYYY-MM-DD HH:MM:SS' UTC string)."""
-    cols = ", ".join(f"a.`{c}` AS `{c}`" for c in ACTIVITY_NAMES)
+@dataclass(frozen=True)
+class ReferenceState:
+    """The per-batch tables of ``prepare_reference`` (names in the warehouse's database)."""
+
+    tag: str
+
+    @property
+    def members(self) -> str:
+        return f"{REF_PREFIX}{self.tag}_members"
+
+    @property
+    def channels(self) -> str:
+        return f"{REF_PREFIX}{self.tag}_channels"
+
+    @property
+    def organizations(self) -> str:
+        return f"{REF_PREFIX}{self.tag}_organizations"
+
+    def tables(self) -> tuple[str, str, str]:
+        return self.members, self.channels, self.organizations
+
+
+def prepare_reference(wh: Warehouse) -> ReferenceState:
+    """Build this batch's member set, channel set and organization lookup (country codes must be refreshed)."""
+    wh.command(country_table_ddl())
+    stale = wh.rows("SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
+                    "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR", {"p": REF_PREFIX})
+    for (name,) in stale:
+        wh.command(f"DROP TABLE IF EXISTS `{name}`")
+    ref = ReferenceState(uuid.uuid4().hex[:12])
+    try:
+        wh.command(f"CREATE TABLE {ref.members} (id String) ENGINE = Set SETTINGS persistent = 0")
+        wh.command(f"INSERT INTO {ref.members} SELECT id FROM members FINAL "
+                   f"WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0")
+        wh.command(f"CREATE TABLE {ref.channels} (url String, segmentId String) ENGINE = Set "
+                   f"SETTINGS persistent = 0")
+        wh.command(f"INSERT INTO {ref.channels} {allowed_channels_sql()}")
+        wh.command(f"CREATE TABLE {ref.organizations} (id String, name String, code String) "
+                   f"ENGINE = Join(ANY, LEFT, id) SETTINGS persistent = 0")
+        wh.command(f"""INSERT INTO {ref.organizations}
+            SELECT org.id, org.displayName, if(c.code = '', '{UNKNOWN}', c.code)
+            FROM (SELECT id, displayName, country, location FROM organizations FINAL) AS org
+            LEFT JOIN (SELECT country, location, code FROM {COUNTRY_TABLE} FINAL) AS c
+                ON c.country = org.country AND c.location = org.location
+            SETTINGS join_use_nulls = 0""")
+    except BaseException:
+        drop_reference(wh, ref)
+        raise
+    return ref
+
+
+def drop_reference(wh: Warehouse, ref: ReferenceState) -> None:
+    """Drop a batch's reference tables; best effort (a leftover is dropped by a later batch after 6 hours)."""
+    for name in ref.tables():
+        try:
+            wh.command(f"DROP TABLE IF EXISTS {name}")
+        except WarehouseError as exc:
+            log.warning("enrich: could not drop %s: %s", name, exc)
+
+
+def cleaning_select(source: str, ref: ReferenceState) -> str:
+    """The SELECT producing the cleaned rows of raw table ``source`` with the batch's reference state ``ref``;
+    takes the parameter ``snapshot`` (a 'YYYY-MM-DD HH:MM:SS' UTC string)."""
+    cols = ", ".join(f"`{c}`" for c in ACTIVITY_NAMES)
     platforms = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+    org = ref.organizations
     return f"""SELECT {cols},
-    toUInt64(a.gitInsertions) + toUInt64(a.gitDeletions) AS gitChangedLines,
+    toUInt64(gitInsertions) + toUInt64(gitDeletions) AS gitChangedLines,
     multiIf(gitChangedLines = 0, '', gitChangedLines < 10, '1-9', gitChangedLines < 60, '10-59',
             gitChangedLines < 100, '60-99', gitChangedLines < 500, '100-499', '500+') AS gitChangedLinesBucket,
-    if(o.id = '' OR o.code = '', 'XX', o.code) AS organizationCountryCode,
-    o.displayName AS organizationName,
+    if((joinGet('{org}', 'code', organizationId) AS code) = '', '{UNKNOWN}', code) AS organizationCountryCode,
+    joinGet('{org}', 'name', organizationId) AS organizationName,
     toDateTime({{snapshot:String}}, 'UTC') AS snapshotId
-FROM (SELECT * FROM {source} FINAL WHERE _deleted = 0) AS a
-LEFT JOIN (
-    SELECT org.id AS id, org.displayName AS displayName, c.code AS code
-    FROM (SELECT id, displayName, country, location FROM organizations FINAL) AS org
-    LEFT JOIN (SELECT country, location, code FROM {COUNTRY_TABLE} FINAL) AS c
-        ON c.country = org.country AND c.location = org.location
-) AS o ON o.id = a.organizationId
-WHERE a.memberId IN (SELECT id FROM members FINAL WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0)
-  AND (a.platform NOT IN ({platforms}) OR (lower(a.channel), a.segmentId) IN ({allowed_channels_sql()}))
-SETTINGS join_use_nulls = 0"""
+FROM {source} FINAL
+WHERE _deleted = 0
+  AND memberId IN {ref.members}
+  AND (platform NOT IN ({platforms}) OR (lower(channel), segmentId) IN {ref.channels})"""
 
 
 def snapshot_of(now: datetime) -> datetime:
@@ -200,29 +264,33 @@ class Enricher:
         with self._connect() as wh:
             return refresh_country_codes(wh)
 
-    def rebuild(self, bucket: int, *, refresh: bool = True) -> RebuildResult:
-        """Rebuild cleaned bucket ``bucket`` now; raises BucketBusyError or EnrichError."""
+    def rebuild(self, bucket: int, *, ref: ReferenceState | None = None) -> RebuildResult:
+        """Rebuild cleaned bucket ``bucket`` now; raises BucketBusyError or EnrichError. Without ``ref`` (the
+        reference state of a batch) it refreshes the country codes and prepares its own."""
         if bucket < 0:
             raise EnrichError(f"invalid bucket {bucket}")
         started = time.monotonic()
         snapshot = snapshot_of(self._clock.now())
-        target = cleaned_table(bucket)
-        aside = target + ASIDE_SUFFIX
+        aside = cleaned_table(bucket) + ASIDE_SUFFIX
         with bucket_lock(bucket, self._lock_dir):
             try:
                 with self._connect() as wh:
-                    if refresh:
+                    own = None
+                    if ref is None:
                         refresh_country_codes(wh)
-                    else:
-                        wh.command(country_table_ddl())
-                    wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
-                    wh.command(cleaned_table_ddl(bucket, aside))
-                    wh.command(f"INSERT INTO {aside} {cleaning_select(raw_table(bucket))}",
-                               {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")})
-                    rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
-                    if self._before_swap is not None:
-                        self._before_swap(wh, bucket)
-                    self._swap(wh, bucket)
+                        ref = own = prepare_reference(wh)
+                    try:
+                        wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+                        wh.command(cleaned_table_ddl(bucket, aside))
+                        wh.command(f"INSERT INTO {aside} {cleaning_select(raw_table(bucket), ref)}",
+                                   {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")})
+                        rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
+                        if self._before_swap is not None:
+                            self._before_swap(wh, bucket)
+                        self._swap(wh, bucket)
+                    finally:
+                        if own is not None:
+                            drop_reference(wh, own)
             except WarehouseError as exc:
                 raise EnrichError(f"rebuild of bucket {bucket} failed (previous snapshot kept): {exc}") from exc
         seconds = time.monotonic() - started
@@ -248,13 +316,20 @@ class Enricher:
         if parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {parallel}")
         try:
-            self.refresh_countries()
+            with self._connect() as wh:
+                refresh_country_codes(wh)
+                ref = prepare_reference(wh)
+                try:
+                    return self._rebuild_all(todo, parallel, ref)
+                finally:
+                    drop_reference(wh, ref)
         except WarehouseError as exc:
-            return [RebuildResult(b, "failed", error=f"country codes: {one_line(exc)}") for b in todo]
+            return [RebuildResult(b, "failed", error=f"reference state: {one_line(exc)}") for b in todo]
 
+    def _rebuild_all(self, todo: list[int], parallel: int, ref: ReferenceState) -> list[RebuildResult]:
         def one(b: int) -> RebuildResult:
             try:
-                return self.rebuild(b, refresh=False)
+                return self.rebuild(b, ref=ref)
             except BucketBusyError as exc:
                 log.warning("enrich: %s", exc)
                 return RebuildResult(b, "busy", error=str(exc))
