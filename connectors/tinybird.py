@@ -76,12 +76,13 @@ class TinybirdSinkError(KafkaFatalError):
 class Checkpoint:
     """The lines of one router batch and, once sealed, the source offsets that batch completes."""
 
-    __slots__ = ("pending", "bytes", "offsets")
+    __slots__ = ("pending", "bytes", "offsets", "discarded")
 
     def __init__(self) -> None:
-        self.pending = 0
-        self.bytes = 0
+        self.pending = 0            # lines not yet acknowledged
+        self.bytes = 0              # their bytes
         self.offsets: list[TopicPartition] | None = None
+        self.discarded = False
 
 
 class AckTracker:
@@ -108,7 +109,9 @@ class AckTracker:
         with self.cond:
             for ckpt, n in zip(owners, sizes, strict=True):
                 ckpt.pending -= 1
-                self.pending_bytes -= n
+                if not ckpt.discarded:
+                    ckpt.bytes -= n
+                    self.pending_bytes -= n
             self.cond.notify_all()
 
     def seal(self, ckpt: Checkpoint, offsets: list[TopicPartition]) -> None:
@@ -122,7 +125,8 @@ class AckTracker:
             if ckpt.offsets is None and ckpt in self._queue:
                 self._queue.remove(ckpt)
                 self.pending_bytes -= ckpt.bytes
-                ckpt.bytes = 0  # its lines may still be sent (harmless duplicates); acks then go nowhere
+                ckpt.bytes = 0
+                ckpt.discarded = True  # its lines may still be sent (harmless duplicates); acks then go nowhere
                 self.cond.notify_all()
 
     def take_committable(self) -> list[TopicPartition]:

@@ -93,8 +93,12 @@ def test_ack_tracker_commits_only_an_acknowledged_prefix() -> None:
     assert got == {("s", 0): 9, ("s", 1): 3} and t.pending_bytes == 0
     c = t.open()
     t.added(c, 4)
+    t.added(c, 6)
+    t.acked([c], [4])                         # one line of it already sent and acknowledged
     t.discard(c)                              # an aborted batch never commits
     assert t.take_committable() == [] and t.pending_bytes == 0
+    t.acked([c], [6])                         # its other line acknowledged after the abort
+    assert t.pending_bytes == 0
 
 
 def test_retry_after_is_honoured_per_data_source(standin: Standin) -> None:
