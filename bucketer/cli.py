@@ -502,8 +502,13 @@ def tinybird_countries(
 
 
 def main() -> None:
+    import bucketer.cli_ops  # noqa: F401  - registers bootstrap and rebucket on the app
+
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's app: commands registered from other modules (cli_ops) attach to that one.
+    from bucketer.cli import main as _main
+
+    _main()

@@ -1,0 +1,3 @@
+from bucketer.cli import main
+
+main()

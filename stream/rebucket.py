@@ -1,0 +1,134 @@
+"""``bucketer rebucket --to M``: move the warehouse from N to M buckets (strategy ``cutover``).
+
+The raw rows are redistributed inside ClickHouse, never through Python:
+
+1. refuse while the loader still has unloaded bucket messages (its group lag on the N bucket topics), since
+   those were routed under N and would land in the wrong table afterwards (``--force`` skips the check);
+2. build every new raw bucket aside (``<raw table>__rebucket``) with
+   ``INSERT … SELECT * FROM <all N raw tables> WHERE cityHash64(segmentId) % M = m`` — every version and every
+   delete marker moves, so ``FINAL`` gives the same live rows as before;
+3. verify: the live rows (``FINAL``) of the new layout and a hash of their identities and versions equal the
+   old ones, and no row is in a bucket other than its hash says; on a mismatch nothing is swapped and the aside
+   tables are dropped;
+4. swap: each bucket below min(N, M) is exchanged with its rebuilt table (``EXCHANGE TABLES`` where the
+   database engine has it, else a rename pair), new buckets are renamed into place, buckets ≥ M dropped;
+5. ``ensure_schema(M)`` redefines the union, routing and project views and records M; every cleaned bucket is
+   rebuilt for the new layout (cleaned tables of buckets ≥ M are dropped).
+
+Then the router and the loader restart with ``--buckets M`` (the router creates the new bucket topics; its
+consumer offsets on the source topic carry on). The warehouse must not be written to during steps 2–4: with
+the embedded engine the data-dir lock guarantees it (``bucketer run`` must be stopped); with a server, stop
+the loaders first. ``gradual`` (serve N while M is built from the source topic) is not implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, TopicPartition
+
+from connectors.kafka import consumer_config
+from connectors.topics import TopicNames
+from connectors.warehouse import Warehouse
+from stream.buckets import cleaned_table, raw_table
+from stream.enrich import EXCHANGE_ENGINES, Enricher, RebuildResult
+from stream.schema import bucket_count, ensure_schema, raw_table_ddl
+
+log = logging.getLogger("bucketer.rebucket")
+ASIDE = "__rebucket"
+
+
+class RebucketError(RuntimeError):
+    """The move was refused or failed; the warehouse is left on its previous bucket count."""
+
+
+@dataclass
+class RebucketReport:
+    old: int
+    new: int
+    rows: int
+    per_bucket: list[int]
+    rebuilds: list[RebuildResult]
+
+
+def loader_lag(bootstrap: str, group: str, topics: TopicNames, buckets: int, timeout: float = 10.0) -> int:
+    """Messages on the N bucket topics not yet committed by the loader group (a topic never read counts whole)."""
+    consumer = Consumer(consumer_config(bootstrap, group))
+    try:
+        parts = []
+        md = consumer.list_topics(timeout=timeout).topics
+        for t in topics.buckets(buckets):
+            if t in md:
+                parts += [TopicPartition(t, p) for p in md[t].partitions]
+        lag = 0
+        for tp in consumer.committed(parts, timeout=timeout):
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            lag += max(0, high - max(tp.offset, low))
+        return lag
+    finally:
+        consumer.close()
+
+
+def _swap(wh: Warehouse, a: str, b: str) -> None:
+    engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
+    if engine and engine[0][0] in EXCHANGE_ENGINES:
+        wh.command(f"EXCHANGE TABLES {a} AND {b}")
+    else:
+        wh.command(f"RENAME TABLE {a} TO {a}__swap, {b} TO {a}, {a}__swap TO {b}")
+
+
+def _fingerprint(wh: Warehouse, tables: list[str]) -> tuple[tuple[int, int], list[int]]:
+    """(live rows, order-free hash of every live row's identity and version) over ``tables``, and live rows per
+    table. Compared under FINAL: ReplacingMergeTree may collapse superseded versions on insert or merge, so raw
+    row counts legitimately differ between two layouts holding the same data."""
+    per_table, rows, digest = [], 0, 0
+    for t in tables:
+        n, h = wh.rows(f"SELECT count(), sum(cityHash64(activityId, segmentId, timestamp, type, platform, channel, "
+                       f"sourceId, _version)) FROM {t} FINAL")[0]
+        per_table.append(int(n))
+        rows, digest = rows + int(n), (digest + int(h or 0)) % 2**64
+    return (rows, digest), per_table
+
+
+def rebucket(wh: Warehouse, to: int, enricher: Enricher, *, parallel: int = 1) -> RebucketReport:
+    old = bucket_count(wh)
+    if old is None:
+        raise RebucketError("no bucketer schema in this warehouse; nothing to move")
+    if to < 1:
+        raise RebucketError(f"the number of buckets must be at least 1, got {to}")
+    if to == old:
+        raise RebucketError(f"the warehouse already has {old} buckets")
+    sources = " UNION ALL ".join(f"SELECT * FROM {raw_table(n)}" for n in range(old))
+    before = _fingerprint(wh, [raw_table(n) for n in range(old)])
+    asides = [raw_table(m) + ASIDE for m in range(to)]
+    try:
+        for m, aside in enumerate(asides):
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+            wh.command(raw_table_ddl(m).replace(raw_table(m), aside, 1))
+            wh.command(f"INSERT INTO {aside} SELECT * FROM ({sources}) WHERE cityHash64(segmentId) % {to} = {m}")
+        after = _fingerprint(wh, asides)
+        misplaced = sum(int(wh.rows(f"SELECT countIf(cityHash64(segmentId) % {to} != {m}) FROM {a}")[0][0])
+                        for m, a in enumerate(asides))
+        if after[0] != before[0] or misplaced:
+            raise RebucketError(f"verification failed: {after[0][0]} live rows in the new layout, {before[0][0]} in "
+                                f"the old, {misplaced} misplaced; nothing was swapped")
+    except BaseException:
+        for aside in asides:
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+        raise
+    total, per_bucket = before[0][0], after[1]
+    for m, aside in enumerate(asides):
+        if m < old:
+            _swap(wh, raw_table(m), aside)
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+        else:
+            wh.command(f"DROP TABLE IF EXISTS {raw_table(m)} SYNC")
+            wh.command(f"RENAME TABLE {aside} TO {raw_table(m)}")
+    ensure_schema(wh, to)  # views over M buckets first: they must not name tables about to be dropped
+    for n in range(to, old):
+        wh.command(f"DROP TABLE IF EXISTS {raw_table(n)} SYNC")
+        wh.command(f"DROP TABLE IF EXISTS {cleaned_table(n)} SYNC")
+    log.info("rebucket: %d -> %d buckets, %d live rows moved", old, to, total)
+    rebuilds = enricher.rebuild_many(range(to), parallel=parallel)
+    return RebucketReport(old, to, total, per_bucket, rebuilds)
