@@ -13,7 +13,8 @@ merged (OPTIMIZE FINAL) so both sides start from the same state. Timed (median o
 
 with rows/s (raw rows in / second) and the peak RSS of this process (chdb runs in it), sampled every 20 ms.
 At the largest size: a single-project query (count, sum of changed lines, distinct members for one segment)
-through ``activityRelations_bucket_routing(bucketId=b)`` vs through the union view (median of 15).
+through ``activityRelations_bucket_routing(bucketId=b)`` vs through the union view, and straight from the
+bucket's table for reference (median of 15).
 Results are appended to bench/RESULTS.md.
 """
 
@@ -234,19 +235,20 @@ def main() -> None:
             select = ("SELECT count(), sum(gitChangedLines), uniqExact(memberId) FROM {src} "
                       "WHERE segmentId = {seg:String}")
             routed_src = f"{ROUTING_VIEW}(bucketId = {bucket})"
-            answers = {src: wh.rows(select.replace("{src}", src), {"seg": seg}) for src in (routed_src, UNION_VIEW)}
-            assert answers[routed_src] == answers[UNION_VIEW], answers
-            qt: dict[str, list[float]] = {"routing": [], "union": []}
+            sources = {"routing": routed_src, "union": UNION_VIEW, "direct": cleaned_table(bucket)}
+            answers = {k: wh.rows(select.replace("{src}", src), {"seg": seg}) for k, src in sources.items()}
+            assert answers["routing"] == answers["union"] == answers["direct"], answers
+            qt: dict[str, list[float]] = {k: [] for k in sources}
             for _ in range(args.queries):
-                for key, src in (("routing", routed_src), ("union", UNION_VIEW)):
+                for key, src in sources.items():
                     t = time.perf_counter()
                     wh.rows(select.replace("{src}", src), {"seg": seg})
                     qt[key].append(time.perf_counter() - t)
             qm = {k: statistics.median(v) for k, v in qt.items()}
-            rows_in_project = answers[UNION_VIEW][0][0]
+            rows_in_project = answers["union"][0][0]
             query_lines.append(f"| {args.sizes[-1]:,} | {slug} (bucket {bucket}, {rows_in_project:,} rows) | "
                                f"{qm['routing'] * 1000:.1f} | {qm['union'] * 1000:.1f} | "
-                               f"{qm['routing'] / qm['union']:.2f}x |")
+                               f"{qm['direct'] * 1000:.1f} | {qm['routing'] / qm['union']:.2f}x |")
             print(query_lines[-1], flush=True)
     finally:
         if args.data_dir is None:
@@ -266,8 +268,8 @@ def main() -> None:
         *lines,
         "\nSingle-project query (count, sum(gitChangedLines), uniqExact(memberId) WHERE segmentId = the project's), "
         f"median of {args.queries}; target routing <= 0.2x union\n",
-        "| activities | project | routing ms | union ms | routing / union |",
-        "|---:|---|---:|---:|---:|",
+        "| activities | project | routing ms | union ms | bucket table directly ms | routing / union |",
+        "|---:|---|---:|---:|---:|---:|",
         *query_lines,
     ]
     with args.results.open("a") as fh:
