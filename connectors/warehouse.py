@@ -38,6 +38,8 @@ from typing import Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 LOCK_NAME = "bucketer.lock"
+# Batches handed to chdb as files go to memory (tmpfs) when there is one: cheaper than a disk-backed file.
+_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 ENGINE_DIR = "chdb"
 
 
@@ -215,7 +217,7 @@ class EmbeddedWarehouse(_ClientWarehouse):
     def insert_json(self, table: str, select: str, data: bytes | Sequence[bytes]) -> None:
         if not data:
             return
-        fd, name = tempfile.mkstemp(prefix="bucketer-", suffix=".json", dir=self.data_dir)
+        fd, name = tempfile.mkstemp(prefix="bucketer-", suffix=".json", dir=_SCRATCH or self.data_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
                 if isinstance(data, bytes):
