@@ -1,94 +1,39 @@
-"""Loader throughput against the engine's own ingest of the same message bytes (not a test).
+"""Loader vs the engine's own ingest of the same message bytes.
 
-    .venv/bin/python bench/bench_loader.py --bootstrap 127.0.0.1:39092 --messages 100000 --runs 3
+    .venv/bin/python -m bench.bench_loader [--quick] [--count N] [--repeats R] [--max-rows M]
 
-1. Generates ``--messages`` Sequin activityRelations change messages (deterministic, realistic size) and
-   produces them to a fresh bucket topic.
-2. Loader: a fresh consumer group and empty raw table each run; time from the first message consumed to the
-   last flush committed (group join excluded, reported apart as wall time).
-3. Engine: the same bytes in a local file, inserted by chdb itself with the same SQL
-   (``INSERT INTO raw SELECT … FROM file(…, JSONAsString)``): no Kafka, no Python per message.
-4. Appends medians and the ratio loader/engine to bench/RESULTS.md.
+Input: loadgen's Sequin ``activityRelations`` messages (~1.3 KB), the valid ones only (the engine baseline has
+no dead-letter path; bad input is the loader's DLQ business and is covered by the integration tests).
+
+- ``loader``: ``stream.loader.Loader`` reading one bucket topic (read_committed, fresh consumer group each
+  repeat) into an empty raw bucket table of the embedded warehouse; time from the first message taken to
+  the last batch committed (group join excluded; reported apart as wall time).
+- ``engine``: the same bytes in a local file, inserted by chdb itself with the same SQL
+  (``INSERT INTO raw … SELECT … FROM file(…, 'JSONAsString')``): no Kafka and no Python per message.
+
+Both run in this process on one chdb engine, alternating within each repeat so background load hits both
+alike. Also reported: CPU seconds of the process (all threads) over the same windows, which move less
+than wall time on a busy machine. Target: loader >= 0.7x engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import random
 import shutil
-import statistics
-import sys
-import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import orjson
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from connectors.topics import TopicNames  # noqa: E402
-from connectors.warehouse import EmbeddedWarehouse  # noqa: E402
-from stream.buckets import raw_table  # noqa: E402
-from stream.ingest import insert_sql  # noqa: E402
-from stream.loader import Loader, LoaderConfig  # noqa: E402
-from stream.schema import ensure_schema  # noqa: E402
-
-
-def messages(count: int, seed: int = 7) -> list[bytes]:
-    rng = random.Random(seed)
-    segments = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(50)]
-    base = datetime(2025, 1, 1, tzinfo=UTC)
-    out = []
-    for i in range(count):
-        ts = base + timedelta(seconds=rng.randrange(10**8), microseconds=rng.randrange(10**6))
-        upd = ts + timedelta(seconds=rng.randrange(1000))
-        platform_ = rng.choice(["github", "git", "gitlab", "discord", "slack", "gerrit"])
-        rec = {
-            "activityId": str(uuid.UUID(int=rng.getrandbits(128))), "conversationId": None,
-            "createdAt": ts.isoformat().replace("+00:00", "Z"), "updatedAt": upd.isoformat().replace("+00:00", "Z"),
-            "memberId": str(uuid.UUID(int=rng.getrandbits(128))), "objectMemberId": None,
-            "objectMemberUsername": None, "organizationId": str(uuid.UUID(int=rng.getrandbits(128))),
-            "parentId": None, "platform": platform_, "segmentId": rng.choice(segments),
-            "username": f"user{rng.randrange(10**6)}", "sourceId": f"{rng.getrandbits(64):x}",
-            "type": rng.choice(["authored-commit", "pull_request-opened", "issue-comment", "message"]),
-            "timestamp": ts.isoformat().replace("+00:00", "Z"), "sourceParentId": None,
-            "channel": f"https://github.com/org{rng.randrange(100)}/repo{rng.randrange(1000)}",
-            "sentimentScore": None, "gitInsertions": rng.randrange(500), "gitDeletions": rng.randrange(200),
-            "score": rng.randrange(10), "isContribution": rng.random() < 0.8, "pullRequestReviewState": None,
-            "tenantId": str(uuid.UUID(int=rng.getrandbits(128))), "attributes": {"isMainBranch": True},
-        }
-        msg = {"action": "insert" if i % 10 else "update", "changes": None if i % 10 else {"score": 1},
-               "record": rec, "metadata": {"table_schema": "public", "table_name": "activityRelations",
-                                           "commit_timestamp": upd.isoformat().replace("+00:00", "Z"),
-                                           "commit_lsn": 1000 + i, "commit_idx": 0,
-                                           "idempotency_key": uuid.UUID(int=rng.getrandbits(128)).hex,
-                                           "record_pks": [rec["activityId"]],
-                                           "consumer": {"id": "c1", "name": "bench", "annotations": {}},
-                                           "database": {"id": "d1", "name": "crowd"}}}
-        out.append(orjson.dumps(msg))
-    return out
-
-
-def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
-        fut.result(30)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
-                  "queue.buffering.max.messages": 1_000_000, "batch.num.messages": 10_000})
-    for v in values:
-        while True:
-            try:
-                p.produce(topic, value=v)
-                break
-            except BufferError:
-                p.poll(0.05)
-    assert p.flush(120) == 0
+from bench.common import WORK_DIR, Report, broker, messages, spread, unique_prefix
+from connectors.topics import TopicNames
+from connectors.warehouse import EmbeddedWarehouse
+from stream.buckets import raw_table
+from stream.ingest import insert_sql, problem
+from stream.loader import Loader, LoaderConfig
+from stream.schema import ensure_schema
 
 
 class TimedLoader(Loader):
@@ -111,112 +56,121 @@ class TimedLoader(Loader):
             self.last, self.cpu_last = time.perf_counter(), time.process_time()
 
 
-def reset(wh: EmbeddedWarehouse) -> None:
+def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        fut.result(30)
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "queue.buffering.max.messages": 1_000_000,
+                  "batch.num.messages": 10_000})
+    for v in values:
+        while True:
+            try:
+                p.produce(topic, value=v)
+                break
+            except BufferError:
+                p.poll(0.05)
+    assert p.flush(120) == 0
+
+
+def live_rows(wh: EmbeddedWarehouse) -> int:
+    """Rows in FINAL: loadgen repeats keys (updates, duplicates), so both paths must agree on this."""
+    return int(wh.rows(f"SELECT count() FROM {raw_table(0)} FINAL")[0][0])
+
+
+def loader_once(wh: EmbeddedWarehouse, bootstrap: str, names: TopicNames, count: int,
+                max_rows: int) -> tuple[float, float, float, int]:
+    """(seconds first message → last commit, seconds from start, CPU seconds of that window, live rows)."""
     wh.command(f"TRUNCATE TABLE {raw_table(0)}")
-
-
-def loader_run(wh: EmbeddedWarehouse, bootstrap: str, names: TopicNames, count: int,
-               max_rows: int) -> tuple[float, float, float]:
     cfg = LoaderConfig(bootstrap=bootstrap, buckets=1, group=f"bench-{uuid.uuid4().hex[:8]}", topics=names,
-                       max_rows=max_rows, max_wait=1.0)
-    loader = TimedLoader(cfg, wh, clock=time.monotonic)
+                       max_rows=max_rows)
+    loader = TimedLoader(cfg, wh)
     start = time.perf_counter()
     loader.run(until_idle=3.0)
-    assert loader.stats.messages == count, loader.stats
+    assert loader.stats.messages == count and loader.stats.dead_lettered == 0, loader.stats
     assert loader.first is not None and loader.last is not None
-    rows = wh.rows(f"SELECT count() FROM {raw_table(0)}")[0][0]
-    assert rows == count, (rows, count)
-    return loader.last - loader.first, (loader.last - start), loader.cpu_last - loader.cpu_first
+    return loader.last - loader.first, loader.last - start, loader.cpu_last - loader.cpu_first, live_rows(wh)
 
 
-def engine_run(wh: EmbeddedWarehouse, path: Path, count: int) -> float:
+def engine_once(wh: EmbeddedWarehouse, path: str, live: int) -> tuple[float, float]:
+    wh.command(f"TRUNCATE TABLE {raw_table(0)}")
     columns, select = insert_sql("activityRelations")
-    sql = f"INSERT INTO {raw_table(0)} ({columns}) " + select.replace(
-        "{source}", f"file('{path}', 'JSONAsString', 'v String')")
-    start = time.perf_counter()
+    sql = (f"INSERT INTO {raw_table(0)} ({columns}) "
+           + select.replace("{source}", f"file('{path}', 'JSONAsString', 'v String')"))
+    start, cpu = time.perf_counter(), time.process_time()
     wh.command(sql)
-    took = time.perf_counter() - start
-    assert wh.rows(f"SELECT count() FROM {raw_table(0)}")[0][0] == count
-    return took
+    took, cpu_used = time.perf_counter() - start, time.process_time() - cpu
+    assert live_rows(wh) == live, "the loader and the engine disagree on the live rows"
+    return took, cpu_used
 
 
-def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({model}), "
-            f"Python {platform.python_version()}")
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bootstrap", default=os.environ.get("BUCKETER_BOOTSTRAP", "127.0.0.1:39092"))
-    ap.add_argument("--messages", type=int, default=100_000)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 10,000 messages, one repeat")
+    ap.add_argument("--count", type=int, default=100_000, help="messages generated (the valid ones are used)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-rows", type=int, default=LoaderConfig.max_rows, help="loader batch size")
     ap.add_argument("--partitions", type=int, default=1)
-    ap.add_argument("--max-rows", type=int, default=100_000)
-    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.count, args.repeats = 10_000, 1
 
-    values = messages(args.messages)
+    report = Report("loader", "Loader (bucket topic -> raw bucket table) vs chdb's own ingest of the same bytes")
+    values = [v for _, v in messages(args.count) if v and problem(v, "activityRelations") is None]
     size = sum(len(v) for v in values)
-    names = TopicNames(prefix=f"bench-{uuid.uuid4().hex[:8]}.")
-    print(f"producing {len(values):,} messages ({size / 1e6:.1f} MB) to {names.bucket(0)} …", flush=True)
-    produce(args.bootstrap, names.bucket(0), values, args.partitions)
-
-    work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    names = TopicNames(prefix=unique_prefix("loader"))
+    work = WORK_DIR / f"loader-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
     data = work / "messages.json"
     data.write_bytes(b"\n".join(values))
-    loader_s, wall_s, engine_s, loader_cpu, engine_cpu = [], [], [], [], []
+    samples: dict[str, list[float]] = {"loader": [], "engine": [], "loader_cpu": [], "engine_cpu": [], "wall": []}
+    loads = []
     try:
-        with EmbeddedWarehouse(work / "wh") as wh:
-            ensure_schema(wh, 1)
-            for run in range(args.runs):
-                reset(wh)
-                took, wall, cpu_used = loader_run(wh, args.bootstrap, names, len(values), args.max_rows)
-                loader_cpu.append(cpu_used)
-                loader_s.append(took)
-                wall_s.append(wall)
-                reset(wh)
-                cpu = time.process_time()
-                engine_s.append(engine_run(wh, data, len(values)))
-                engine_cpu.append(time.process_time() - cpu)
-                print(f"run {run + 1}: loader {len(values) / took:,.0f} ev/s ({took:.2f}s, wall {wall:.2f}s, "
-                      f"cpu {loader_cpu[-1]:.2f}s), engine {len(values) / engine_s[-1]:,.0f} ev/s "
-                      f"({engine_s[-1]:.2f}s, cpu {engine_cpu[-1]:.2f}s)", flush=True)
+        with broker() as bootstrap:
+            produce(bootstrap, names.bucket(0), values, args.partitions)
+            with EmbeddedWarehouse(work / "wh") as wh:
+                ensure_schema(wh, 1)
+                for rep in range(args.repeats):
+                    loads.append(os.getloadavg()[0])
+                    took, wall, cpu, live = loader_once(wh, bootstrap, names, len(values), args.max_rows)
+                    samples["loader"].append(len(values) / took)
+                    samples["wall"].append(wall)
+                    samples["loader_cpu"].append(len(values) / cpu)
+                    took_e, cpu_e = engine_once(wh, str(data), live)
+                    samples["engine"].append(len(values) / took_e)
+                    samples["engine_cpu"].append(len(values) / cpu_e)
+                    print(f"repeat {rep + 1}: loader {samples['loader'][-1]:,.0f} msg/s ({took:.2f}s, cpu {cpu:.2f}s), "
+                          f"engine {samples['engine'][-1]:,.0f} msg/s ({took_e:.2f}s, cpu {cpu_e:.2f}s)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    loader_eps = len(values) / statistics.median(loader_s)
-    engine_eps = len(values) / statistics.median(engine_s)
-    ratio = loader_eps / engine_eps
-    cmd = "python bench/bench_loader.py " + " ".join(sys.argv[1:])
-    section = (
-        f"\n## Loader vs engine ingest — {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}\n\n"
-        f"- machine: {machine()} (shared with other work while measured)\n"
-        f"- command: `{cmd}`\n"
-        f"- input: {len(values):,} Sequin activityRelations messages, {size / 1e6:.1f} MB, "
-        f"{args.partitions} partition(s), {args.runs} runs\n"
-        f"- loader (Kafka read_committed → chdb, first message to last commit): median "
-        f"{statistics.median(loader_s):.2f}s = **{loader_eps:,.0f} events/s** "
-        f"(wall from start incl. the consumer group join: median {statistics.median(wall_s):.2f}s)\n"
-        f"- engine (chdb `INSERT … SELECT … FROM file(JSONAsString)` of the same bytes, same SQL): median "
-        f"{statistics.median(engine_s):.2f}s = **{engine_eps:,.0f} events/s**\n"
-        f"- ratio loader/engine: **{ratio:.2f}** (target ≥ 0.7)\n"
-        f"- CPU seconds (all threads of the process, less sensitive to a busy machine): loader median "
-        f"{statistics.median(loader_cpu):.2f}s (first message to last commit), engine median "
-        f"{statistics.median(engine_cpu):.2f}s; ratio of events per CPU-second "
-        f"{statistics.median(engine_cpu) / statistics.median(loader_cpu):.2f}\n"
-        f"- load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
-    )
-    with args.results.open("a") as fh:
-        fh.write(section)
-    print(section)
+    loader = report.measure("throughput", samples["loader"], "msg/s", contender="loader", max_rows=args.max_rows)
+    engine = report.measure("throughput", samples["engine"], "msg/s", contender="chdb-ingest")
+    loader_cpu = report.measure("efficiency", samples["loader_cpu"], "msg per CPU-second", contender="loader")
+    engine_cpu = report.measure("efficiency", samples["engine_cpu"], "msg per CPU-second", contender="chdb-ingest")
+    report.ratio("loader / engine ingest (msg/s)", loader, engine, target=0.7)
+    report.ratio("loader / engine ingest (msg per CPU-second)", loader_cpu, engine_cpu)
+    report.figure("loader_vs_engine", "Loader vs chdb's own ingest of the same bytes", "bar", "",
+                  "messages/s", [{"label": "median", "x": ["loader", "chdb ingest"], "y": [loader, engine],
+                                  "lo": [min(samples["loader"]), min(samples["engine"])],
+                                  "hi": [max(samples["loader"]), max(samples["engine"])]}])
+    report.notes += [
+        f"{len(values):,} valid messages, {size / 1e6:.1f} MB, {args.partitions} partition(s), "
+        f"{args.repeats} repeat(s); loader batches of up to {args.max_rows:,} messages",
+        f"loader wall time including the consumer group join: median "
+        f"{sorted(samples['wall'])[len(samples['wall']) // 2]:.2f}s",
+        f"load average (1 min) at each repeat: {', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} CPUs",
+    ]
+    body = "\n".join([
+        "| contender | msg/s (median) | range | msg per CPU-second (median) |",
+        "|---|---:|---:|---:|",
+        f"| loader (Kafka read_committed -> chdb, commit after insert) | {loader:,.0f} | "
+        f"{spread(samples['loader'])} | {loader_cpu:,.0f} |",
+        f"| chdb ingest of the same bytes from a file, same SQL | {engine:,.0f} | {spread(samples['engine'])} | "
+        f"{engine_cpu:,.0f} |",
+    ])
+    report.save(body)
+    print(body)
+    print(report.ratio_table())
 
 
 if __name__ == "__main__":
