@@ -114,6 +114,19 @@ class _ClientWarehouse:
             raise WarehouseError(one_line(exc)) from exc
 
 
+def write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    """Write every chunk to ``fd`` with writev (no copy into one buffer), finishing partial writes."""
+    step = 1024  # IOV_MAX on Linux
+    for i in range(0, len(chunks), step):
+        group = chunks[i:i + step]
+        written = os.writev(fd, group)
+        expected = sum(len(c) for c in group)
+        if written < expected:
+            rest = memoryview(b"".join(group))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+
+
 # --- embedded (chdb) ------------------------------------------------------------------------------------------
 
 
@@ -219,11 +232,11 @@ class EmbeddedWarehouse(_ClientWarehouse):
             return
         fd, name = tempfile.mkstemp(prefix="bucketer-", suffix=".json", dir=_SCRATCH or self.data_dir)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                if isinstance(data, bytes):
-                    fh.write(data)
-                else:  # JSONAsString needs no separator between objects: no copy into one buffer
-                    fh.writelines(data)
+            try:
+                # JSONAsString needs no separator between objects: the values go out as they are, no join.
+                write_all(fd, [data] if isinstance(data, bytes) else data)
+            finally:
+                os.close(fd)
             source = f"file('{name}', 'JSONAsString', 'v String')"
             self.command(f"INSERT INTO {table} " + select.replace("{source}", source))
         finally:
