@@ -257,6 +257,8 @@ class SourceWorker:
             self._pace()
             try:
                 with self.sink.slots:
+                    # the requests-per-second spacing counts from the moment the request really starts
+                    self.not_before = max(self.not_before, self.sink.clock() + 1.0 / self.cfg.max_requests_per_second)
                     result = self.sink.client.post_events(self.datasource, body, gzipped)
             except TinybirdRetryable as exc:
                 attempt += 1
@@ -286,7 +288,6 @@ class SourceWorker:
             if wait <= 0:
                 break
             self.sink.sleep(min(wait, 0.25))
-        self.not_before = self.sink.clock() + 1.0 / self.cfg.max_requests_per_second
 
 
 class _Stopped(Exception):

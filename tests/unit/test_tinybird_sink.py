@@ -158,14 +158,22 @@ def test_too_large_batches_are_split(standin: Standin) -> None:
 
 def test_rate_never_exceeds_100_requests_per_second_per_data_source(standin: Standin) -> None:
     ds = DS.format(n=1)
-    sink = make_sink(standin, max_batch_bytes=120, linger=0.0)   # one line per request
+    times: list[float] = []
+
+    class TimedClient(TinybirdClient):
+        def post_events(self, datasource: str, body: bytes, gzipped: bool = False) -> Any:
+            times.append(time.monotonic())                  # when each request really starts
+            return super().post_events(datasource, body, gzipped)
+
+    cfg = TinybirdConfig(url=standin.url, token=Secret(TOKEN), buckets=4, linger=0.0,
+                         max_batch_bytes=120)              # one line per request
+    sink = TinybirdSink(cfg, client_factory=lambda c: TimedClient(c.url, c.token, c.timeout))
     sink.open()
     route(sink, RecordingConsumer(), [[(1, line(i, 1)) for i in range(60)]])
     sink.close()
-    times = [r.at for r in standin.requests_to(ds)]
-    assert len(times) == 60
+    assert len(times) == 60 and len(standin.requests_to(ds)) == 60
     windows = [times[i + 10] - times[i] for i in range(len(times) - 10)]
-    assert min(windows) >= 0.095                  # any 11 requests span at least ~100 ms
+    assert min(windows) >= 0.0999                 # any 11 requests span at least 100 ms
 
 
 def test_quarantined_rows_are_counted_and_logged(standin: Standin, caplog: pytest.LogCaptureFixture) -> None:
