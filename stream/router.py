@@ -15,15 +15,18 @@ records **and** the source offsets (exactly once for ``read_committed`` readers)
 once, faster). Keys are partitioned by the Java client's murmur2 hash, so all changes of one activity
 land on one partition of a bucket topic, in source order, whatever the source partitioning.
 
-Failures: a batch that cannot be committed is aborted and the consumer rewound to the batch start,
-then retried (this also covers a broker stop/start); a fatal producer error (e.g. an expired
-transaction) reopens the sink a few times before giving up. Rebalance callbacks only run inside
+Failures: a batch that cannot be committed is aborted (or, when even that fails, the producer is
+dropped and a new one with the same ``transactional.id`` fences it); then every assigned partition
+seeks to its committed offset and the batch is replayed. Each attempt is bounded (about 20 s), so the
+consumer keeps polling and a broker stop/start is ridden out; more than ``max_sink_restarts`` fatal
+sink errors in 5 minutes stop the router. Rebalance callbacks only run inside
 ``consume()``, i.e. between batches, so a revoke never meets an open transaction; the group
 generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
-``transactional.id`` and ``group.instance.id`` per instance let a restarted router fence and abort its
-killed predecessor at once (the member id includes the source topic, so one id never changes its
-subscription; a cleanly stopped static member keeps its partitions until ``session_timeout_ms``, when
-they move to the other routers of the group). ``stop()`` only sets a flag: the batch in hand is finished or aborted.
+``transactional.id`` per instance (``instance_id``, default the host name) lets a restarted router
+fence and abort its killed predecessor's open transaction at once; its partitions move after
+``session_timeout_ms``. ``static_membership`` (off by default: after a broker restart a static member
+was seen to stay unassigned) would also skip that rebalance. ``stop()`` only sets a flag: the batch in
+hand is finished or aborted.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors.kafka import (
+    BrokerUnreachable,
     BucketerKafkaError,
     KafkaFatalError,
     check_reachable,
@@ -66,7 +70,8 @@ class RouterConfig:
     progress_interval: float = 10.0
     instance_id: str = socket.gethostname()
     max_message_bytes: int = 1_000_000
-    session_timeout_ms: int = 10_000
+    session_timeout_ms: int = 6_000
+    static_membership: bool = False
     max_sink_restarts: int = 5
 
 
@@ -79,6 +84,9 @@ class Router:
         self._sink_factory, self._clock = sink_factory, clock
         self._stopping = False
         self._assigned_at = 0.0
+        self._broken = False          # the sink must be closed and reopened before the next batch
+        self._rewind_needed = False   # the consumer must seek to the committed offsets first
+        self._fatal_times: list[float] = []
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
 
     def stop(self) -> None:
@@ -89,18 +97,18 @@ class Router:
         check_reachable(cfg.bootstrap)
         sink = self._sink_factory(cfg)
         sink.open()
-        consumer = Consumer(consumer_config(
-            cfg.bootstrap, cfg.group, **{"group.instance.id": f"{self.topics.source}.{cfg.instance_id}",
-                                         "session.timeout.ms": cfg.session_timeout_ms}))
+        extra: dict[str, object] = {"session.timeout.ms": cfg.session_timeout_ms,
+                                    "heartbeat.interval.ms": max(500, cfg.session_timeout_ms // 3)}
+        if cfg.static_membership:
+            extra["group.instance.id"] = f"{self.topics.source}.{cfg.instance_id}"
+        consumer = Consumer(consumer_config(cfg.bootstrap, cfg.group, **extra))
         try:
             consumer.subscribe([self.topics.source], on_assign=self._on_assign,
                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
             self._loop(consumer, sink)
         finally:
-            try:
-                sink.abort()
-            except BucketerKafkaError as exc:  # the broker aborts it at transaction timeout anyway
-                log.warning("abort on close failed: %s", exc)
+            if not self._broken:
+                self._abort(sink)  # if it fails, the next instance (same transactional.id) aborts it
             sink.close()
             consumer.close()
             log.info("router stopped: %s", self.stats.summary())
@@ -108,21 +116,16 @@ class Router:
     def _loop(self, consumer: Consumer, sink: Sink) -> None:
         cfg = self.config
         last_input = last_progress = self._clock()
-        restarts: list[float] = []
         while not self._stopping:
             msgs = consumer.consume(cfg.batch_size, timeout=cfg.batch_time)
             now = self._clock()
-            if msgs:
+            if self._broken or self._rewind_needed:
+                # Messages fetched before the rewind are dropped here: the rewind fetches them again.
+                if not self._recover(consumer, sink):
+                    time.sleep(1.0)
+            elif msgs:
                 last_input = now
-                try:
-                    self._batch(msgs, consumer, sink)
-                except KafkaFatalError as exc:
-                    restarts = [t for t in restarts if now - t < 300] + [now]
-                    if len(restarts) > cfg.max_sink_restarts:
-                        raise
-                    log.warning("sink unusable (%s); reopening it (%d)", exc, len(restarts))
-                    sink.close()
-                    sink.open()
+                self._batch(msgs, consumer, sink)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
                 log.info("no input for %.1fs: stopping", now - max(last_input, self._assigned_at))
                 break
@@ -132,7 +135,6 @@ class Router:
                 last_progress = now
 
     def _batch(self, msgs: list[Message], consumer: Consumer, sink: Sink) -> None:
-        first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         good = []
         for m in msgs:
@@ -144,42 +146,64 @@ class Router:
                         raise exc
                     log.warning("%s", exc)
                 continue
-            tp = (m.topic(), m.partition())
-            if tp not in first:
-                first[tp] = m.offset()
-            last[tp] = m.offset()
+            last[(m.topic(), m.partition())] = m.offset()
             good.append(m)
         if not good:
             return
-        sink.begin()
         try:
+            sink.begin()
             counts = self._router.route(good, sink)
             sink.commit([TopicPartition(t, p, o + 1) for (t, p), o in last.items()], consumer)
         except BucketerKafkaError as exc:
-            log.warning("batch of %d not committed (%s); aborting and replaying from %s",
-                        len(good), exc, {f"{t}[{p}]": o for (t, p), o in first.items()})
             self.stats.aborts += 1
-            self._abort(sink)
-            _rewind(consumer, first)
+            self._rewind_needed = True
+            self._broken = not exc.abortable or not self._abort(sink)
+            where = ", ".join(f"{m.topic()}[{m.partition()}]@{m.offset()}" for m in good[:1])
+            log.warning("batch of %d from %s not committed (%s); %s, then replaying from the committed offsets",
+                        len(good), where, exc, "reopening the sink" if self._broken else "aborted")
             if isinstance(exc, KafkaFatalError):
-                raise
-            time.sleep(0.5)
+                self._count_fatal(exc)
             return
         self.stats.add(counts)
 
-    def _abort(self, sink: Sink) -> None:
-        deadline = self._clock() + 120
-        while True:
-            try:
-                sink.abort()
-                return
-            except KafkaFatalError:
-                return  # the sink is reopened; a new producer fences the old transaction
-            except BucketerKafkaError as exc:
-                if self._stopping or self._clock() > deadline:
-                    raise KafkaFatalError(f"cannot abort the open transaction: {exc}") from None
-                log.warning("abort failed (%s); retrying", exc)
-                time.sleep(1.0)
+    def _abort(self, sink: Sink) -> bool:
+        try:
+            sink.abort()
+            return True
+        except BucketerKafkaError as exc:
+            log.warning("abort failed: %s", exc)
+            return False
+
+    def _count_fatal(self, exc: KafkaFatalError) -> None:
+        now = self._clock()
+        self._fatal_times = [t for t in self._fatal_times if now - t < 300] + [now]
+        if len(self._fatal_times) > self.config.max_sink_restarts:
+            raise KafkaFatalError(f"the sink failed fatally {len(self._fatal_times)} times in 5 min: {exc}")
+
+    def _recover(self, consumer: Consumer, sink: Sink) -> bool:
+        """Reopen a broken sink (a new transactional producer fences the old one and resolves its open
+        transaction), then seek every assigned partition to its committed offset. False: try again later."""
+        try:
+            if self._broken:
+                sink.close()
+                sink.open()
+                self._broken = False
+            assigned = consumer.assignment()
+            if assigned:
+                for tp in consumer.committed(assigned, timeout=10):
+                    consumer.seek(TopicPartition(tp.topic, tp.partition,
+                                                 tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+            self._rewind_needed = False
+            log.info("recovered: replaying from the committed offsets")
+            return True
+        except KafkaFatalError as exc:
+            log.warning("recovery failed: %s", exc)
+            if not isinstance(exc, BrokerUnreachable):
+                self._count_fatal(exc)
+            return False
+        except (BucketerKafkaError, KafkaException) as exc:
+            log.warning("recovery failed, will retry: %s", exc)
+            return False
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = self._clock()
@@ -187,14 +211,6 @@ class Router:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
-
-
-def _rewind(consumer: Consumer, first: dict[tuple[str, int], int]) -> None:
-    for (topic, partition), offset in first.items():
-        try:
-            consumer.seek(TopicPartition(topic, partition, offset))
-        except Exception as exc:  # noqa: BLE001 - revoked meanwhile: its new owner starts at the commit
-            log.warning("rewind %s [%d] to %d failed: %s", topic, partition, offset, exc)
 
 
 def _lag(consumer: Consumer) -> int | None:

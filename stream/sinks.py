@@ -68,7 +68,7 @@ class KafkaSink:
     ``transactional_id`` is set, else an idempotent producer committing offsets after delivery."""
 
     def __init__(self, bootstrap: str, topics: TopicNames, buckets: int, *, transactional_id: str | None,
-                 partitions: int = 3, replication: int = 1, timeout: float = 30.0,
+                 partitions: int = 3, replication: int = 1, timeout: float = 20.0,
                  producer_overrides: dict[str, Any] | None = None) -> None:
         self.exactly_once = transactional_id is not None
         self._bootstrap, self._names, self._buckets = bootstrap, topics, buckets
@@ -84,7 +84,7 @@ class KafkaSink:
 
     def open(self) -> None:
         ensure_topics(self._bootstrap, [*self._topics, self._names.dlq], self._partitions,
-                      self._replication, self._timeout)
+                      self._replication, 10.0)
         self._producer = Producer(self._conf)
         self._in_txn = False
         if self.exactly_once:
@@ -146,7 +146,7 @@ class KafkaSink:
 
     def abort(self) -> None:
         if self.exactly_once and self._in_txn:
-            self._retrying("abort_transaction", lambda t: self._p.abort_transaction(t))
+            self._retrying("abort_transaction", lambda t: self._p.abort_transaction(t), budget=10.0)
             self._in_txn = False
         self._failed.clear()
 
@@ -154,11 +154,14 @@ class KafkaSink:
         if self._producer is not None:
             if not self.exactly_once:
                 self._producer.flush(5.0)
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._producer = None  # librdkafka closes the client when the last reference goes
+            self._in_txn = False
 
-    def _retrying(self, what: str, call: Any) -> None:
-        """Call a transactional API, repeating it on retriable errors until ``timeout``."""
-        deadline = time.monotonic() + self._timeout
+    def _retrying(self, what: str, call: Any, budget: float | None = None) -> None:
+        """Call a transactional API, repeating it on retriable errors for ``budget`` seconds (librdkafka:
+        a timed-out commit_transaction resumes when called again)."""
+        deadline = time.monotonic() + (budget or self._timeout)
         while True:
             try:
                 call(min(10.0, max(0.1, deadline - time.monotonic())))
@@ -170,6 +173,7 @@ class KafkaSink:
                         or time.monotonic() > deadline:
                     raise err from None
                 log.warning("%s: %s; retrying", what, err)
+                time.sleep(0.2)
 
     def _on_delivery_error(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
