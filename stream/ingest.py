@@ -71,6 +71,7 @@ def target_columns(table: str) -> tuple[Column, ...]:
 def insert_sql(table: str) -> tuple[str, str]:
     """(column list, SELECT with a ``{source}`` placeholder) for rows of ``table``: ``"activityRelations"`` (any
     raw bucket) or a reference table name."""
+    required: tuple[str, ...]
     if table == "activityRelations":
         columns, required = ACTIVITY_COLUMNS, ACTIVITY_REQUIRED
         extra: list[str] = []

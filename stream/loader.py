@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -165,11 +165,13 @@ class Loader:
             self._batch_started = self.clock()
         taken = size = 0
         for m in msgs:
-            if m.error() is not None:
-                self._consumer_error(m.error())
+            err = m.error()
+            if err is not None:
+                self._consumer_error(err)
                 continue
-            topic = m.topic()
-            offsets[(topic, m.partition())] = m.offset() + 1
+            # A message without an error always has its topic, partition and offset.
+            topic: str = m.topic()  # type: ignore[assignment]
+            offsets[(topic, m.partition())] = m.offset() + 1  # type: ignore[index,operator]
             taken += 1
             value = m.value()
             if not value:
@@ -298,7 +300,8 @@ class Loader:
         log.warning("loader: dead-lettering %s/%d/%d: %s", topic, partition, offset, reason)
         assert self._producer is not None, "dead letters need a running loader"
         self._producer.produce(self.config.topics.dlq, value=value or b"", key=origin.key(),
-                               headers=dlq_headers(error_class, reason, topic, partition, offset))
+                               headers=cast("list[tuple[str, str | bytes | None]]",
+                                            dlq_headers(error_class, reason, topic, partition, offset)))
         self._producer.poll(0)
         self.stats.dead_lettered += 1
 
