@@ -1,0 +1,517 @@
+"""Latency: event produced -> visible in its raw bucket table, p50/p99, at fixed input rates.
+
+    .venv/bin/python -m bench.bench_latency [--quick] [--rates 1000,10000,20000] [--duration S]
+
+Per rate, in a fresh process (the embedded warehouse allows one data directory per process):
+
+- the pipeline of ``bucketer run`` minus the enrichment schedule: ``Router`` (exactly once, its default
+  batching) and ``Loader`` (its defaults) in threads on a fresh embedded warehouse, fresh topics;
+- a **separate producer process** sends Sequin inserts at the fixed rate (each with a unique, sequential
+  ``sourceId``) and records the wall-clock time of every ``produce()`` call: "produced";
+- a poller queries the raw bucket tables every ``--poll`` seconds for sourceIds at or above the oldest not
+  yet seen: the first poll that returns an event is "visible". Resolution: the poll interval.
+
+Warm-up: before measuring, a few hundred events go through and must be visible, so group joins, the first
+transaction and table creation are not in the numbers. Events still invisible ``--drain`` seconds after the
+last one was produced are reported as lost (never silently dropped from the percentiles).
+Target: p99 < 1 s at 20k events/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+from bench.common import WORK_DIR, Report, broker, messages, unique_prefix
+from bench.kafka_run import LOG_APPEND, admin, create_topics
+
+SEQ_DIGITS = 9
+
+
+# -- the producer process -------------------------------------------------------------------------------
+def templates(n: int = 200) -> list[bytes]:
+    """Good loadgen inserts with ``@@AID@@`` / ``@@SRC@@`` placeholders for activityId and sourceId."""
+    import orjson
+
+    out = []
+    for _key, value in messages(max(n * 3, 1000), seed=7):
+        try:
+            doc = orjson.loads(value) if value else None
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict) or doc.get("action") != "insert" or not isinstance(doc.get("record"), dict):
+            continue
+        record = doc["record"]
+        aid = record.get("activityId")
+        if not isinstance(aid, str) or not record.get("segmentId"):
+            continue
+        record["sourceId"] = "@@SRC@@"
+        out.append(orjson.dumps(doc).replace(aid.encode(), b"@@AID@@"))
+        if len(out) >= n:
+            break
+    if not out:
+        raise RuntimeError("no insert templates found in the generated messages")
+    return out
+
+
+def event(tpl: bytes, tag: str, seq: int) -> tuple[bytes, bytes]:
+    aid = str(uuid.UUID(int=zlib.crc32(tag.encode()) << 64 | seq)).encode()
+    src = f"{tag}-{seq:0{SEQ_DIGITS}d}".encode()
+    return aid, tpl.replace(b"@@AID@@", aid).replace(b"@@SRC@@", src)
+
+
+def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times_path: Path) -> None:
+    """Send ``count`` events at ``rate``/s; write the produce() wall-clock times (float64 array)."""
+    from confluent_kafka import Producer
+
+    tpls = templates()
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 1, "enable.idempotence": True, "partitioner": "murmur2_random"}
+    )
+    stamps = array.array("d", bytes(8 * count))
+    start = time.perf_counter()
+    for seq in range(count):
+        due = start + seq / rate
+        wait = due - time.perf_counter()
+        if wait > 0.0005:
+            time.sleep(wait)
+        key, value = event(tpls[seq % len(tpls)], tag, seq)
+        stamps[seq] = time.time()
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError("producer could not deliver everything within 60 s")
+    times_path.write_bytes(stamps.tobytes())
+    achieved = count / (time.perf_counter() - start)
+    print(json.dumps({"achieved_rate": achieved}), flush=True)
+
+
+# -- one rate, in its own process ---------------------------------------------------------------------------
+class Poller:
+    """Finds events ``{tag}-{seq}`` in the raw bucket tables; remembers when each was first seen.
+
+    Cheap, so that watching does not slow down what is watched (the loader inserts through the same
+    embedded engine): each poll lists the freshly inserted parts (``system.parts``, level 0 = made by an
+    INSERT, not a merge) and reads the sourceIds of the parts it has not read yet, nothing else. Every
+    ``sweep_every`` polls a full scan for the still-missing ids catches a part merged away before it was
+    read (those events count as seen at the sweep: an over-, never an under-estimate).
+    """
+
+    def __init__(self, wh, buckets: int, tag: str, count: int, sweep_every: int = 20) -> None:  # noqa: ANN001
+        from stream.buckets import raw_table
+
+        self.wh, self.tag, self.count, self.sweep_every = wh, tag, count, sweep_every
+        self.tables = [raw_table(b) for b in range(buckets)]
+        self.seen = array.array("d", bytes(8 * count))
+        self.next_unseen = 0
+        self.read_parts: set[tuple[str, str]] = set()
+        self.durations: list[float] = []
+        self.polls = 0
+        self.high = f"{tag}-{'9' * SEQ_DIGITS}~"
+        names = ", ".join(f"'{t}'" for t in self.tables)
+        self.parts_sql = (
+            f"SELECT table, name FROM system.parts WHERE database = currentDatabase() "
+            f"AND active AND level = 0 AND table IN ({names})"
+        )
+
+    def poll(self) -> int:
+        """One round of queries; returns how many events became visible."""
+        self.polls += 1
+        t0 = time.perf_counter()
+        low = f"{self.tag}-{self.next_unseen:0{SEQ_DIGITS}d}"
+        fresh: dict[str, list[str]] = {}
+        for table, name in self.wh.rows(self.parts_sql):
+            if (table, name) not in self.read_parts:
+                fresh.setdefault(table, []).append(name)
+        rows: list[tuple[str]] = []
+        params = {"low": low, "high": self.high}
+        for table, parts in fresh.items():
+            rows += self.wh.rows(
+                f"SELECT sourceId FROM `{table}` WHERE _part IN {{parts:Array(String)}} "
+                "AND sourceId >= {low:String} AND sourceId < {high:String}",
+                {**params, "parts": parts},
+            )
+            self.read_parts.update((table, p) for p in parts)
+        if self.polls % self.sweep_every == 0:
+            for table in self.tables:
+                rows += self.wh.rows(
+                    f"SELECT sourceId FROM `{table}` WHERE sourceId >= {{low:String}} AND sourceId < {{high:String}}",
+                    params,
+                )
+        now = time.time()
+        self.durations.append(time.perf_counter() - t0)
+        new = 0
+        cut = len(self.tag) + 1
+        for (source_id,) in rows:
+            seq = int(source_id[cut:])
+            if seq < self.count and self.seen[seq] == 0.0:
+                self.seen[seq] = now
+                new += 1
+        while self.next_unseen < self.count and self.seen[self.next_unseen] != 0.0:
+            self.next_unseen += 1
+        return new
+
+    @property
+    def done(self) -> bool:
+        return self.next_unseen >= self.count
+
+
+def measure(
+    bootstrap: str, rate: float, duration: float, buckets: int, poll_s: float, drain_s: float, warmup: int
+) -> dict:
+    from connectors.kafka import ensure_topics
+    from connectors.topics import TopicNames
+    from connectors.warehouse import open_warehouse
+    from stream.loader import Loader, LoaderConfig
+    from stream.router import Router, RouterConfig
+    from stream.schema import ensure_schema
+
+    prefix = unique_prefix("lat")
+    topics = TopicNames(prefix)
+    # Bucket topics stamped by the broker on append: where the router's share of the latency ends.
+    create_topics(bootstrap, topics.buckets(buckets), config=LOG_APPEND)
+    ensure_topics(bootstrap, [topics.dlq, *topics.references().values(), topics.source], 3, 1)
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    errors: list[BaseException] = []
+
+    def spawn(name: str, target) -> threading.Thread:  # noqa: ANN001
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - reported by the measuring thread
+                errors.append(exc)
+
+        t = threading.Thread(target=body, name=name, daemon=True)
+        t.start()
+        return t
+
+    with open_warehouse(data_dir) as wh, open_warehouse(data_dir) as reader:
+        ensure_schema(wh, buckets)
+        router = Router(
+            RouterConfig(
+                bootstrap=bootstrap,
+                buckets=buckets,
+                group=f"{prefix}router",
+                topic_prefix=prefix,
+                instance_id="bench-latency",
+                progress_interval=3600,
+            )
+        )
+        loader = Loader(LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=f"{prefix}loader", topics=topics), wh)
+        threads = [spawn("router", router.run), spawn("loader", loader.run)]
+        try:
+            warm = run_phase(
+                bootstrap,
+                topics.source,
+                "warm",
+                min(rate, 1000.0),
+                warmup,
+                reader,
+                buckets,
+                poll_s,
+                drain_s=120.0,
+                errors=errors,
+            )
+            if warm["lost"]:
+                raise RuntimeError(f"warm-up: {warm['lost']} of {warmup} events never became visible")
+            result = run_phase(
+                bootstrap,
+                topics.source,
+                f"r{int(rate)}",
+                rate,
+                int(rate * duration),
+                reader,
+                buckets,
+                poll_s,
+                drain_s,
+                errors,
+            )
+        finally:
+            router.stop()
+            loader.stop()
+            for t in threads:
+                t.join(30)
+    appended = appended_at(bootstrap, topics.buckets(buckets), result.pop("tag"), result["events"])
+    produced = result.pop("produced")
+    routed = sorted(a - p for a, p in zip(appended, produced, strict=True) if a)
+    result.update({"routed_p50": pct(routed, 50), "routed_p99": pct(routed, 99)})
+    result["loader_defaults"] = {"max_wait": LoaderConfig.max_wait, "max_rows": LoaderConfig.max_rows}
+    result["router_defaults"] = {"batch_time": RouterConfig.batch_time, "batch_size": RouterConfig.batch_size}
+    return result
+
+
+def run_phase(
+    bootstrap: str,
+    topic: str,
+    tag: str,
+    rate: float,
+    count: int,
+    reader,
+    buckets: int,  # noqa: ANN001
+    poll_s: float,
+    drain_s: float,
+    errors: list[BaseException],
+) -> dict:
+    times_path = WORK_DIR / f"latency-{tag}-{os.getpid()}.times"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_latency",
+        "--_produce",
+        bootstrap,
+        topic,
+        tag,
+        str(rate),
+        str(count),
+        str(times_path),
+    ]
+    poller = Poller(reader, buckets, tag, count)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    finished_at = None
+    while not poller.done:
+        if errors:
+            proc.kill()
+            raise RuntimeError(f"pipeline failed: {errors[0]!r}")
+        t0 = time.monotonic()
+        poller.poll()
+        if finished_at is None and proc.poll() is not None:
+            finished_at = time.monotonic()
+            if proc.returncode != 0:
+                raise RuntimeError(f"producer exited with {proc.returncode}")
+        if finished_at is not None and time.monotonic() - finished_at > drain_s:
+            break
+        time.sleep(max(0.0, poll_s - (time.monotonic() - t0)))
+    out = proc.communicate()[0]
+    achieved = json.loads(out.strip().splitlines()[-1])["achieved_rate"]
+    produced = array.array("d")
+    produced.frombytes(times_path.read_bytes())
+    times_path.unlink(missing_ok=True)
+    lat = sorted(poller.seen[i] - produced[i] for i in range(count) if poller.seen[i] != 0.0)
+    # Median latency in each tenth of the input, in production order: growing = the pipeline falls behind.
+    tenths = []
+    for k in range(10):
+        part = sorted(
+            poller.seen[i] - produced[i] for i in range(k * count // 10, (k + 1) * count // 10) if poller.seen[i] != 0.0
+        )
+        tenths.append(pct(part, 50))
+    lost = count - len(lat)
+    return {
+        "rate": rate,
+        "achieved_rate": achieved,
+        "events": count,
+        "lost": lost,
+        "p50": pct(lat, 50),
+        "p90": pct(lat, 90),
+        "p99": pct(lat, 99),
+        "max": lat[-1] if lat else None,
+        "p50_by_tenth": tenths,
+        "tag": tag,
+        "produced": list(produced),
+        "poll_p50": pct(sorted(poller.durations), 50),
+        "poll_max": max(poller.durations, default=None),
+    }
+
+
+def appended_at(bootstrap: str, bucket_topics: list[str], tag: str, count: int) -> list[float]:
+    """Broker append time (s) of each event ``{tag}-{seq}`` in the bucket topics (read_committed); 0 if absent."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    marker = f'"sourceId":"{tag}-'.encode()
+    stamps = [0.0] * count
+    md = admin(bootstrap).list_topics(timeout=10)
+    tps = [TopicPartition(t, p, 0) for t in bucket_topics for p in md.topics[t].partitions]
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "bench-latency-reader",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.assign(tps)
+    eof: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 120
+    try:
+        while len(eof) < len(tps) and time.monotonic() < deadline:
+            for m in consumer.consume(10000, 1.0):
+                if m.error() is not None:
+                    eof.add((m.topic(), m.partition()))
+                    continue
+                value = m.value() or b""
+                at = value.find(marker)
+                if at >= 0:
+                    start = at + len(marker)
+                    seq = int(value[start : start + SEQ_DIGITS])
+                    if seq < count and not stamps[seq]:
+                        stamps[seq] = m.timestamp()[1] / 1000.0
+    finally:
+        consumer.close()
+    return stamps
+
+
+def pct(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(round(q / 100 * (len(sorted_values) - 1))))]
+
+
+# -- the orchestrator -----------------------------------------------------------------------------------------
+def missing_parts() -> list[str]:
+    missing = []
+    for module in ("stream.router", "stream.loader", "stream.schema", "connectors.warehouse"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            missing.append(f"{module} ({exc})")
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--_produce"]:
+        bootstrap, topic, tag, rate, count, path = argv[1:7]
+        produce(bootstrap, topic, tag, float(rate), int(count), Path(path))
+        return 0
+    if argv[:1] == ["--_measure"]:
+        spec = json.loads(argv[1])
+        print("RESULT " + json.dumps(measure(**spec)), flush=True)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1k and 10k events/s for 3 s")
+    ap.add_argument("--rates", help="events per second, comma-separated (default 1000,10000,20000)")
+    ap.add_argument("--duration", type=float, help="seconds of input per rate (default 10; quick 3)")
+    ap.add_argument("--buckets", type=int, default=10)
+    ap.add_argument("--poll", type=float, default=0.05, help="seconds between visibility polls")
+    ap.add_argument("--drain", type=float, default=90.0, help="seconds to wait for stragglers after the input")
+    args = ap.parse_args(argv)
+    rates = [float(r) for r in (args.rates or ("1000,10000" if args.quick else "1000,10000,20000")).split(",")]
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    report = Report("latency", "Latency: event produced -> visible in its raw bucket table")
+    missing = missing_parts()
+    if missing:
+        report.status = "blocked"
+        report.notes.append("needs the router, loader and warehouse; missing: " + "; ".join(missing))
+        report.save("Not measured yet: the pipeline parts it drives are not in the tree.")
+        print(f"bench_latency: blocked, missing {missing}", file=sys.stderr)
+        return 0
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    results, failures = [], []
+    with broker() as bootstrap:
+        for rate in rates:
+            spec = {
+                "bootstrap": bootstrap,
+                "rate": rate,
+                "duration": duration,
+                "buckets": args.buckets,
+                "poll_s": args.poll,
+                "drain_s": args.drain,
+                "warmup": 300,
+            }
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.bench_latency", "--_measure", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+            )
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                failures.append(f"{rate:,.0f}/s: exit {proc.returncode}: {' | '.join(tail)}")
+                print(f"bench_latency: {rate:,.0f}/s failed: {tail}", file=sys.stderr, flush=True)
+                continue
+            r = json.loads(lines[-1][len("RESULT ") :])
+            results.append(r)
+            print(
+                f"bench_latency: {rate:>8,.0f}/s p50 {fmt(r['p50'])} p99 {fmt(r['p99'])} max {fmt(r['max'])} "
+                f"lost {r['lost']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    write_report(report, results, failures, duration, args)
+    return 0
+
+
+def fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v * 1000:,.0f} ms"
+
+
+def write_report(report: Report, results: list[dict], failures: list[str], duration: float, args) -> None:  # noqa: ANN001
+    rows = [
+        "| input rate, events/s | achieved | events | p50 | p90 | p99 | max | not visible after drain "
+        "| in bucket topic p50 / p99 | p50 per tenth of the input |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        for q in ("p50", "p90", "p99", "max"):
+            if r[q] is not None:
+                report.measure(f"latency_{q}", [r[q]], "s", rate=r["rate"], events=r["events"])
+        rows.append(
+            f"| {r['rate']:,.0f} | {r['achieved_rate']:,.0f} | {r['events']:,} | {fmt(r['p50'])} | "
+            f"{fmt(r['p90'])} | {fmt(r['p99'])} | {fmt(r['max'])} | {r['lost']:,} | "
+            f"{fmt(r.get('routed_p50'))} / {fmt(r.get('routed_p99'))} | "
+            + " ".join(f"{v:.1f}" if v is not None else "–" for v in r.get("p50_by_tenth", []))
+            + " s |"
+        )
+        for q in ("routed_p50", "routed_p99"):
+            if r.get(q) is not None:
+                report.measure(f"latency_{q}", [r[q]], "s", rate=r["rate"], events=r["events"])
+    at20k = [r for r in results if r["rate"] == 20000 and r["p99"] is not None and not r["lost"]]
+    if at20k:
+        report.ratio(
+            "p99 at 20k events/s, seconds (target < 1 s)", at20k[0]["p99"], 1.0, target=1.0, higher_is_better=False
+        )
+    if results:
+        ok = [r for r in results if r["p50"] is not None]
+        report.figure(
+            "latency_percentiles",
+            "Event produced -> visible in its raw bucket table",
+            "bar",
+            "input rate, events/s",
+            "seconds",
+            [
+                {"label": q, "x": [f"{r['rate']:,.0f}/s" for r in ok], "y": [r[q] for r in ok]}
+                for q in ("p50", "p90", "p99")
+            ],
+        )
+        d = results[0]
+        report.notes.append(
+            f"Router (exactly once) with batch_time {d['router_defaults']['batch_time']} s / "
+            f"{d['router_defaults']['batch_size']} messages and Loader with max_wait "
+            f"{d['loader_defaults']['max_wait']} s / {d['loader_defaults']['max_rows']} rows: "
+            "their defaults, i.e. what `bucketer run` does. Both bound the latency from below."
+        )
+    if failures:
+        report.status = "partial" if results else "failed"
+        report.notes.extend(f"failed: {f}" for f in failures)
+    report.notes.append(
+        f"{duration:g} s of input per rate, 10 buckets, polled every {args.poll * 1000:.0f} ms "
+        "(the resolution); warm-up excluded; the producer is a separate process, the router, "
+        "loader and poller share one process (as in `bucketer run`; the embedded warehouse's rule)."
+    )
+    report.notes.append(
+        "'in bucket topic' = broker append time of the event in its bucket topic (LogAppendTime), i.e. the "
+        "router's share; the rest is the loader's (read_committed, batching, INSERT). 'p50 per tenth' is the "
+        "median latency of each tenth of the input in production order: a rising series means the pipeline "
+        "fell behind the input rate."
+    )
+    report.save("\n".join(rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
