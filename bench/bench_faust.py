@@ -286,6 +286,14 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
             report.notes.append(
                 f"{c} at {n} buckets, {count:,} messages, failed: {e} (worker log: bench/_work/{c}-{n}.log)"
             )
+    faust_ok = sorted({c for (c, _, _), rs in results.items() if c.startswith("faust") and rs})
+    if faust_ok:
+        pk = report.machine["packages"]
+        report.notes.append(
+            f"Faust works on this Kafka {pk.get('kafka-broker')} broker (KIP-896 removed old protocol versions): "
+            f"faust-streaming {pk.get('faust-streaming')} with aiokafka {pk.get('aiokafka')} completed "
+            f"{', '.join(faust_ok)}, every input accounted for in the outputs read back read_committed."
+        )
     if any(r.coarse for rs in results.values() for r in rs):
         report.notes.append(
             "Some runs were too small to measure a rate between appends (a smoke run?): "
