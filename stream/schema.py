@@ -6,7 +6,8 @@ again changes nothing. Tables (all in the warehouse's database):
 Raw bucket ``activityRelations_bucket_MV_ds_{n}``: the 23 activity columns + ``_deleted UInt8`` +
 ``_version UInt64`` (= toUnixTimestamp64Milli(updatedAt) * 2 + _deleted), ReplacingMergeTree(_version,
 _deleted), PARTITION BY toYear(createdAt), ORDER BY (segmentId, timestamp, type, platform, channel, sourceId).
-``SELECT … FROM t FINAL`` gives exactly the live rows.
+``SELECT … FROM t FINAL`` gives exactly the live rows. Raw and reference tables fsync each inserted part
+(``fsync_after_insert``): the loader commits Kafka offsets after an insert returns.
 
 Reference tables, each ReplacingMergeTree(_version, _deleted) ORDER BY id, same ``_version`` rule
 (updatedAt, or the message's commit_timestamp when the record has none, e.g. a key-only delete)::
@@ -125,16 +126,21 @@ def _cols(columns: tuple[tuple[str, str, str | None], ...]) -> str:
     return ",\n    ".join(f"`{n}` {t}" + (f" DEFAULT {d}" if d is not None else "") for n, t, d in columns)
 
 
+# The loader commits Kafka offsets once an insert returns: the parts must be on disk by then, not only in
+# the page cache, or a power loss after the commit would lose rows that Kafka no longer replays.
+DURABLE = "SETTINGS fsync_after_insert = 1, fsync_part_directory = 1"
+
+
 def raw_table_ddl(n: int) -> str:
     return (f"CREATE TABLE IF NOT EXISTS {raw_table(n)} (\n    {_cols(ACTIVITY_COLUMNS + VERSION_COLUMNS)}\n)\n"
             f"ENGINE = ReplacingMergeTree(_version, _deleted)\nPARTITION BY toYear(createdAt)\n"
-            f"ORDER BY ({', '.join(SORT_KEY)})")
+            f"ORDER BY ({', '.join(SORT_KEY)})\n{DURABLE}")
 
 
 def reference_table_ddl(table: str) -> str:
     cols = REFERENCE_COLUMNS[table] + VERSION_COLUMNS
     return (f"CREATE TABLE IF NOT EXISTS {table} (\n    {_cols(cols)}\n)\n"
-            f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY id")
+            f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY id\n{DURABLE}")
 
 
 def cleaned_columns_ddl() -> str:

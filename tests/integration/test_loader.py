@@ -337,3 +337,46 @@ def test_routing_view_reads_the_named_bucket_only(warehouse) -> None:
                               f"activityRelations_bucket_routing(bucketId = {n})") == [(f"a{n}", n + 1)]
     assert warehouse.rows("SELECT count() FROM activityRelations_deduplicated_cleaned_bucket_union") == \
         [(sum(range(1, N + 1)),)]
+
+
+class DownWarehouse:
+    """A warehouse that has gone away: every call fails."""
+
+    def __init__(self, real: EmbeddedWarehouse) -> None:
+        self.real = real
+        self.calls = 0
+
+    def insert_json(self, table: str, select: str, data: Any) -> None:
+        self.calls += 1
+        raise WarehouseError("connection refused (simulated)")
+
+    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        raise WarehouseError("connection refused (simulated)")
+
+
+def test_nothing_is_committed_when_the_warehouse_is_down(bootstrap, topics, warehouse) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from stream.loader import WarehouseUnavailable
+
+    seg = str(uuid.uuid4())
+    msgs = [change("insert", activity(seg, i)) for i in range(4)]
+    produce(bootstrap, on_topics(topics, msgs))
+    group = unique("loader")
+    down = DownWarehouse(warehouse)
+    cfg = LoaderConfig(bootstrap=bootstrap, buckets=N, group=group, topics=topics, max_wait=0.3)
+    with pytest.raises(WarehouseUnavailable):
+        Loader(cfg, down).run(until_idle=30)  # type: ignore[arg-type]
+    assert down.calls >= 1
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        topic = topics.bucket(bucket_of(seg, N))
+        committed = probe.committed([TopicPartition(topic, p) for p in range(2)], timeout=10)
+    finally:
+        probe.close()
+    assert all(tp.offset < 0 for tp in committed), committed  # no offset stored for the group
+    assert final_rows(warehouse)[bucket_of(seg, N)] == set()
+    # The same group against a working warehouse gets every message again.
+    stats = load(bootstrap, topics, warehouse, len(msgs), group=group)
+    assert stats.dead_lettered == 0
+    assert final_rows(warehouse)[bucket_of(seg, N)] == live_rows(msgs)

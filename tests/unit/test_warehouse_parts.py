@@ -37,6 +37,7 @@ def test_raw_table_layout_follows_the_contract() -> None:
     assert "PARTITION BY toYear(createdAt)" in ddl
     assert "ORDER BY (segmentId, timestamp, type, platform, channel, sourceId)" in ddl
     assert "`timestamp` DateTime64(3, 'UTC')" in ddl and "`sentimentScore` Int8 DEFAULT -1" in ddl
+    assert "fsync_after_insert = 1" in ddl  # offsets are committed after the insert: parts must be on disk
 
 
 def test_cleaned_and_reference_tables() -> None:
