@@ -61,14 +61,19 @@ def load(bootstrap: str, prefix: str, count: int, seed: int) -> list[tuple[bytes
     return [(k, v) for t, k, v in generate(config) if t == "activityRelations"]
 
 
-def committed_equals_end(bootstrap: str, group: str, topic: str) -> bool:
+def committed_and_end(bootstrap: str, group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition: (committed offset or -1, end offset)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         parts = [TopicPartition(topic, p) for p in range(3)]
-        done = c.committed(parts, timeout=10)
-        return all(tp.offset == c.get_watermark_offsets(tp, timeout=10)[1] for tp in done)
+        return {tp.partition: (max(tp.offset, -1), c.get_watermark_offsets(tp, timeout=10)[1])
+                for tp in c.committed(parts, timeout=10)}
     finally:
         c.close()
+
+
+def committed_equals_end(bootstrap: str, group: str, topic: str) -> bool:
+    return all(done == end for done, end in committed_and_end(bootstrap, group, topic).values())
 
 
 def check_landed(standin: Standin, messages: list[tuple[bytes, bytes | None]]) -> Counter[bytes]:
@@ -100,11 +105,11 @@ def check_landed(standin: Standin, messages: list[tuple[bytes, bytes | None]]) -
 
 
 def router_config(bootstrap: str, prefix: str, group: str, url: str,
-                  instance: str | None = None) -> TinybirdRouterConfig:
+                  instance: str | None = None, idle: float = 4) -> TinybirdRouterConfig:
     tb = TinybirdConfig(url=url, token=Secret(TOKEN), buckets=BUCKETS, linger=0.05, max_batch_bytes=50_000,
                         backoff_base=0.05, backoff_cap=0.5)
     return TinybirdRouterConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topic_prefix=prefix,
-                                sink="tinybird", tinybird=tb, batch_size=200, batch_time=0.2, until_idle=4,
+                                sink="tinybird", tinybird=tb, batch_size=200, batch_time=0.2, until_idle=idle,
                                 exactly_once=False, instance_id=instance or unique("tb"))
 
 
@@ -129,13 +134,18 @@ def test_a_crash_between_send_and_commit_loses_nothing(bootstrap: str, group: st
     messages = load(bootstrap, prefix, 1500, seed=22)
     with Standin(token=TOKEN) as standin:
         child = subprocess.run(
-            [sys.executable, str(CHILD), bootstrap, prefix, group, standin.url, str(BUCKETS), "12"],
+            [sys.executable, str(CHILD), bootstrap, prefix, group, standin.url, str(BUCKETS), "60"],
             input=TOKEN + "\n", capture_output=True, text=True, timeout=120)
         assert child.returncode == 9, child.stdout + child.stderr
+        # the crash came after some offsets were committed, with rows sent beyond them (sent, not committed)
+        progress = committed_and_end(bootstrap, group, TopicNames(prefix).source)
+        assert any(done > 0 for done, _ in progress.values()), progress
+        assert any(done < end for done, end in progress.values()), progress
         before = sum(len(r) for r in standin.rows.values())
         assert before > 0
         # the restarted router has the dead one's instance id (static membership: it takes over at once)
-        Router(router_config(bootstrap, prefix, group, standin.url, instance="crash-child")).run()
+        Router(router_config(bootstrap, prefix, group, standin.url, instance="crash-child", idle=8)).run()
+        assert committed_equals_end(bootstrap, group, TopicNames(prefix).source), "the restart did not finish"
         landed = check_landed(standin, messages)
     assert any(n > 1 for v, n in landed.items() if good(v) and sum(1 for _, x in messages if x == v) == 1), \
         "nothing was re-sent after the crash: the test did not crash between a send and its commit"
