@@ -100,7 +100,7 @@ def run_one(bootstrap: str, contender: str, buckets: int, msgs: list[tuple[bytes
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few messages, one repeat")
-    ap.add_argument("--count", type=int, help="messages per contender run (default 25000; quick 3000)")
+    ap.add_argument("--count", type=int, help="messages per contender run (default 20000; quick 3000)")
     ap.add_argument("--sweep-count", type=int, help="messages per bucket-sweep run (default 40000; quick 3000)")
     ap.add_argument("--repeats", type=int, help="repeats, median reported (default 3; quick 1)")
     ap.add_argument("--contenders", default=",".join(LABELS), help="comma-separated subset of " + ",".join(LABELS))
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-modes", default="router-eos", help="router modes swept (router-eos,router-alo)")
     args = ap.parse_args(argv)
     plan = Plan(
-        count=args.count or (3000 if args.quick else 25000),
+        count=args.count or (3000 if args.quick else 20000),
         sweep_count=args.sweep_count or (3000 if args.quick else 40000),
         repeats=args.repeats or (1 if args.quick else 3),
         contenders=tuple(c for c in args.contenders.split(",") if c),
@@ -207,6 +207,12 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
             )
         if r in tput and "passthrough" in tput:
             report.ratio(f"router {mode.upper()} / passthrough (msg/s)", tput[r], tput["passthrough"], target=0.8)
+    for c in ("router-eos", "router-alo"):
+        rs = results.get((c, 10, plan.count))
+        if rs:
+            report.ratio(
+                f"{c} peak RSS / 300 MB", max(r.peak_rss_mb for r in rs), 300.0, target=1.0, higher_is_better=False
+            )
     present = [c for c in plan.contenders if c in tput]
     if present:
         report.figure(
