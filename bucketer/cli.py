@@ -349,6 +349,8 @@ def run_cmd(
     = False,
     at_least_once: Annotated[bool, typer.Option("--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE")] = False,
     partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1)] = 3,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BUCKETER_METRICS_PORT",
+                                                     help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
@@ -361,7 +363,8 @@ def run_cmd(
     pipeline = Pipeline(PipelineConfig(
         bootstrap=bootstrap, data_dir=data_dir, clickhouse_url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None,
         buckets=buckets, topic_prefix=topic_prefix, until_idle=until_idle, exactly_once=not at_least_once,
-        parallel=parallel, schedule=schedule, enrich_on_exit=enrich_on_exit, partitions=partitions))
+        parallel=parallel, schedule=schedule, enrich_on_exit=enrich_on_exit, partitions=partitions,
+        metrics_port=metrics_port))
     _install_stop(pipeline.stop)
     try:
         pipeline.run()

@@ -33,6 +33,7 @@ from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
 from stream.loader import Loader, LoaderConfig
+from stream.metrics import serve
 from stream.router import Router, RouterConfig
 from stream.schedule import Clock, ScheduleConfig, Scheduler, SystemClock
 from stream.schema import ensure_schema
@@ -56,6 +57,7 @@ class PipelineConfig:
     router_group: str = "bucketer-router"
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
+    metrics_port: int | None = None      # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
 
 
 class Pipeline:
@@ -98,6 +100,8 @@ class Pipeline:
             self.scheduler = Scheduler(schedule, lambda bs: self.rebuilds.extend(
                 enricher.rebuild_many(bs, parallel=cfg.parallel)), clock=self._clock)
 
+            if cfg.metrics_port is not None:
+                serve(cfg.metrics_port, router=self.router, loader=self.loader, rebuilds=self.rebuilds)
             threads = [self._spawn("router", self.router.run), self._spawn("loader", self.loader.run),
                        self._spawn("scheduler", self.scheduler.run)]
             try:

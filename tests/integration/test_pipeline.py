@@ -5,14 +5,17 @@ The expected live rows are computed here from the generated messages with a mode
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from confluent_kafka import Producer
 from kafkatools import create_topics, unique
 
+from bucketer.localkafka import free_port
 from connectors.topics import REFERENCE_TABLES, TopicNames
 from connectors.warehouse import open_warehouse
 from stream.bootstrap import replay
@@ -25,6 +28,17 @@ from stream.schema import ensure_schema
 
 SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
 ACTIONS = {"insert", "update", "delete", "read"}
+
+
+class FrozenClock:
+    """Half a minute past an hour, forever: no scheduled slot (the first is :10) fires during the test, so the
+    only rebuilds are the ones the test asks for."""
+
+    def now(self) -> datetime:
+        return datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, 0.2))
 
 
 def ms(v: object) -> int:
@@ -107,10 +121,20 @@ def test_run_bootstrap_rebucket(bootstrap: str, traffic, tmp_path: Path) -> None
     data = tmp_path / "wh"
     pipeline = Pipeline(PipelineConfig(bootstrap=bootstrap, data_dir=data, buckets=10,
                                        topic_prefix=topics.prefix, until_idle=3, enrich_on_exit=True,
-                                       router_group=unique("router"), loader_group=unique("loader")))
+                                       router_group=unique("router"), loader_group=unique("loader"),
+                                       metrics_port=(port := free_port())), clock=FrozenClock())
     pipeline.run()
+    # The Prometheus endpoint reports the workers' own committed counters.
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    scraped = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("bucketer_")}
+    assert sum(v for k, v in scraped.items() if k.startswith("bucketer_routed_total{")) == pipeline.router.stats.routed
+    router_dlq = [v for k, v in scraped.items() if k.startswith("bucketer_dead_letter") and "stage=\"router\"" in k]
+    assert sum(router_dlq) == sum(pipeline.router.stats.dlq.values())
+    assert scraped['bucketer_rebuilds_total{bucket="3",status="ok"}'] == 1
     assert pipeline.router is not None and sum(pipeline.router.stats.dlq.values()) > 0
     assert [r.status for r in pipeline.rebuilds] == ["ok"] * 10
+    assert {r.snapshot_id for r in pipeline.rebuilds} == {datetime(2026, 1, 1, 0, 0, tzinfo=UTC)}
     with open_warehouse(data) as wh:
         got = live_rows(wh, 10)
         for b, rows in got.items():
