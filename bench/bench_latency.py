@@ -106,10 +106,10 @@ class Poller:
     """Finds events ``{tag}-{seq}`` in the raw bucket tables; remembers when each was first seen.
 
     Cheap, so that watching does not slow down what is watched (the loader inserts through the same
-    embedded engine): each poll lists the freshly inserted parts (``system.parts``, level 0 = made by an
-    INSERT, not a merge) and reads the sourceIds of the parts it has not read yet, nothing else. Every
-    ``sweep_every`` polls a full scan for the still-missing ids catches a part merged away before it was
-    read (those events count as seen at the sweep: an over-, never an under-estimate).
+    embedded engine): each poll lists the active parts (``system.parts``) and reads, from the parts it has
+    not read before only (new inserts, and merges of parts it may have missed), the sourceIds at or above
+    the oldest unseen one. Every ``sweep_every`` polls a full scan for the still-missing ids is a safety
+    net (those events count as seen at the sweep: an over-, never an under-estimate).
     """
 
     def __init__(self, wh, buckets: int, tag: str, count: int, sweep_every: int = 20) -> None:  # noqa: ANN001
@@ -125,8 +125,7 @@ class Poller:
         self.high = f"{tag}-{'9' * SEQ_DIGITS}~"
         names = ", ".join(f"'{t}'" for t in self.tables)
         self.parts_sql = (
-            f"SELECT table, name FROM system.parts WHERE database = currentDatabase() "
-            f"AND active AND level = 0 AND table IN ({names})"
+            f"SELECT table, name FROM system.parts WHERE database = currentDatabase() AND active AND table IN ({names})"
         )
 
     def poll(self) -> int:
@@ -240,6 +239,12 @@ def measure(
                 poll_s,
                 drain_s,
                 errors,
+                probe=lambda: {
+                    "routed": router.stats.routed,
+                    "loader_read": loader.stats.messages,
+                    "loaded": loader.stats.committed,
+                    "flushes": loader.stats.flushes,
+                },
             )
         finally:
             router.stop()
@@ -266,6 +271,7 @@ def run_phase(
     poll_s: float,
     drain_s: float,
     errors: list[BaseException],
+    probe=None,  # noqa: ANN001 - () -> dict of stage counters, sampled once a second
 ) -> dict:
     times_path = WORK_DIR / f"latency-{tag}-{os.getpid()}.times"
     cmd = [
@@ -283,7 +289,12 @@ def run_phase(
     poller = Poller(reader, buckets, tag, count)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     finished_at = None
+    timeline: list[dict] = []
+    started = next_probe = time.monotonic()
     while not poller.done:
+        if probe is not None and time.monotonic() >= next_probe:
+            next_probe += 1.0
+            timeline.append({"t": round(time.monotonic() - started, 1), "visible": poller.next_unseen, **probe()})
         if errors:
             proc.kill()
             raise RuntimeError(f"pipeline failed: {errors[0]!r}")
@@ -320,6 +331,7 @@ def run_phase(
         "p99": pct(lat, 99),
         "max": lat[-1] if lat else None,
         "p50_by_tenth": tenths,
+        "timeline": timeline,
         "tag": tag,
         "produced": list(produced),
         "poll_p50": pct(sorted(poller.durations), 50),
@@ -496,6 +508,12 @@ def write_report(report: Report, results: list[dict], failures: list[str], durat
             f"{d['loader_defaults']['max_wait']} s / {d['loader_defaults']['max_rows']} rows: "
             "their defaults, i.e. what `bucketer run` does. Both bound the latency from below."
         )
+    for r in results:
+        if r.get("routed_p50") is not None and r.get("p50") is not None:
+            report.notes.append(
+                f"At {r['rate']:,.0f}/s the router's share of the median is {fmt(r['routed_p50'])} of "
+                f"{fmt(r['p50'])}; the rest is the loader's (batch wait, INSERT, commit)."
+            )
     if failures:
         report.status = "partial" if results else "failed"
         report.notes.extend(f"failed: {f}" for f in failures)
