@@ -171,25 +171,26 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
         )
 
     rows = [
-        "| contender | msg/s (median) | range | msg per CPU-second | wall incl. start-up, s | peak RSS, MB "
-        "| outputs/inputs |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| contender | msg/s (median) | range | msg per CPU-second | CPU used, % of a core | wall incl. start-up, s "
+        "| peak RSS, MB | outputs/inputs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tput: dict[str, float] = {}
     eff: dict[str, float] = {}
     for c in plan.contenders:
         rs = results.get((c, 10, plan.count), [])
         if not rs:
-            rows.append(f"| {LABELS[c]} | – | – | – | – | – | {errors.get((c, 10, plan.count), 'not run')} |")
+            rows.append(f"| {LABELS[c]} | – | – | – | – | – | – | {errors.get((c, 10, plan.count), 'not run')} |")
             continue
         tput[c] = med(c, 10) or 0.0
         eff[c] = med(c, 10, "msgs_per_cpu_s") or 0.0
         wall = med(c, 10, "wall_s") or 0.0
+        busy = 100 * tput[c] / eff[c] if eff[c] else float("nan")
         rss = max(r.peak_rss_mb for r in rs)
         report.measure("peak_rss_mb", [r.peak_rss_mb for r in rs], "MB", contender=c, buckets=10)
         rows.append(
-            f"| {LABELS[c]} | {tput[c]:,.0f} | {spread([r.msgs_per_s for r in rs])} | {eff[c]:,.0f} "
-            f"| {wall:.1f} | {rss:.0f} | {rs[0].outputs / rs[0].inputs:.3f} |"
+            f"| {LABELS[c]} | {tput[c]:,.0f} | {spread([r.msgs_per_s for r in rs])} | {num(eff[c], ',.0f')} "
+            f"| {num(busy, '.0f')} | {wall:.1f} | {rss:.0f} | {rs[0].outputs / rs[0].inputs:.3f} |"
         )
     for mode in ("eos", "alo"):
         r, f = f"router-{mode}", f"faust-{mode}"
@@ -315,6 +316,10 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
         "Faust uses raw serializers, producer linger 0.1 s, 1 MiB batches, 5000 records per poll, acks=all."
     )
     report.notes.append(
+        "'CPU used' = msg/s ÷ msg per CPU-second: well under 100% means the worker mostly waits (broker round "
+        "trips, batch timers) or is starved by other processes, not that it computes."
+    )
+    report.notes.append(
         "The machine is shared (2 cores, other work running; see the load average above): msg/s moves with "
         "the background load, msg per CPU-second of the worker much less."
     )
@@ -331,6 +336,10 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
         *sweep_rows,
     ]
     report.save("\n".join(body))
+
+
+def num(v: float, spec: str) -> str:
+    return "–" if v != v else format(v, spec)
 
 
 def _unit(attr: str) -> str:
