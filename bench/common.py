@@ -120,7 +120,8 @@ def command_line() -> str:
     )
     if argv and argv[0].startswith("python"):
         argv[0] = ".venv/bin/python"
-    return shlex.join(argv)
+    env = f"BENCH_BOOTSTRAP={os.environ['BENCH_BOOTSTRAP']} " if os.environ.get("BENCH_BOOTSTRAP") else ""
+    return env + shlex.join(argv)
 
 
 # -- repeat and median ----------------------------------------------------------------------------------
