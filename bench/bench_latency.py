@@ -28,148 +28,14 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-import zlib
 from pathlib import Path
 
-from bench.common import WORK_DIR, Report, broker, messages, unique_prefix
-from bench.kafka_run import LOG_APPEND, admin, create_topics
-
-SEQ_DIGITS = 9
-
-
-# -- the producer process -------------------------------------------------------------------------------
-def templates(n: int = 200) -> list[bytes]:
-    """Good loadgen inserts with ``@@AID@@`` / ``@@SRC@@`` placeholders for activityId and sourceId."""
-    import orjson
-
-    out = []
-    for _key, value in messages(max(n * 3, 1000), seed=7):
-        try:
-            doc = orjson.loads(value) if value else None
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(doc, dict) or doc.get("action") != "insert" or not isinstance(doc.get("record"), dict):
-            continue
-        record = doc["record"]
-        aid = record.get("activityId")
-        if not isinstance(aid, str) or not record.get("segmentId"):
-            continue
-        record["sourceId"] = "@@SRC@@"
-        out.append(orjson.dumps(doc).replace(aid.encode(), b"@@AID@@"))
-        if len(out) >= n:
-            break
-    if not out:
-        raise RuntimeError("no insert templates found in the generated messages")
-    return out
-
-
-def event(tpl: bytes, tag: str, seq: int) -> tuple[bytes, bytes]:
-    aid = str(uuid.UUID(int=zlib.crc32(tag.encode()) << 64 | seq)).encode()
-    src = f"{tag}-{seq:0{SEQ_DIGITS}d}".encode()
-    return aid, tpl.replace(b"@@AID@@", aid).replace(b"@@SRC@@", src)
-
-
-def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times_path: Path) -> None:
-    """Send ``count`` events at ``rate``/s; write the produce() wall-clock times (float64 array)."""
-    from confluent_kafka import Producer
-
-    tpls = templates()
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 1, "enable.idempotence": True, "partitioner": "murmur2_random"}
-    )
-    events = [event(tpls[seq % len(tpls)], tag, seq) for seq in range(count)]  # built before the clock starts
-    stamps = array.array("d", bytes(8 * count))
-    produce_one = producer.produce
-    start = time.perf_counter()
-    for seq, (key, value) in enumerate(events):
-        wait = start + seq / rate - time.perf_counter()
-        if wait > 0.0005:
-            time.sleep(wait)
-        stamps[seq] = time.time()
-        try:
-            produce_one(topic, value, key)
-        except BufferError:
-            producer.poll(0.05)
-            produce_one(topic, value, key)
-        if seq % 64 == 0:
-            producer.poll(0)
-    if producer.flush(60):
-        raise RuntimeError("producer could not deliver everything within 60 s")
-    times_path.write_bytes(stamps.tobytes())
-    achieved = count / (time.perf_counter() - start)
-    print(json.dumps({"achieved_rate": achieved}), flush=True)
+from bench.common import WORK_DIR, Report, broker, unique_prefix
+from bench.kafka_run import LOG_APPEND, create_topics
+from bench.latency_probe import Poller, appended_at, pct
 
 
 # -- one rate, in its own process ---------------------------------------------------------------------------
-class Poller:
-    """Finds events ``{tag}-{seq}`` in the raw bucket tables; remembers when each was first seen.
-
-    Cheap, so that watching does not slow down what is watched (the loader inserts through the same
-    embedded engine): each poll lists the active parts (``system.parts``) and reads, from the parts it has
-    not read before only (new inserts, and merges of parts it may have missed), the sourceIds at or above
-    the oldest unseen one. Every ``sweep_every`` polls a full scan for the still-missing ids is a safety
-    net (those events count as seen at the sweep: an over-, never an under-estimate).
-    """
-
-    def __init__(self, wh, buckets: int, tag: str, count: int, sweep_every: int = 20) -> None:  # noqa: ANN001
-        from stream.buckets import raw_table
-
-        self.wh, self.tag, self.count, self.sweep_every = wh, tag, count, sweep_every
-        self.tables = [raw_table(b) for b in range(buckets)]
-        self.seen = array.array("d", bytes(8 * count))
-        self.next_unseen = 0
-        self.read_parts: set[tuple[str, str]] = set()
-        self.durations: list[float] = []
-        self.polls = 0
-        self.high = f"{tag}-{'9' * SEQ_DIGITS}~"
-        names = ", ".join(f"'{t}'" for t in self.tables)
-        self.parts_sql = (
-            f"SELECT table, name FROM system.parts WHERE database = currentDatabase() AND active AND table IN ({names})"
-        )
-
-    def poll(self) -> int:
-        """One round of queries; returns how many events became visible."""
-        self.polls += 1
-        t0 = time.perf_counter()
-        low = f"{self.tag}-{self.next_unseen:0{SEQ_DIGITS}d}"
-        fresh: dict[str, list[str]] = {}
-        for table, name in self.wh.rows(self.parts_sql):
-            if (table, name) not in self.read_parts:
-                fresh.setdefault(table, []).append(name)
-        rows: list[tuple[str]] = []
-        params = {"low": low, "high": self.high}
-        for table, parts in fresh.items():
-            rows += self.wh.rows(
-                f"SELECT sourceId FROM `{table}` WHERE _part IN {{parts:Array(String)}} "
-                "AND sourceId >= {low:String} AND sourceId < {high:String}",
-                {**params, "parts": parts},
-            )
-            self.read_parts.update((table, p) for p in parts)
-        if self.polls % self.sweep_every == 0:
-            for table in self.tables:
-                rows += self.wh.rows(
-                    f"SELECT sourceId FROM `{table}` WHERE sourceId >= {{low:String}} AND sourceId < {{high:String}}",
-                    params,
-                )
-        now = time.time()
-        self.durations.append(time.perf_counter() - t0)
-        new = 0
-        cut = len(self.tag) + 1
-        for (source_id,) in rows:
-            seq = int(source_id[cut:])
-            if seq < self.count and self.seen[seq] == 0.0:
-                self.seen[seq] = now
-                new += 1
-        while self.next_unseen < self.count and self.seen[self.next_unseen] != 0.0:
-            self.next_unseen += 1
-        return new
-
-    @property
-    def done(self) -> bool:
-        return self.next_unseen >= self.count
-
-
 def measure(
     bootstrap: str, rate: float, duration: float, buckets: int, poll_s: float, drain_s: float, warmup: int
 ) -> dict:
@@ -277,8 +143,7 @@ def run_phase(
     cmd = [
         sys.executable,
         "-m",
-        "bench.bench_latency",
-        "--_produce",
+        "bench.latency_probe",
         bootstrap,
         topic,
         tag,
@@ -339,50 +204,6 @@ def run_phase(
     }
 
 
-def appended_at(bootstrap: str, bucket_topics: list[str], tag: str, count: int) -> list[float]:
-    """Broker append time (s) of each event ``{tag}-{seq}`` in the bucket topics (read_committed); 0 if absent."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    marker = f'"sourceId":"{tag}-'.encode()
-    stamps = [0.0] * count
-    md = admin(bootstrap).list_topics(timeout=10)
-    tps = [TopicPartition(t, p, 0) for t in bucket_topics for p in md.topics[t].partitions]
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "bench-latency-reader",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.assign(tps)
-    eof: set[tuple[str, int]] = set()
-    deadline = time.monotonic() + 120
-    try:
-        while len(eof) < len(tps) and time.monotonic() < deadline:
-            for m in consumer.consume(10000, 1.0):
-                if m.error() is not None:
-                    eof.add((m.topic(), m.partition()))
-                    continue
-                value = m.value() or b""
-                at = value.find(marker)
-                if at >= 0:
-                    start = at + len(marker)
-                    seq = int(value[start : start + SEQ_DIGITS])
-                    if seq < count and not stamps[seq]:
-                        stamps[seq] = m.timestamp()[1] / 1000.0
-    finally:
-        consumer.close()
-    return stamps
-
-
-def pct(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(round(q / 100 * (len(sorted_values) - 1))))]
-
-
 # -- the orchestrator -----------------------------------------------------------------------------------------
 def missing_parts() -> list[str]:
     missing = []
@@ -397,10 +218,6 @@ def missing_parts() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--_produce"]:
-        bootstrap, topic, tag, rate, count, path = argv[1:7]
-        produce(bootstrap, topic, tag, float(rate), int(count), Path(path))
-        return 0
     if argv[:1] == ["--_measure"]:
         spec = json.loads(argv[1])
         print("RESULT " + json.dumps(measure(**spec)), flush=True)
