@@ -17,15 +17,20 @@ Contract (other parts build on it):
 Required columns (CLEANED_BUCKETS.md) must be present and not null: strings for the string ones,
 timestamps as ISO-8601 text (``2025-03-01T10:00:00.000000Z``) or integer unix microseconds. A delete
 may lack ``updatedAt`` when ``metadata.commit_timestamp`` is a valid timestamp (CONTRACTS.md).
-Only ``orjson.loads`` and a few dict lookups run per message; retirements are encoded only when needed.
+Speed: a good insert/read/delete, or an update not touching the sort key, is checked by a typed
+msgspec decode of only the needed fields (the rest of the JSON is skipped in C, after a UTF-8 check);
+everything else takes the full orjson path, which names the error or builds the retirement. The two
+paths agree on every input (tests/unit/test_sequin.py fuzzes both). ``Change.record`` is parsed lazily.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import orjson
 
 ACTIONS = frozenset({"insert", "update", "delete", "read"})
@@ -40,6 +45,7 @@ ERROR_CLASSES = (
 )
 # DateTime64(3) range: 1900-01-01 .. 2299-12-31, in microseconds.
 _MIN_US, _MAX_US = -2_208_988_800_000_000, 10_413_791_999_999_999
+_fromisoformat = datetime.fromisoformat
 
 
 class BadMessage(ValueError):
@@ -58,27 +64,74 @@ class Retirement:
     reason: str  # "segment_move" | "sort_key_change"
 
 
-@dataclass(frozen=True, slots=True)
 class Change:
+    """A valid change. ``record`` (the full row) is parsed from ``value`` on first use only."""
+
+    __slots__ = ("action", "segment_id", "value", "retirement", "old_values_unknown", "_record")
+
+    def __init__(self, action: str, segment_id: str, value: bytes, record: dict[str, Any] | None = None,
+                 retirement: Retirement | None = None, old_values_unknown: bool = False) -> None:
+        self.action, self.segment_id, self.value = action, segment_id, value
+        self.retirement, self.old_values_unknown, self._record = retirement, old_values_unknown, record
+
+    @property
+    def record(self) -> dict[str, Any]:
+        if self._record is None:
+            self._record = orjson.loads(self.value)["record"]
+        return self._record  # type: ignore[return-value]
+
+
+class _Record(msgspec.Struct):
+    """The columns the fast path checks; every other field of the JSON is skipped unparsed."""
+
+    segmentId: str
+    activityId: str
+    memberId: str
+    platform: str
+    sourceId: str
+    type: str
+    createdAt: str | int
+    updatedAt: str | int
+    timestamp: str | int
+
+
+class _Message(msgspec.Struct):
     action: str
-    segment_id: str
-    record: dict[str, Any]
-    retirement: Retirement | None = None
-    old_values_unknown: bool = False
+    record: _Record
+    changes: dict[str, Any] | None = None
+
+
+_FAST = msgspec.json.Decoder(_Message)
+_SORT_KEY_SET = frozenset(SORT_KEY)
 
 
 def decode(value: bytes | None, topic: str = "", partition: int = -1, offset: int = -1) -> Change:
-    """Validate one Sequin value; where it came from is written into a retirement's metadata."""
+    """Validate one Sequin value; where it came from is written into a retirement's metadata.
+
+    Fast path: a typed decode of only the needed fields (msgspec, in C). Anything it does not accept
+    as a plain good change (bad input, a delete without updatedAt, an update touching the sort key)
+    takes the full path, which names the error class or builds the retirement."""
+    try:
+        if not value.isascii():  # type: ignore[union-attr]
+            value.decode("utf-8")  # type: ignore[union-attr]  # msgspec does not check skipped fields
+        m = _FAST.decode(value)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - whatever the fast path rejects, the full path classifies
+        return _decode_full(value, topic, partition, offset)
+    r = m.record
+    ch = m.changes
+    if (m.action in ACTIONS and r.segmentId and valid_timestamp(r.createdAt) and valid_timestamp(r.updatedAt)
+            and valid_timestamp(r.timestamp) and (m.action != "update" or ch is None or _SORT_KEY_SET.isdisjoint(ch))):
+        return Change(m.action, r.segmentId, value, old_values_unknown=m.action == "update" and not ch)  # type: ignore[arg-type]
+    return _decode_full(value, topic, partition, offset)
+
+
+def _decode_full(value: bytes | None, topic: str, partition: int, offset: int) -> Change:
     if value is None:
         raise BadMessage("tombstone", "null value")
     try:
         msg = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        try:
-            bytes(value).decode("utf-8")
-        except UnicodeDecodeError as uexc:
-            raise BadMessage("invalid_utf8", str(uexc)[:200]) from None
-        raise BadMessage("not_json", str(exc)[:200]) from None
+        msg = _loads_slow(value, exc)
     if type(msg) is not dict:
         raise BadMessage("not_object", f"top level is {type(msg).__name__}")
     action = msg.get("action")
@@ -89,17 +142,42 @@ def decode(value: bytes | None, topic: str = "", partition: int = -1, offset: in
         raise BadMessage("no_record", "record missing or null")
     if type(record) is not dict:
         raise BadMessage("record_not_object", f"record is {type(record).__name__}")
-    segment_id = _segment_id(record, "record")
-    _check_columns(record, action, msg.get("metadata"))
+    segment_id = record.get("segmentId")
+    if type(segment_id) is not str or not segment_id:
+        segment_id = _segment_id(record, "record")  # raises the precise class
+    g = record.get  # fast path for good rows; the slow one names what is wrong (or allows a delete)
+    if not (type(g("activityId")) is str and type(g("memberId")) is str and type(g("platform")) is str
+            and type(g("sourceId")) is str and type(g("type")) is str and valid_timestamp(g("createdAt"))
+            and valid_timestamp(g("updatedAt")) and valid_timestamp(g("timestamp"))):
+        _check_columns(record, action, msg.get("metadata"))
     changes = msg.get("changes")
     if action != "update":
-        return Change(action, segment_id, record)
+        return Change(action, segment_id, value, record)
     if changes is None or changes == {}:
-        return Change(action, segment_id, record, old_values_unknown=True)
+        return Change(action, segment_id, value, record, old_values_unknown=True)
     if type(changes) is not dict:
         raise BadMessage("bad_changes", f"changes is {type(changes).__name__}")
     source = f"{topic}/{partition}/{offset}"
-    return Change(action, segment_id, record, retirement=_retirement(msg, record, changes, source))
+    return Change(action, segment_id, value, record, retirement=_retirement(msg, record, changes, source))
+
+
+def _loads_slow(value: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """orjson refuses numbers beyond a double, which RFC 8259 allows (and the fast path skips over):
+    parse those with the standard library; everything else orjson refused is bad input."""
+    try:
+        text = bytes(value).decode("utf-8")
+    except UnicodeDecodeError as uexc:
+        raise BadMessage("invalid_utf8", str(uexc)[:200]) from None
+    if "infinity" in str(exc):
+        try:
+            return json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as jexc:
+            raise BadMessage("not_json", str(jexc)[:200]) from None
+    raise BadMessage("not_json", str(exc)[:200]) from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _short(v: object) -> str:
@@ -144,10 +222,10 @@ def valid_timestamp(v: object) -> bool:
     if type(v) is not str or len(v) < 10 or len(v) > 40:
         return False
     try:
-        ts = datetime.fromisoformat(v)
+        _fromisoformat(v)
     except ValueError:
         return False
-    return 1900 <= ts.year <= 2299
+    return "1900" <= v[:4] <= "2299"  # fromisoformat accepted it, so these are the year's four digits
 
 
 def _retirement(msg: dict[str, Any], record: dict[str, Any], changes: dict[str, Any],
@@ -165,7 +243,10 @@ def _retirement(msg: dict[str, Any], record: dict[str, Any], changes: dict[str, 
     metadata = msg.get("metadata")
     meta = dict(metadata) if type(metadata) is dict else {}
     meta["bucketer"] = {"derived": "retirement", "reason": reason, "source": source}
-    value = orjson.dumps({"action": "delete", "changes": None, "record": old, "metadata": meta})
+    try:
+        value = orjson.dumps({"action": "delete", "changes": None, "record": old, "metadata": meta})
+    except TypeError as exc:  # an integer beyond 64 bits (valid JSON, but not re-encodable here)
+        raise BadMessage("bad_changes", f"old row cannot be encoded: {exc}") from None
     return Retirement(old_sid, value, reason)
 
 

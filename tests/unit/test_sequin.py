@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sequinmsgs import bad_messages, message, row, scenario  # noqa: E402
 
-from connectors.sequin import ERROR_CLASSES, BadMessage, Change, decode, valid_timestamp  # noqa: E402
+from connectors.sequin import ERROR_CLASSES, BadMessage, Change, _decode_full, decode, valid_timestamp  # noqa: E402
 from stream.buckets import bucket_of  # noqa: E402
 from stream.routing import BatchCounts, BatchRouter  # noqa: E402
 
@@ -42,6 +43,7 @@ def test_good_actions_decode(action: str) -> None:
     rec = row(RNG, "a1", SEG_A)
     ch = decode(message(action, rec, {"score": 1} if action == "update" else None))
     assert (ch.action, ch.segment_id, ch.record["activityId"], ch.retirement) == (action, SEG_A, "a1", None)
+    assert ch.record == rec  # parsed on demand from the original bytes
 
 
 def test_timestamps_iso_or_unix_micros() -> None:
@@ -168,15 +170,23 @@ def test_too_large_goes_to_the_dlq_without_its_bytes() -> None:
     assert counts.dlq == Counter({"too_large": 1})
 
 
-def outcome(value: bytes | None) -> str:
-    """Decode, and route through BatchRouter: exactly one output (bucket or DLQ) besides a retirement."""
+def summary(decoder: Callable[..., Change], value: bytes | None) -> tuple[object, ...]:
     try:
-        ch = decode(value)
-        result = "routed"
-        assert isinstance(ch, Change) and isinstance(ch.segment_id, str) and ch.segment_id
+        ch = decoder(value, "t", 0, 1)
     except BadMessage as bad:
         assert bad.error_class in ERROR_CLASSES
-        result = "dlq"
+        return ("dlq", bad.error_class)
+    assert isinstance(ch, Change) and isinstance(ch.segment_id, str) and ch.segment_id
+    assert ch.value is value
+    return ("routed", ch.action, ch.segment_id, ch.old_values_unknown, ch.retirement)
+
+
+def outcome(value: bytes | None) -> str:
+    """Decode, and route through BatchRouter: exactly one output (bucket or DLQ) besides a retirement.
+    The fast path (typed partial decode) and the full path must agree on every input."""
+    fast = summary(decode, value)
+    assert fast == summary(_decode_full, value)
+    result = str(fast[0])
     sink, _ = route_all([value])
     own = [o for o in sink.out if o[4] != [("bucketer-derived", b"retirement")]]
     assert len(own) == 1 and own[0][0] == ("bucket" if result == "routed" else "dlq")
@@ -194,6 +204,9 @@ def test_fuzz_random_bytes(data: bytes) -> None:
 
 
 SEEDS = [m.value for m in scenario(11, 40, 10)]
+# JSON edge cases where a partial (skipping) parser and a full one could disagree.
+SPLICES = [b"1e999", b"-1e400", b"1" * 400, b"NaN", b"Infinity", b'\\ud800', b'\\q', b"\x80", b"\xc3\xa9", b"01",
+           b'"segmentId":"dup",', b'"record":null,', b'"action":"delete",', b"\x00", b"tru", b"[]"]
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
            | st.text(max_size=20))
 JSON = st.recursive(SCALARS,
@@ -217,7 +230,7 @@ def test_fuzz_mutated_messages(seed: bytes | None, data: st.DataObject) -> None:
         value = bytes(buf[: data.draw(st.integers(0, len(buf)))])
     elif how == "splice":
         at = data.draw(st.integers(0, len(buf)))
-        value = bytes(buf[:at]) + data.draw(st.binary(max_size=20)) + bytes(buf[at:])
+        value = bytes(buf[:at]) + data.draw(st.binary(max_size=20) | st.sampled_from(SPLICES)) + bytes(buf[at:])
     else:
         try:
             msg = orjson.loads(seed)
