@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class LoaderConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_wait: float = 1.0
     poll_timeout: float = 0.2
+    drained_after: float = 0.02  # a pending batch is handed over after a poll this long brings nothing
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -59,13 +61,29 @@ class LoaderStats:
     inserted: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
     flushes: int = 0
-    retirements: int = 0
+
+
+@dataclass(frozen=True)
+class Origin:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
 
 
 @dataclass
 class _Pending:
+    """One table's share of a batch. Where each value came from is kept in flat arrays, not in the Message
+    objects: 100k live Messages (garbage-collector-tracked) make every GC pass slower."""
+
+    topic: str
     values: list[bytes] = field(default_factory=list)
-    messages: list[Message] = field(default_factory=list)  # where each value came from (for dead letters)
+    keys: list[bytes | None] = field(default_factory=list)
+    partitions: array = field(default_factory=lambda: array("i"))
+    offsets: array = field(default_factory=lambda: array("q"))
+
+    def origin(self, i: int) -> Origin:
+        return Origin(self.topic, self.partitions[i], self.offsets[i], self.keys[i])
 
 
 class LoaderError(RuntimeError):
@@ -102,8 +120,7 @@ class Loader:
         self._count = 0
         self._batch_started: float | None = None
         self._dlq_errors: list[str] = []
-        # One insert runs in the background while the next batch is read; its offsets wait with it.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
+        self._executor: ThreadPoolExecutor | None = None
         self._inflight: tuple[Future[None], list[TopicPartition], int] | None = None
         self._batch_messages = 0
 
@@ -118,12 +135,14 @@ class Loader:
                      "fetch.max.bytes": 64 << 20, **cfg.consumer_overrides}
         self._consumer = Consumer(consumer_config(cfg.bootstrap, cfg.group, **overrides))
         self._producer = Producer(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
+        # One insert runs in the background while the next batch is read; its offsets wait with it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
             self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
             last_input = self.clock()
             while not self._stop:
                 # While a batch waits, poll briefly: an empty poll means the input is drained.
-                timeout = min(cfg.poll_timeout, 0.02) if self._offsets else cfg.poll_timeout
+                timeout = min(cfg.poll_timeout, cfg.drained_after) if self._offsets else cfg.poll_timeout
                 msgs = self._consumer.consume(num_messages=10_000, timeout=timeout)
                 if msgs:
                     last_input = self.clock()
@@ -143,7 +162,9 @@ class Loader:
         return self.stats
 
     def _close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
         self._inflight = None
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
@@ -171,18 +192,23 @@ class Loader:
                 continue
             # A message without an error always has its topic, partition and offset.
             topic: str = m.topic()  # type: ignore[assignment]
-            offsets[(topic, m.partition())] = m.offset() + 1  # type: ignore[index,operator]
+            partition: int = m.partition()  # type: ignore[assignment]
+            offset: int = m.offset()  # type: ignore[assignment]
+            offsets[(topic, partition)] = offset + 1
             taken += 1
             value = m.value()
             if not value:
-                self._dead_letter("invalid-message", "empty value (tombstone)", m, b"")
+                self._dead_letter("invalid-message", "empty value (tombstone)", Origin(topic, partition, offset,
+                                                                                    m.key()), b"")
                 continue
             table = targets[topic][0]
             p = pending.get(table)
             if p is None:
-                p = pending[table] = _Pending()
+                p = pending[table] = _Pending(topic)
             p.values.append(value)
-            p.messages.append(m)
+            p.keys.append(m.key())
+            p.partitions.append(partition)
+            p.offsets.append(offset)
             size += len(value)
         self.stats.messages += taken
         self._batch_messages += taken
@@ -224,12 +250,13 @@ class Loader:
         self._offsets = {}
         self._bytes = self._count = 0
         self._batch_started = None
+        assert self._executor is not None, "dispatch needs a running loader"
         self._inflight = (self._executor.submit(self._write, pending), offsets, self._batch_messages)
         self._batch_messages = 0
 
     def _write(self, pending: dict[str, _Pending]) -> None:
         for table, p in pending.items():
-            self._insert(table, p.values, p.messages)
+            self._insert(table, p)
         self._confirm_dlq()
 
     def _reap(self, wait: bool) -> None:
@@ -258,22 +285,24 @@ class Loader:
         self.stats.inserted[table] = self.stats.inserted.get(table, 0) + len(values)
         return None
 
-    def _insert(self, table: str, values: list[bytes], origins: list[Message]) -> None:
-        if not values or self._try(table, values) is None:
+    def _insert(self, table: str, p: _Pending) -> None:
+        if not p.values or self._try(table, p.values) is None:
             return
+        # The slow path: find the messages the warehouse cannot take.
         self._probe()
         kind = self._kind(table)
-        good_v, good_o = [], []
-        for v, o in zip(values, origins, strict=True):
+        good_v: list[bytes] = []
+        good_o: list[Origin] = []
+        for i, v in enumerate(p.values):
             reason = problem(v, kind)
             if reason is None:
                 good_v.append(v)
-                good_o.append(o)
+                good_o.append(p.origin(i))
             else:
-                self._dead_letter("invalid-message", reason, o, v)
+                self._dead_letter("invalid-message", reason, p.origin(i), v)
         self._bisect(table, good_v, good_o)
 
-    def _bisect(self, table: str, values: list[bytes], origins: list[Message]) -> None:
+    def _bisect(self, table: str, values: list[bytes], origins: list[Origin]) -> None:
         if not values:
             return
         err = self._try(table, values)
@@ -295,13 +324,12 @@ class Loader:
 
     # --- dead letters ----------------------------------------------------------------------------------------
 
-    def _dead_letter(self, error_class: str, reason: str, origin: Message, value: bytes | None) -> None:
-        topic, partition, offset = origin.topic() or "", origin.partition() or 0, origin.offset() or 0
-        log.warning("loader: dead-lettering %s/%d/%d: %s", topic, partition, offset, reason)
+    def _dead_letter(self, error_class: str, reason: str, origin: Origin, value: bytes | None) -> None:
+        log.warning("loader: dead-lettering %s/%d/%d: %s", origin.topic, origin.partition, origin.offset, reason)
         assert self._producer is not None, "dead letters need a running loader"
-        self._producer.produce(self.config.topics.dlq, value=value or b"", key=origin.key(),
-                               headers=cast("list[tuple[str, str | bytes | None]]",
-                                            dlq_headers(error_class, reason, topic, partition, offset)))
+        headers = dlq_headers(error_class, reason, origin.topic, origin.partition, origin.offset)
+        self._producer.produce(self.config.topics.dlq, value=value or b"", key=origin.key,
+                               headers=cast("list[tuple[str, str | bytes | None]]", headers))
         self._producer.poll(0)
         self.stats.dead_lettered += 1
 
