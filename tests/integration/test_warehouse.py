@@ -142,3 +142,32 @@ def test_query_cli_json_lines_project_and_errors(tmp_path: Path) -> None:
                          (("SELECT * FROM activityRelations_bucket_routing(bucketId = 10)",), "invalid bucketId")):
         bad = run_cli("query", *args, cwd=tmp_path)
         assert bad.returncode != 0 and needle in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_status_reads_dlq_count_and_router_lag_from_kafka_offsets(bootstrap: str, tmp_path: Path) -> None:
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from kafkatools import create_topics, unique
+
+    from connectors.topics import TopicNames
+    from stream.status import collect
+
+    topics = TopicNames(prefix=unique("st") + ".")
+    create_topics(bootstrap, [topics.source, topics.dlq], partitions=2)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(3):
+        producer.produce(topics.dlq, value=b"bad", partition=i % 2)
+    for i in range(7):
+        producer.produce(topics.source, value=b"{}", partition=0 if i < 4 else 1)
+    assert producer.flush(30) == 0
+    group = unique("router")
+    committer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:  # the "router" has done 2 of partition 0's 4 messages and nothing of partition 1's 3
+        committer.commit(offsets=[TopicPartition(topics.source, 0, 2)], asynchronous=False)
+    finally:
+        committer.close()
+    with EmbeddedWarehouse(tmp_path / "d") as wh:
+        ensure_schema(wh, 2)
+        st = collect(wh, bootstrap=bootstrap, topics=topics, router_group=group)
+        assert (st.dlq_messages, st.router_lag, st.kafka_error) == (3, 2 + 3, None)
+        missing = collect(wh, bootstrap=bootstrap, topics=TopicNames(prefix=unique("none") + "."), router_group=group)
+        assert (missing.dlq_messages, missing.router_lag) == (None, None)
