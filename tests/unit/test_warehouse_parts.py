@@ -126,3 +126,21 @@ def test_constructors_do_no_io_and_urls_pick_the_backend(tmp_path: Path) -> None
     server = open_warehouse(where, url="https://u:secret@ch.example:8443/analytics")
     assert isinstance(server, ServerWarehouse) and server.database == "analytics"
     assert redact(server.url) == "https://u:***@ch.example:8443/analytics"
+
+
+class FakeHttpClient:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes | None]] = []
+
+    def command(self, sql: str, parameters: object = None, data: bytes | None = None) -> None:
+        self.calls.append((sql, data))
+
+
+def test_server_backend_streams_the_json_through_input() -> None:
+    wh = ServerWarehouse("http://localhost:8123/db1")
+    fake = FakeHttpClient()
+    wh._client = fake
+    wh.insert_json("t (`a`)", "SELECT JSONExtractString(v, 'a') FROM {source}", [b'{"a":"x"}', b'{"a":"y"}'])
+    sql, data = fake.calls[0]
+    assert sql == "INSERT INTO t (`a`) SELECT JSONExtractString(v, 'a') FROM input('v String') FORMAT JSONAsString"
+    assert data == b'{"a":"x"}\n{"a":"y"}'
