@@ -144,7 +144,7 @@ def route_cmd(
     partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1,
                                             help="Partitions of the bucket topics the router creates.")] = 3,
     replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 5000,
+    batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
     batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.5,
     instance_id: Annotated[str | None, typer.Option(
         "--instance-id", envvar="BUCKETER_ROUTER_INSTANCE",

@@ -63,7 +63,7 @@ class RouterConfig:
     sink: str = "kafka"
     partitions: int = 3            # of bucket topics (and the DLQ) when the router creates them
     replication: int = 1
-    batch_size: int = 5000
+    batch_size: int = 10_000
     batch_time: float = 0.5        # seconds a batch may wait to fill
     exactly_once: bool = True
     until_idle: float | None = None

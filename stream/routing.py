@@ -54,11 +54,13 @@ class BatchRouter:
         counts = BatchCounts([0] * self.buckets)
         per_bucket = counts.buckets
         write = sink.write
+        cache = self._cache
+        limit = self.max_message_bytes
         for m in messages:
             value = m.value()
             try:
-                if value is not None and len(value) > self.max_message_bytes:
-                    raise BadMessage("too_large", f"{len(value)} bytes > {self.max_message_bytes}")
+                if value is not None and len(value) > limit:
+                    raise BadMessage("too_large", f"{len(value)} bytes > {limit}")
                 change = decode(value, m.topic(), m.partition(), m.offset())
             except BadMessage as bad:
                 self.dead_letter(m, bad, sink, counts)
@@ -71,8 +73,10 @@ class BatchRouter:
                 counts.retirements += 1
             elif change.old_values_unknown:
                 counts.old_values_unknown += 1
-            b = self.bucket(change.segment_id)
-            write(b, m.key(), value, None)  # type: ignore[arg-type]  # value is bytes once decoded
+            b = cache.get(change.segment_id)
+            if b is None:
+                b = self.bucket(change.segment_id)
+            write(b, m.key(), value)  # type: ignore[arg-type]  # value is bytes once decoded
             per_bucket[b] += 1
         return counts
 

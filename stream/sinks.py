@@ -105,7 +105,13 @@ class KafkaSink:
             self._in_txn = True
 
     def write(self, bucket: int, key: bytes | None, value: bytes, headers: Headers = None) -> None:
-        self._produce(self._topics[bucket], key, value, headers)
+        try:  # the hot path: one produce call, no headers for forwarded originals
+            if headers is None:
+                self._producer.produce(self._topics[bucket], value, key)  # type: ignore[union-attr]
+            else:
+                self._producer.produce(self._topics[bucket], value, key, headers=headers)  # type: ignore[union-attr]
+        except (BufferError, KafkaException, AttributeError):
+            self._produce(self._topics[bucket], key, value, headers)
 
     def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
         self._produce(self._names.dlq, key, value, headers)
