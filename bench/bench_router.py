@@ -224,19 +224,21 @@ def run(args: argparse.Namespace) -> None:
                 if ln.startswith("model name")), platform.processor())
 
     section = [
-        f"\n## Router vs passthrough ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n",
+        f"## Router vs passthrough ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n",
         f"- machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}; broker: local Apache Kafka 4.1.1 KRaft on the same machine",
+        f"{platform.system()} {platform.release()}; broker: local Apache Kafka 4.1.1 KRaft on the same machine; "
+        f"load average at the end {os.getloadavg()[0]:.1f}",
         f"- command: `.venv/bin/python bench/bench_router.py {' '.join(sys.argv[1:])}`",
         f"- {args.messages} Sequin inserts of ~{avg} bytes, 3 source partitions, batch {BATCH}; router to 10 "
         "bucket topics x 3 partitions (30 partitions per transaction); passthrough to 1 topic x 3 partitions "
         "and, to separate the cost of writing 30 partitions from the cost of routing, 1 topic x 30; median of "
         f"{args.repeats} interleaved runs, each in its own process; rate = messages / (last commit - first batch)",
         "- target: router >= 0.8x passthrough, peak RSS <= 300 MB\n",
-        *table, "",
+        *table,
     ]
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write("\n".join(section))
+    from bench.report import replace_section
+
+    replace_section("router", "\n".join(section))
 
 
 if __name__ == "__main__":

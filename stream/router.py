@@ -146,13 +146,13 @@ class Router:
                         raise exc
                     log.warning("%s", exc)
                 continue
-            last[(m.topic(), m.partition())] = m.offset()
+            last[(m.topic(), m.partition())] = m.offset()  # type: ignore[index,assignment]
             good.append(m)
         if not good:
             return
         try:
             sink.begin()
-            counts = self._router.route(good, sink)
+            counts = self._router.route(good, sink)  # type: ignore[arg-type]
             sink.commit([TopicPartition(t, p, o + 1) for (t, p), o in last.items()], consumer)
         except BucketerKafkaError as exc:
             self.stats.aborts += 1

@@ -109,7 +109,8 @@ class KafkaSink:
             if headers is None:
                 self._producer.produce(self._topics[bucket], value, key)  # type: ignore[union-attr]
             else:
-                self._producer.produce(self._topics[bucket], value, key, headers=headers)  # type: ignore[union-attr]
+                self._producer.produce(self._topics[bucket], value, key,  # type: ignore[union-attr]
+                                      headers=headers)  # type: ignore[arg-type]
         except (BufferError, KafkaException, AttributeError):
             self._produce(self._topics[bucket], key, value, headers)
 
@@ -119,7 +120,7 @@ class KafkaSink:
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
         while True:
             try:
-                self._p.produce(topic, value, key, headers=headers)
+                self._p.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
                 return
             except BufferError:
                 self._p.poll(0.05)  # local queue full: serve delivery reports, then retry
