@@ -8,19 +8,22 @@ bytes to ClickHouse as they are (``Warehouse.insert_json`` with the SQL of strea
 the JSON) and only then commits the next offsets. A crash before the commit replays the batch, which is
 harmless: rows are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
 
-Bad messages never stop the loader and are never dropped silently: when an insert fails, ``ingest.problem``
-names the bad messages, the rest is inserted again, and if the warehouse still refuses, the batch is split in
-halves until the refused message is alone. Each refused message goes to the DLQ topic with the reason (headers
-of CONTRACTS.md) and is counted in ``stats.dead_lettered``; DLQ deliveries are confirmed before the commit.
-If the warehouse itself is down (a probe query fails) the loader raises without committing.
+Bad messages never stop the loader and are never dropped silently: when an insert fails on its data (a
+ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``ingest.problem`` names the bad messages, the rest is
+inserted again, and if the warehouse still refuses, the batch is split in halves until the refused message is
+alone. Any other failure is retried (``retry_backoff``) and then raised, never blamed on a message. Each
+refused message goes to the DLQ topic with the reason (headers of CONTRACTS.md) and is counted in
+``stats.dead_lettered``; DLQ deliveries are confirmed before the commit. If the warehouse itself is down (a
+probe query fails) the loader raises without committing.
 
-``stop()`` only sets a flag; ``run()`` then flushes, commits and closes. ``run(until_idle=S)`` returns after S
-seconds without new messages (batch use, tests).
+``stop()`` only sets a flag; ``run()`` then flushes,
+commits and closes. ``run(until_idle=S)`` returns after S seconds without new messages (batch use, tests).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from array import array
 from collections.abc import Callable, Mapping
@@ -38,6 +41,15 @@ from stream.ingest import insert_sql, problem
 
 log = logging.getLogger(__name__)
 ACTIVITY = "activityRelations"
+# ClickHouse error codes that blame the data (parse errors, types, ranges, our throwIf): bisect and dead-letter.
+# Any other failure (too many parts, memory, a lost connection) is retried, never blamed on a message.
+DATA_ERRORS = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 407, 691})
+_CODE = re.compile(r"Code: (\d+)")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    m = _CODE.search(str(exc))
+    return bool(m) and int(m.group(1)) in DATA_ERRORS
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class LoaderConfig:
     poll_timeout: float = 0.2
     drained_after: float = 0.02  # a pending batch is handed over after a poll this long brings nothing
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Waits before retrying an insert that failed for a reason other than its data (then: give up, no commit).
+    retry_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -286,8 +300,19 @@ class Loader:
         return None
 
     def _insert(self, table: str, p: _Pending) -> None:
-        if not p.values or self._try(table, p.values) is None:
+        if not p.values:
             return
+        err = self._try(table, p.values)
+        for wait in self.config.retry_backoff:
+            if err is None or is_data_error(err):
+                break
+            log.warning("loader: insert into %s failed (%s); retrying in %.1fs", table, err, wait)
+            time.sleep(wait)
+            err = self._try(table, p.values)
+        if err is None:
+            return
+        if not is_data_error(err):
+            raise WarehouseUnavailable(f"insert into {table} keeps failing ({err}); nothing committed")
         # The slow path: find the messages the warehouse cannot take.
         self._probe()
         kind = self._kind(table)
@@ -308,8 +333,9 @@ class Loader:
         err = self._try(table, values)
         if err is None:
             return
+        if not is_data_error(err):
+            raise WarehouseUnavailable(f"insert into {table} failed ({err}); nothing committed")
         if len(values) == 1:
-            self._probe()
             self._dead_letter("warehouse-rejected", str(err), origins[0], values[0])
             return
         mid = len(values) // 2

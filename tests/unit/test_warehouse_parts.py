@@ -144,3 +144,14 @@ def test_server_backend_streams_the_json_through_input() -> None:
     sql, data = fake.calls[0]
     assert sql == "INSERT INTO t (`a`) SELECT JSONExtractString(v, 'a') FROM input('v String') FORMAT JSONAsString"
     assert data == b'{"a":"x"}\n{"a":"y"}'
+
+
+def test_only_data_errors_are_blamed_on_messages() -> None:
+    from connectors.warehouse import WarehouseError
+    from stream.loader import is_data_error
+
+    assert is_data_error(WarehouseError("Code: 395. DB::Exception: a change message without its required fields"))
+    assert is_data_error(WarehouseError("Code: 117. DB::Exception: JSON object must begin with '{'"))
+    assert not is_data_error(WarehouseError("Code: 252. DB::Exception: Too many parts (300)"))
+    assert not is_data_error(WarehouseError("Code: 241. DB::Exception: Memory limit (total) exceeded"))
+    assert not is_data_error(WarehouseError("connection refused"))
