@@ -49,7 +49,7 @@ _CODE = re.compile(r"Code: (\d+)")
 
 def is_data_error(exc: BaseException) -> bool:
     m = _CODE.search(str(exc))
-    return bool(m) and int(m.group(1)) in DATA_ERRORS
+    return m is not None and int(m.group(1)) in DATA_ERRORS
 
 
 @dataclass(frozen=True)
