@@ -77,8 +77,12 @@ class RouterConfig:
 
 class Router:
     def __init__(self, config: RouterConfig, sink_factory: Callable[[RouterConfig], Sink] = make_sink,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 consumer_factory: Callable[[dict[str, object]], Consumer] | None = None) -> None:
+        """``consumer_factory`` (tests: an in-memory consumer) takes the consumer config; by default a
+        confluent-kafka Consumer, after checking that the broker answers."""
         self.config = config
+        self._consumer_factory = consumer_factory
         self.topics = TopicNames(config.topic_prefix)
         self.stats = RouterStats(config.buckets)
         self._sink_factory, self._clock = sink_factory, clock
@@ -94,14 +98,16 @@ class Router:
 
     def run(self) -> None:
         cfg = self.config
-        check_reachable(cfg.bootstrap)
+        if self._consumer_factory is None:
+            check_reachable(cfg.bootstrap)
         sink = self._sink_factory(cfg)
         sink.open()
         extra: dict[str, object] = {"session.timeout.ms": cfg.session_timeout_ms,
                                     "heartbeat.interval.ms": max(500, cfg.session_timeout_ms // 3)}
         if cfg.static_membership:
             extra["group.instance.id"] = f"{self.topics.source}.{cfg.instance_id}"
-        consumer = Consumer(consumer_config(cfg.bootstrap, cfg.group, **extra))
+        conf = consumer_config(cfg.bootstrap, cfg.group, **extra)
+        consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
             consumer.subscribe([self.topics.source], on_assign=self._on_assign,
                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
@@ -190,7 +196,12 @@ class Router:
                 self._broken = False
             assigned = consumer.assignment()
             if assigned:
-                for tp in consumer.committed(assigned, timeout=10):
+                committed = consumer.committed(assigned, timeout=10)
+                failed = [tp for tp in committed if tp.error is not None]
+                if failed:  # never guess a position: seeking to the start would duplicate output
+                    log.warning("committed offsets unavailable (%s); will retry", failed[0].error)
+                    return False
+                for tp in committed:  # no commit yet: the group starts from the beginning (earliest)
                     consumer.seek(TopicPartition(tp.topic, tp.partition,
                                                  tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
             self._rewind_needed = False

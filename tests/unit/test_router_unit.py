@@ -1,0 +1,189 @@
+"""The router's batch/commit/abort/replay logic on an in-memory consumer and sink (no broker): failed
+commits, failed aborts and a fatal sink error still give every output exactly once, in order."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sequinmsgs import scenario  # noqa: E402
+
+from connectors.kafka import KafkaFatalError, KafkaRetryError  # noqa: E402
+from stream.router import Router, RouterConfig  # noqa: E402
+
+TOPIC = "activityRelations"
+
+
+class Msg:
+    def __init__(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
+        self._p, self._o, self._k, self._v = partition, offset, key, value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+
+class MemoryConsumer:
+    """Two partitions; committed offsets are only ever written by the sink's commit."""
+
+    def __init__(self, logs: list[list[Msg]]) -> None:
+        self.logs = logs
+        self.position_of = [0] * len(logs)
+        self.committed_of = [-1001] * len(logs)
+        self.tps = [TopicPartition(TOPIC, p) for p in range(len(logs))]
+
+    def subscribe(self, topics: list[str], on_assign: Any, **_: Any) -> None:
+        on_assign(self, self.tps)
+
+    def consume(self, n: int, timeout: float) -> list[Msg]:
+        out: list[Msg] = []
+        for p, log in enumerate(self.logs):
+            take = log[self.position_of[p]: self.position_of[p] + max(1, n // 2)]
+            self.position_of[p] += len(take)
+            out.extend(take)
+        return out
+
+    def assignment(self) -> list[TopicPartition]:
+        return self.tps
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, tp.partition, self.committed_of[tp.partition]) for tp in tps]
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.position_of[tp.partition] = 0 if tp.offset < 0 else tp.offset
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, tp.partition, self.position_of[tp.partition]) for tp in tps]
+
+    def get_watermark_offsets(self, tp: TopicPartition, **_: Any) -> tuple[int, int]:
+        return 0, len(self.logs[tp.partition])
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def close(self) -> None:
+        pass
+
+
+class FlakySink:
+    """Transactional in memory: records become visible only on commit. ``plan`` says what each commit
+    does: "ok", "abortable" (abort works), "stuck" (abort fails too), "fatal"."""
+
+    exactly_once = True
+
+    def __init__(self, plan: list[str]) -> None:
+        self.plan = plan
+        self.out: list[tuple[str, int | None, bytes | None, bytes | None]] = []
+        self.staged: list[tuple[str, int | None, bytes | None, bytes | None]] = []
+        self.opens = self.aborts = 0
+        self._abort_fails = False
+
+    def open(self) -> None:
+        self.opens += 1
+        self.staged = []  # a new producer fences the old one: its open transaction is aborted
+
+    def begin(self) -> None:
+        assert not self.staged, "a batch began while another was open"
+
+    def write(self, bucket: int, key: bytes | None, value: bytes, headers: Any = None) -> None:
+        self.staged.append(("retire" if headers else "row", bucket, key, value))
+
+    def dead_letter(self, key: bytes | None, value: bytes | None, headers: Any) -> None:
+        self.staged.append(("dlq", None, key, value))
+
+    def commit(self, offsets: list[TopicPartition], consumer: MemoryConsumer) -> None:
+        step = self.plan.pop(0) if self.plan else "ok"
+        if step == "abortable":
+            raise _abortable()
+        if step == "stuck":
+            self._abort_fails = True
+            raise _abortable()
+        if step == "fatal":
+            raise KafkaFatalError("fenced")
+        self.out.extend(self.staged)
+        self.staged = []
+        for tp in offsets:
+            consumer.committed_of[tp.partition] = tp.offset
+
+    def abort(self) -> None:
+        self.aborts += 1
+        if self._abort_fails:
+            self._abort_fails = False
+            raise KafkaRetryError("abort timed out")
+        self.staged = []
+
+    def close(self) -> None:
+        pass
+
+
+def _abortable() -> KafkaRetryError:
+    class Err:
+        def txn_requires_abort(self) -> bool:
+            return True
+
+    return KafkaRetryError("commit failed", Err())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("plan", [[], ["ok", "abortable", "ok", "abortable", "abortable"],
+                                  ["stuck", "ok", "fatal", "ok", "abortable"]])
+def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> None:
+    sents = scenario(21, 300, 10)
+    logs: list[list[Msg]] = [[], []]
+    expected: list[list[Any]] = [[], []]
+    for s in sents:
+        p = hash(s.key) % 2
+        logs[p].append(Msg(p, len(logs[p]), s.key, s.value))
+        expected[p].append(s)
+    consumer = MemoryConsumer(logs)
+    sink = FlakySink(list(plan))
+    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=100, until_idle=0.05, instance_id="u")
+    router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
+    router.run()
+    want = Counter()
+    for s in sents:
+        if s.dlq:
+            want[("dlq", None, s.key, s.value)] += 1
+        else:
+            want[("row", s.bucket, s.key, s.value)] += 1
+    got = Counter(o for o in sink.out if o[0] != "retire")
+    assert got == want
+    assert sum(o[0] == "retire" for o in sink.out) == sum(s.retire_bucket is not None for s in sents)
+    assert consumer.committed_of == [len(log) for log in logs]
+    for key in {s.key for s in sents if s.dlq is None}:  # each activity's changes in source order
+        assert [o[3] for o in sink.out if o[0] == "row" and o[2] == key] == \
+            [s.value for s in sents if s.key == key and s.dlq is None]
+    failures = sum(step != "ok" for step in plan)
+    assert router.stats.aborts == failures
+    assert sink.opens == 1 + sum(step in ("stuck", "fatal") for step in plan)
+    assert router.stats.dlq == Counter(s.dlq for s in sents if s.dlq)
+
+
+def test_too_many_fatal_sink_errors_stop_the_router() -> None:
+    consumer = MemoryConsumer([[Msg(0, i, b"k", b"{}") for i in range(50)], []])
+    sink = FlakySink(["fatal"] * 20)
+    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=10, until_idle=5, max_sink_restarts=3)
+    router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
+    with pytest.raises(KafkaFatalError, match="4 times"):
+        router.run()
+    assert consumer.committed_of == [-1001, -1001]
