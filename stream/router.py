@@ -121,7 +121,7 @@ class Router:
 
     def _loop(self, consumer: Consumer, sink: Sink) -> None:
         cfg = self.config
-        last_input = last_progress = self._clock()
+        started = last_input = last_progress = self._clock()
         while not self._stopping:
             msgs = consumer.consume(cfg.batch_size, timeout=cfg.batch_time)
             now = self._clock()
@@ -133,8 +133,10 @@ class Router:
                 last_input = now
                 self._batch(msgs, consumer, sink)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
-                log.info("no input for %.1fs: stopping", now - max(last_input, self._assigned_at))
-                break
+                if self._caught_up(consumer, now - started):
+                    log.info("no input for %.1fs and nothing left to read: stopping", now - last_input)
+                    break
+                last_input = now  # input is pending (a slow first fetch, a loading coordinator): wait on
             if now - last_progress >= cfg.progress_interval:
                 self.stats.lag = _lag(consumer)
                 log.info("%s", self.stats.progress(now - last_progress))
@@ -216,6 +218,13 @@ class Router:
             log.warning("recovery failed, will retry: %s", exc)
             return False
 
+    def _caught_up(self, consumer: Consumer, running: float) -> bool:
+        """Idle means caught up: committed offsets at the end of every assigned partition (or, with no
+        partitions at all, none assigned for a long while: more routers than partitions)."""
+        if not consumer.assignment():
+            return running >= max(30.0, self.config.until_idle or 0.0)
+        return _lag(consumer) == 0
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = self._clock()
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
@@ -225,11 +234,14 @@ class Router:
 
 
 def _lag(consumer: Consumer) -> int | None:
+    """Messages not yet committed on the assigned partitions; None when the broker cannot tell now."""
     try:
         total = 0
-        for tp in consumer.position(consumer.assignment()):
-            _, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-            total += max(0, high - tp.offset) if tp.offset >= 0 else 0
+        for tp in consumer.committed(consumer.assignment(), timeout=5):
+            if tp.error is not None:
+                return None
+            low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+            total += max(0, high - (tp.offset if tp.offset >= 0 else low))
         return total
     except Exception:  # noqa: BLE001 - lag is informational
         return None

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -134,10 +136,28 @@ def high_watermarks(bootstrap: str, topics: list[str]) -> int:
         c.close()
 
 
-def route_process(bootstrap: str, names: TopicNames, group: str, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "bucketer.cli", "route", "--bootstrap", bootstrap, "--buckets", "10",
-           "--group", group, "--topic-prefix", names.prefix, "--instance-id", "kill-test", "--progress", "1", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def route_cmd(bootstrap: str, names: TopicNames, group: str) -> list[str]:
+    return [sys.executable, "-m", "bucketer.cli", "route", "--bootstrap", bootstrap, "--buckets", "10",
+            "--group", group, "--topic-prefix", names.prefix, "--progress", "1"]
+
+
+def route_process(bootstrap: str, names: TopicNames, group: str, *extra: str,
+                  instance: str = "kill-test") -> subprocess.Popen[bytes]:
+    """``bucketer route`` as a child; its stderr goes to a file (a pipe nobody reads could fill up)."""
+    cmd = [*route_cmd(bootstrap, names, group), "--instance-id", instance, *extra]
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    STDERR[proc.pid] = err
+    return proc
+
+
+STDERR: dict[int, Any] = {}
+
+
+def tail(proc: subprocess.Popen[bytes]) -> str:
+    err = STDERR[proc.pid]
+    err.seek(0)
+    return str(err.read().decode(errors="replace")[-2000:])
 
 
 def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(bootstrap: str, group: str) -> None:
@@ -155,7 +175,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(bootstrap:
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        assert proc.returncode == -signal.SIGKILL, tail(proc)
         done = committed(bootstrap, group, names.source)
         assert done < total_in, f"kill {i} came after the router had finished ({done}/{total_in})"
     proc = route_process(bootstrap, names, group, "--until-idle", "4")
@@ -164,7 +184,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(bootstrap:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 0, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    assert rc == 0, tail(proc)
     assert committed(bootstrap, group, names.source) == total_in
     check_exactly_once(bootstrap, names, 10, sents)
 
@@ -216,7 +236,7 @@ def test_sigterm_stops_gracefully_with_exit_0(bootstrap: str, group: str) -> Non
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 0, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    assert rc == 0, tail(proc)
     check_exactly_once(bootstrap, names, 10, sents)
 
 
@@ -227,3 +247,29 @@ def test_unreachable_broker_is_one_clear_line() -> None:
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bucketer: cannot reach Kafka at 127.0.0.1:1"), r.stderr
+
+
+def test_second_router_joining_mid_stream_rebalances_without_duplicates(bootstrap: str, group: str) -> None:
+    """Router A routes alone; router B joins the group mid-stream (a rebalance revokes A's partitions
+    between batches), then more input arrives for both; SIGTERM both: everything exactly once."""
+    names, first = setup(bootstrap, 31, 800, 10)
+    rest = scenario(32, 800, 10)
+    outputs = [*names.buckets(10), names.dlq]
+    a = route_process(bootstrap, names, group, "--batch-size", "40", "--batch-time", "0.2")
+    b = None
+    try:
+        wait_until(lambda: a.poll() is not None or high_watermarks(bootstrap, outputs) > 300, 60, "router A output")
+        b = route_process(bootstrap, names, group, "--batch-size", "40", instance="joiner")
+        produce(bootstrap, names.source, rest)
+        total = len(first) + len(rest)
+        wait_until(lambda: a.poll() is not None or b.poll() is not None  # type: ignore[union-attr]
+                   or committed(bootstrap, group, names.source) == total, 120, "both routers to finish")
+        assert a.poll() is None and b.poll() is None, "a router died"
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (a, b):
+            if proc is not None:
+                assert proc.wait(30) == 0, tail(proc)
+    check_exactly_once(bootstrap, names, 10, first + rest)
