@@ -259,6 +259,7 @@ class Enricher:
         self._clock = clock or SystemClock()
         self._lock_dir = lock_dir
         self._before_swap = before_swap
+        self._exchange: bool | None = None  # does the database support EXCHANGE TABLES (asked once)
 
     def refresh_countries(self) -> int:
         with self._connect() as wh:
@@ -269,30 +270,41 @@ class Enricher:
         reference state of a batch) it refreshes the country codes and prepares its own."""
         if bucket < 0:
             raise EnrichError(f"invalid bucket {bucket}")
-        started = time.monotonic()
-        snapshot = snapshot_of(self._clock.now())
-        aside = cleaned_table(bucket) + ASIDE_SUFFIX
         with bucket_lock(bucket, self._lock_dir):
             try:
                 with self._connect() as wh:
-                    own = None
-                    if ref is None:
-                        refresh_country_codes(wh)
-                        ref = own = prepare_reference(wh)
-                    try:
-                        wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
-                        wh.command(cleaned_table_ddl(bucket, aside))
-                        wh.command(f"INSERT INTO {aside} {cleaning_select(raw_table(bucket), ref)}",
-                                   {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")})
-                        rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
-                        if self._before_swap is not None:
-                            self._before_swap(wh, bucket)
-                        self._swap(wh, bucket)
-                    finally:
-                        if own is not None:
-                            drop_reference(wh, own)
+                    return self._rebuild_locked(wh, bucket, ref)
             except WarehouseError as exc:
                 raise EnrichError(f"rebuild of bucket {bucket} failed (previous snapshot kept): {exc}") from exc
+
+    def _rebuild_on(self, wh: Warehouse, bucket: int, ref: ReferenceState) -> RebuildResult:
+        """``rebuild`` on an open connection (a batch reuses one connection per worker)."""
+        with bucket_lock(bucket, self._lock_dir):
+            try:
+                return self._rebuild_locked(wh, bucket, ref)
+            except WarehouseError as exc:
+                raise EnrichError(f"rebuild of bucket {bucket} failed (previous snapshot kept): {exc}") from exc
+
+    def _rebuild_locked(self, wh: Warehouse, bucket: int, ref: ReferenceState | None) -> RebuildResult:
+        started = time.monotonic()
+        snapshot = snapshot_of(self._clock.now())
+        aside = cleaned_table(bucket) + ASIDE_SUFFIX
+        own = None
+        if ref is None:
+            refresh_country_codes(wh)
+            ref = own = prepare_reference(wh)
+        try:
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+            wh.command(cleaned_table_ddl(bucket, aside))
+            wh.command(f"INSERT INTO {aside} {cleaning_select(raw_table(bucket), ref)}",
+                       {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")})
+            rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
+            if self._before_swap is not None:
+                self._before_swap(wh, bucket)
+            self._swap(wh, bucket)
+        finally:
+            if own is not None:
+                drop_reference(wh, own)
         seconds = time.monotonic() - started
         log.info("enrich: bucket %d rebuilt, %d rows, snapshot %s, %.2fs", bucket, rows, snapshot, seconds)
         return RebuildResult(bucket, "ok", rows=rows, seconds=seconds, snapshot_id=snapshot)
@@ -301,8 +313,10 @@ class Enricher:
         target = cleaned_table(bucket)
         aside, old = target + ASIDE_SUFFIX, target + OLD_SUFFIX
         wh.command(cleaned_table_ddl(bucket))  # a first rebuild before ensure_schema: nothing to exchange with
-        engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
-        if engine and engine[0][0] in EXCHANGE_ENGINES:
+        if self._exchange is None:
+            engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
+            self._exchange = bool(engine) and engine[0][0] in EXCHANGE_ENGINES
+        if self._exchange:
             wh.command(f"EXCHANGE TABLES {target} AND {aside}")
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
         else:
@@ -320,16 +334,35 @@ class Enricher:
                 refresh_country_codes(wh)
                 ref = prepare_reference(wh)
                 try:
-                    return self._rebuild_all(todo, parallel, ref)
+                    return self._rebuild_all(wh, todo, parallel, ref)
                 finally:
                     drop_reference(wh, ref)
         except WarehouseError as exc:
             return [RebuildResult(b, "failed", error=f"reference state: {one_line(exc)}") for b in todo]
 
-    def _rebuild_all(self, todo: list[int], parallel: int, ref: ReferenceState) -> list[RebuildResult]:
+    def _rebuild_all(self, wh: Warehouse, todo: list[int], parallel: int,
+                     ref: ReferenceState) -> list[RebuildResult]:
+        """Each worker thread opens one connection and keeps it for the batch (opening one costs tens of ms)."""
+        serial = parallel == 1 or len(todo) <= 1
+        local = threading.local()
+        opened: list[AbstractContextManager[Warehouse]] = []
+        guard = threading.Lock()
+
+        def connection() -> Warehouse:
+            if serial:
+                return wh
+            conn = getattr(local, "wh", None)
+            if conn is None:
+                cm = self._connect()
+                conn = cm.__enter__()
+                with guard:
+                    opened.append(cm)
+                local.wh = conn
+            return conn
+
         def one(b: int) -> RebuildResult:
             try:
-                return self.rebuild(b, ref=ref)
+                return self._rebuild_on(connection(), b, ref)
             except BucketBusyError as exc:
                 log.warning("enrich: %s", exc)
                 return RebuildResult(b, "busy", error=str(exc))
@@ -337,7 +370,14 @@ class Enricher:
                 log.error("enrich: %s", one_line(exc))
                 return RebuildResult(b, "failed", error=one_line(exc))
 
-        if parallel == 1 or len(todo) <= 1:
-            return [one(b) for b in todo]
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="enrich") as pool:
-            return list(pool.map(one, todo))
+        try:
+            if serial:
+                return [one(b) for b in todo]
+            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="enrich") as pool:
+                return list(pool.map(one, todo))
+        finally:
+            for cm in opened:
+                try:
+                    cm.__exit__(None, None, None)
+                except Exception as exc:  # closing must not hide the results
+                    log.warning("enrich: closing a connection: %s", one_line(exc))
