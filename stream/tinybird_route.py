@@ -8,9 +8,10 @@ router's own. Offsets are committed by the sink only after Tinybird acknowledged
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from connectors.tinybird import TinybirdConfig
+from connectors.tinybird_api import Secret
 from stream.router import RouterConfig
 
 
@@ -23,3 +24,10 @@ class TinybirdRouterConfig(RouterConfig):
             raise ValueError("sink tinybird needs a TinybirdConfig (--tinybird-url, BUCKETER_TINYBIRD_TOKEN)")
         if self.tinybird is not None and self.tinybird.buckets != self.buckets:
             raise ValueError(f"tinybird buckets {self.tinybird.buckets} != router buckets {self.buckets}")
+
+
+def with_tinybird(config: RouterConfig, url: str, token: Secret, **tinybird: object) -> TinybirdRouterConfig:
+    """``config`` (the route command's) with the Tinybird target attached and ``sink="tinybird"``."""
+    base = {f.name: getattr(config, f.name) for f in fields(RouterConfig)} | {"sink": "tinybird"}
+    tb = TinybirdConfig(url=url, token=token, buckets=config.buckets, **tinybird)  # type: ignore[arg-type]
+    return TinybirdRouterConfig(**base, tinybird=tb)

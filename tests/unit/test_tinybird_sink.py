@@ -245,3 +245,19 @@ def test_client_gzip_body_is_ndjson_of_the_original_bytes(standin: Standin) -> N
         result = client.post_events("some_ds", body, gzipped=True)
     assert (result.status, result.successful_rows, result.quarantined_rows) == (200, 30, 0)
     assert standin.rows["some_ds"] == values
+
+
+def test_router_config_with_tinybird_goes_through_the_sink_seam() -> None:
+    from stream.router import RouterConfig
+    from stream.sinks import make_sink
+    from stream.tinybird_route import with_tinybird
+
+    base = RouterConfig(bootstrap="127.0.0.1:1", buckets=7, group="g", topic_prefix="p.", batch_size=123)
+    config = with_tinybird(base, "http://127.0.0.1:9", Secret(TOKEN), linger=0.2)
+    assert (config.sink, config.buckets, config.group, config.topic_prefix, config.batch_size) == \
+        ("tinybird", 7, "g", "p.", 123)
+    sink = make_sink(config)
+    assert isinstance(sink, TinybirdSink) and sink.config.buckets == 7 and sink.config.linger == 0.2
+    assert TOKEN not in repr(config) and TOKEN not in repr(sink)
+    with pytest.raises(TinybirdSinkError, match="tinybird-url"):
+        make_sink(RouterConfig(bootstrap="127.0.0.1:1", sink="tinybird"))
