@@ -4,8 +4,9 @@
 
 Every contender routes the same loadgen messages (~1.3 KB Sequin activityRelations, 1% bad) on the same
 broker in the same run, measured by ``bench/kafka_run.py`` (rate between the first and last output
-append, start-up excluded; CPU seconds; peak RSS). Contenders run round-robin within each repeat so a
-change in the machine's background load hits all of them alike; each number is the median of the repeats.
+append, start-up excluded; CPU seconds; peak RSS). Contenders run round-robin within each repeat, each
+repeat starting one further along, so a change in the machine's background load hits all of them alike; each
+number is the median of the repeats.
 
 - ``passthrough``: confluent-kafka consume -> produce of the same bytes, no parsing (bench/passthrough.py)
 - ``router-eos`` / ``router-alo``: ``bucketer route`` exactly once (default) / ``--at-least-once``
@@ -143,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     sweep_msgs = msgs if plan.sweep_count == plan.count else messages(plan.sweep_count)
     reused = {(c, 10, plan.count) for c in plan.contenders} if plan.sweep_count == plan.count else set()
     with broker() as bootstrap:
-        for _ in range(plan.repeats):
-            for contender in plan.contenders:
+        # Each repeat starts one further along the list, so no contender always runs first or last
+        # (a drift in the machine's background load would otherwise favour one position).
+        for rep in range(plan.repeats):
+            for contender in rotated(plan.contenders, rep):
                 attempt(bootstrap, contender, 10, msgs)
-        for _ in range(plan.repeats):
+        for rep in range(plan.repeats):
             for mode in plan.sweep_modes:
-                for n in plan.sweep:
+                for n in rotated(plan.sweep, rep):
                     if (mode, n, plan.sweep_count) in reused:
                         continue  # measured above already, same size
                     attempt(bootstrap, mode, n, sweep_msgs)
@@ -336,6 +339,11 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
         *sweep_rows,
     ]
     report.save("\n".join(body))
+
+
+def rotated(items: tuple, k: int) -> tuple:
+    k %= max(len(items), 1)
+    return items[k:] + items[:k]
 
 
 def num(v: float, spec: str) -> str:

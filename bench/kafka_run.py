@@ -97,10 +97,16 @@ def delete_prefix(bootstrap: str, prefix: str) -> None:
                 pass
 
 
-def prepare(bootstrap: str, prefix: str, msgs: list[tuple[bytes, bytes | None]], outputs: list[str]) -> None:
+def prepare(
+    bootstrap: str,
+    prefix: str,
+    msgs: list[tuple[bytes, bytes | None]],
+    outputs: list[str],
+    out_partitions: int = PARTITIONS,
+) -> None:
     """Create and fill the source topic; create the (LogAppendTime) output topics."""
     create_topics(bootstrap, [f"{prefix}{SOURCE}"])
-    create_topics(bootstrap, outputs, config=LOG_APPEND)
+    create_topics(bootstrap, outputs, partitions=out_partitions, config=LOG_APPEND)
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
