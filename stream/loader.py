@@ -114,10 +114,14 @@ class DeadLetterFailed(LoaderError):
 
 class Loader:
     def __init__(self, config: LoaderConfig, warehouse: Warehouse,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+                 producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+        """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes)."""
         self.config = config
         self.warehouse = warehouse
         self.clock = clock
+        self._consumer_factory, self._producer_factory = consumer_factory, producer_factory
         self.stats = LoaderStats()
         self._stop = False
         self._consumer: Consumer | None = None
@@ -147,26 +151,30 @@ class Loader:
         cfg = self.config
         overrides = {"topic.metadata.refresh.interval.ms": 2000, "max.partition.fetch.bytes": 16 << 20,
                      "fetch.max.bytes": 64 << 20, **cfg.consumer_overrides}
-        self._consumer = Consumer(consumer_config(cfg.bootstrap, cfg.group, **overrides))
-        self._producer = Producer(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
+        self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
+        self._producer = self._producer_factory(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
         # One insert runs in the background while the next batch is read; its offsets wait with it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
             self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
-            last_input = self.clock()
+            last_busy = self.clock()
             while not self._stop:
                 # While a batch waits, poll briefly: an empty poll means the input is drained.
                 timeout = min(cfg.poll_timeout, cfg.drained_after) if self._offsets else cfg.poll_timeout
                 msgs = self._consumer.consume(num_messages=10_000, timeout=timeout)
                 if msgs:
-                    last_input = self.clock()
                     self._take(msgs)
-                self._reap(wait=False)
+                    last_busy = self.clock()
+                if self._reap(wait=False):
+                    last_busy = self.clock()
                 # Hand over a full or old batch, and one as soon as the input is drained (caught up).
                 if self._due() or (not msgs and self._offsets):
-                    self._dispatch()
-                if (until_idle is not None and self.clock() - last_input >= until_idle and not self._offsets
-                        and self._inflight is None):
+                    self._dispatch()  # may first wait for the previous insert
+                    last_busy = self.clock()
+                # Idle means S seconds of empty polls with everything written and committed, never time spent
+                # waiting for an insert (a slow insert must not end the run while input is still coming).
+                if (until_idle is not None and not self._offsets and self._inflight is None
+                        and self.clock() - last_busy >= until_idle):
                     break
             self.flush()
         except BaseException:
@@ -273,19 +281,20 @@ class Loader:
             self._insert(table, p)
         self._confirm_dlq()
 
-    def _reap(self, wait: bool) -> None:
-        """Commit the offsets of the background insert once it has succeeded; re-raise its failure."""
+    def _reap(self, wait: bool) -> bool:
+        """Commit the offsets of the background insert once it has succeeded (True); re-raise its failure."""
         if self._inflight is None:
-            return
+            return False
         future, offsets, messages = self._inflight
         if not wait and not future.done():
-            return
+            return False
         self._inflight = None
         future.result()  # raises the insert's error: nothing of that batch is committed
         if self._consumer is not None:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         self.stats.flushes += 1
         self.stats.committed += messages
+        return True
 
     def _kind(self, table: str) -> str:
         return ACTIVITY if table.startswith("activityRelations_bucket_") else table
