@@ -261,3 +261,15 @@ def test_fuzz_covers_both_outcomes() -> None:
         results[outcome(orjson.dumps(msg))] += 1
         results[outcome(seed[: rng.randint(0, len(seed) - 1)])] += 1
     assert results["routed"] > 0 and results["dlq"] > 0
+
+
+@FUZZ
+@given(st.text(alphabet="0123456789-:.TtZz+ W", min_size=0, max_size=34)
+       | st.builds(lambda cut, extra: "2025-03-01T10:00:00.000000Z"[:cut] + extra,
+                   st.integers(0, 27), st.text(alphabet="0123456789-:.TtZz+", max_size=8)),
+       st.sampled_from(["timestamp", "createdAt", "updatedAt"]), st.sampled_from(["insert", "delete", "read"]))
+def test_fuzz_timestamps_fast_and_full_paths_agree(ts: str, column: str, action: str) -> None:
+    """The fast path parses timestamps with msgspec (C), the full path with fromisoformat or msgspec."""
+    rec = row(random.Random(0), "a1", SEG_A)
+    rec[column] = ts
+    assert outcome(message(action, rec)) in ("routed", "dlq")
