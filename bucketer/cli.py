@@ -261,6 +261,8 @@ def status_cmd(
     table.add_section()
     table.add_row("all", f"{st.raw_total:,}", f"{st.cleaned_total:,}", "100%" if st.raw_total else "-", "", "", "")
     console = Console()
+    if not console.is_terminal:  # piped (make demo, logs): rich's 80-column default would wrap every row
+        console = Console(width=max(console.width, 110))
     console.print(table)
     if st.kafka_error:
         console.print(f"kafka: {st.kafka_error}")
@@ -373,8 +375,8 @@ def run_cmd(
     router, loader = pipeline.router, pipeline.loader
     if router is not None and loader is not None:
         typer.echo(f"run: {router.stats.summary()}")
-        typer.echo(f"run: loaded {loader.stats.committed} messages "
-                   f"({loader.stats.retirements} retirements, {loader.stats.dead_lettered} dead-lettered)")
+        typer.echo(f"run: loaded {loader.stats.committed} messages into {len(loader.stats.inserted)} tables "
+                   f"({loader.stats.dead_lettered} dead-lettered)")
     for r in pipeline.rebuilds:
         typer.echo(f"run: rebuilt bucket {r.bucket}: {r.status} {r.rows} rows" + (f" ({r.error})" if r.error else ""))
 
@@ -406,7 +408,7 @@ def load_cmd(
             stats = loader.run(until_idle=until_idle)
     except (BucketerKafkaError, WarehouseError, LoaderError) as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"load: {stats.committed} messages loaded, {stats.retirements} retirements, "
+    typer.echo(f"load: {stats.committed} messages loaded into {len(stats.inserted)} tables, "
                f"{stats.dead_lettered} dead-lettered")
 # --- end run, load -------------------------------------------------------------------------------------
 

@@ -171,3 +171,32 @@ def test_status_reads_dlq_count_and_router_lag_from_kafka_offsets(bootstrap: str
         assert (st.dlq_messages, st.router_lag, st.kafka_error) == (3, 2 + 3, None)
         missing = collect(wh, bootstrap=bootstrap, topics=TopicNames(prefix=unique("none") + "."), router_group=group)
         assert (missing.dlq_messages, missing.router_lag) == (None, None)
+
+
+def test_status_counts_committed_dlq_messages_not_transaction_markers(bootstrap: str, tmp_path: Path) -> None:
+    """The router writes the DLQ inside transactions: commit markers and aborted records take offsets, so the
+    offset span over-counts. status counts what a read_committed reader sees."""
+    from confluent_kafka import Producer
+    from kafkatools import create_topics, unique
+
+    from connectors.topics import TopicNames
+    from stream.status import collect
+
+    topics = TopicNames(prefix=unique("stx") + ".")
+    create_topics(bootstrap, [topics.dlq], partitions=2)
+    tx = Producer({"bootstrap.servers": bootstrap, "transactional.id": unique("tx")})
+    tx.init_transactions(30)
+    for batch in range(4):  # four committed transactions of 2 messages, one aborted of 5
+        tx.begin_transaction()
+        for i in range(2):
+            tx.produce(topics.dlq, value=b"bad", partition=(batch + i) % 2)
+        tx.commit_transaction(30)
+    tx.begin_transaction()
+    for i in range(5):
+        tx.produce(topics.dlq, value=b"aborted", partition=i % 2)
+    assert tx.flush(30) == 0
+    tx.abort_transaction(30)
+    with EmbeddedWarehouse(tmp_path / "d") as wh:
+        ensure_schema(wh, 2)
+        st = collect(wh, bootstrap=bootstrap, topics=topics, router_group=unique("g"))
+    assert st.dlq_messages == 8
