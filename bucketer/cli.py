@@ -151,6 +151,9 @@ def route_cmd(
         help="Unique per router replica (default: host name); keeps transactional.id stable across restarts.")] = None,
     progress: Annotated[float, typer.Option("--progress", envvar="BUCKETER_PROGRESS", min=0.1,
                                             help="Seconds between progress lines.")] = 10.0,
+    tinybird_url: Annotated[str | None, typer.Option(
+        "--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
+        help="Tinybird API base URL (--sink tinybird); the token comes from BUCKETER_TINYBIRD_TOKEN only.")] = None,
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
     import logging
@@ -162,8 +165,21 @@ def route_cmd(
     if sink not in ("kafka", "tinybird"):
         raise fail(f"unknown sink {sink!r}; expected kafka or tinybird", 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    extra = {"instance_id": instance_id} if instance_id else {}
-    config = RouterConfig(bootstrap=bootstrap, buckets=buckets, group=group, topic_prefix=topic_prefix, sink=sink,
+    extra: dict[str, object] = {"instance_id": instance_id} if instance_id else {}
+    config_cls = RouterConfig
+    if sink == "tinybird":
+        import os
+
+        from connectors.tinybird import TinybirdConfig
+        from connectors.tinybird_api import Secret
+        from stream.tinybird_route import TinybirdRouterConfig
+
+        token = os.environ.get("BUCKETER_TINYBIRD_TOKEN")
+        if not tinybird_url or not token:
+            raise fail("--sink tinybird needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN", 2)
+        config_cls = TinybirdRouterConfig
+        extra["tinybird"] = TinybirdConfig(url=tinybird_url, token=Secret(token), buckets=buckets)
+    config = config_cls(bootstrap=bootstrap, buckets=buckets, group=group, topic_prefix=topic_prefix, sink=sink,
                           partitions=partitions, replication=replication, batch_size=batch_size,
                           batch_time=batch_time, exactly_once=not at_least_once, until_idle=until_idle,
                           progress_interval=progress, **extra)
