@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,8 +44,14 @@ def run_bench(name: str, quick: bool, timeout: float) -> tuple[bool, str]:
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # its own session: the benchmark and the workers it started
-            proc.wait()
+            # Its own session: the benchmark and the workers it started. SIGTERM first, so that it stops
+            # the broker it may have started (that one runs in a session of its own), then SIGKILL.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             code = None
     took = time.monotonic() - started
     tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -68,11 +69,21 @@ def broker(heap: str = "1g") -> Iterator[str]:
     while controller == port:
         controller = free_port()
     kafka = LocalKafka(directory, port=port, controller_port=controller, heap=heap)
+    # The broker runs in its own session: a SIGTERM to this benchmark must still stop it (via finally).
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield kafka.start()
     finally:
         kafka.stop()
         shutil.rmtree(directory, ignore_errors=True)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def unique_prefix(tag: str) -> str:
