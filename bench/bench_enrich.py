@@ -235,9 +235,12 @@ def main(argv: list[str] | None = None) -> None:
                   [{"label": "unbucketed, once", "x": sizes, "y": curves["unbucketed"]},
                    {"label": f"{n} buckets, parallel=1", "x": sizes, "y": curves["p1"]},
                    {"label": f"{n} buckets, parallel=2", "x": sizes, "y": curves["p2"]}])
+    spread_x = max((max(m["samples"]) / min(m["samples"]) for m in report.measurements
+                    if m["metric"] == "rebuild time" and min(m["samples"]) > 0), default=1.0)
     report.notes += [
         f"Load average at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores shared with other "
-        "work: single runs vary by up to 2x; read the medians of the interleaved runs.",
+        f"work: runs of one variant varied by up to {spread_x:.1f}x (see 'runs s'); read the medians of the "
+        "interleaved runs, and the ratios as rough.",
         "Synthetic activities generated inside ClickHouse (numbers()/rand(): cubic-skewed segment sizes over 500 "
         "segments, 8 platforms, mixed-case repository channels, gerrit query URLs), 200k members (bots, team, "
         "organization members), 5k organizations with messy locations; every raw table merged (OPTIMIZE FINAL) "
