@@ -210,7 +210,10 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
                 eff[f],
             )
         if r in tput and "passthrough" in tput:
-            report.ratio(f"router {mode.upper()} / passthrough (msg/s)", tput[r], tput["passthrough"], target=0.8)
+            # Informational here: the 0.8x target is bench_router's (same-guarantee passthroughs, larger runs).
+            report.ratio(
+                f"router {mode.upper()} / passthrough (msg/s; target: see bench_router)", tput[r], tput["passthrough"]
+            )
     for c in ("router-eos", "router-alo"):
         rs = results.get((c, 10, plan.count))
         if rs:
@@ -347,7 +350,9 @@ def write_report(report: Report, plan: Plan, results: dict[Key, list[RunResult]]
     report.notes.append(
         "The router commits a transaction per batch (up to its batch size, 10,000 by default): with few batches "
         "in a run its rate is conservative (the fixed cost of a commit is not amortised), so the router/Faust "
-        "ratios are a lower bound; bench_router measures the router at larger sizes."
+        "ratios are a lower bound. The passthrough here is a plain at-least-once copy to one 3-partition topic, "
+        "a ceiling for the figure; the router >= 0.8x passthrough target is measured by bench_router "
+        "(passthroughs with the same guarantee, larger runs)."
     )
     report.notes.append(
         "'CPU used' = msg/s ÷ msg per CPU-second: well under 100% means the worker mostly waits (broker round "
