@@ -12,10 +12,14 @@ Contract (the ``Sink`` seam of stream/sinks.py, TINYBIRD.md):
   batch is split in halves; 400/403/404 -> stop with a clear error; 422 -> logged loudly with the
   response and stop (no blind retry). A stop is sticky: the sink refuses to commit or reopen, so no later
   offset is ever committed past undelivered rows. Quarantined rows are counted and logged.
-- Offsets (``AckTracker``): each router batch is a checkpoint; ``commit`` seals it with its offsets and
-  commits, per source partition, the offsets of the longest prefix of checkpoints whose every line was
-  acknowledged (200). ``commit`` only blocks when more than ``max_pending_bytes`` are unacknowledged.
-  ``close`` flushes, waits (bounded) and commits what was acknowledged. A crash re-sends, never loses.
+- Offsets (``AckTracker``): each router batch is a checkpoint; ``commit`` seals it with its offsets, sends
+  the buffers at once, waits until every line of the batch was acknowledged (200) and commits, per source
+  partition, the offsets of the longest acknowledged prefix of checkpoints. (Waiting per batch keeps the
+  committed offset current, which is what the router's ``--until-idle`` reads to know it caught up; the
+  data sources of one batch are still sent in parallel, each with its own retries.)
+  ``close`` flushes, waits (bounded) and commits what was acknowledged; it raises ``TinybirdSinkError`` if the
+  sink stopped and nothing reported it yet (so a run ending idle still exits with the error). A crash
+  re-sends, never loses.
 - Bad input goes to the DLQ Kafka topic through the ``dlq`` sink, never to Tinybird.
 """
 
@@ -34,7 +38,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
-from connectors.kafka import KafkaFatalError, from_exception
+from connectors.kafka import BucketerKafkaError, KafkaFatalError, from_exception
 from connectors.tinybird_api import (
     Secret,
     TinybirdClient,
@@ -61,7 +65,6 @@ class TinybirdConfig:
     timeout: float = 30.0
     backoff_base: float = 0.25
     backoff_cap: float = 30.0
-    max_pending_bytes: int = 64_000_000       # unacknowledged bytes before commit() waits
     gzip_min_bytes: int = 4096
     close_timeout: float = 60.0
 
@@ -310,6 +313,7 @@ class TinybirdSink:
         self.tracker = AckTracker()
         self.stats: dict[str, Counter[str]] = {}
         self.fatal: TinybirdError | None = None
+        self._fatal_reported = False
         self._stats_lock = threading.Lock()
         self._client: TinybirdClient | None = None
         self._workers: dict[int, SourceWorker] = {}
@@ -358,17 +362,21 @@ class TinybirdSink:
         self.dlq.dead_letter(key, value, headers)
 
     def commit(self, offsets: list[TopicPartition], consumer: Any) -> None:
+        """Send what is buffered now, wait until every line of this batch (and before) is acknowledged,
+        then commit the offsets. Data sources are sent in parallel, each batch is acknowledged before its
+        offsets are committed; a stop (4xx) raises instead."""
         self._raise_if_failed()
         if self.dlq is not None:
             self.dlq.flush()
         if self._current is None:
             self._current = self.tracker.open()
-        self.tracker.seal(self._current, offsets)
-        self._current = None
+        ckpt, self._current = self._current, None
+        self.tracker.seal(ckpt, offsets)
         self._consumer = consumer
-        self._commit_ready(consumer)
-        with self.tracker.cond:  # backpressure: bounded unacknowledged bytes
-            while self.tracker.pending_bytes > self.config.max_pending_bytes and self.fatal is None:
+        for w in self._workers.values():
+            w.flush()
+        with self.tracker.cond:
+            while ckpt.pending > 0 and self.fatal is None:
                 self.tracker.cond.wait(0.2)
         self._raise_if_failed()
         self._commit_ready(consumer)
@@ -394,7 +402,7 @@ class TinybirdSink:
         if self._consumer is not None:
             try:
                 self._commit_ready(self._consumer)
-            except KafkaFatalError as exc:
+            except BucketerKafkaError as exc:  # not committed: a restart re-sends (duplicates, no loss)
                 log.warning("final commit failed: %s", exc)
         for w in self._workers.values():
             w.stop()
@@ -410,6 +418,9 @@ class TinybirdSink:
         if self.dlq is not None:
             self.dlq.close()
         self._consumer = None
+        if self.fatal is not None and not self._fatal_reported:
+            self._fatal_reported = True  # once: the worker's own close after a failed reopen stays quiet
+            raise TinybirdSinkError(f"tinybird sink stopped: {self.fatal}")
 
     # --- helpers --------------------------------------------------------------------------------------
     def acknowledged(self) -> dict[tuple[str, int], int]:
@@ -434,6 +445,7 @@ class TinybirdSink:
 
     def _raise_if_failed(self) -> None:
         if self.fatal is not None:
+            self._fatal_reported = True
             raise TinybirdSinkError(f"tinybird sink stopped: {self.fatal}")
 
     def backoff(self, attempt: int) -> float:

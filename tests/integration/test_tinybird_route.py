@@ -151,3 +151,42 @@ def test_a_crash_between_send_and_commit_loses_nothing(bootstrap: str, group: st
         "nothing was re-sent after the crash: the test did not crash between a send and its commit"
     assert committed_equals_end(bootstrap, group, TopicNames(prefix).source)
     assert TOKEN not in child.stdout + child.stderr
+
+
+def run_route_cli(bootstrap: str, prefix: str, group: str, url: str, token: str) -> subprocess.CompletedProcess[str]:
+    import os
+    import shutil
+
+    exe = shutil.which("bucketer", path=str(Path(sys.executable).parent)) or "bucketer"
+    env = {**os.environ, "BUCKETER_TINYBIRD_TOKEN": token}
+    return subprocess.run([exe, "route", "--bootstrap", bootstrap, "--buckets", str(BUCKETS), "--sink", "tinybird",
+                           "--tinybird-url", url, "--topic-prefix", prefix, "--group", group, "--until-idle", "4",
+                           "--at-least-once", "--progress", "1"],
+                          env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_route_cli_sink_tinybird_delivers_and_never_prints_the_token(bootstrap: str, group: str) -> None:
+    prefix = unique("tbcli") + "."
+    messages = load(bootstrap, prefix, 800, seed=23)
+    with Standin(token=TOKEN) as standin:
+        standin.script("activityRelations_bucket_MV_ds_0", Reply(503), Reply(429, {"Retry-After": "0.3"}))
+        done = run_route_cli(bootstrap, prefix, group, standin.url, TOKEN)
+        assert done.returncode == 0, done.stderr[-3000:]
+        check_landed(standin, messages)
+    assert committed_equals_end(bootstrap, group, TopicNames(prefix).source)
+    assert TOKEN not in done.stdout + done.stderr
+    assert "activityRelations_bucket_MV_ds_0" in done.stderr        # the retries were logged, by data source
+
+
+def test_route_cli_wrong_token_stops_with_a_clear_error_and_commits_nothing(bootstrap: str, group: str) -> None:
+    prefix = unique("tbbad") + "."
+    load(bootstrap, prefix, 200, seed=24)
+    wrong = "p.wrong-token-for-the-cli-5150"
+    with Standin(token=TOKEN) as standin:
+        done = run_route_cli(bootstrap, prefix, group, standin.url, wrong)
+        assert all(len(rows) == 0 for rows in standin.rows.values())
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("bucketer:") and "403" in last and "token" in last
+    assert wrong not in done.stdout + done.stderr and TOKEN not in done.stdout + done.stderr
+    assert all(c == -1 for c, _ in committed_and_end(bootstrap, group, TopicNames(prefix).source).values())

@@ -196,8 +196,8 @@ def test_partial_write_stops_loudly_without_retry_or_commit(standin: Standin,
     sink = make_sink(standin)
     sink.open()
     with caplog.at_level(logging.ERROR, logger="bucketer.tinybird"):
-        route(sink, consumer, [[(1, line(i, 1)) for i in range(6)]])
-        wait_until(lambda: sink.fatal is not None, 10, "the sink to stop")
+        with pytest.raises(TinybirdSinkError, match="422"):
+            route(sink, consumer, [[(1, line(i, 1)) for i in range(6)]])   # the commit waits, then stops
         with pytest.raises(TinybirdSinkError, match="422"):
             route(sink, consumer, [[(1, line(99, 1))]])
         sink.close()
@@ -213,9 +213,11 @@ def test_configuration_errors_stop(standin: Standin, status: int) -> None:
     standin.script("*", Reply(status))
     sink = make_sink(standin)
     sink.open()
-    route(sink, RecordingConsumer(), [[(0, line(1, 0))]])
-    wait_until(lambda: sink.fatal is not None, 10, "the sink to stop")
+    consumer = RecordingConsumer()
+    with pytest.raises(TinybirdSinkError, match=str(status)):
+        route(sink, consumer, [[(0, line(1, 0))]])
     assert sink.fatal is not None and sink.fatal.status == status
+    assert consumer.commits == [] and len(standin.received) == 1   # not retried, nothing committed
     sink.close()
 
 
@@ -225,9 +227,9 @@ def test_wrong_token_stops_and_the_token_is_never_printed(standin: Standin, capl
     sink = make_sink(standin)
     with caplog.at_level(logging.DEBUG):
         sink.open()
-        route(sink, RecordingConsumer(), [[(0, line(1, 0))]])
-        wait_until(lambda: sink.fatal is not None, 10, "the sink to stop")
         with pytest.raises(TinybirdSinkError) as info:
+            route(sink, RecordingConsumer(), [[(0, line(1, 0))]])
+        with pytest.raises(TinybirdSinkError):
             sink.commit([TopicPartition("src", 0, 9)], RecordingConsumer())
         sink.close()
     assert "403" in str(info.value) and "token" in str(info.value)
