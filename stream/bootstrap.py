@@ -147,14 +147,18 @@ def replay(wh: Warehouse, bootstrap: str, buckets: int, only: list[int] | None =
                                        "not at their end offsets")
                 continue
             idle_deadline = time.monotonic() + timeout
-            msgs = [m for m in msgs if m.partition() in remaining and m.offset() < remaining[m.partition()]]
-            counts = router.route(msgs, sink)
-            sink.commit()
-            report.messages += len(msgs)
-            report.dead_lettered.update(counts.dlq)
+            wanted = []
             for m in msgs:
-                if m.offset() + 1 >= remaining.get(m.partition(), 0):
-                    remaining.pop(m.partition(), None)
+                part, off = m.partition() or 0, m.offset() or 0
+                end = remaining.get(part)
+                if end is not None and off < end:
+                    wanted.append(m)
+                    if off + 1 >= end:
+                        remaining.pop(part)
+            counts = router.route(wanted, sink)  # type: ignore[arg-type]  # Message has the SourceMessage methods
+            sink.commit()
+            report.messages += len(wanted)
+            report.dead_lettered.update(counts.dlq)
     finally:
         consumer.close()
     report.seconds = time.monotonic() - started
