@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,6 +81,8 @@ class KafkaSink:
         self._partitions, self._replication, self._timeout = partitions, replication, timeout
         self._producer: Producer | None = None
         self._in_txn = False
+        self._stuck = False
+        self._abandoned: list[Producer] = []  # clients whose call never returned; never destroyed
         self._failed: list[KafkaError] = []
 
     def open(self) -> None:
@@ -159,11 +162,14 @@ class KafkaSink:
 
     def close(self) -> None:
         if self._producer is not None:
-            if not self.exactly_once:
-                self._producer.flush(5.0)
-            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            if self._stuck:  # a call still runs in a watchdog thread: keep the client alive, untouched
+                self._abandoned.append(self._producer)
+            else:
+                if not self.exactly_once:
+                    self._producer.flush(5.0)
+                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._producer = None  # librdkafka closes the client when the last reference goes
-            self._in_txn = False
+            self._in_txn = self._stuck = False
 
     def _retrying(self, what: str, call: Any, budget: float | None = None) -> None:
         """Call a transactional API, repeating it on retriable errors for ``budget`` seconds (librdkafka:
@@ -171,7 +177,7 @@ class KafkaSink:
         deadline = time.monotonic() + (budget or self._timeout)
         while True:
             try:
-                call(min(10.0, max(0.1, deadline - time.monotonic())))
+                self._watched(what, call, min(10.0, max(0.1, deadline - time.monotonic())))
                 return
             except KafkaException as exc:
                 err: BucketerKafkaError = from_exception(exc, what)
@@ -181,6 +187,29 @@ class KafkaSink:
                     raise err from None
                 log.warning("%s: %s; retrying", what, err)
                 time.sleep(0.2)
+
+    def _watched(self, what: str, call: Any, timeout: float) -> None:
+        """Run ``call(timeout)`` with a watchdog: after a broker restart librdkafka's
+        send_offsets_to_transaction was seen to block far beyond its timeout. A call still running
+        past ``timeout + 5`` s makes the producer unusable (KafkaFatalError): the router opens a new one
+        with the same transactional.id, which fences this one and ends its call."""
+        outcome: list[BaseException | None] = []
+
+        def target() -> None:
+            try:
+                call(timeout)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=target, name=f"kafka-{what}", daemon=True)
+        worker.start()
+        worker.join(timeout + 5.0)
+        if worker.is_alive():
+            self._stuck = True
+            raise KafkaFatalError(f"{what} did not return within {timeout + 5:.0f}s; abandoning the producer")
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
 
     def _on_delivery_error(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:

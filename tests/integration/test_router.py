@@ -3,6 +3,7 @@ one in the DLQ, retirements in the old buckets; across SIGKILLs of the process a
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import subprocess
@@ -215,8 +216,12 @@ def test_broker_stop_start_mid_stream_router_recovers(own_broker: LocalKafka) ->
         time.sleep(3)
         own_broker.start()
         produce(bootstrap, names.source, sents[half:])
-        wait_until(lambda: failure or committed(bootstrap, group, names.source) == len(sents), 180,
-                   "the router to catch up after the broker restart", interval=1.0)
+        try:
+            wait_until(lambda: failure or committed(bootstrap, group, names.source) == len(sents), 180,
+                       "the router to catch up after the broker restart", interval=1.0)
+        except AssertionError:
+            faulthandler.dump_traceback(all_threads=True)  # where the router is, for the report
+            raise
     finally:
         router.stop()
         thread.join(60)
