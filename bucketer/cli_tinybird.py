@@ -1,0 +1,105 @@
+"""The Tinybird target: ``tinybird generate``, ``tinybird copy`` and ``tinybird countries``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bucketer.cli import (
+    app,
+    fail,
+)
+
+# --- tinybird (connectors/tinybird*.py, stream/tinybird_copy.py) ---------------------------------------
+tinybird_app = typer.Typer(help="The Tinybird target: generate the project for N buckets, run cleaning copies.",
+                           no_args_is_help=True)
+app.add_typer(tinybird_app, name="tinybird")
+TOKEN_ENV = "BUCKETER_TINYBIRD_TOKEN"
+
+
+def tinybird_token() -> object:
+    """The API token from BUCKETER_TINYBIRD_TOKEN, as a Secret (never an option: it must not show in --help)."""
+    import os
+
+    from connectors.tinybird_api import Secret
+
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise fail(f"set {TOKEN_ENV} to a Tinybird token", 2)
+    return Secret(token)
+
+
+@tinybird_app.command("generate")
+def tinybird_generate(
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    out: Annotated[Path, typer.Option("--out", help="Project folder (datasources/, pipes/).")] = Path("tinybird"),
+) -> None:
+    """Write the Tinybird datafiles for N buckets (deterministic: same N, same files)."""
+    from connectors.tinybird_project import write_project
+
+    paths = write_project(buckets, out)
+    typer.echo(f"{len(paths)} datafiles for {buckets} buckets in {out}")
+
+
+@tinybird_app.command("copy")
+def tinybird_copy(
+    url: Annotated[str, typer.Option("--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
+                                     help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).")],
+    bucket: Annotated[list[int] | None, typer.Option("--bucket", help="Bucket to rebuild (repeatable).")] = None,
+    all_buckets: Annotated[bool, typer.Option("--all", help="Every bucket 0..N-1.")] = False,
+    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Copy jobs at once (the account allows 12).")] = 12,
+    poll: Annotated[float, typer.Option("--poll", min=0.01, help="Seconds between job polls.")] = 2.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one job may take.")] = 3600.0,
+    skip_countries: Annotated[bool, typer.Option("--skip-countries",
+                                                 help="Do not resolve new organization countries first.")] = False,
+) -> None:
+    """Run the cleaning copy pipes now through the API and wait for each job; exit 1 if any failed."""
+    from connectors.tinybird_api import Secret, TinybirdClient
+    from stream.tinybird_copy import CopyRunner
+
+    if all_buckets == bool(bucket):
+        raise fail("give --bucket n (repeatable) or --all", 2)
+    chosen = list(range(buckets)) if all_buckets else list(dict.fromkeys(bucket or []))
+    bad = [b for b in chosen if not 0 <= b < buckets]
+    if bad:
+        raise fail(f"bucket {bad[0]} out of range 0..{buckets - 1}", 2)
+    token = tinybird_token()
+    assert isinstance(token, Secret)
+    with TinybirdClient(url, token, timeout=30.0) as client:
+        if not skip_countries:
+            sync_countries(client)
+        runner = CopyRunner(client, max_concurrent=parallel, poll_interval=poll, timeout=timeout,
+                            on_result=lambda r: typer.echo(f"bucket {r.bucket}: {r.status} job={r.job_id} "
+                                                           f"{r.seconds:.1f}s {r.detail}".rstrip()))
+        results = runner.run(chosen)
+    failed = [r for r in results if not r.ok]
+    typer.echo(f"{len(results) - len(failed)} of {len(results)} copies done")
+    if failed:
+        raise typer.Exit(1)
+def sync_countries(client: object) -> None:
+    from connectors.tinybird_api import TinybirdError
+    from stream.tinybird_countries import sync_country_codes
+
+    try:
+        n = sync_country_codes(client)  # type: ignore[arg-type]
+    except TinybirdError as exc:
+        raise fail(f"country codes: {exc}") from None
+    typer.echo(f"{n} new (country, location) pairs resolved into organization_country_codes")
+
+
+@tinybird_app.command("countries")
+def tinybird_countries(
+    url: Annotated[str, typer.Option("--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
+                                     help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).")],
+) -> None:
+    """Resolve the organizations' new (country, location) pairs into organization_country_codes."""
+    from connectors.tinybird_api import Secret, TinybirdClient
+
+    token = tinybird_token()
+    assert isinstance(token, Secret)
+    with TinybirdClient(url, token, timeout=30.0) as client:
+        sync_countries(client)
+# --- end tinybird --------------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""Warehouse commands: ``query``, ``status`` and ``enrich``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from bucketer.cli import (
+    DEFAULT_DATA_DIR,
+    DataDirOpt,
+    app,
+    fail,
+    open_configured_warehouse,
+)
+
+
+@app.command("query")
+def query_cmd(
+    sql: Annotated[str, typer.Argument(help="One SELECT. With --project: {bucket} and {segmentId:String} etc.")],
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    project: Annotated[str | None, typer.Option("--project", envvar="BUCKETER_PROJECT",
+                                                help="Project slug; resolves its bucket via project_buckets.")] = None,
+) -> None:
+    """Read-only SQL on the warehouse; one JSON object per line."""
+    from connectors.warehouse import WarehouseError
+    from stream.query import QueryError, json_lines, read_only, run_query
+
+    try:
+        read_only(sql)
+        with open_configured_warehouse(data_dir) as wh:
+            rows = run_query(wh, sql, project=project)
+    except (QueryError, WarehouseError) as exc:
+        raise fail(str(exc)) from None
+    out = sys.stdout.buffer
+    for line in json_lines(rows):
+        out.write(line + b"\n")
+    out.flush()
+
+
+@app.command("status")
+def status_cmd(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    bootstrap: Annotated[str | None, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP",
+                                                  help="Kafka, for the DLQ count and router lag.")] = None,
+    router_group: Annotated[str, typer.Option("--router-group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
+    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+) -> None:
+    """Per bucket: raw rows, cleaned rows, share, snapshotId and its age; DLQ count and router lag."""
+    import json
+
+    from connectors.topics import TopicNames
+    from connectors.warehouse import WarehouseError
+    from stream.status import collect
+
+    try:
+        with open_configured_warehouse(data_dir) as wh:
+            st = collect(wh, bootstrap=bootstrap, topics=TopicNames(topic_prefix), router_group=router_group)
+    except (WarehouseError, LookupError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(st.as_json()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def age(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        return f"{seconds / 3600:.1f}h" if seconds >= 3600 else f"{seconds / 60:.0f}m"
+
+    widest = max((b.raw_rows for b in st.buckets), default=0) or 1
+    table = Table(title=f"bucketer status ({len(st.buckets)} buckets)")
+    for col, justify in (("bucket", "right"), ("raw rows", "right"), ("cleaned rows", "right"),
+                         ("share", "right"), ("", "left"), ("snapshotId", "left"), ("age", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for b in st.buckets:
+        table.add_row(str(b.bucket), f"{b.raw_rows:,}", f"{b.cleaned_rows:,}", f"{b.share:.1%}",
+                      "█" * round(24 * b.raw_rows / widest), b.snapshot_id.strftime("%Y-%m-%d %H:%M") if
+                      b.snapshot_id else "-", age(b.snapshot_age_s))
+    table.add_section()
+    table.add_row("all", f"{st.raw_total:,}", f"{st.cleaned_total:,}", "100%" if st.raw_total else "-", "", "", "")
+    console = Console()
+    if not console.is_terminal:  # piped (make demo, logs): rich's 80-column default would wrap every row
+        console = Console(width=max(console.width, 110))
+    console.print(table)
+    if st.kafka_error:
+        console.print(f"kafka: {st.kafka_error}")
+    elif bootstrap:
+        console.print(f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "
+                      f"router lag: {st.router_lag if st.router_lag is not None else 'no source topic'}")
+# --- end warehouse -------------------------------------------------------------------------------------
+
+
+# --- enrich (stream/enrich.py, stream/schedule.py, connectors/countries.py) ------------------------------
+@app.command("enrich")
+def enrich_cmd(
+    bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", min=0,
+                                                     help="Bucket to rebuild (repeatable).")] = None,
+    all_buckets: Annotated[bool, typer.Option("--all", help="Rebuild every bucket.")] = False,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, envvar="BUCKETER_ENRICH_PARALLEL",
+                                          help="Buckets rebuilt at the same time.")] = 1,
+    buckets: Annotated[int | None, typer.Option("--buckets", "-n", min=1, envvar="BUCKETER_BUCKETS",
+                                                help="Bucket count (default: the warehouse's, else 10).")] = None,
+) -> None:
+    """Rebuild cleaned buckets now (the manual trigger): built aside, swapped in atomically."""
+    from connectors.warehouse import WarehouseError
+    from stream.enrich import Enricher
+    from stream.schema import bucket_count, ensure_schema
+
+    if all_buckets == bool(bucket):
+        raise fail("give either --bucket n (repeatable) or --all")
+    try:
+        with open_configured_warehouse(data_dir) as wh:
+            known = bucket_count(wh)
+            n = buckets or known or 10
+            if known is None:
+                ensure_schema(wh, n)
+            elif buckets and buckets != known:
+                raise fail(f"the warehouse is set up for {known} buckets, not {buckets}")
+        todo = list(range(n)) if all_buckets else list(bucket or [])
+        bad = [b for b in todo if b >= n]
+        if bad:
+            raise fail(f"no bucket {bad[0]}: buckets are 0..{n - 1}")
+        enricher = Enricher(lambda: open_configured_warehouse(data_dir), lock_dir=data_dir / "locks")
+        results = enricher.rebuild_many(todo, parallel=parallel)
+    except WarehouseError as exc:
+        raise fail(str(exc)) from None
+    for r in results:
+        if r.status == "ok":
+            snap = r.snapshot_id.strftime("%Y-%m-%dT%H:%MZ") if r.snapshot_id else "-"
+            typer.echo(f"bucket {r.bucket}: {r.rows} rows in {r.seconds:.2f}s, snapshot {snap}")
+        else:
+            typer.echo(f"bucket {r.bucket}: {r.status}: {r.error}", err=True)
+    failed = [r.bucket for r in results if r.status != "ok"]
+    if failed:
+        raise fail(f"{len(failed)} of {len(results)} bucket(s) not rebuilt: {failed}")
+# --- end enrich ----------------------------------------------------------------------------------------
