@@ -53,8 +53,18 @@ ALL_CLEANED = "bench_activities_all_cleaned"
 SEGMENTS = 500
 MEMBERS = 200_000
 ORGS = 5_000
-LOCATIONS = ["Bucharest, Romania", "Lagos, Nigeria", "Newark, New Jersey", "Atlanta, Georgia, United States",
-             "San Francisco, CA", "Berlin, Germany", "Tbilisi, Georgia", "Bengaluru, India", "", "Remote"]
+LOCATIONS = [
+    "Bucharest, Romania",
+    "Lagos, Nigeria",
+    "Newark, New Jersey",
+    "Atlanta, Georgia, United States",
+    "San Francisco, CA",
+    "Berlin, Germany",
+    "Tbilisi, Georgia",
+    "Bengaluru, India",
+    "",
+    "Remote",
+]
 
 
 class PeakRss:
@@ -152,8 +162,9 @@ class Clock:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=None,
-                    help="activities per run (default 1M 5M 10M; --quick: 100k 300k)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="activities per run (default 1M 5M 10M; --quick: 100k 300k)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="runs per variant (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
     ap.add_argument("--buckets", type=int, default=10)
@@ -164,11 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-enrich-"))
     n = args.buckets
-    report = Report("enrich", f"Enrichment: rebuilding {n} cleaned buckets vs one unbucketed table; "
-                              f"routing vs union query")
+    report = Report(
+        "enrich", f"Enrichment: rebuilding {n} cleaned buckets vs one unbucketed table; routing vs union query"
+    )
     enricher = Enricher(lambda: open_warehouse(data_dir), clock=Clock(), lock_dir=data_dir / "locks")
-    table = ["| activities | variant | median s | runs s | rows/s | vs unbucketed | peak RSS MiB |",
-             "|---:|---|---:|---|---:|---:|---:|"]
+    table = [
+        "| activities | variant | median s | runs s | rows/s | vs unbucketed | peak RSS MiB |",
+        "|---:|---|---:|---|---:|---:|---:|",
+    ]
     curves: dict[str, list[float]] = {"unbucketed": [], "p1": [], "p2": []}
     load_before = os.getloadavg()[0]
     try:
@@ -188,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                     try:
                         wh.command(f"DROP TABLE IF EXISTS {ALL_CLEANED} SYNC")
                         wh.command(cleaned_table_ddl(0, ALL_CLEANED))
-                        wh.command(f"INSERT INTO {ALL_CLEANED} {cleaning_select(ALL, ref)}",
-                                   {"snapshot": datetime.now(UTC).strftime("%Y-%m-%d %H:00:00")})
+                        wh.command(
+                            f"INSERT INTO {ALL_CLEANED} {cleaning_select(ALL, ref)}",
+                            {"snapshot": datetime.now(UTC).strftime("%Y-%m-%d %H:00:00")},
+                        )
                     finally:
                         drop_reference(wh, ref)
 
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                         bad = [r for r in res if r.status != "ok"]
                         if bad:
                             raise SystemExit(f"rebuild failed: {bad[0]}")
+
                     return run
 
                 runs: dict[str, list[tuple[float, int]]] = {"unbucketed": [], "p1": [], "p2": []}
@@ -210,33 +227,62 @@ def main(argv: list[str] | None = None) -> None:
                 in_buckets = sum(wh.rows(f"SELECT count() FROM {cleaned_table(b)}")[0][0] for b in range(n))
                 assert cleaned == in_buckets, (cleaned, in_buckets)  # the same rows either way
                 med: dict[str, float] = {}
-                for key, label in (("unbucketed", "unbucketed, once"), ("p1", f"{n} buckets, parallel=1"),
-                                   ("p2", f"{n} buckets, parallel=2")):
+                for key, label in (
+                    ("unbucketed", "unbucketed, once"),
+                    ("p1", f"{n} buckets, parallel=1"),
+                    ("p2", f"{n} buckets, parallel=2"),
+                ):
                     secs = [s for s, _ in runs[key]]
                     med[key] = report.measure("rebuild time", secs, "s", variant=key, activities=size, buckets=n)
-                    peak = report.measure("peak RSS", [m / 2**20 for _, m in runs[key]], "MiB", variant=key,
-                                          activities=size)
+                    peak = report.measure(
+                        "peak RSS", [m / 2**20 for _, m in runs[key]], "MiB", variant=key, activities=size
+                    )
                     report.measure("throughput", [raw / s for s in secs], "rows/s", variant=key, activities=size)
                     curves[key].append(med[key])
-                    table.append(f"| {size:,} | {label} | {med[key]:.2f} | {', '.join(f'{s:.1f}' for s in secs)} | "
-                                 f"{raw / med[key]:,.0f} | {med[key] / med['unbucketed']:.2f}x | {peak:,.0f} |")
+                    table.append(
+                        f"| {size:,} | {label} | {med[key]:.2f} | {', '.join(f'{s:.1f}' for s in secs)} | "
+                        f"{raw / med[key]:,.0f} | {med[key] / med['unbucketed']:.2f}x | {peak:,.0f} |"
+                    )
                     print(table[-1], flush=True)
-                report.ratio(f"{n} buckets / unbucketed, parallel=1, {size:,} activities", med["p1"],
-                             med["unbucketed"], target=1.1, higher_is_better=False)
-                report.ratio(f"{n} buckets / unbucketed, parallel=2, {size:,} activities", med["p2"],
-                             med["unbucketed"], target=0.7, higher_is_better=False)
+                report.ratio(
+                    f"{n} buckets / unbucketed, parallel=1, {size:,} activities",
+                    med["p1"],
+                    med["unbucketed"],
+                    target=1.1,
+                    higher_is_better=False,
+                )
+                report.ratio(
+                    f"{n} buckets / unbucketed, parallel=2, {size:,} activities",
+                    med["p2"],
+                    med["unbucketed"],
+                    target=0.7,
+                    higher_is_better=False,
+                )
                 print(f"  cleaned rows: {cleaned:,} of {raw:,}", flush=True)
             query_table = query_bench(wh, report, n, sizes[-1], args.queries)
     finally:
         if args.data_dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)
-    report.figure("enrich_rebuild_time", f"Rebuilding all {n} cleaned buckets vs one unbucketed table", "line",
-                  "activities", "seconds (median)",
-                  [{"label": "unbucketed, once", "x": sizes, "y": curves["unbucketed"]},
-                   {"label": f"{n} buckets, parallel=1", "x": sizes, "y": curves["p1"]},
-                   {"label": f"{n} buckets, parallel=2", "x": sizes, "y": curves["p2"]}])
-    spread_x = max((max(m["samples"]) / min(m["samples"]) for m in report.measurements
-                    if m["metric"] == "rebuild time" and min(m["samples"]) > 0), default=1.0)
+    report.figure(
+        "enrich_rebuild_time",
+        f"Rebuilding all {n} cleaned buckets vs one unbucketed table",
+        "line",
+        "activities",
+        "seconds (median)",
+        [
+            {"label": "unbucketed, once", "x": sizes, "y": curves["unbucketed"]},
+            {"label": f"{n} buckets, parallel=1", "x": sizes, "y": curves["p1"]},
+            {"label": f"{n} buckets, parallel=2", "x": sizes, "y": curves["p2"]},
+        ],
+    )
+    spread_x = max(
+        (
+            max(m["samples"]) / min(m["samples"])
+            for m in report.measurements
+            if m["metric"] == "rebuild time" and min(m["samples"]) > 0
+        ),
+        default=1.0,
+    )
     report.notes += [
         f"Load average at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores shared with other "
         f"work: runs of one variant varied by up to {spread_x:.1f}x (see 'runs s'); read the medians of the "
@@ -266,8 +312,11 @@ def query_bench(wh, report: Report, n: int, size: int, queries: int) -> str:  # 
         ORDER BY s.c DESC LIMIT 1""")[0]
     bucket = wh.rows("SELECT bucketId FROM project_buckets(project = {p:String})", {"p": slug})[0][0]
     select = "SELECT count(), sum(gitChangedLines), uniqExact(memberId) FROM {src} WHERE segmentId = {seg:String}"
-    sources = {"routing": f"{ROUTING_VIEW}(bucketId = {bucket})", "union": UNION_VIEW,
-               "bucket table": cleaned_table(bucket)}
+    sources = {
+        "routing": f"{ROUTING_VIEW}(bucketId = {bucket})",
+        "union": UNION_VIEW,
+        "bucket table": cleaned_table(bucket),
+    }
     answers = {k: wh.rows(select.replace("{src}", src), {"seg": seg}) for k, src in sources.items()}
     assert answers["routing"] == answers["union"] == answers["bucket table"], answers
     qt: dict[str, list[float]] = {k: [] for k in sources}
@@ -277,19 +326,25 @@ def query_bench(wh, report: Report, n: int, size: int, queries: int) -> str:  # 
             wh.rows(select.replace("{src}", src), {"seg": seg})
             qt[key].append((time.perf_counter() - t) * 1000)
     qm = {k: report.measure("query time", v, "ms", source=k, activities=size, project=slug) for k, v in qt.items()}
-    report.ratio(f"routing / union, one project's query, {size:,} activities", qm["routing"], qm["union"],
-                 target=0.2, higher_is_better=False)
-    report.ratio(f"bucket table / union, one project's query, {size:,} activities", qm["bucket table"],
-                 qm["union"])
+    report.ratio(
+        f"routing / union, one project's query, {size:,} activities",
+        qm["routing"],
+        qm["union"],
+        target=0.2,
+        higher_is_better=False,
+    )
+    report.ratio(f"bucket table / union, one project's query, {size:,} activities", qm["bucket table"], qm["union"])
     rows = answers["union"][0][0]
-    return "\n".join([
-        f"Single-project query (count, sum(gitChangedLines), uniqExact(memberId) WHERE segmentId = the project's; "
-        f"the biggest enabled project, {slug}: bucket {bucket}, {rows:,} cleaned rows), median of {queries}:",
-        "",
-        "| activities | routing ms | union ms | bucket table directly ms |",
-        "|---:|---:|---:|---:|",
-        f"| {size:,} | {qm['routing']:.1f} | {qm['union']:.1f} | {qm['bucket table']:.1f} |",
-    ])
+    return "\n".join(
+        [
+            f"Single-project query (count, sum(gitChangedLines), uniqExact(memberId) WHERE segmentId = the project's; "
+            f"the biggest enabled project, {slug}: bucket {bucket}, {rows:,} cleaned rows), median of {queries}:",
+            "",
+            "| activities | routing ms | union ms | bucket table directly ms |",
+            "|---:|---:|---:|---:|",
+            f"| {size:,} | {qm['routing']:.1f} | {qm['union']:.1f} | {qm['bucket table']:.1f} |",
+        ]
+    )
 
 
 if __name__ == "__main__":

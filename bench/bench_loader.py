@@ -60,8 +60,14 @@ def produce(bootstrap: str, topic: str, values: list[bytes], partitions: int) ->
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
         fut.result(30)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "queue.buffering.max.messages": 1_000_000,
-                  "batch.num.messages": 10_000})
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "queue.buffering.max.messages": 1_000_000,
+            "batch.num.messages": 10_000,
+        }
+    )
     for v in values:
         while True:
             try:
@@ -77,12 +83,14 @@ def live_rows(wh: EmbeddedWarehouse) -> int:
     return int(wh.rows(f"SELECT count() FROM {raw_table(0)} FINAL")[0][0])
 
 
-def loader_once(wh: EmbeddedWarehouse, bootstrap: str, names: TopicNames, count: int,
-                max_rows: int) -> tuple[float, float, float, int]:
+def loader_once(
+    wh: EmbeddedWarehouse, bootstrap: str, names: TopicNames, count: int, max_rows: int
+) -> tuple[float, float, float, int]:
     """(seconds first message → last commit, seconds from start, CPU seconds of that window, live rows)."""
     wh.command(f"TRUNCATE TABLE {raw_table(0)}")
-    cfg = LoaderConfig(bootstrap=bootstrap, buckets=1, group=f"bench-{uuid.uuid4().hex[:8]}", topics=names,
-                       max_rows=max_rows)
+    cfg = LoaderConfig(
+        bootstrap=bootstrap, buckets=1, group=f"bench-{uuid.uuid4().hex[:8]}", topics=names, max_rows=max_rows
+    )
     loader = TimedLoader(cfg, wh)
     start = time.perf_counter()
     loader.run(until_idle=3.0)
@@ -97,8 +105,13 @@ def consume_once(bootstrap: str, names: TopicNames, count: int) -> tuple[float, 
 
     from connectors.kafka import consumer_config
 
-    consumer = Consumer(consumer_config(bootstrap, f"bench-{uuid.uuid4().hex[:8]}", **{
-        "max.partition.fetch.bytes": 16 << 20, "fetch.max.bytes": 64 << 20}))
+    consumer = Consumer(
+        consumer_config(
+            bootstrap,
+            f"bench-{uuid.uuid4().hex[:8]}",
+            **{"max.partition.fetch.bytes": 16 << 20, "fetch.max.bytes": 64 << 20},
+        )
+    )
     consumer.subscribe([names.bucket(0)])
     kept: list[bytes | None] = []
     start = cpu = 0.0
@@ -121,8 +134,9 @@ def consume_once(bootstrap: str, names: TopicNames, count: int) -> tuple[float, 
 def engine_once(wh: EmbeddedWarehouse, path: str, live: int) -> tuple[float, float]:
     wh.command(f"TRUNCATE TABLE {raw_table(0)}")
     columns, select = insert_sql("activityRelations")
-    sql = (f"INSERT INTO {raw_table(0)} ({columns}) "
-           + select.replace("{source}", f"file('{path}', 'JSONAsString', 'v String')"))
+    sql = f"INSERT INTO {raw_table(0)} ({columns}) " + select.replace(
+        "{source}", f"file('{path}', 'JSONAsString', 'v String')"
+    )
     start, cpu = time.perf_counter(), time.process_time()
     wh.command(sql)
     took, cpu_used = time.perf_counter() - start, time.process_time() - cpu
@@ -149,8 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True)
     data = work / "messages.json"
     data.write_bytes(b"\n".join(values))
-    samples: dict[str, list[float]] = {"loader": [], "engine": [], "loader_cpu": [], "engine_cpu": [], "wall": [],
-                                       "consume": [], "consume_cpu": []}
+    samples: dict[str, list[float]] = {
+        "loader": [],
+        "engine": [],
+        "loader_cpu": [],
+        "engine_cpu": [],
+        "wall": [],
+        "consume": [],
+        "consume_cpu": [],
+    }
     loads = []
     try:
         with broker() as bootstrap:
@@ -169,8 +190,11 @@ def main(argv: list[str] | None = None) -> None:
                     took_c, cpu_c = consume_once(bootstrap, names, len(values))
                     samples["consume"].append(len(values) / took_c)
                     samples["consume_cpu"].append(len(values) / cpu_c)
-                    print(f"repeat {rep + 1}: loader {samples['loader'][-1]:,.0f} msg/s ({took:.2f}s, cpu {cpu:.2f}s), "
-                          f"engine {samples['engine'][-1]:,.0f} msg/s ({took_e:.2f}s, cpu {cpu_e:.2f}s)", flush=True)
+                    print(
+                        f"repeat {rep + 1}: loader {samples['loader'][-1]:,.0f} msg/s ({took:.2f}s, cpu {cpu:.2f}s), "
+                        f"engine {samples['engine'][-1]:,.0f} msg/s ({took_e:.2f}s, cpu {cpu_e:.2f}s)",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -179,14 +203,27 @@ def main(argv: list[str] | None = None) -> None:
     loader_cpu = report.measure("efficiency", samples["loader_cpu"], "msg per CPU-second", contender="loader")
     engine_cpu = report.measure("efficiency", samples["engine_cpu"], "msg per CPU-second", contender="chdb-ingest")
     consume = report.measure("throughput", samples["consume"], "msg/s", contender="kafka-consume-only")
-    consume_cpu = report.measure("efficiency", samples["consume_cpu"], "msg per CPU-second",
-                                 contender="kafka-consume-only")
+    consume_cpu = report.measure(
+        "efficiency", samples["consume_cpu"], "msg per CPU-second", contender="kafka-consume-only"
+    )
     report.ratio("loader / engine ingest (msg/s)", loader, engine, target=0.7)
     report.ratio("loader / engine ingest (msg per CPU-second)", loader_cpu, engine_cpu)
-    report.figure("loader_vs_engine", "Loader vs chdb's own ingest of the same bytes", "bar", "",
-                  "messages/s", [{"label": "median", "x": ["loader", "chdb ingest"], "y": [loader, engine],
-                                  "lo": [min(samples["loader"]), min(samples["engine"])],
-                                  "hi": [max(samples["loader"]), max(samples["engine"])]}])
+    report.figure(
+        "loader_vs_engine",
+        "Loader vs chdb's own ingest of the same bytes",
+        "bar",
+        "",
+        "messages/s",
+        [
+            {
+                "label": "median",
+                "x": ["loader", "chdb ingest"],
+                "y": [loader, engine],
+                "lo": [min(samples["loader"]), min(samples["engine"])],
+                "hi": [max(samples["loader"]), max(samples["engine"])],
+            }
+        ],
+    )
     report.notes += [
         f"{len(values):,} valid messages, {size / 1e6:.1f} MB, {args.partitions} partition(s), "
         f"{args.repeats} repeat(s); loader batches of up to {args.max_rows:,} messages",
@@ -197,16 +234,18 @@ def main(argv: list[str] | None = None) -> None:
         "on 2 shared cores there is no idle core to hide the Kafka side behind the insert",
         f"load average (1 min) at each repeat: {', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} CPUs",
     ]
-    body = "\n".join([
-        "| contender | msg/s (median) | range | msg per CPU-second (median) |",
-        "|---|---:|---:|---:|",
-        f"| loader (Kafka read_committed -> chdb, commit after insert) | {loader:,.0f} | "
-        f"{spread(samples['loader'])} | {loader_cpu:,.0f} |",
-        f"| chdb ingest of the same bytes from a file, same SQL | {engine:,.0f} | {spread(samples['engine'])} | "
-        f"{engine_cpu:,.0f} |",
-        f"| (diagnostic) Kafka consume alone, loader's consumer settings, no insert | {consume:,.0f} | "
-        f"{spread(samples['consume'])} | {consume_cpu:,.0f} |",
-    ])
+    body = "\n".join(
+        [
+            "| contender | msg/s (median) | range | msg per CPU-second (median) |",
+            "|---|---:|---:|---:|",
+            f"| loader (Kafka read_committed -> chdb, commit after insert) | {loader:,.0f} | "
+            f"{spread(samples['loader'])} | {loader_cpu:,.0f} |",
+            f"| chdb ingest of the same bytes from a file, same SQL | {engine:,.0f} | {spread(samples['engine'])} | "
+            f"{engine_cpu:,.0f} |",
+            f"| (diagnostic) Kafka consume alone, loader's consumer settings, no insert | {consume:,.0f} | "
+            f"{spread(samples['consume'])} | {consume_cpu:,.0f} |",
+        ]
+    )
     report.save(body)
     print(body)
     print(report.ratio_table())

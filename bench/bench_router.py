@@ -42,15 +42,34 @@ BATCH = int(os.environ.get("BENCH_BATCH", str(RouterConfig.batch_size)))
 
 
 def sequin_value(rng: random.Random, segments: list[str], i: int) -> bytes:
-    rec = {"activityId": f"act-{i}", "segmentId": rng.choice(segments), "memberId": str(uuid.uuid4()),
-           "organizationId": str(uuid.uuid4()), "platform": "github", "type": "authored-commit",
-           "channel": f"https://github.com/acme/repo{rng.randint(1, 50)}", "sourceId": uuid.uuid4().hex,
-           "timestamp": "2025-05-01T12:00:00.000000Z", "createdAt": "2025-05-01T12:00:01.000000Z",
-           "updatedAt": "2025-05-01T12:00:03.120000Z", "username": f"user{i % 977}", "gitInsertions": 12,
-           "gitDeletions": 3, "sentimentScore": None, "score": 2, "isContribution": True,
-           "body": "x" * rng.randint(300, 420)}
-    meta = {"table_schema": "public", "table_name": "activityRelations", "idempotency_key": uuid.uuid4().hex,
-            "commit_timestamp": "2025-05-01T12:00:03.121004Z", "commit_lsn": 88120311 + i, "commit_idx": 0}
+    rec = {
+        "activityId": f"act-{i}",
+        "segmentId": rng.choice(segments),
+        "memberId": str(uuid.uuid4()),
+        "organizationId": str(uuid.uuid4()),
+        "platform": "github",
+        "type": "authored-commit",
+        "channel": f"https://github.com/acme/repo{rng.randint(1, 50)}",
+        "sourceId": uuid.uuid4().hex,
+        "timestamp": "2025-05-01T12:00:00.000000Z",
+        "createdAt": "2025-05-01T12:00:01.000000Z",
+        "updatedAt": "2025-05-01T12:00:03.120000Z",
+        "username": f"user{i % 977}",
+        "gitInsertions": 12,
+        "gitDeletions": 3,
+        "sentimentScore": None,
+        "score": 2,
+        "isContribution": True,
+        "body": "x" * rng.randint(300, 420),
+    }
+    meta = {
+        "table_schema": "public",
+        "table_name": "activityRelations",
+        "idempotency_key": uuid.uuid4().hex,
+        "commit_timestamp": "2025-05-01T12:00:03.121004Z",
+        "commit_lsn": 88120311 + i,
+        "commit_idx": 0,
+    }
     return orjson.dumps({"action": "insert", "changes": None, "record": rec, "metadata": meta})
 
 
@@ -74,8 +93,9 @@ def load(bootstrap: str, topic: str, count: int) -> int:
     return size // count
 
 
-def passthrough(bootstrap: str, source: str, out: str, count: int, eos: bool,
-                partitions: int = 3) -> tuple[float, float]:
+def passthrough(
+    bootstrap: str, source: str, out: str, count: int, eos: bool, partitions: int = 3
+) -> tuple[float, float]:
     """The baseline: consume a batch, produce every message unchanged to one topic, commit."""
     ensure_topics(bootstrap, [out], partitions, 1)
     group = f"pt-{uuid.uuid4().hex[:8]}"
@@ -110,10 +130,17 @@ def passthrough(bootstrap: str, source: str, out: str, count: int, eos: bool,
 
 
 def route(bootstrap: str, source_prefix: str, count: int, eos: bool) -> tuple[float, float]:
-    cfg = RouterConfig(bootstrap=bootstrap, buckets=10, group=f"rt-{uuid.uuid4().hex[:8]}",
-                       topic_prefix=source_prefix, batch_size=BATCH, exactly_once=eos,
-                       instance_id=uuid.uuid4().hex[:6], progress_interval=3600,
-                       partitions=int(os.environ.get("BENCH_PARTITIONS", "3")))
+    cfg = RouterConfig(
+        bootstrap=bootstrap,
+        buckets=10,
+        group=f"rt-{uuid.uuid4().hex[:8]}",
+        topic_prefix=source_prefix,
+        batch_size=BATCH,
+        exactly_once=eos,
+        instance_id=uuid.uuid4().hex[:6],
+        progress_interval=3600,
+        partitions=int(os.environ.get("BENCH_PARTITIONS", "3")),
+    )
     router = Router(cfg)
     marks: list[float] = []
     real_add = router.stats.add
@@ -145,8 +172,9 @@ def child(args: argparse.Namespace) -> None:
     eos = args.mode == "eos"
     if args.child.startswith("passthrough"):
         parts = 30 if args.child == "passthrough30" else 3
-        first, last = passthrough(args.bootstrap, args.source, f"{args.source}.pt-{uuid.uuid4().hex[:6]}",
-                                  args.messages, eos, parts)
+        first, last = passthrough(
+            args.bootstrap, args.source, f"{args.source}.pt-{uuid.uuid4().hex[:6]}", args.messages, eos, parts
+        )
     else:
         first, last = route(args.bootstrap, args.prefix, args.messages, eos)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -154,8 +182,22 @@ def child(args: argparse.Namespace) -> None:
 
 
 def trial(bootstrap: str, kind: str, mode: str, names: TopicNames, count: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", kind, "--mode", mode, "--bootstrap", bootstrap,
-           "--source", names.source, "--prefix", names.prefix, "--messages", str(count)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--mode",
+        mode,
+        "--bootstrap",
+        bootstrap,
+        "--source",
+        names.source,
+        "--prefix",
+        names.prefix,
+        "--messages",
+        str(count),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"{kind} {mode} failed:\n{r.stderr[-3000:]}")
@@ -202,26 +244,39 @@ def run(args: argparse.Namespace) -> None:
         for i in range(args.repeats):
             for kind in res:  # interleaved, so drift hits all alike
                 res[kind].append(trial(args.bootstrap, kind, mode, names, args.messages))
-                print(f"{mode} {kind} #{i + 1}: {res[kind][-1]['rate']:.0f} msg/s, "
-                      f"peak RSS {res[kind][-1]['rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"{mode} {kind} #{i + 1}: {res[kind][-1]['rate']:.0f} msg/s, "
+                    f"peak RSS {res[kind][-1]['rss_mb']:.0f} MB",
+                    flush=True,
+                )
         pt = statistics.median(r["rate"] for r in res["passthrough"])
         pt30 = statistics.median(r["rate"] for r in res["passthrough30"])
         rt = statistics.median(r["rate"] for r in res["router"])
         rss = max(r["rss_mb"] for r in res["router"])
         ptrss = max(r["rss_mb"] for r in res["passthrough"] + res["passthrough30"])
         rows.append((mode, pt, pt30, rt, rss, ptrss))
-    table = ["| mode | passthrough 1x3 msg/s | passthrough 1x30 msg/s | router 10x3 msg/s | router / pt 1x3 | "
-             "router / pt 1x30 | router peak RSS MB | passthrough peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| mode | passthrough 1x3 msg/s | passthrough 1x30 msg/s | router 10x3 msg/s | router / pt 1x3 | "
+        "router / pt 1x30 | router peak RSS MB | passthrough peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for mode, pt, pt30, rt, rss, ptrss in rows:
         name = "exactly-once" if mode == "eos" else "at-least-once"
-        table.append(f"| {name} | {pt:,.0f} | {pt30:,.0f} | {rt:,.0f} | {rt / pt:.2f} | {rt / pt30:.2f} | "
-                     f"{rss:.0f} | {ptrss:.0f} |")
+        table.append(
+            f"| {name} | {pt:,.0f} | {pt30:,.0f} | {rt:,.0f} | {rt / pt:.2f} | {rt / pt30:.2f} | "
+            f"{rss:.0f} | {ptrss:.0f} |"
+        )
     print("\n".join(table))
     if args.no_results:
         return
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
 
     section = [
         f"## Router vs passthrough ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n",

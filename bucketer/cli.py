@@ -10,14 +10,19 @@ import typer
 
 from bucketer.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, fetch_jars
 
-app = typer.Typer(help="Kafka-fed streaming bucketer: Sequin changes -> cityHash64 buckets -> ClickHouse.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Kafka-fed streaming bucketer: Sequin changes -> cityHash64 buckets -> ClickHouse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 local_app = typer.Typer(help="A single-node Apache Kafka 4.x broker (KRaft) on 127.0.0.1.", no_args_is_help=True)
 app.add_typer(local_app, name="local")
 
 PortOpt = Annotated[int, typer.Option("--port", envvar="BUCKETER_LOCAL_PORT", help="Broker port on 127.0.0.1.")]
-DirOpt = Annotated[Path, typer.Option("--dir", envvar="BUCKETER_LOCAL_DIR",
-                                      help="Broker directory; its data survives stop/start.")]
+DirOpt = Annotated[
+    Path, typer.Option("--dir", envvar="BUCKETER_LOCAL_DIR", help="Broker directory; its data survives stop/start.")
+]
 DEFAULT_LOCAL_DIR = Path(".bucketer/kafka")
 
 
@@ -84,8 +89,14 @@ def bucket_of_cmd(
 
 
 # --- shared by the command modules ---------------------------------------------------------------------
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", envvar="BUCKETER_DATA_DIR",
-                                          help="Embedded warehouse directory (ignored with BUCKETER_CLICKHOUSE_URL).")]
+DataDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="BUCKETER_DATA_DIR",
+        help="Embedded warehouse directory (ignored with BUCKETER_CLICKHOUSE_URL).",
+    ),
+]
 DEFAULT_DATA_DIR = Path(".bucketer")
 
 
@@ -108,8 +119,11 @@ def install_stop(stop) -> None:  # noqa: ANN001 - any zero-argument callable
 def log_to_stderr(verbose: bool = False) -> None:
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
 
 
 # The commands of the other areas register themselves on ``app`` (imported last: they import this module).

@@ -14,10 +14,13 @@ from bucketer.cli import DEFAULT_DATA_DIR, DataDirOpt, app, fail, open_configure
 def bootstrap_cmd(
     bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", help="Only these buckets (repeatable).")]
-    = None,
-    buckets: Annotated[int | None, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1,
-                                                help="Bucket count (default: the warehouse's).")] = None,
+    bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", help="Only these buckets (repeatable).")] = None,
+    buckets: Annotated[
+        int | None,
+        typer.Option(
+            "--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1, help="Bucket count (default: the warehouse's)."
+        ),
+    ] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
 ) -> None:
     """Replay activityRelations from its beginning into raw buckets (append; idempotent), then check the spread."""
@@ -36,9 +39,11 @@ def bootstrap_cmd(
     except (BucketerKafkaError, WarehouseError, LookupError, ValueError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     rate = report.messages / report.seconds if report.seconds else 0.0
-    typer.echo(f"bootstrap: replayed {report.messages:,} messages in {report.seconds:.1f}s ({rate:,.0f}/s); "
-               f"{sum(report.written.values()):,} rows written, {report.skipped_buckets:,} for other buckets, "
-               f"{sum(report.dead_lettered.values()):,} bad input (already in the DLQ), {report.rejected} refused")
+    typer.echo(
+        f"bootstrap: replayed {report.messages:,} messages in {report.seconds:.1f}s ({rate:,.0f}/s); "
+        f"{sum(report.written.values()):,} rows written, {report.skipped_buckets:,} for other buckets, "
+        f"{sum(report.dead_lettered.values()):,} bad input (already in the DLQ), {report.rejected} refused"
+    )
     typer.echo(f"{'bucket':>6} {'replayed':>10} {'live rows':>10} {'share':>7} {'misplaced':>9}")
     for c in report.checks:
         typer.echo(f"{c.bucket:>6} {c.replayed:>10,} {c.live_rows:>10,} {c.share:>7.1%} {c.misplaced:>9}")
@@ -52,8 +57,12 @@ def rebucket_cmd(
     to: Annotated[int, typer.Option("--to", min=1, help="The new bucket count.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     strategy: Annotated[str, typer.Option("--strategy", help="cutover (gradual is not implemented).")] = "cutover",
-    bootstrap: Annotated[str | None, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP",
-                                                  help="Kafka, to check the loader has drained the buckets.")] = None,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka, to check the loader has drained the buckets."
+        ),
+    ] = None,
     loader_group: Annotated[str, typer.Option("--loader-group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
     force: Annotated[bool, typer.Option("--force", help="Skip the loader-drained check.")] = False,
@@ -73,12 +82,15 @@ def rebucket_cmd(
             current = bucket_count(wh)
             if not force:
                 if bootstrap is None:
-                    raise fail("--bootstrap is needed to check that the loader has drained the bucket topics "
-                               "(or --force)", 2)
+                    raise fail(
+                        "--bootstrap is needed to check that the loader has drained the bucket topics (or --force)", 2
+                    )
                 lag = loader_lag(bootstrap, loader_group, TopicNames(topic_prefix), current or 0)
                 if lag:
-                    raise fail(f"the loader group {loader_group!r} still has {lag} unloaded bucket messages; "
-                               f"let it drain (or --force)")
+                    raise fail(
+                        f"the loader group {loader_group!r} still has {lag} unloaded bucket messages; "
+                        f"let it drain (or --force)"
+                    )
             enricher = Enricher(lambda: open_configured_warehouse(data_dir), lock_dir=Path(data_dir) / "locks")
             report = rebucket(wh, to, enricher, parallel=parallel)
     except (RebucketError, WarehouseError) as exc:

@@ -21,15 +21,18 @@ from bucketer.cli import (
 # --- loadgen (stream/loadgen.py) -----------------------------------------------------------------------
 @app.command("loadgen")
 def loadgen_cmd(
-    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP",
-                                           help="Kafka bootstrap servers.")],
+    bootstrap: Annotated[
+        str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap servers.")
+    ],
     count: Annotated[int, typer.Option("--count", min=0, help="Messages on activityRelations (bad ones included).")],
-    rate: Annotated[float | None, typer.Option("--rate", min=0.001,
-                                               help="Messages per second (default: unlimited).")] = None,
+    rate: Annotated[
+        float | None, typer.Option("--rate", min=0.001, help="Messages per second (default: unlimited).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", envvar="BUCKETER_LOADGEN_SEED", help="Same seed, same messages.")] = 1,
     segments: Annotated[int, typer.Option("--segments", min=1, help="Segments (projects), Zipf-skewed sizes.")] = 60,
-    bad_fraction: Annotated[float, typer.Option("--bad-fraction", min=0.0, max=1.0,
-                                                help="Share of bad activity messages.")] = 0.01,
+    bad_fraction: Annotated[
+        float, typer.Option("--bad-fraction", min=0.0, max=1.0, help="Share of bad activity messages.")
+    ] = 0.01,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
     partitions: Annotated[int, typer.Option("--partitions", min=1, help="Partitions of topics created here.")] = 3,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the broker.")] = 30.0,
@@ -43,14 +46,24 @@ def loadgen_cmd(
     from stream.loadgen_producer import LoadgenError, LoadProducer, ProducerSettings, ensure_topics, expected_total
 
     config = LoadgenConfig(count=count, seed=seed, segments=segments, bad_fraction=bad_fraction)
-    settings = ProducerSettings(bootstrap=bootstrap, topic_prefix=topic_prefix, partitions=partitions, rate=rate,
-                                timeout=timeout)
+    settings = ProducerSettings(
+        bootstrap=bootstrap, topic_prefix=topic_prefix, partitions=partitions, rate=rate, timeout=timeout
+    )
     console = Console(stderr=True)
     try:
         ensure_topics(settings)
-        with LoadProducer(settings) as producer, Progress(
-                TextColumn("loadgen"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=console, disable=quiet, transient=True) as progress:
+        with (
+            LoadProducer(settings) as producer,
+            Progress(
+                TextColumn("loadgen"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                disable=quiet,
+                transient=True,
+            ) as progress,
+        ):
             task = progress.add_task("produce", total=expected_total(config))
             summary = producer.run(config, on_progress=lambda n: progress.update(task, completed=n))
     except LoadgenError as exc:
@@ -61,6 +74,8 @@ def loadgen_cmd(
         typer.echo(f"action {action}: {n}")
     typer.echo(f"bad: {summary.bad_total} ({', '.join(f'{k}={v}' for k, v in sorted(summary.bad.items()))})")
     typer.echo(f"total: {summary.total} messages, {summary.bytes} bytes, {summary.duplicates} duplicates")
+
+
 # --- end loadgen ---------------------------------------------------------------------------------------
 
 
@@ -71,25 +86,50 @@ def route_cmd(
     buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
     sink: Annotated[str, typer.Option("--sink", envvar="BUCKETER_SINK", help="kafka (default) or tinybird.")] = "kafka",
     group: Annotated[str, typer.Option("--group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
-    until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE",
-                                                     help="Exit 0 after S seconds without input.")] = None,
+    until_idle: Annotated[
+        float | None,
+        typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE", help="Exit 0 after S seconds without input."),
+    ] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
-    at_least_once: Annotated[bool, typer.Option(
-        "--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE",
-        help="Faster: idempotent producer, offsets committed after delivery; a crash may duplicate.")] = False,
-    partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1,
-                                            help="Partitions of the bucket topics the router creates.")] = 3,
+    at_least_once: Annotated[
+        bool,
+        typer.Option(
+            "--at-least-once",
+            envvar="BUCKETER_AT_LEAST_ONCE",
+            help="Faster: idempotent producer, offsets committed after delivery; a crash may duplicate.",
+        ),
+    ] = False,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions",
+            envvar="BUCKETER_BUCKET_PARTITIONS",
+            min=1,
+            help="Partitions of the bucket topics the router creates.",
+        ),
+    ] = 3,
     replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
     batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.5,
-    instance_id: Annotated[str | None, typer.Option(
-        "--instance-id", envvar="BUCKETER_ROUTER_INSTANCE",
-        help="Unique per router replica (default: host name); keeps transactional.id stable across restarts.")] = None,
-    progress: Annotated[float, typer.Option("--progress", envvar="BUCKETER_PROGRESS", min=0.1,
-                                            help="Seconds between progress lines.")] = 10.0,
-    tinybird_url: Annotated[str | None, typer.Option(
-        "--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
-        help="Tinybird API base URL (--sink tinybird); the token comes from BUCKETER_TINYBIRD_TOKEN only.")] = None,
+    instance_id: Annotated[
+        str | None,
+        typer.Option(
+            "--instance-id",
+            envvar="BUCKETER_ROUTER_INSTANCE",
+            help="Unique per router replica (default: host name); keeps transactional.id stable across restarts.",
+        ),
+    ] = None,
+    progress: Annotated[
+        float, typer.Option("--progress", envvar="BUCKETER_PROGRESS", min=0.1, help="Seconds between progress lines.")
+    ] = 10.0,
+    tinybird_url: Annotated[
+        str | None,
+        typer.Option(
+            "--tinybird-url",
+            envvar="BUCKETER_TINYBIRD_URL",
+            help="Tinybird API base URL (--sink tinybird); the token comes from BUCKETER_TINYBIRD_TOKEN only.",
+        ),
+    ] = None,
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
     import logging
@@ -115,10 +155,21 @@ def route_cmd(
             raise fail("--sink tinybird needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN", 2)
         config_cls = TinybirdRouterConfig
         extra["tinybird"] = TinybirdConfig(url=tinybird_url, token=Secret(token), buckets=buckets)
-    config = config_cls(bootstrap=bootstrap, buckets=buckets, group=group, topic_prefix=topic_prefix, sink=sink,
-                          partitions=partitions, replication=replication, batch_size=batch_size,
-                          batch_time=batch_time, exactly_once=not at_least_once, until_idle=until_idle,
-                          progress_interval=progress, **extra)
+    config = config_cls(
+        bootstrap=bootstrap,
+        buckets=buckets,
+        group=group,
+        topic_prefix=topic_prefix,
+        sink=sink,
+        partitions=partitions,
+        replication=replication,
+        batch_size=batch_size,
+        batch_time=batch_time,
+        exactly_once=not at_least_once,
+        until_idle=until_idle,
+        progress_interval=progress,
+        **extra,
+    )
     router = Router(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: router.stop())
@@ -128,6 +179,8 @@ def route_cmd(
         raise fail(str(exc)) from None
     except BucketerKafkaError as exc:
         raise fail(f"router stopped on a Kafka error: {exc}") from None
+
+
 # --- end route -----------------------------------------------------------------------------------------
 
 
@@ -136,20 +189,33 @@ def run_cmd(
     bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
-    until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE",
-                                                     help="Exit 0 once S seconds pass without new input.")] = None,
+    until_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--until-idle", envvar="BUCKETER_UNTIL_IDLE", help="Exit 0 once S seconds pass without new input."
+        ),
+    ] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
-    parallel: Annotated[int, typer.Option("--parallel", envvar="BUCKETER_PARALLEL", min=1,
-                                          help="Cleaned buckets rebuilt at once.")] = 1,
-    schedule: Annotated[str | None, typer.Option("--schedule", envvar="BUCKETER_SCHEDULE",
-                                                 help="Rebuild schedule (default: pairs 4 minutes apart from :10).")]
-    = None,
-    enrich_on_exit: Annotated[bool, typer.Option("--enrich-on-exit", help="Rebuild every bucket before exiting.")]
-    = False,
+    parallel: Annotated[
+        int, typer.Option("--parallel", envvar="BUCKETER_PARALLEL", min=1, help="Cleaned buckets rebuilt at once.")
+    ] = 1,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule", envvar="BUCKETER_SCHEDULE", help="Rebuild schedule (default: pairs 4 minutes apart from :10)."
+        ),
+    ] = None,
+    enrich_on_exit: Annotated[
+        bool, typer.Option("--enrich-on-exit", help="Rebuild every bucket before exiting.")
+    ] = False,
     at_least_once: Annotated[bool, typer.Option("--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE")] = False,
     partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1)] = 3,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BUCKETER_METRICS_PORT",
-                                                     help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", envvar="BUCKETER_METRICS_PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT."
+        ),
+    ] = None,
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
@@ -159,11 +225,22 @@ def run_cmd(
     from stream.pipeline import Pipeline, PipelineConfig
 
     log_to_stderr()
-    pipeline = Pipeline(PipelineConfig(
-        bootstrap=bootstrap, data_dir=data_dir, clickhouse_url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None,
-        buckets=buckets, topic_prefix=topic_prefix, until_idle=until_idle, exactly_once=not at_least_once,
-        parallel=parallel, schedule=schedule, enrich_on_exit=enrich_on_exit, partitions=partitions,
-        metrics_port=metrics_port))
+    pipeline = Pipeline(
+        PipelineConfig(
+            bootstrap=bootstrap,
+            data_dir=data_dir,
+            clickhouse_url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None,
+            buckets=buckets,
+            topic_prefix=topic_prefix,
+            until_idle=until_idle,
+            exactly_once=not at_least_once,
+            parallel=parallel,
+            schedule=schedule,
+            enrich_on_exit=enrich_on_exit,
+            partitions=partitions,
+            metrics_port=metrics_port,
+        )
+    )
     install_stop(pipeline.stop)
     try:
         pipeline.run()
@@ -172,8 +249,10 @@ def run_cmd(
     router, loader = pipeline.router, pipeline.loader
     if router is not None and loader is not None:
         typer.echo(f"run: {router.stats.summary()}")
-        typer.echo(f"run: loaded {loader.stats.committed} messages into {len(loader.stats.inserted)} tables "
-                   f"({loader.stats.dead_lettered} dead-lettered)")
+        typer.echo(
+            f"run: loaded {loader.stats.committed} messages into {len(loader.stats.inserted)} tables "
+            f"({loader.stats.dead_lettered} dead-lettered)"
+        )
     for r in pipeline.rebuilds:
         typer.echo(f"run: rebuilt bucket {r.bucket}: {r.status} {r.rows} rows" + (f" ({r.error})" if r.error else ""))
 
@@ -199,12 +278,17 @@ def load_cmd(
         check_reachable(bootstrap)
         with open_configured_warehouse(data_dir) as wh:
             ensure_schema(wh, buckets)
-            loader = Loader(LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group,
-                                         topics=TopicNames(topic_prefix)), wh)
+            loader = Loader(
+                LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group, topics=TopicNames(topic_prefix)), wh
+            )
             install_stop(loader.stop)
             stats = loader.run(until_idle=until_idle)
     except (BucketerKafkaError, WarehouseError, LoaderError) as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"load: {stats.committed} messages loaded into {len(stats.inserted)} tables, "
-               f"{stats.dead_lettered} dead-lettered")
+    typer.echo(
+        f"load: {stats.committed} messages loaded into {len(stats.inserted)} tables, "
+        f"{stats.dead_lettered} dead-lettered"
+    )
+
+
 # --- end run, load -------------------------------------------------------------------------------------

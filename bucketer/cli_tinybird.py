@@ -13,8 +13,9 @@ from bucketer.cli import (
 )
 
 # --- tinybird (connectors/tinybird*.py, stream/tinybird_copy.py) ---------------------------------------
-tinybird_app = typer.Typer(help="The Tinybird target: generate the project for N buckets, run cleaning copies.",
-                           no_args_is_help=True)
+tinybird_app = typer.Typer(
+    help="The Tinybird target: generate the project for N buckets, run cleaning copies.", no_args_is_help=True
+)
 app.add_typer(tinybird_app, name="tinybird")
 TOKEN_ENV = "BUCKETER_TINYBIRD_TOKEN"
 
@@ -45,16 +46,23 @@ def tinybird_generate(
 
 @tinybird_app.command("copy")
 def tinybird_copy(
-    url: Annotated[str, typer.Option("--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
-                                     help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).")],
+    url: Annotated[
+        str,
+        typer.Option(
+            "--tinybird-url",
+            envvar="BUCKETER_TINYBIRD_URL",
+            help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).",
+        ),
+    ],
     bucket: Annotated[list[int] | None, typer.Option("--bucket", help="Bucket to rebuild (repeatable).")] = None,
     all_buckets: Annotated[bool, typer.Option("--all", help="Every bucket 0..N-1.")] = False,
     buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Copy jobs at once (the account allows 12).")] = 12,
     poll: Annotated[float, typer.Option("--poll", min=0.01, help="Seconds between job polls.")] = 2.0,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one job may take.")] = 3600.0,
-    skip_countries: Annotated[bool, typer.Option("--skip-countries",
-                                                 help="Do not resolve new organization countries first.")] = False,
+    skip_countries: Annotated[
+        bool, typer.Option("--skip-countries", help="Do not resolve new organization countries first.")
+    ] = False,
 ) -> None:
     """Run the cleaning copy pipes now through the API and wait for each job; exit 1 if any failed."""
     from connectors.tinybird_api import Secret, TinybirdClient
@@ -71,14 +79,22 @@ def tinybird_copy(
     with TinybirdClient(url, token, timeout=30.0) as client:
         if not skip_countries:
             sync_countries(client)
-        runner = CopyRunner(client, max_concurrent=parallel, poll_interval=poll, timeout=timeout,
-                            on_result=lambda r: typer.echo(f"bucket {r.bucket}: {r.status} job={r.job_id} "
-                                                           f"{r.seconds:.1f}s {r.detail}".rstrip()))
+        runner = CopyRunner(
+            client,
+            max_concurrent=parallel,
+            poll_interval=poll,
+            timeout=timeout,
+            on_result=lambda r: typer.echo(
+                f"bucket {r.bucket}: {r.status} job={r.job_id} {r.seconds:.1f}s {r.detail}".rstrip()
+            ),
+        )
         results = runner.run(chosen)
     failed = [r for r in results if not r.ok]
     typer.echo(f"{len(results) - len(failed)} of {len(results)} copies done")
     if failed:
         raise typer.Exit(1)
+
+
 def sync_countries(client: object) -> None:
     from connectors.tinybird_api import TinybirdError
     from stream.tinybird_countries import sync_country_codes
@@ -92,8 +108,14 @@ def sync_countries(client: object) -> None:
 
 @tinybird_app.command("countries")
 def tinybird_countries(
-    url: Annotated[str, typer.Option("--tinybird-url", envvar="BUCKETER_TINYBIRD_URL",
-                                     help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).")],
+    url: Annotated[
+        str,
+        typer.Option(
+            "--tinybird-url",
+            envvar="BUCKETER_TINYBIRD_URL",
+            help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).",
+        ),
+    ],
 ) -> None:
     """Resolve the organizations' new (country, location) pairs into organization_country_codes."""
     from connectors.tinybird_api import Secret, TinybirdClient
@@ -102,4 +124,6 @@ def tinybird_countries(
     assert isinstance(token, Secret)
     with TinybirdClient(url, token, timeout=30.0) as client:
         sync_countries(client)
+
+
 # --- end tinybird --------------------------------------------------------------------------------------

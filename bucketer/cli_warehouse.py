@@ -20,8 +20,12 @@ from bucketer.cli import (
 def query_cmd(
     sql: Annotated[str, typer.Argument(help="One SELECT. With --project: {bucket} and {segmentId:String} etc.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    project: Annotated[str | None, typer.Option("--project", envvar="BUCKETER_PROJECT",
-                                                help="Project slug; resolves its bucket via project_buckets.")] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project", envvar="BUCKETER_PROJECT", help="Project slug; resolves its bucket via project_buckets."
+        ),
+    ] = None,
 ) -> None:
     """Read-only SQL on the warehouse; one JSON object per line."""
     from connectors.warehouse import WarehouseError
@@ -43,8 +47,10 @@ def query_cmd(
 def status_cmd(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    bootstrap: Annotated[str | None, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP",
-                                                  help="Kafka, for the DLQ count and router lag.")] = None,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka, for the DLQ count and router lag."),
+    ] = None,
     router_group: Annotated[str, typer.Option("--router-group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
 ) -> None:
@@ -73,13 +79,26 @@ def status_cmd(
 
     widest = max((b.raw_rows for b in st.buckets), default=0) or 1
     table = Table(title=f"bucketer status ({len(st.buckets)} buckets)")
-    for col, justify in (("bucket", "right"), ("raw rows", "right"), ("cleaned rows", "right"),
-                         ("share", "right"), ("", "left"), ("snapshotId", "left"), ("age", "right")):
+    for col, justify in (
+        ("bucket", "right"),
+        ("raw rows", "right"),
+        ("cleaned rows", "right"),
+        ("share", "right"),
+        ("", "left"),
+        ("snapshotId", "left"),
+        ("age", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for b in st.buckets:
-        table.add_row(str(b.bucket), f"{b.raw_rows:,}", f"{b.cleaned_rows:,}", f"{b.share:.1%}",
-                      "█" * round(24 * b.raw_rows / widest), b.snapshot_id.strftime("%Y-%m-%d %H:%M") if
-                      b.snapshot_id else "-", age(b.snapshot_age_s))
+        table.add_row(
+            str(b.bucket),
+            f"{b.raw_rows:,}",
+            f"{b.cleaned_rows:,}",
+            f"{b.share:.1%}",
+            "█" * round(24 * b.raw_rows / widest),
+            b.snapshot_id.strftime("%Y-%m-%d %H:%M") if b.snapshot_id else "-",
+            age(b.snapshot_age_s),
+        )
     table.add_section()
     table.add_row("all", f"{st.raw_total:,}", f"{st.cleaned_total:,}", "100%" if st.raw_total else "-", "", "", "")
     console = Console()
@@ -89,22 +108,39 @@ def status_cmd(
     if st.kafka_error:
         console.print(f"kafka: {st.kafka_error}")
     elif bootstrap:
-        console.print(f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "
-                      f"router lag: {st.router_lag if st.router_lag is not None else 'no source topic'}")
+        console.print(
+            f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "
+            f"router lag: {st.router_lag if st.router_lag is not None else 'no source topic'}"
+        )
+
+
 # --- end warehouse -------------------------------------------------------------------------------------
 
 
 # --- enrich (stream/enrich.py, stream/schedule.py, connectors/countries.py) ------------------------------
 @app.command("enrich")
 def enrich_cmd(
-    bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", min=0,
-                                                     help="Bucket to rebuild (repeatable).")] = None,
+    bucket: Annotated[
+        list[int] | None, typer.Option("--bucket", "-b", min=0, help="Bucket to rebuild (repeatable).")
+    ] = None,
     all_buckets: Annotated[bool, typer.Option("--all", help="Rebuild every bucket.")] = False,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, envvar="BUCKETER_ENRICH_PARALLEL",
-                                          help="Buckets rebuilt at the same time.")] = 1,
-    buckets: Annotated[int | None, typer.Option("--buckets", "-n", min=1, envvar="BUCKETER_BUCKETS",
-                                                help="Bucket count (default: the warehouse's, else 10).")] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel", "-p", min=1, envvar="BUCKETER_ENRICH_PARALLEL", help="Buckets rebuilt at the same time."
+        ),
+    ] = 1,
+    buckets: Annotated[
+        int | None,
+        typer.Option(
+            "--buckets",
+            "-n",
+            min=1,
+            envvar="BUCKETER_BUCKETS",
+            help="Bucket count (default: the warehouse's, else 10).",
+        ),
+    ] = None,
 ) -> None:
     """Rebuild cleaned buckets now (the manual trigger): built aside, swapped in atomically."""
     from connectors.warehouse import WarehouseError
@@ -138,4 +174,6 @@ def enrich_cmd(
     failed = [r.bucket for r in results if r.status != "ok"]
     if failed:
         raise fail(f"{len(failed)} of {len(results)} bucket(s) not rebuilt: {failed}")
+
+
 # --- end enrich ----------------------------------------------------------------------------------------

@@ -30,9 +30,12 @@ def step(title: str) -> None:
 def sh(*args: str, capture: bool = False, quiet_stderr: bool = False) -> str:
     shown = " ".join(shlex.quote(a) for a in ("bucketer", *args))
     print(f"$ {shown}", flush=True)
-    proc = subprocess.run([*BUCKETER, *args], text=True,
-                          stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.PIPE if quiet_stderr else None)
+    proc = subprocess.run(
+        [*BUCKETER, *args],
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if quiet_stderr else None,
+    )
     if proc.returncode != 0:
         if quiet_stderr and proc.stderr:
             sys.stderr.write(proc.stderr[-4000:])
@@ -63,12 +66,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bootstrap={bootstrap}")
 
         step(f"2. {args.count:,} synthetic Sequin changes for the six topics (seed {args.seed})")
-        sh("loadgen", "--bootstrap", bootstrap, "--count", str(args.count), "--seed", str(args.seed),
-           "--bad-fraction", "0.01")
+        sh(
+            "loadgen",
+            "--bootstrap",
+            bootstrap,
+            "--count",
+            str(args.count),
+            "--seed",
+            str(args.seed),
+            "--bad-fraction",
+            "0.01",
+        )
 
         step("3. the pipeline until idle: route (exactly once) into buckets, load into the embedded warehouse")
-        sh("run", "--bootstrap", bootstrap, "--data-dir", str(warehouse), "--buckets", n, "--until-idle", "4",
-           quiet_stderr=True)
+        sh(
+            "run",
+            "--bootstrap",
+            bootstrap,
+            "--data-dir",
+            str(warehouse),
+            "--buckets",
+            n,
+            "--until-idle",
+            "4",
+            quiet_stderr=True,
+        )
 
         step("4. rebuild every cleaned bucket now (the manual trigger of the hourly schedule)")
         sh("enrich", "--data-dir", str(warehouse), "--buckets", n, "--all", "--parallel", "2", quiet_stderr=True)
@@ -77,25 +99,48 @@ def main(argv: list[str] | None = None) -> int:
         sh("status", "--data-dir", str(warehouse), "--bootstrap", bootstrap)
 
         step("6. one project, read from its own bucket only")
-        top = sh("query", "--data-dir", str(warehouse),
-                 "SELECT p.slug AS slug, count() AS activities FROM activityRelations_deduplicated_cleaned_bucket_union"
-                 " AS a INNER JOIN (SELECT slug, segmentId FROM insightsProjects FINAL WHERE enabled = 1 AND"
-                 " deletedAt IS NULL) AS p ON p.segmentId = a.segmentId GROUP BY slug ORDER BY activities DESC,"
-                 " slug LIMIT 1", capture=True)
+        top = sh(
+            "query",
+            "--data-dir",
+            str(warehouse),
+            "SELECT p.slug AS slug, count() AS activities FROM activityRelations_deduplicated_cleaned_bucket_union"
+            " AS a INNER JOIN (SELECT slug, segmentId FROM insightsProjects FINAL WHERE enabled = 1 AND"
+            " deletedAt IS NULL) AS p ON p.segmentId = a.segmentId GROUP BY slug ORDER BY activities DESC,"
+            " slug LIMIT 1",
+            capture=True,
+        )
         print(top.strip())
         import json
 
         slug = json.loads(top.splitlines()[0])["slug"] if top.strip() else None
         if slug is None:
             raise SystemExit("demo: no enabled project has cleaned activities")
-        print(sh("query", "--data-dir", str(warehouse), "--project", slug,
-                 "SELECT {bucketId:UInt32} AS bucket, type, count() AS activities, sum(gitChangedLines) AS lines,"
-                 " uniqExact(memberId) AS members FROM {bucket} WHERE segmentId = {segmentId:String}"
-                 " GROUP BY type ORDER BY activities DESC LIMIT 8", capture=True).strip())
-        print(sh("query", "--data-dir", str(warehouse), "--project", slug,
-                 "SELECT organizationName, organizationCountryCode AS country, count() AS activities FROM {bucket}"
-                 " WHERE segmentId = {segmentId:String} AND organizationName != '' GROUP BY 1, 2"
-                 " ORDER BY activities DESC LIMIT 5", capture=True).strip())
+        print(
+            sh(
+                "query",
+                "--data-dir",
+                str(warehouse),
+                "--project",
+                slug,
+                "SELECT {bucketId:UInt32} AS bucket, type, count() AS activities, sum(gitChangedLines) AS lines,"
+                " uniqExact(memberId) AS members FROM {bucket} WHERE segmentId = {segmentId:String}"
+                " GROUP BY type ORDER BY activities DESC LIMIT 8",
+                capture=True,
+            ).strip()
+        )
+        print(
+            sh(
+                "query",
+                "--data-dir",
+                str(warehouse),
+                "--project",
+                slug,
+                "SELECT organizationName, organizationCountryCode AS country, count() AS activities FROM {bucket}"
+                " WHERE segmentId = {segmentId:String} AND organizationName != '' GROUP BY 1, 2"
+                " ORDER BY activities DESC LIMIT 5",
+                capture=True,
+            ).strip()
+        )
     finally:
         if not args.keep:
             broker.stop()

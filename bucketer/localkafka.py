@@ -134,8 +134,14 @@ def _pid_alive(pid: int) -> bool:
 class LocalKafka:
     """Manages one broker rooted at ``directory``. No process is touched until a method is called."""
 
-    def __init__(self, directory: str | os.PathLike[str], port: int = DEFAULT_PORT,
-                 controller_port: int | None = None, heap: str = "512m", version: str = KAFKA_VERSION):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        port: int = DEFAULT_PORT,
+        controller_port: int | None = None,
+        heap: str = "512m",
+        version: str = KAFKA_VERSION,
+    ):
         self.directory = Path(directory).resolve()
         self.port = port
         self.controller_port = controller_port or port + 1
@@ -182,70 +188,96 @@ class LocalKafka:
         if not (self.directory / "data" / "meta.properties").exists():
             self._format(java, classpath, props)
         log = open(self.directory / "broker.log", "ab")
-        cmd = [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-               f"-Dlog4j2.configurationFile={self.directory / 'log4j2.properties'}",
-               f"-Dkafka.logs.dir={self.directory}", "-cp", classpath, "kafka.Kafka", str(props)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=self.directory)
+        cmd = [
+            java,
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.directory / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.directory}",
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(props),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.directory,
+        )
         log.close()
-        self._state_file.write_text(json.dumps(
-            {"pid": proc.pid, "port": self.port, "controller_port": self.controller_port}))
+        self._state_file.write_text(
+            json.dumps({"pid": proc.pid, "port": self.port, "controller_port": self.controller_port})
+        )
         self._wait_ready(proc.pid, timeout)
         return self.bootstrap
 
     def _write_config(self) -> Path:
         data = self.directory / "data"
         props = self.directory / "server.properties"
-        props.write_text("\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{HOST}:{self.controller_port}",
-            f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={data}",
-            # One broker: every internal topic has one replica.
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=10",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "transaction.state.log.num.partitions=10",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            "default.replication.factor=1",
-            "min.insync.replicas=1",
-            # Topics are created on purpose by the workers, never by a typo.
-            "auto.create.topics.enable=false",
-            "num.partitions=1",
-            "group.initial.rebalance.delay.ms=0",
-            # A development broker keeps what it was given: bootstrap replays topics from the start.
-            "log.retention.ms=-1",
-            "log.segment.bytes=268435456",
-            "message.max.bytes=10485760",
-            "num.network.threads=2",
-            "num.io.threads=4",
-            "",
-        ]))
-        (self.directory / "log4j2.properties").write_text("\n".join([
-            "status = warn",
-            "appender.out.type = Console",
-            "appender.out.name = OUT",
-            "appender.out.layout.type = PatternLayout",
-            "appender.out.layout.pattern = [%d] %p %m (%c)%n",
-            "rootLogger.level = WARN",
-            "rootLogger.appenderRef.out.ref = OUT",
-            "logger.kafka.name = kafka.server.KafkaRaftServer",
-            "logger.kafka.level = INFO",
-            "",
-        ]))
+        props.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@{HOST}:{self.controller_port}",
+                    f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={data}",
+                    # One broker: every internal topic has one replica.
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=10",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "transaction.state.log.num.partitions=10",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    "default.replication.factor=1",
+                    "min.insync.replicas=1",
+                    # Topics are created on purpose by the workers, never by a typo.
+                    "auto.create.topics.enable=false",
+                    "num.partitions=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    # A development broker keeps what it was given: bootstrap replays topics from the start.
+                    "log.retention.ms=-1",
+                    "log.segment.bytes=268435456",
+                    "message.max.bytes=10485760",
+                    "num.network.threads=2",
+                    "num.io.threads=4",
+                    "",
+                ]
+            )
+        )
+        (self.directory / "log4j2.properties").write_text(
+            "\n".join(
+                [
+                    "status = warn",
+                    "appender.out.type = Console",
+                    "appender.out.name = OUT",
+                    "appender.out.layout.type = PatternLayout",
+                    "appender.out.layout.pattern = [%d] %p %m (%c)%n",
+                    "rootLogger.level = WARN",
+                    "rootLogger.appenderRef.out.ref = OUT",
+                    "logger.kafka.name = kafka.server.KafkaRaftServer",
+                    "logger.kafka.level = INFO",
+                    "",
+                ]
+            )
+        )
         return props
 
     def _format(self, java: str, classpath: str, props: Path) -> None:
         def tool(*args: str) -> str:
-            proc = subprocess.run([java, "-Xmx256m", "-cp", classpath, "kafka.tools.StorageTool", *args],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [java, "-Xmx256m", "-cp", classpath, "kafka.tools.StorageTool", *args], capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 raise LocalKafkaError(f"kafka storage tool failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
             return proc.stdout.strip()
@@ -257,8 +289,14 @@ class LocalKafka:
         from confluent_kafka.admin import AdminClient
 
         deadline = time.monotonic() + timeout
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 1000,
-                             "log_level": 0, "logger": _SilentLogger()})
+        admin = AdminClient(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "socket.connection.setup.timeout.ms": 1000,
+                "log_level": 0,
+                "logger": _SilentLogger(),
+            }
+        )
         while time.monotonic() < deadline:
             if pid is not None and not _pid_alive(pid):
                 raise LocalKafkaError(f"the broker exited during start-up; see {self.directory / 'broker.log'}")

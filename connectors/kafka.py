@@ -29,13 +29,22 @@ H_DERIVED = "bucketer-derived"
 RETIREMENT_HEADERS = [(H_DERIVED, b"retirement")]
 
 # Errors that no retry of the same record fixes.
-_DEAD_LETTER = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG,
-                KafkaError.INVALID_MSG_SIZE}
+_DEAD_LETTER = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,
+    KafkaError.INVALID_MSG_SIZE,
+}
 _FATAL = {
-    KafkaError._FATAL, KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError._FATAL,
+    KafkaError._FENCED,
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
     KafkaError.FENCED_INSTANCE_ID,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
-    KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
     KafkaError.SASL_AUTHENTICATION_FAILED,
 }
 
@@ -142,8 +151,9 @@ def check_reachable(bootstrap: str, timeout: float = 5.0) -> None:
         raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap} within {timeout:g}s ({exc})") from None
 
 
-def ensure_topics(bootstrap: str, names: list[str], partitions: int, replication: int,
-                  timeout: float = 30.0) -> list[str]:
+def ensure_topics(
+    bootstrap: str, names: list[str], partitions: int, replication: int, timeout: float = 30.0
+) -> list[str]:
     """Create the missing topics; returns the names created. Existing topics are left as they are."""
     client = admin(bootstrap)
     try:
@@ -153,8 +163,9 @@ def ensure_topics(bootstrap: str, names: list[str], partitions: int, replication
     missing = [n for n in names if n not in existing]
     if not missing:
         return []
-    futures = client.create_topics([NewTopic(n, partitions, replication) for n in missing],
-                                   operation_timeout=timeout, request_timeout=timeout)
+    futures = client.create_topics(
+        [NewTopic(n, partitions, replication) for n in missing], operation_timeout=timeout, request_timeout=timeout
+    )
     for name, fut in futures.items():
         try:
             fut.result(timeout)

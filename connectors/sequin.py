@@ -38,9 +38,21 @@ STRING_COLUMNS = ("activityId", "memberId", "platform", "sourceId", "type")
 TIMESTAMP_COLUMNS = ("createdAt", "updatedAt", "timestamp")
 SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
 ERROR_CLASSES = (
-    "tombstone", "invalid_utf8", "not_json", "not_object", "unknown_action", "no_record",
-    "record_not_object", "missing_segment_id", "null_segment_id", "non_string_segment_id",
-    "empty_segment_id", "missing_column", "bad_column", "bad_timestamp", "bad_changes",
+    "tombstone",
+    "invalid_utf8",
+    "not_json",
+    "not_object",
+    "unknown_action",
+    "no_record",
+    "record_not_object",
+    "missing_segment_id",
+    "null_segment_id",
+    "non_string_segment_id",
+    "empty_segment_id",
+    "missing_column",
+    "bad_column",
+    "bad_timestamp",
+    "bad_changes",
     "too_large",  # raised by the router: over the producer's message.max.bytes
 )
 # DateTime64(3) range: 1900-01-01 .. 2299-12-31, in microseconds.
@@ -69,8 +81,15 @@ class Change:
 
     __slots__ = ("action", "segment_id", "value", "retirement", "old_values_unknown", "_record")
 
-    def __init__(self, action: str, segment_id: str, value: bytes, record: dict[str, Any] | None = None,
-                 retirement: Retirement | None = None, old_values_unknown: bool = False) -> None:
+    def __init__(
+        self,
+        action: str,
+        segment_id: str,
+        value: bytes,
+        record: dict[str, Any] | None = None,
+        retirement: Retirement | None = None,
+        old_values_unknown: bool = False,
+    ) -> None:
         self.action, self.segment_id, self.value = action, segment_id, value
         self.retirement, self.old_values_unknown, self._record = retirement, old_values_unknown, record
 
@@ -125,8 +144,14 @@ def decode(value: bytes | None, topic: str = "", partition: int = -1, offset: in
         return _decode_full(value, topic, partition, offset)
     r = m.record
     ch = m.changes
-    if (m.action in ACTIONS and r.segmentId and _in_range(r.createdAt) and _in_range(r.updatedAt)
-            and _in_range(r.timestamp) and (m.action != "update" or ch is None or _SORT_KEY_SET.isdisjoint(ch))):
+    if (
+        m.action in ACTIONS
+        and r.segmentId
+        and _in_range(r.createdAt)
+        and _in_range(r.updatedAt)
+        and _in_range(r.timestamp)
+        and (m.action != "update" or ch is None or _SORT_KEY_SET.isdisjoint(ch))
+    ):
         return Change(m.action, r.segmentId, value, old_values_unknown=m.action == "update" and not ch)  # type: ignore[arg-type]
     return _decode_full(value, topic, partition, offset)
 
@@ -152,9 +177,16 @@ def _decode_full(value: bytes | None, topic: str, partition: int, offset: int) -
     if type(segment_id) is not str or not segment_id:
         segment_id = _segment_id(record, "record")  # raises the precise class
     g = record.get  # fast path for good rows; the slow one names what is wrong (or allows a delete)
-    if not (type(g("activityId")) is str and type(g("memberId")) is str and type(g("platform")) is str
-            and type(g("sourceId")) is str and type(g("type")) is str and valid_timestamp(g("createdAt"))
-            and valid_timestamp(g("updatedAt")) and valid_timestamp(g("timestamp"))):
+    if not (
+        type(g("activityId")) is str
+        and type(g("memberId")) is str
+        and type(g("platform")) is str
+        and type(g("sourceId")) is str
+        and type(g("type")) is str
+        and valid_timestamp(g("createdAt"))
+        and valid_timestamp(g("updatedAt"))
+        and valid_timestamp(g("timestamp"))
+    ):
         _check_columns(record, action, msg.get("metadata"))
     changes = msg.get("changes")
     if action != "update":
@@ -213,8 +245,12 @@ def _check_columns(record: dict[str, Any], action: str, metadata: object) -> Non
     for col in TIMESTAMP_COLUMNS:
         v = record.get(col)
         if v is None:
-            if col == "updatedAt" and action == "delete" and type(metadata) is dict \
-                    and valid_timestamp(metadata.get("commit_timestamp")):
+            if (
+                col == "updatedAt"
+                and action == "delete"
+                and type(metadata) is dict
+                and valid_timestamp(metadata.get("commit_timestamp"))
+            ):
                 continue
             raise BadMessage("missing_column", f"record.{col} absent or null")
         if not valid_timestamp(v):
@@ -237,8 +273,7 @@ def valid_timestamp(v: object) -> bool:
     return "1900" <= v[:4] <= "2299"  # either parser accepted it, so these are the year's four digits
 
 
-def _retirement(msg: dict[str, Any], record: dict[str, Any], changes: dict[str, Any],
-                source: str) -> Retirement | None:
+def _retirement(msg: dict[str, Any], record: dict[str, Any], changes: dict[str, Any], source: str) -> Retirement | None:
     """The delete of the old row when ``changes`` alters the sort key (segmentId moves the bucket)."""
     moved = [c for c in SORT_KEY if c in changes and changes[c] != record.get(c)]
     if not moved:

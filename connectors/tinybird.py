@@ -58,10 +58,10 @@ class TinybirdConfig:
     token: Secret = field(repr=False)
     buckets: int = 10
     datasource_template: str = "activityRelations_bucket_MV_ds_{n}"
-    max_batch_bytes: int = 4_000_000          # per request, well under the 10 MB limit
-    linger: float = 0.5                       # seconds a partly filled batch waits
+    max_batch_bytes: int = 4_000_000  # per request, well under the 10 MB limit
+    linger: float = 0.5  # seconds a partly filled batch waits
     max_concurrent_requests: int = 8
-    max_requests_per_second: float = 100.0    # per data source
+    max_requests_per_second: float = 100.0  # per data source
     timeout: float = 30.0
     backoff_base: float = 0.25
     backoff_cap: float = 30.0
@@ -82,8 +82,8 @@ class Checkpoint:
     __slots__ = ("pending", "bytes", "offsets", "discarded")
 
     def __init__(self) -> None:
-        self.pending = 0            # lines not yet acknowledged
-        self.bytes = 0              # their bytes
+        self.pending = 0  # lines not yet acknowledged
+        self.bytes = 0  # their bytes
         self.offsets: list[TopicPartition] | None = None
         self.discarded = False
 
@@ -240,8 +240,12 @@ class SourceWorker:
                 self._post(part_lines)
             except TinybirdTooLarge as exc:
                 if len(part_lines) == 1:
-                    raise TinybirdError(f"{self.datasource}: one row of {len(part_lines[0])} bytes is over the "
-                                        f"request limit ({exc.status})", exc.status, exc.body) from None
+                    raise TinybirdError(
+                        f"{self.datasource}: one row of {len(part_lines[0])} bytes is over the "
+                        f"request limit ({exc.status})",
+                        exc.status,
+                        exc.body,
+                    ) from None
                 mid = len(part_lines) // 2
                 self.sink.count(self.datasource, "splits")
                 parts[0:0] = [(part_lines[:mid], part_owners[:mid]), (part_lines[mid:], part_owners[mid:])]
@@ -271,15 +275,25 @@ class SourceWorker:
                 log.warning("%s: %s; retry %d in %.2fs", self.datasource, exc, attempt, delay)
                 continue
             except TinybirdPartialWrite as exc:
-                log.error("%s: PARTIAL WRITE (422), not retried (a retry may duplicate rows); "
-                          "%d rows in the request; response: %s", self.datasource, len(lines), exc.body)
+                log.error(
+                    "%s: PARTIAL WRITE (422), not retried (a retry may duplicate rows); "
+                    "%d rows in the request; response: %s",
+                    self.datasource,
+                    len(lines),
+                    exc.body,
+                )
                 raise
             self.sink.count(self.datasource, "requests")
             self.sink.count(self.datasource, "rows", len(lines))
             if result.quarantined_rows:
                 self.sink.count(self.datasource, "quarantined", result.quarantined_rows)
-                log.warning("%s: %d of %d rows quarantined (see %s_quarantine)", self.datasource,
-                            result.quarantined_rows, len(lines), self.datasource)
+                log.warning(
+                    "%s: %d of %d rows quarantined (see %s_quarantine)",
+                    self.datasource,
+                    result.quarantined_rows,
+                    len(lines),
+                    self.datasource,
+                )
             return
 
     def _pace(self) -> None:
@@ -302,10 +316,16 @@ class TinybirdSink:
 
     exactly_once = False
 
-    def __init__(self, config: TinybirdConfig, dlq: Any = None, *,
-                 client_factory: Callable[[TinybirdConfig], TinybirdClient] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: TinybirdConfig,
+        dlq: Any = None,
+        *,
+        client_factory: Callable[[TinybirdConfig], TinybirdClient] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config, self.dlq = config, dlq
         self.clock, self.sleep = clock, sleep
         self._rng = rng or random.Random()
@@ -410,8 +430,10 @@ class TinybirdSink:
             w.thread.join(5.0)
         self._workers.clear()
         if undelivered > 0 and self.fatal is None:
-            self.fatal = TinybirdError(f"{undelivered} bytes not acknowledged by Tinybird within "
-                                       f"{self.config.close_timeout}s; restart to re-send them")
+            self.fatal = TinybirdError(
+                f"{undelivered} bytes not acknowledged by Tinybird within "
+                f"{self.config.close_timeout}s; restart to re-send them"
+            )
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -465,6 +487,7 @@ def make_router_sink(config: Any, dlq: Any) -> TinybirdSink:
         url, token = getattr(config, "tinybird_url", None), getattr(config, "tinybird_token", None)
         if not url or not token:
             raise TinybirdSinkError("the tinybird sink needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN")
-        tb = TinybirdConfig(url=url, token=token if isinstance(token, Secret) else Secret(str(token)),
-                            buckets=config.buckets)
+        tb = TinybirdConfig(
+            url=url, token=token if isinstance(token, Secret) else Secret(str(token)), buckets=config.buckets
+        )
     return TinybirdSink(tb, dlq)

@@ -59,8 +59,7 @@ class TinybirdError(RuntimeError):
 
 
 class TinybirdRetryable(TinybirdError):
-    def __init__(self, message: str, status: int | None = None, body: str = "",
-                 delay: float | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, body: str = "", delay: float | None = None) -> None:
         super().__init__(message, status, body)
         self.delay = delay
 
@@ -92,8 +91,9 @@ def _seconds(value: str | None) -> float | None:
 
 
 class TinybirdClient:
-    def __init__(self, url: str, token: Secret, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, url: str, token: Secret, timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self._token, self._timeout, self._transport = token, timeout, transport
         self._http: httpx.Client | None = None
@@ -102,8 +102,12 @@ class TinybirdClient:
         return f"TinybirdClient(url={self.url!r}, token=***)"
 
     def __enter__(self) -> TinybirdClient:
-        self._http = httpx.Client(base_url=self.url, timeout=self._timeout, transport=self._transport,
-                                  headers={"Authorization": f"Bearer {self._token.reveal()}"})
+        self._http = httpx.Client(
+            base_url=self.url,
+            timeout=self._timeout,
+            transport=self._transport,
+            headers={"Authorization": f"Bearer {self._token.reveal()}"},
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -142,8 +146,11 @@ class TinybirdClient:
             raise TinybirdTooLarge(message, status, body)
         if status == 422:
             raise TinybirdPartialWrite(message, status, body)
-        hint = {403: " (check the token and its append scope)", 404: " (wrong data source or region host?)",
-                401: " (check the token)"}.get(status, "")
+        hint = {
+            403: " (check the token and its append scope)",
+            404: " (wrong data source or region host?)",
+            401: " (check the token)",
+        }.get(status, "")
         raise TinybirdConfigError(message + hint, status, body)
 
     def post_events(self, datasource: str, body: bytes, gzipped: bool = False) -> EventsResult:
@@ -151,15 +158,17 @@ class TinybirdClient:
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         what = f"POST events to {datasource}"
-        resp = self._request("POST", "/v0/events", what, params={"name": datasource, "wait": "true"},
-                             content=body, headers=headers)
+        resp = self._request(
+            "POST", "/v0/events", what, params={"name": datasource, "wait": "true"}, content=body, headers=headers
+        )
         self._raise_for(resp, what)
         try:
             doc = orjson.loads(resp.content) if resp.content else {}
         except orjson.JSONDecodeError:
             doc = {}
-        return EventsResult(resp.status_code, int(doc.get("successful_rows", 0) or 0),
-                            int(doc.get("quarantined_rows", 0) or 0))
+        return EventsResult(
+            resp.status_code, int(doc.get("successful_rows", 0) or 0), int(doc.get("quarantined_rows", 0) or 0)
+        )
 
     def start_copy(self, pipe: str, mode: str = "replace") -> str:
         what = f"start copy pipe {pipe}"

@@ -46,14 +46,28 @@ def _rec(name: str, ctype: str, default: str | None = None) -> Column:
 
 
 ACTIVITY: tuple[Column, ...] = (
-    _rec("activityId", "String"), _rec("conversationId", "String", "''"), _rec("createdAt", TS),
-    _rec("updatedAt", TS), _rec("memberId", "String"), _rec("objectMemberId", "String", "''"),
-    _rec("objectMemberUsername", "String", "''"), _rec("organizationId", "String", "''"),
-    _rec("parentId", "String", "''"), _rec("platform", "LowCardinality(String)"), _rec("segmentId", "String"),
-    _rec("username", "String", "''"), _rec("sourceId", "String"), _rec("type", "LowCardinality(String)"),
-    _rec("timestamp", TS), _rec("sourceParentId", "String", "''"), _rec("channel", "String", "''"),
-    _rec("sentimentScore", "Int8", "-1"), _rec("gitInsertions", "UInt32", "0"), _rec("gitDeletions", "UInt32", "0"),
-    _rec("score", "Int8", "-1"), _rec("isContribution", "UInt8", "0"),
+    _rec("activityId", "String"),
+    _rec("conversationId", "String", "''"),
+    _rec("createdAt", TS),
+    _rec("updatedAt", TS),
+    _rec("memberId", "String"),
+    _rec("objectMemberId", "String", "''"),
+    _rec("objectMemberUsername", "String", "''"),
+    _rec("organizationId", "String", "''"),
+    _rec("parentId", "String", "''"),
+    _rec("platform", "LowCardinality(String)"),
+    _rec("segmentId", "String"),
+    _rec("username", "String", "''"),
+    _rec("sourceId", "String"),
+    _rec("type", "LowCardinality(String)"),
+    _rec("timestamp", TS),
+    _rec("sourceParentId", "String", "''"),
+    _rec("channel", "String", "''"),
+    _rec("sentimentScore", "Int8", "-1"),
+    _rec("gitInsertions", "UInt32", "0"),
+    _rec("gitDeletions", "UInt32", "0"),
+    _rec("score", "Int8", "-1"),
+    _rec("isContribution", "UInt8", "0"),
     _rec("pullRequestReviewState", "LowCardinality(String)", "''"),
 )
 ACTIVITY_NAMES = tuple(c[0] for c in ACTIVITY)
@@ -63,41 +77,78 @@ CHANGE: tuple[Column, ...] = (
 )
 VERSIONED: tuple[Column, ...] = (
     ("_deleted", "UInt8", None, "if(action = 'delete', 1, 0)"),
-    ("_version", "UInt64", None,
-     "toUInt64(toUnixTimestamp64Milli(if(toUnixTimestamp64Milli(updatedAt) = 0, commitTimestamp, updatedAt))) "
-     "* 2 + _deleted"),
+    (
+        "_version",
+        "UInt64",
+        None,
+        "toUInt64(toUnixTimestamp64Milli(if(toUnixTimestamp64Milli(updatedAt) = 0, commitTimestamp, updatedAt))) "
+        "* 2 + _deleted",
+    ),
 )
 REFERENCE: dict[str, tuple[Column, ...]] = {
     "members": (
-        _rec("id", "String"), _rec("attributes", "String", "'{}'"),
+        _rec("id", "String"),
+        _rec("attributes", "String", "'{}'"),
         ("isBot", "UInt8", "$.record.attributes.isBot.default", "0"),
         ("isTeamMember", "UInt8", "$.record.attributes.isTeamMember.default", "0"),
         ("isOrganization", "UInt8", "$.record.attributes.isOrganization.default", "0"),
-        _rec("displayName", "String", "''"), _rec("joinedAt", TS), _rec("createdAt", TS), _rec("updatedAt", TS)),
+        _rec("displayName", "String", "''"),
+        _rec("joinedAt", TS),
+        _rec("createdAt", TS),
+        _rec("updatedAt", TS),
+    ),
     "organizations": (
-        _rec("id", "String"), _rec("displayName", "String", "''"), _rec("location", "String", "''"),
-        _rec("country", "String", "''"), _rec("createdAt", TS), _rec("updatedAt", TS)),
+        _rec("id", "String"),
+        _rec("displayName", "String", "''"),
+        _rec("location", "String", "''"),
+        _rec("country", "String", "''"),
+        _rec("createdAt", TS),
+        _rec("updatedAt", TS),
+    ),
     "repositories": (
-        _rec("id", "String"), _rec("url", "String", "''"), _rec("segmentId", "String", "''"),
-        _rec("insightsProjectId", "String", "''"), _rec("sourceIntegrationId", "String", "''"),
-        _rec("enabled", "UInt8", "1"), _rec("excluded", "UInt8", "0"), _rec("archived", "UInt8", "0"),
-        _rec("deletedAt", f"Nullable({TS})"), _rec("createdAt", TS), _rec("updatedAt", TS)),
+        _rec("id", "String"),
+        _rec("url", "String", "''"),
+        _rec("segmentId", "String", "''"),
+        _rec("insightsProjectId", "String", "''"),
+        _rec("sourceIntegrationId", "String", "''"),
+        _rec("enabled", "UInt8", "1"),
+        _rec("excluded", "UInt8", "0"),
+        _rec("archived", "UInt8", "0"),
+        _rec("deletedAt", f"Nullable({TS})"),
+        _rec("createdAt", TS),
+        _rec("updatedAt", TS),
+    ),
     "insightsProjects": (
-        _rec("id", "String"), _rec("name", "String", "''"), _rec("slug", "String", "''"),
-        _rec("segmentId", "String", "''"), _rec("enabled", "UInt8", "1"), _rec("deletedAt", f"Nullable({TS})"),
-        _rec("createdAt", TS), _rec("updatedAt", TS)),
+        _rec("id", "String"),
+        _rec("name", "String", "''"),
+        _rec("slug", "String", "''"),
+        _rec("segmentId", "String", "''"),
+        _rec("enabled", "UInt8", "1"),
+        _rec("deletedAt", f"Nullable({TS})"),
+        _rec("createdAt", TS),
+        _rec("updatedAt", TS),
+    ),
     "integrations": (
-        _rec("id", "String"), _rec("platform", "LowCardinality(String)", "''"), _rec("segmentId", "String", "''"),
-        _rec("deletedAt", f"Nullable({TS})"), _rec("createdAt", TS), _rec("updatedAt", TS)),
+        _rec("id", "String"),
+        _rec("platform", "LowCardinality(String)", "''"),
+        _rec("segmentId", "String", "''"),
+        _rec("deletedAt", f"Nullable({TS})"),
+        _rec("createdAt", TS),
+        _rec("updatedAt", TS),
+    ),
 }
 CLEANED_EXTRA: tuple[Column, ...] = (
-    ("gitChangedLines", "UInt64", None, None), ("gitChangedLinesBucket", "String", None, None),
-    ("organizationCountryCode", "LowCardinality(String)", None, None), ("organizationName", "String", None, None),
+    ("gitChangedLines", "UInt64", None, None),
+    ("gitChangedLinesBucket", "String", None, None),
+    ("organizationCountryCode", "LowCardinality(String)", None, None),
+    ("organizationName", "String", None, None),
     ("snapshotId", "DateTime", None, None),
 )
 COUNTRY: tuple[Column, ...] = (
-    ("country", "String", "$.country", "''"), ("location", "String", "$.location", "''"),
-    ("code", "LowCardinality(String)", "$.code", "'XX'"), ("resolverVersion", "UInt32", "$.resolverVersion", "0"),
+    ("country", "String", "$.country", "''"),
+    ("location", "String", "$.location", "''"),
+    ("code", "LowCardinality(String)", "$.code", "'XX'"),
+    ("resolverVersion", "UInt32", "$.resolverVersion", "0"),
 )
 
 
@@ -145,33 +196,49 @@ SORT_KEY = "segmentId, timestamp, type, platform, channel, sourceId"
 
 
 def source_datasource() -> str:
-    return _datasource("Sequin changes of activityRelations (one JSON message per row: $.record.*).",
-                       ACTIVITY + CHANGE, _rmt(SORT_KEY, "updatedAt", partition="toYear(createdAt)"))
+    return _datasource(
+        "Sequin changes of activityRelations (one JSON message per row: $.record.*).",
+        ACTIVITY + CHANGE,
+        _rmt(SORT_KEY, "updatedAt", partition="toYear(createdAt)"),
+    )
 
 
 def raw_bucket_datasource(n: int) -> str:
-    return _datasource(f"Raw bucket {n}: cityHash64(segmentId) % N = {n}. Deletes and the router's retirements "
-                       "set _deleted, so FINAL keeps exactly the live rows.",
-                       ACTIVITY + CHANGE + VERSIONED,
-                       _rmt(SORT_KEY, "_version", "_deleted", partition="toYear(createdAt)"))
+    return _datasource(
+        f"Raw bucket {n}: cityHash64(segmentId) % N = {n}. Deletes and the router's retirements "
+        "set _deleted, so FINAL keeps exactly the live rows.",
+        ACTIVITY + CHANGE + VERSIONED,
+        _rmt(SORT_KEY, "_version", "_deleted", partition="toYear(createdAt)"),
+    )
 
 
 def cleaned_datasource(n: int) -> str:
     cols = tuple((c[0], c[1], None, None) for c in ACTIVITY) + CLEANED_EXTRA
-    return _datasource(f"Cleaned bucket {n}: rebuilt hourly (replace) by {cleaned_table(n)[:-3]}.pipe.", cols,
-                       [("ENGINE", "MergeTree"),
-                        ("ENGINE_SORTING_KEY", "segmentId, timestamp, type, platform, memberId, organizationId")])
+    return _datasource(
+        f"Cleaned bucket {n}: rebuilt hourly (replace) by {cleaned_table(n)[:-3]}.pipe.",
+        cols,
+        [
+            ("ENGINE", "MergeTree"),
+            ("ENGINE_SORTING_KEY", "segmentId, timestamp, type, platform, memberId, organizationId"),
+        ],
+    )
 
 
 def reference_datasource(table: str) -> str:
-    return _datasource(f"Sequin changes of {table} ($.record.*); FINAL gives the latest live row per id.",
-                       REFERENCE[table] + CHANGE + VERSIONED, _rmt("id", "_version", "_deleted"))
+    return _datasource(
+        f"Sequin changes of {table} ($.record.*); FINAL gives the latest live row per id.",
+        REFERENCE[table] + CHANGE + VERSIONED,
+        _rmt("id", "_version", "_deleted"),
+    )
 
 
 def country_datasource() -> str:
-    return _datasource("(country, location) -> ISO 3166-1 alpha-2 ('XX' unknown), appended by bucketer's "
-                       "country resolver for every pair of organizations.", COUNTRY,
-                       _rmt("country, location", "resolverVersion"))
+    return _datasource(
+        "(country, location) -> ISO 3166-1 alpha-2 ('XX' unknown), appended by bucketer's "
+        "country resolver for every pair of organizations.",
+        COUNTRY,
+        _rmt("country, location", "resolverVersion"),
+    )
 
 
 def _bucket_filter(n: int, buckets: int) -> str:
@@ -185,15 +252,19 @@ def materialized_pipe(n: int, buckets: int) -> str:
 
 def snapshot_pipe(n: int, buckets: int) -> str:
     sql = f"SELECT *\nFROM {SOURCE}\nWHERE {_bucket_filter(n, buckets)}"
-    return (_node(f"snapshot_bucket_{n}", sql, f"Bootstrap: copy the source's rows of bucket {n} into it.")
-            + f"\nTYPE COPY\nTARGET_DATASOURCE {raw_table(n)}\nCOPY_MODE append\nCOPY_SCHEDULE @on-demand\n")
+    return (
+        _node(f"snapshot_bucket_{n}", sql, f"Bootstrap: copy the source's rows of bucket {n} into it.")
+        + f"\nTYPE COPY\nTARGET_DATASOURCE {raw_table(n)}\nCOPY_MODE append\nCOPY_SCHEDULE @on-demand\n"
+    )
 
 
 def gerrit_variant(url: str) -> str:
     """The query-URL variant of a (lower-cased) gerrit repository url, as SQL."""
-    return (f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'),\n"
-            f"        position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'),\n"
-            f"        replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))")
+    return (
+        f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'),\n"
+        f"        position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'),\n"
+        f"        replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))"
+    )
 
 
 def cleaning_pipe(n: int) -> str:
@@ -201,27 +272,38 @@ def cleaning_pipe(n: int) -> str:
     git = ", ".join(f"'{x}'" for x in GIT_PLATFORMS)
     cols = ",\n    ".join(f"a.{c} AS {c}" for c in ACTIVITY_NAMES)
     nodes = [
-        _node(f"{p}allowed_repositories", """
+        _node(
+            f"{p}allowed_repositories",
+            """
 SELECT lower(r.url) AS url, r.segmentId AS segmentId, r.sourceIntegrationId AS integrationId
 FROM repositories AS r FINAL
 WHERE r._deleted = 0 AND r.enabled = 1 AND r.deletedAt IS NULL
   AND r.insightsProjectId IN (
       SELECT id FROM insightsProjects FINAL WHERE _deleted = 0 AND enabled = 1 AND deletedAt IS NULL)""",
-              "Enabled, not deleted repositories of enabled, not deleted projects (excluded/archived kept)."),
-        _node(f"{p}allowed_channels", f"""
+            "Enabled, not deleted repositories of enabled, not deleted projects (excluded/archived kept).",
+        ),
+        _node(
+            f"{p}allowed_channels",
+            f"""
 SELECT url AS channel, segmentId FROM {p}allowed_repositories
 UNION ALL
-SELECT {gerrit_variant('url')} AS channel, segmentId
+SELECT {gerrit_variant("url")} AS channel, segmentId
 FROM {p}allowed_repositories
 WHERE integrationId IN (SELECT id FROM integrations FINAL WHERE _deleted = 0 AND platform = 'gerrit')""",
-              "(lower(url), segmentId) pairs, plus the /q/project: variant for gerrit repositories."),
-        _node(f"{p}organizations", f"""
+            "(lower(url), segmentId) pairs, plus the /q/project: variant for gerrit repositories.",
+        ),
+        _node(
+            f"{p}organizations",
+            f"""
 SELECT o.id AS id, o.displayName AS displayName, if(c.code = '', 'XX', c.code) AS code
 FROM (SELECT id, displayName, country, location FROM organizations FINAL WHERE _deleted = 0) AS o
 LEFT JOIN (SELECT country, location, code FROM {COUNTRY_DS} FINAL) AS c
     ON c.country = o.country AND c.location = o.location""",
-              "Latest organization name and its ISO country code (resolved by bucketer)."),
-        _node(f"{p}cleaned", f"""
+            "Latest organization name and its ISO country code (resolved by bucketer).",
+        ),
+        _node(
+            f"{p}cleaned",
+            f"""
 SELECT
     {cols},
     toUInt64(a.gitInsertions) + toUInt64(a.gitDeletions) AS gitChangedLines,
@@ -237,28 +319,38 @@ WHERE a.memberId IN (
         WHERE _deleted = 0 AND isBot = 0 AND isTeamMember = 0 AND isOrganization = 0)
   AND (a.platform NOT IN ({git})
        OR (lower(a.channel), a.segmentId) IN (SELECT channel, segmentId FROM {p}allowed_channels))
-SETTINGS join_use_nulls = 0""", f"Cleaned bucket {n}: real members only, git activities of allowed channels only."),
+SETTINGS join_use_nulls = 0""",
+            f"Cleaned bucket {n}: real members only, git activities of allowed channels only.",
+        ),
     ]
-    tail = (f"\nTYPE COPY\nTARGET_DATASOURCE {cleaned_table(n)}\nCOPY_MODE replace\n"
-            f"COPY_SCHEDULE {cleaning_minute(n)} * * * *\n")
+    tail = (
+        f"\nTYPE COPY\nTARGET_DATASOURCE {cleaned_table(n)}\nCOPY_MODE replace\n"
+        f"COPY_SCHEDULE {cleaning_minute(n)} * * * *\n"
+    )
     return "\n\n".join(nodes) + tail
 
 
 def union_pipe(buckets: int) -> str:
     sql = "\nUNION ALL\n".join(f"SELECT * FROM {cleaned_table(n)}" for n in range(buckets))
-    return _node("union_all_buckets", sql, f"All {buckets} cleaned buckets, for queries without a project.") \
+    return (
+        _node("union_all_buckets", sql, f"All {buckets} cleaned buckets, for queries without a project.")
         + "\nTYPE ENDPOINT\n"
+    )
 
 
 def routing_pipe(buckets: int) -> str:
     bid = "{{ Int32(bucketId, -1) }}"
-    check = _node("check_bucket_id", f"""%
+    check = _node(
+        "check_bucket_id",
+        f"""%
 SELECT throwIf(NOT ({bid} BETWEEN 0 AND {buckets - 1}),
                'invalid bucketId: expected an integer from 0 to {buckets - 1}') AS invalid""",
-                  "Fails the request for a missing or invalid bucketId (never a silent bucket 0).")
+        "Fails the request for a missing or invalid bucketId (never a silent bucket 0).",
+    )
     branches = "\nUNION ALL\n".join(
         f"SELECT * FROM {cleaned_table(n)} WHERE {bid} = {n} AND (SELECT invalid FROM check_bucket_id) = 0"
-        for n in range(buckets))
+        for n in range(buckets)
+    )
     return check + "\n\n" + _node("route", "%\n" + branches, "The cleaned bucket bucketId.") + "\nTYPE ENDPOINT\n"
 
 
@@ -267,16 +359,20 @@ def project_pipe(buckets: int) -> str:
 SELECT slug AS project, id AS projectId, segmentId, cityHash64(segmentId) % {buckets} AS bucketId
 FROM insightsProjects FINAL
 WHERE _deleted = 0 AND enabled = 1 AND deletedAt IS NULL AND slug = {{{{ String(project, required=True) }}}}"""
-    return _node("project_bucket", sql, "Project slug -> its bucket; no rows for an unknown or disabled project.") \
+    return (
+        _node("project_bucket", sql, "Project slug -> its bucket; no rows for an unknown or disabled project.")
         + "\nTYPE ENDPOINT\n"
+    )
 
 
 def generate_project(buckets: int) -> dict[str, str]:
     """Every datafile of the project for ``buckets`` buckets, by relative path, in a stable order."""
     if buckets < 1:
         raise ValueError(f"the number of buckets must be at least 1, got {buckets}")
-    files = {f"datasources/{SOURCE}.datasource": source_datasource(),
-             f"datasources/{COUNTRY_DS}.datasource": country_datasource()}
+    files = {
+        f"datasources/{SOURCE}.datasource": source_datasource(),
+        f"datasources/{COUNTRY_DS}.datasource": country_datasource(),
+    }
     for table in REFERENCE:
         files[f"datasources/{table}.datasource"] = reference_datasource(table)
     for n in range(buckets):

@@ -41,5 +41,5 @@ class TopicNames:
 
     def bucket_of_topic(self, topic: str) -> int | None:
         head = f"{self.prefix}{SOURCE}_bucket_"
-        tail = topic[len(head):]
+        tail = topic[len(head) :]
         return int(tail) if topic.startswith(head) and tail.isdigit() else None

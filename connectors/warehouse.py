@@ -118,13 +118,13 @@ def write_all(fd: int, chunks: Sequence[bytes]) -> None:
     """Write every chunk to ``fd`` with writev (no copy into one buffer), finishing partial writes."""
     step = 1024  # IOV_MAX on Linux
     for i in range(0, len(chunks), step):
-        group = chunks[i:i + step]
+        group = chunks[i : i + step]
         written = os.writev(fd, group)
         expected = sum(len(c) for c in group)
         if written < expected:
             rest = memoryview(b"".join(group))[written:]
             while rest:
-                rest = rest[os.write(fd, rest):]
+                rest = rest[os.write(fd, rest) :]
 
 
 # --- embedded (chdb) ------------------------------------------------------------------------------------------
@@ -152,8 +152,10 @@ def _take_dir_lock(data_dir: Path) -> int:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         finally:
             os.close(fd)
-        raise WarehouseError(f"data dir {data_dir} is in use by another bucketer process (pid {owner}); "
-                             f"stop it or use another --data-dir") from None
+        raise WarehouseError(
+            f"data dir {data_dir} is in use by another bucketer process (pid {owner}); "
+            f"stop it or use another --data-dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -166,8 +168,10 @@ def _acquire_engine(data_dir: Path) -> str:
     with _registry_lock:
         if _engine is not None:
             if _engine.path != path:
-                raise WarehouseError(f"this process already has the embedded warehouse at {_engine.path} open; "
-                                     f"chdb hosts one data dir per process (close it before opening {path})")
+                raise WarehouseError(
+                    f"this process already has the embedded warehouse at {_engine.path} open; "
+                    f"chdb hosts one data dir per process (close it before opening {path})"
+                )
             _engine.users += 1
             return path
         fd = _take_dir_lock(Path(data_dir))
@@ -269,9 +273,12 @@ class ServerWarehouse(_ClientWarehouse):
         parts = urlsplit(self.url)
         try:
             client = clickhouse_connect.get_client(
-                host=parts.hostname or "localhost", port=parts.port or (8443 if parts.scheme == "https" else 8123),
-                username=parts.username or "default", password=parts.password or "",
-                secure=parts.scheme == "https")
+                host=parts.hostname or "localhost",
+                port=parts.port or (8443 if parts.scheme == "https" else 8123),
+                username=parts.username or "default",
+                password=parts.password or "",
+                secure=parts.scheme == "https",
+            )
             client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
             client.database = self.database
         except Exception as exc:
@@ -296,8 +303,9 @@ class ServerWarehouse(_ClientWarehouse):
             raise WarehouseError(one_line(exc)) from exc
 
 
-def open_warehouse(data_dir: str | Path = ".bucketer", url: str | None = None,
-                   database: str = "bucketer") -> EmbeddedWarehouse | ServerWarehouse:
+def open_warehouse(
+    data_dir: str | Path = ".bucketer", url: str | None = None, database: str = "bucketer"
+) -> EmbeddedWarehouse | ServerWarehouse:
     """The warehouse to use: a server when ``url`` is given, else the embedded one in ``data_dir``.
     Not yet connected; use it as a context manager."""
     if url:

@@ -72,7 +72,9 @@ class WarehouseSink:
 
     def open(self) -> None: ...
     def begin(self) -> None: ...
-    def abort(self) -> None: self._pending.clear()
+    def abort(self) -> None:
+        self._pending.clear()
+
     def close(self) -> None: ...
 
     def write(self, bucket: int, key: bytes | None, value: bytes, headers: object = None) -> None:
@@ -110,8 +112,15 @@ class WarehouseSink:
         self._report.written[bucket] += len(values)
 
 
-def replay(wh: Warehouse, bootstrap: str, buckets: int, only: list[int] | None = None,
-           topics: TopicNames | None = None, batch: int = 20_000, timeout: float = 30.0) -> BootstrapReport:
+def replay(
+    wh: Warehouse,
+    bootstrap: str,
+    buckets: int,
+    only: list[int] | None = None,
+    topics: TopicNames | None = None,
+    batch: int = 20_000,
+    timeout: float = 30.0,
+) -> BootstrapReport:
     """Replay the source topic into the raw tables of ``only`` (default: all buckets); then check."""
     topics = topics or TopicNames()
     selected = set(range(buckets) if not only else only)
@@ -143,8 +152,10 @@ def replay(wh: Warehouse, bootstrap: str, buckets: int, only: list[int] | None =
                     if tp.offset >= remaining.get(tp.partition, 0):
                         remaining.pop(tp.partition, None)
                 if time.monotonic() > idle_deadline:
-                    raise TimeoutError(f"bootstrap: no progress for {timeout:.0f}s with partitions {sorted(remaining)} "
-                                       "not at their end offsets")
+                    raise TimeoutError(
+                        f"bootstrap: no progress for {timeout:.0f}s with partitions {sorted(remaining)} "
+                        "not at their end offsets"
+                    )
                 continue
             idle_deadline = time.monotonic() + timeout
             wanted = []
@@ -170,8 +181,10 @@ def distribution(wh: Warehouse, buckets: int, selected: set[int], written: Count
     """Per selected bucket: live rows, share of all live rows, and rows whose hash says another bucket."""
     live: dict[int, tuple[int, int]] = {}
     for b in sorted(selected):
-        rows = wh.rows(f"SELECT count(), countIf(cityHash64(segmentId) % {buckets} != {b}) "
-                       f"FROM {raw_table(b)} FINAL WHERE _deleted = 0")
+        rows = wh.rows(
+            f"SELECT count(), countIf(cityHash64(segmentId) % {buckets} != {b}) "
+            f"FROM {raw_table(b)} FINAL WHERE _deleted = 0"
+        )
         live[b] = (int(rows[0][0]), int(rows[0][1]))
     total = sum(n for n, _ in live.values()) or 1
     return [BucketCheck(b, written.get(b, 0), n, n / total, mis) for b, (n, mis) in live.items()]

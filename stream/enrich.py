@@ -96,9 +96,11 @@ class RebuildResult:
 
 
 def country_table_ddl() -> str:
-    return (f"CREATE TABLE IF NOT EXISTS {COUNTRY_TABLE} (country String, location String, "
-            f"code LowCardinality(String), resolverVersion UInt32) "
-            f"ENGINE = ReplacingMergeTree(resolverVersion) ORDER BY (country, location)")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {COUNTRY_TABLE} (country String, location String, "
+        f"code LowCardinality(String), resolverVersion UInt32) "
+        f"ENGINE = ReplacingMergeTree(resolverVersion) ORDER BY (country, location)"
+    )
 
 
 def refresh_country_codes(wh: Warehouse) -> int:
@@ -107,7 +109,8 @@ def refresh_country_codes(wh: Warehouse) -> int:
     pairs = wh.rows(
         f"SELECT DISTINCT country, location FROM organizations FINAL WHERE (country, location) NOT IN "
         f"(SELECT country, location FROM {COUNTRY_TABLE} FINAL WHERE resolverVersion = {{v:UInt32}})",
-        {"v": RESOLVER_VERSION})
+        {"v": RESOLVER_VERSION},
+    )
     rows = [(c, loc, organization_country_code(c, loc), RESOLVER_VERSION) for c, loc in pairs]
     wh.insert(COUNTRY_TABLE, ("country", "location", "code", "resolverVersion"), rows)
     return len(rows)
@@ -115,20 +118,26 @@ def refresh_country_codes(wh: Warehouse) -> int:
 
 def gerrit_variant_sql(url: str) -> str:
     """SQL of the gerrit query-URL variant of the (already lower-cased) url expression ``url``."""
-    return (f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'), "
-            f"position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'), "
-            f"replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))")
+    return (
+        f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'), "
+        f"position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'), "
+        f"replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))"
+    )
 
 
 def allowed_channels_sql() -> str:
     """(url, segmentId) pairs a git activity's (lower(channel), segmentId) must be one of."""
-    repos = ("SELECT lower(r.url) AS url, r.segmentId AS segmentId, r.sourceIntegrationId AS integration "
-             "FROM repositories AS r FINAL "
-             "WHERE r.enabled = 1 AND r.deletedAt IS NULL AND r.insightsProjectId IN "
-             "(SELECT id FROM insightsProjects FINAL WHERE enabled = 1 AND deletedAt IS NULL)")
-    return (f"SELECT url, segmentId FROM ({repos}) "
-            f"UNION ALL SELECT {gerrit_variant_sql('url')}, segmentId FROM ({repos}) "
-            f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = 'gerrit')")
+    repos = (
+        "SELECT lower(r.url) AS url, r.segmentId AS segmentId, r.sourceIntegrationId AS integration "
+        "FROM repositories AS r FINAL "
+        "WHERE r.enabled = 1 AND r.deletedAt IS NULL AND r.insightsProjectId IN "
+        "(SELECT id FROM insightsProjects FINAL WHERE enabled = 1 AND deletedAt IS NULL)"
+    )
+    return (
+        f"SELECT url, segmentId FROM ({repos}) "
+        f"UNION ALL SELECT {gerrit_variant_sql('url')}, segmentId FROM ({repos}) "
+        f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = 'gerrit')"
+    )
 
 
 @dataclass(frozen=True)
@@ -156,20 +165,26 @@ class ReferenceState:
 def prepare_reference(wh: Warehouse) -> ReferenceState:
     """Build this batch's member set, channel set and organization lookup (country codes must be refreshed)."""
     wh.command(country_table_ddl())
-    stale = wh.rows("SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
-                    "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR", {"p": REF_PREFIX})
+    stale = wh.rows(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
+        "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
+        {"p": REF_PREFIX},
+    )
     for (name,) in stale:
         wh.command(f"DROP TABLE IF EXISTS `{name}`")
     ref = ReferenceState(uuid.uuid4().hex[:12])
     try:
         wh.command(f"CREATE TABLE {ref.members} (id String) ENGINE = Set SETTINGS persistent = 0")
-        wh.command(f"INSERT INTO {ref.members} SELECT id FROM members FINAL "
-                   f"WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0")
-        wh.command(f"CREATE TABLE {ref.channels} (url String, segmentId String) ENGINE = Set "
-                   f"SETTINGS persistent = 0")
+        wh.command(
+            f"INSERT INTO {ref.members} SELECT id FROM members FINAL "
+            f"WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0"
+        )
+        wh.command(f"CREATE TABLE {ref.channels} (url String, segmentId String) ENGINE = Set SETTINGS persistent = 0")
         wh.command(f"INSERT INTO {ref.channels} {allowed_channels_sql()}")
-        wh.command(f"CREATE TABLE {ref.organizations} (id String, name String, code String) "
-                   f"ENGINE = Join(ANY, LEFT, id) SETTINGS persistent = 0")
+        wh.command(
+            f"CREATE TABLE {ref.organizations} (id String, name String, code String) "
+            f"ENGINE = Join(ANY, LEFT, id) SETTINGS persistent = 0"
+        )
         wh.command(f"""INSERT INTO {ref.organizations}
             SELECT org.id, org.displayName, if(c.code = '', '{UNKNOWN}', c.code)
             FROM (SELECT id, displayName, country, location FROM organizations FINAL) AS org
@@ -252,9 +267,14 @@ class Enricher:
     ``before_swap(wh, bucket)`` runs after the new snapshot is built and before it is swapped in (tests use
     it to fail or stall a rebuild at its most delicate point)."""
 
-    def __init__(self, connect: Callable[[], AbstractContextManager[Warehouse]], *, clock: Clock | None = None,
-                 lock_dir: Path | None = None,
-                 before_swap: Callable[[Warehouse, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], AbstractContextManager[Warehouse]],
+        *,
+        clock: Clock | None = None,
+        lock_dir: Path | None = None,
+        before_swap: Callable[[Warehouse, int], None] | None = None,
+    ) -> None:
         self._connect = connect
         self._clock = clock or SystemClock()
         self._lock_dir = lock_dir
@@ -296,8 +316,10 @@ class Enricher:
         try:
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
             wh.command(cleaned_table_ddl(bucket, aside))
-            wh.command(f"INSERT INTO {aside} {cleaning_select(raw_table(bucket), ref)}",
-                       {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")})
+            wh.command(
+                f"INSERT INTO {aside} {cleaning_select(raw_table(bucket), ref)}",
+                {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")},
+            )
             rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
             if self._before_swap is not None:
                 self._before_swap(wh, bucket)
@@ -340,8 +362,7 @@ class Enricher:
         except WarehouseError as exc:
             return [RebuildResult(b, "failed", error=f"reference state: {one_line(exc)}") for b in todo]
 
-    def _rebuild_all(self, wh: Warehouse, todo: list[int], parallel: int,
-                     ref: ReferenceState) -> list[RebuildResult]:
+    def _rebuild_all(self, wh: Warehouse, todo: list[int], parallel: int, ref: ReferenceState) -> list[RebuildResult]:
         """Each worker thread opens one connection and keeps it for the batch (opening one costs tens of ms)."""
         serial = parallel == 1 or len(todo) <= 1
         local = threading.local()

@@ -26,8 +26,17 @@ import orjson
 from stream.schema import ACTIVITY_COLUMNS, REFERENCE_COLUMNS, TS, VERSION_COLUMNS
 
 ACTIONS = ("insert", "update", "delete", "read")
-ACTIVITY_REQUIRED = ("activityId", "memberId", "platform", "segmentId", "sourceId", "type",
-                     "createdAt", "updatedAt", "timestamp")
+ACTIVITY_REQUIRED = (
+    "activityId",
+    "memberId",
+    "platform",
+    "segmentId",
+    "sourceId",
+    "type",
+    "createdAt",
+    "updatedAt",
+    "timestamp",
+)
 MEMBER_FLAGS = ("isBot", "isTeamMember", "isOrganization")
 INT_RANGES = {"Int8": (-128, 127), "UInt8": (0, 255), "UInt32": (0, 2**32 - 1)}
 Column = tuple[str, str, str | None]
@@ -35,9 +44,11 @@ Column = tuple[str, str, str | None]
 
 def _ts(expr: str) -> str:
     """Nullable(String) holding ISO text or unix microseconds → Nullable(DateTime64(3,'UTC')), truncated."""
-    return (f"if(match(ifNull({expr}, ''), '^-?[0-9]+$'), "
-            f"toDateTime64(fromUnixTimestamp64Micro(toInt64OrZero({expr}), 'UTC'), 3, 'UTC'), "
-            f"parseDateTime64BestEffortOrNull({expr}, 3, 'UTC'))")
+    return (
+        f"if(match(ifNull({expr}, ''), '^-?[0-9]+$'), "
+        f"toDateTime64(fromUnixTimestamp64Micro(toInt64OrZero({expr}), 'UTC'), 3, 'UTC'), "
+        f"parseDateTime64BestEffortOrNull({expr}, 3, 'UTC'))"
+    )
 
 
 def _extract_type(columns: tuple[Column, ...], skip: tuple[str, ...] = ()) -> str:
@@ -48,8 +59,7 @@ def _extract_type(columns: tuple[Column, ...], skip: tuple[str, ...] = ()) -> st
         return f"`{name}` Nullable({base})"
 
     record = ", ".join(one(n, t) for n, t, _ in columns if n not in skip)
-    return (f"Tuple(action Nullable(String), record Tuple({record}), "
-            f"metadata Tuple(commit_timestamp Nullable(String)))")
+    return f"Tuple(action Nullable(String), record Tuple({record}), metadata Tuple(commit_timestamp Nullable(String)))"
 
 
 def _value(name: str, ctype: str, default: str | None) -> str:
@@ -85,15 +95,17 @@ def insert_sql(table: str) -> tuple[str, str]:
         if table == "members" and name == "attributes":
             values.append("if(_attributes IN ('', 'null'), '{}', _attributes) AS `attributes`")
         elif table == "members" and name in MEMBER_FLAGS:
-            values.append(f"ifNull(JSONExtract(v, 'record', 'attributes', '{name}', 'default', 'Nullable(UInt8)'), 0)"
-                          f" AS `{name}`")
+            values.append(
+                f"ifNull(JSONExtract(v, 'record', 'attributes', '{name}', 'default', 'Nullable(UInt8)'), 0) AS `{name}`"
+            )
         elif name == "updatedAt":  # a key-only delete: the commit time stands in (CONTRACTS.md)
             values.append("assumeNotNull(_version_ts) AS `updatedAt`")
         else:
             values.append(f"{_value(name, ctype, default)} AS `{name}`")
     times = ("createdAt", "updatedAt", "timestamp")
-    missing = [f"isNull({_ts(f'm.record.`{n}`')})" if n in times else f"ifNull(m.record.`{n}`, '') = ''"
-               for n in required]
+    missing = [
+        f"isNull({_ts(f'm.record.`{n}`')})" if n in times else f"ifNull(m.record.`{n}`, '') = ''" for n in required
+    ]
     missing.append(f"ifNull(m.action, '') NOT IN ({', '.join(repr(a) for a in ACTIONS)})")
     deleted = "toUInt8(m.action = 'delete')"
     version_ts = f"ifNull({_ts('m.record.`updatedAt`')}, {_ts('m.metadata.commit_timestamp')})"
@@ -102,9 +114,11 @@ def insert_sql(table: str) -> tuple[str, str]:
         f"SELECT {', '.join(values)}, {deleted} AS `_deleted`, "
         f"toUInt64(toUnixTimestamp64Milli(assumeNotNull(_version_ts))) * 2 + `_deleted` AS `_version`\n"
         f"FROM (SELECT v, JSONExtract(v, '{_extract_type(columns, skip)}') AS m, {version_ts} AS _version_ts"
-        + "".join(f", {e}" for e in extra) + " FROM {source})\n"
+        + "".join(f", {e}" for e in extra)
+        + " FROM {source})\n"
         f"WHERE throwIf({' OR '.join(missing)}, "
-        f"'a change message without its required fields, or not a JSON object of the expected types') = 0")
+        f"'a change message without its required fields, or not a JSON object of the expected types') = 0"
+    )
     column_list = ", ".join(f"`{n}`" for n, _, _ in target_columns(table))
     return column_list, select
 

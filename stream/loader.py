@@ -113,10 +113,14 @@ class DeadLetterFailed(LoaderError):
 
 
 class Loader:
-    def __init__(self, config: LoaderConfig, warehouse: Warehouse,
-                 clock: Callable[[], float] = time.monotonic,
-                 consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
-                 producer_factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+    def __init__(
+        self,
+        config: LoaderConfig,
+        warehouse: Warehouse,
+        clock: Callable[[], float] = time.monotonic,
+        consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+        producer_factory: Callable[[dict[str, Any]], Any] = Producer,
+    ) -> None:
         """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes)."""
         self.config = config
         self.warehouse = warehouse
@@ -149,8 +153,12 @@ class Loader:
 
     def run(self, until_idle: float | None = None) -> LoaderStats:
         cfg = self.config
-        overrides = {"topic.metadata.refresh.interval.ms": 2000, "max.partition.fetch.bytes": 16 << 20,
-                     "fetch.max.bytes": 64 << 20, **cfg.consumer_overrides}
+        overrides = {
+            "topic.metadata.refresh.interval.ms": 2000,
+            "max.partition.fetch.bytes": 16 << 20,
+            "fetch.max.bytes": 64 << 20,
+            **cfg.consumer_overrides,
+        }
         self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
         self._producer = self._producer_factory(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
         # One insert runs in the background while the next batch is read; its offsets wait with it.
@@ -173,8 +181,12 @@ class Loader:
                     last_busy = self.clock()
                 # Idle means S seconds of empty polls with everything written and committed, never time spent
                 # waiting for an insert (a slow insert must not end the run while input is still coming).
-                if (until_idle is not None and not self._offsets and self._inflight is None
-                        and self.clock() - last_busy >= until_idle):
+                if (
+                    until_idle is not None
+                    and not self._offsets
+                    and self._inflight is None
+                    and self.clock() - last_busy >= until_idle
+                ):
                     break
             self.flush()
         except BaseException:
@@ -220,8 +232,9 @@ class Loader:
             taken += 1
             value = m.value()
             if not value:
-                self._dead_letter("invalid-message", "empty value (tombstone)", Origin(topic, partition, offset,
-                                                                                    m.key()), b"")
+                self._dead_letter(
+                    "invalid-message", "empty value (tombstone)", Origin(topic, partition, offset, m.key()), b""
+                )
                 continue
             table = targets[topic][0]
             p = pending.get(table)
@@ -238,8 +251,7 @@ class Loader:
         self._count = sum(len(p.values) for p in pending.values())
 
     def _consumer_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                          KafkaError._UNKNOWN_PARTITION):
+        if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):
             log.debug("loader: %s", err.str())
             return
         exc = classify(err, "loader consume")
@@ -363,8 +375,12 @@ class Loader:
         log.warning("loader: dead-lettering %s/%d/%d: %s", origin.topic, origin.partition, origin.offset, reason)
         assert self._producer is not None, "dead letters need a running loader"
         headers = dlq_headers(error_class, reason, origin.topic, origin.partition, origin.offset)
-        self._producer.produce(self.config.topics.dlq, value=value or b"", key=origin.key,
-                               headers=cast("list[tuple[str, str | bytes | None]]", headers))
+        self._producer.produce(
+            self.config.topics.dlq,
+            value=value or b"",
+            key=origin.key,
+            headers=cast("list[tuple[str, str | bytes | None]]", headers),
+        )
         self._producer.poll(0)
         self.stats.dead_lettered += 1
 
@@ -378,5 +394,7 @@ class Loader:
         left = self._producer.flush(30)
         if left or self._dlq_errors:
             errors, self._dlq_errors = self._dlq_errors, []
-            raise DeadLetterFailed(f"could not deliver {left or len(errors)} dead letter(s) "
-                                       f"({'; '.join(errors[:3]) or 'timeout'}); nothing committed")
+            raise DeadLetterFailed(
+                f"could not deliver {left or len(errors)} dead letter(s) "
+                f"({'; '.join(errors[:3]) or 'timeout'}); nothing committed"
+            )

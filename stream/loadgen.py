@@ -33,21 +33,47 @@ from stream.loadgen_model import EPOCH, ReferenceModel, build_reference_model, n
 
 ACTIVITY_TOPIC = "activityRelations"
 GIT_PLATFORMS = ("git", "github", "gitlab", "gerrit")
-OTHER_PLATFORMS = (("slack", "message"), ("discord", "message"), ("discourse", "create_topic"),
-                   ("jira", "issue-created"), ("confluence", "page-created"), ("linkedin", "reaction"),
-                   ("groupsio", "message"), ("stackoverflow", "question"))
-GIT_TYPES = {"git": ("authored-commit", "committed-commit", "co-authored-commit"),
-             "github": ("pull_request-opened", "pull_request-merged", "issues-opened", "authored-commit"),
-             "gitlab": ("merge_request-opened", "merge_request-merged", "authored-commit"),
-             "gerrit": ("changeset-created", "changeset-merged", "patchset_approval-created")}
+OTHER_PLATFORMS = (
+    ("slack", "message"),
+    ("discord", "message"),
+    ("discourse", "create_topic"),
+    ("jira", "issue-created"),
+    ("confluence", "page-created"),
+    ("linkedin", "reaction"),
+    ("groupsio", "message"),
+    ("stackoverflow", "question"),
+)
+GIT_TYPES = {
+    "git": ("authored-commit", "committed-commit", "co-authored-commit"),
+    "github": ("pull_request-opened", "pull_request-merged", "issues-opened", "authored-commit"),
+    "gitlab": ("merge_request-opened", "merge_request-merged", "authored-commit"),
+    "gerrit": ("changeset-created", "changeset-merged", "patchset_approval-created"),
+}
 REVIEW_STATES = ("APPROVED", "CHANGES_REQUESTED", "COMMENTED", "")
-BAD_KINDS = ("not_json", "invalid_utf8", "missing_segment_id", "null_segment_id", "tombstone",
-             "bad_timestamp", "not_an_object", "missing_record", "unknown_action", "truncated")
+BAD_KINDS = (
+    "not_json",
+    "invalid_utf8",
+    "missing_segment_id",
+    "null_segment_id",
+    "tombstone",
+    "bad_timestamp",
+    "not_an_object",
+    "missing_record",
+    "unknown_action",
+    "truncated",
+)
 
 MAX_TRACKED = 20_000  # live rows kept as candidates for updates, moves and deletes
 # Shares of the activityRelations stream (the rest are inserts). Applied to the good messages.
-MIX = (("read", 0.10), ("update", 0.10), ("segment_move", 0.03), ("timestamp_change", 0.03),
-       ("sort_key_change", 0.01), ("delete", 0.04), ("duplicate", 0.05))
+MIX = (
+    ("read", 0.10),
+    ("update", 0.10),
+    ("segment_move", 0.03),
+    ("timestamp_change", 0.03),
+    ("sort_key_change", 0.01),
+    ("delete", 0.04),
+    ("duplicate", 0.05),
+)
 
 
 class Generated(NamedTuple):
@@ -62,8 +88,8 @@ class LoadgenConfig:
     seed: int = 1
     segments: int = 60
     bad_fraction: float = 0.01
-    members: int | None = None          # default: scales with count
-    organizations: int | None = None    # default: scales with count
+    members: int | None = None  # default: scales with count
+    organizations: int | None = None  # default: scales with count
 
     def __post_init__(self) -> None:
         if self.count < 0:
@@ -119,19 +145,43 @@ class LoadGenerator:
             self._lsn += self.rng.randint(1, 400)
             lsn, idx = self._lsn, self.rng.randint(0, 7)
             idem = base64.b64encode(f"{lsn}:{idx}".encode()).decode()
-        return {"table_schema": "public", "table_name": table, "commit_timestamp": ts(moment),
-                "commit_lsn": lsn, "commit_idx": idx, "idempotency_key": idem, "record_pks": [pk],
-                "consumer": {"id": "7f1c9a52-4d1e-4a4f-9d0b-3c1a52e0b6aa", "name": "crowd-kafka-sink",
-                             "annotations": {}},
-                "database": {"id": "0c3e8a44-9e7e-4f8e-a2b7-5d2b9e1f0c11", "name": "crowd-production",
-                             "hostname": "db.internal.example", "database": "crowd", "annotations": {}},
-                "transaction_annotations": None, "enrichment": None, "database_name": "crowd-production"}
+        return {
+            "table_schema": "public",
+            "table_name": table,
+            "commit_timestamp": ts(moment),
+            "commit_lsn": lsn,
+            "commit_idx": idx,
+            "idempotency_key": idem,
+            "record_pks": [pk],
+            "consumer": {"id": "7f1c9a52-4d1e-4a4f-9d0b-3c1a52e0b6aa", "name": "crowd-kafka-sink", "annotations": {}},
+            "database": {
+                "id": "0c3e8a44-9e7e-4f8e-a2b7-5d2b9e1f0c11",
+                "name": "crowd-production",
+                "hostname": "db.internal.example",
+                "database": "crowd",
+                "annotations": {},
+            },
+            "transaction_annotations": None,
+            "enrichment": None,
+            "database_name": "crowd-production",
+        }
 
-    def encode(self, table: str, action: str, record: dict[str, Any], changes: dict[str, Any] | None,
-               pk: str, moment: datetime | None = None) -> bytes:
+    def encode(
+        self,
+        table: str,
+        action: str,
+        record: dict[str, Any],
+        changes: dict[str, Any] | None,
+        pk: str,
+        moment: datetime | None = None,
+    ) -> bytes:
         moment = moment or self.now()
-        msg = {"action": action, "changes": changes, "record": record,
-               "metadata": self.metadata(table, pk, moment, read=action == "read")}
+        msg = {
+            "action": action,
+            "changes": changes,
+            "record": record,
+            "metadata": self.metadata(table, pk, moment, read=action == "read"),
+        }
         return orjson.dumps(msg)
 
     def emit(self, topic: str, key: str | bytes, value: bytes | None, action: str) -> Generated:
@@ -161,15 +211,15 @@ class ActivityStream:
         self.gen = gen
         self.rng = gen.rng
         self.model = gen.model
-        self.live: list[dict[str, Any]] = []      # current rows, in creation order
-        self.index: dict[str, int] = {}            # activityId -> position in live
+        self.live: list[dict[str, Any]] = []  # current rows, in creation order
+        self.index: dict[str, int] = {}  # activityId -> position in live
         self.recent: list[tuple[bytes, bytes]] = []  # (key, value) of recent good messages, for duplicates
 
     def run(self) -> Iterator[Generated]:
         cfg = self.gen.config
         kinds = [k for k, _ in MIX]
         weights = [w for _, w in MIX] + [1.0 - sum(w for _, w in MIX)]
-        backfill = cfg.count // 10   # the first tenth arrives as a backfill (action read)
+        backfill = cfg.count // 10  # the first tenth arrives as a backfill (action read)
         for i in range(cfg.count):
             if self.rng.random() < cfg.bad_fraction:
                 yield self.bad()
@@ -183,8 +233,9 @@ class ActivityStream:
                 kind = "insert"
             yield self.reread() if kind == "read" else getattr(self, kind)()
 
-    def good(self, action: str, record: dict[str, Any], changes: dict[str, Any] | None,
-             moment: datetime | None = None) -> Generated:
+    def good(
+        self, action: str, record: dict[str, Any], changes: dict[str, Any] | None, moment: datetime | None = None
+    ) -> Generated:
         value = self.gen.encode(ACTIVITY_TOPIC, action, record, changes, record["activityId"], moment)
         key = record["activityId"].encode()
         self.recent.append((key, value))
@@ -204,8 +255,9 @@ class ActivityStream:
             ins, dels = (rng.choice((0, 1, 5, 12, 40, 75, 250, 900)), rng.choice((0, 0, 2, 9, 30, 120, 600)))
         else:
             platform, type_ = rng.choice(OTHER_PLATFORMS)
-            channel = rng.choice((f"#{platform}-general", f"https://{platform}.example.org/c/{rng.randint(1, 40)}",
-                                  "", None))
+            channel = rng.choice(
+                (f"#{platform}-general", f"https://{platform}.example.org/c/{rng.randint(1, 40)}", "", None)
+            )
             ins, dels = None, None
         member = m.pick_member(rng)
         created = moment - timedelta(seconds=rng.randint(0, 3600))
@@ -213,15 +265,29 @@ class ActivityStream:
         org = member["organizationId"] if rng.random() < 0.8 else None
         review = rng.choice(REVIEW_STATES) if "pull_request" in type_ or "merge" in type_ else None
         return {
-            "activityId": new_uuid(rng), "conversationId": new_uuid(rng) if rng.random() < 0.3 else None,
-            "createdAt": ts(created), "updatedAt": ts(moment), "memberId": member["id"],
-            "objectMemberId": None, "objectMemberUsername": None, "organizationId": org,
-            "parentId": None, "platform": platform, "segmentId": seg, "username": member["username"],
-            "sourceId": f"{platform}-{rng.getrandbits(64):016x}", "type": type_, "timestamp": ts(when),
+            "activityId": new_uuid(rng),
+            "conversationId": new_uuid(rng) if rng.random() < 0.3 else None,
+            "createdAt": ts(created),
+            "updatedAt": ts(moment),
+            "memberId": member["id"],
+            "objectMemberId": None,
+            "objectMemberUsername": None,
+            "organizationId": org,
+            "parentId": None,
+            "platform": platform,
+            "segmentId": seg,
+            "username": member["username"],
+            "sourceId": f"{platform}-{rng.getrandbits(64):016x}",
+            "type": type_,
+            "timestamp": ts(when),
             "sourceParentId": f"{platform}-{rng.getrandbits(48):012x}" if rng.random() < 0.3 else None,
-            "channel": channel, "sentimentScore": rng.choice((None, None, -20, 0, 12, 67, 100)),
-            "gitInsertions": ins, "gitDeletions": dels, "score": rng.choice((None, 1, 2, 3, 8)),
-            "isContribution": git or rng.random() < 0.2, "pullRequestReviewState": review,
+            "channel": channel,
+            "sentimentScore": rng.choice((None, None, -20, 0, 12, 67, 100)),
+            "gitInsertions": ins,
+            "gitDeletions": dels,
+            "score": rng.choice((None, 1, 2, 3, 8)),
+            "isContribution": git or rng.random() < 0.2,
+            "pullRequestReviewState": review,
         }
 
     def pick_live(self) -> dict[str, Any]:
@@ -257,9 +323,16 @@ class ActivityStream:
 
     def update(self) -> Generated:
         rng = self.rng
-        return self.change(rng.choice(({"score": rng.randint(1, 10)}, {"sentimentScore": rng.randint(-100, 100)},
-                                       {"username": f"user{rng.randint(1, 9999)}"},
-                                       {"organizationId": self.model.pick_member(rng)["organizationId"]})))
+        return self.change(
+            rng.choice(
+                (
+                    {"score": rng.randint(1, 10)},
+                    {"sentimentScore": rng.randint(-100, 100)},
+                    {"username": f"user{rng.randint(1, 9999)}"},
+                    {"organizationId": self.model.pick_member(rng)["organizationId"]},
+                )
+            )
+        )
 
     def segment_move(self) -> Generated:
         row = self.pick_live()
@@ -305,8 +378,12 @@ class ActivityStream:
         elif kind == "truncated":
             value = self.gen.encode(ACTIVITY_TOPIC, "insert", row, None, key, moment)[:-17]
         else:
-            msg: dict[str, Any] = {"action": "insert", "changes": None, "record": row,
-                                   "metadata": self.gen.metadata(ACTIVITY_TOPIC, key, moment, read=False)}
+            msg: dict[str, Any] = {
+                "action": "insert",
+                "changes": None,
+                "record": row,
+                "metadata": self.gen.metadata(ACTIVITY_TOPIC, key, moment, read=False),
+            }
             if kind == "missing_segment_id":
                 del row["segmentId"]
             elif kind == "null_segment_id":

@@ -20,36 +20,58 @@ EPOCH = datetime(2025, 6, 1, tzinfo=UTC)
 
 # (location, country) pairs as people type them; the ISO code the product must find is in the comment.
 ORG_PLACES: tuple[tuple[str | None, str | None], ...] = (
-    ("Bucharest, Romania", ""),               # RO
-    ("Lagos, Nigeria", ""),                   # NG
-    ("Newark, New Jersey", ""),               # US
-    ("", "UK"),                               # GB
-    ("", "US"),                               # US
-    ("South Korea", ""),                      # KR
+    ("Bucharest, Romania", ""),  # RO
+    ("Lagos, Nigeria", ""),  # NG
+    ("Newark, New Jersey", ""),  # US
+    ("", "UK"),  # GB
+    ("", "US"),  # US
+    ("South Korea", ""),  # KR
     ("Atlanta, Georgia, United States", ""),  # US
-    ("", ""),                                 # XX
-    (None, None),                             # XX
-    ("Berlin", "Germany"),                    # DE
-    ("San Francisco, CA", ""),                # US
-    ("Bangalore", "India"),                   # IN
-    ("", "United Kingdom"),                   # GB
-    ("Tokyo, Japan", ""),                     # JP
-    ("São Paulo, Brazil", ""),                # BR
-    ("Remote", ""),                           # XX
-    ("", "FR"),                               # FR
-    ("Toronto, Ontario, Canada", ""),         # CA
+    ("", ""),  # XX
+    (None, None),  # XX
+    ("Berlin", "Germany"),  # DE
+    ("San Francisco, CA", ""),  # US
+    ("Bangalore", "India"),  # IN
+    ("", "United Kingdom"),  # GB
+    ("Tokyo, Japan", ""),  # JP
+    ("São Paulo, Brazil", ""),  # BR
+    ("Remote", ""),  # XX
+    ("", "FR"),  # FR
+    ("Toronto, Ontario, Canada", ""),  # CA
 )
-GERRIT_URLS = ("https://review.opendev.org/r/{a}/{b}", "https://gerrit.example.org/gerrit/{a}/{b}",
-               "https://android-review.example.com/{a}/{b}")
-WORDS = ("acme", "widget", "zephyr", "kestrel", "nimbus", "orbit", "quartz", "lumen", "cobalt", "tundra",
-         "vortex", "maple", "helix", "ember", "falcon", "garnet", "harbor", "iris", "juniper", "lotus")
+GERRIT_URLS = (
+    "https://review.opendev.org/r/{a}/{b}",
+    "https://gerrit.example.org/gerrit/{a}/{b}",
+    "https://android-review.example.com/{a}/{b}",
+)
+WORDS = (
+    "acme",
+    "widget",
+    "zephyr",
+    "kestrel",
+    "nimbus",
+    "orbit",
+    "quartz",
+    "lumen",
+    "cobalt",
+    "tundra",
+    "vortex",
+    "maple",
+    "helix",
+    "ember",
+    "falcon",
+    "garnet",
+    "harbor",
+    "iris",
+    "juniper",
+    "lotus",
+)
 
 
 def ts(moment: datetime) -> str:
     """Sequin's timestamptz text: ISO-8601 UTC with microseconds and a Z (formatted by hand: fast)."""
     m = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
-    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
-            f"{m.microsecond:06d}Z")
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond:06d}Z"
 
 
 def new_uuid(rng: random.Random) -> str:
@@ -60,8 +82,8 @@ def new_uuid(rng: random.Random) -> str:
 class ReferenceModel:
     segment_ids: list[str]
     cum_weights: list[float]
-    repos: dict[str, list[dict[str, Any]]]            # segmentId -> repositories (with "_platform")
-    members: list[dict[str, Any]]                      # internal view: id, username, organizationId
+    repos: dict[str, list[dict[str, Any]]]  # segmentId -> repositories (with "_platform")
+    members: list[dict[str, Any]]  # internal view: id, username, organizationId
     messages: list[tuple[str, str, bytes | None, str]] = field(default_factory=list)
 
     def pick_segment(self, rng: random.Random) -> str:
@@ -112,7 +134,7 @@ def mixed_case(rng: random.Random, url: str) -> str:
 def zipf_weights(rng: random.Random, n: int, s: float = 1.1) -> list[float]:
     ranks = list(range(1, n + 1))
     rng.shuffle(ranks)
-    weights = [1.0 / (r ** s) for r in ranks]
+    weights = [1.0 / (r**s) for r in ranks]
     cum, total = [], 0.0
     for w in weights:
         total += w
@@ -127,8 +149,13 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
     model = ReferenceModel(segments, zipf_weights(rng, len(segments)), {}, [])
     out = model.messages
 
-    def send(table: str, action: str, record: dict[str, Any], changes: dict[str, Any] | None = None,
-             moment: datetime | None = None) -> None:
+    def send(
+        table: str,
+        action: str,
+        record: dict[str, Any],
+        changes: dict[str, Any] | None = None,
+        moment: datetime | None = None,
+    ) -> None:
         out.append((table, record["id"], gen.encode(table, action, record, changes, record["id"], moment), action))
 
     def born() -> tuple[str, datetime]:
@@ -148,9 +175,17 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
         kinds = ["github"] + (["gerrit"] if rng.random() < 0.25 else []) + (["gitlab"] if rng.random() < 0.2 else [])
         for kind in kinds:
             created, moment = born()
-            row: dict[str, Any] = {"id": new_uuid(rng), "platform": kind, "segmentId": seg, "status": "done",
-                   "settings": {"orgs": [rng.choice(WORDS)]}, "deletedAt": None, "createdAt": created,
-                   "updatedAt": ts(moment), "tenantId": "875c38bd-2b1b-4e91-ad07-0cfbabb4c49f"}
+            row: dict[str, Any] = {
+                "id": new_uuid(rng),
+                "platform": kind,
+                "segmentId": seg,
+                "status": "done",
+                "settings": {"orgs": [rng.choice(WORDS)]},
+                "deletedAt": None,
+                "createdAt": created,
+                "updatedAt": ts(moment),
+                "tenantId": "875c38bd-2b1b-4e91-ad07-0cfbabb4c49f",
+            }
             integrations.setdefault(seg, []).append(row)
             send("integrations", "read" if rng.random() < 0.5 else "insert", row, moment=moment)
 
@@ -159,10 +194,21 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
     for n, seg in enumerate(segments):
         created, moment = born()
         name = f"{rng.choice(WORDS).title()} {rng.choice(WORDS).title()} {n}"
-        row = {"id": new_uuid(rng), "name": name, "slug": name.lower().replace(" ", "-"), "segmentId": seg,
-               "description": f"The {name} project.", "enabled": True, "deletedAt": None, "isLF": rng.random() < 0.5,
-               "createdAt": created, "updatedAt": ts(moment), "logoUrl": None, "website": None}
-        if n % 10 == 3:       # every tenth project disabled, every tenth deleted (sizes are shuffled)
+        row = {
+            "id": new_uuid(rng),
+            "name": name,
+            "slug": name.lower().replace(" ", "-"),
+            "segmentId": seg,
+            "description": f"The {name} project.",
+            "enabled": True,
+            "deletedAt": None,
+            "isLF": rng.random() < 0.5,
+            "createdAt": created,
+            "updatedAt": ts(moment),
+            "logoUrl": None,
+            "website": None,
+        }
+        if n % 10 == 3:  # every tenth project disabled, every tenth deleted (sizes are shuffled)
             row["enabled"] = False
         elif n % 10 == 6:
             row["deletedAt"] = ts(moment)
@@ -185,11 +231,20 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
                     continue
                 seen_urls.add(url)
                 created, moment = born()
-                row = {"id": new_uuid(rng), "url": url, "segmentId": seg,
-                       "insightsProjectId": projects[seg]["id"],
-                       "sourceIntegrationId": integ["id"], "enabled": True, "excluded": False,
-                       "archived": False, "deletedAt": None, "forkedFrom": None, "createdAt": created,
-                       "updatedAt": ts(moment)}
+                row = {
+                    "id": new_uuid(rng),
+                    "url": url,
+                    "segmentId": seg,
+                    "insightsProjectId": projects[seg]["id"],
+                    "sourceIntegrationId": integ["id"],
+                    "enabled": True,
+                    "excluded": False,
+                    "archived": False,
+                    "deletedAt": None,
+                    "forkedFrom": None,
+                    "createdAt": created,
+                    "updatedAt": ts(moment),
+                }
                 state = len(seen_urls) % 16  # a fixed share of each state, whatever the seed
                 if state in (1, 9):
                     row["enabled"] = False
@@ -212,9 +267,17 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
         created, moment = born()
         location, country = rng.choice(ORG_PLACES)
         suffix = rng.choice(("Inc", "GmbH", "Labs", "SRL", "Ltd"))
-        row = {"id": new_uuid(rng), "displayName": f"{rng.choice(WORDS).title()} {suffix}",
-               "location": location, "country": country, "website": None, "description": None,
-               "createdAt": created, "updatedAt": ts(moment), "deletedAt": None}
+        row = {
+            "id": new_uuid(rng),
+            "displayName": f"{rng.choice(WORDS).title()} {suffix}",
+            "location": location,
+            "country": country,
+            "website": None,
+            "description": None,
+            "createdAt": created,
+            "updatedAt": ts(moment),
+            "deletedAt": None,
+        }
         orgs.append(row)
         send("organizations", "read" if rng.random() < 0.5 else "insert", row, moment=moment)
         if rng.random() < 0.05:
@@ -235,12 +298,26 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
         elif r < 0.2:
             attributes["isBot"] = {"default": False}
         username = f"{rng.choice(WORDS)}{i}"
-        row = {"id": new_uuid(rng), "attributes": attributes, "displayName": username.title(),
-               "joinedAt": created, "createdAt": created, "updatedAt": ts(moment), "score": rng.randint(0, 10),
-               "reach": {"total": rng.randint(-1, 5000)}, "manuallyCreated": False, "deletedAt": None}
+        row = {
+            "id": new_uuid(rng),
+            "attributes": attributes,
+            "displayName": username.title(),
+            "joinedAt": created,
+            "createdAt": created,
+            "updatedAt": ts(moment),
+            "score": rng.randint(0, 10),
+            "reach": {"total": rng.randint(-1, 5000)},
+            "manuallyCreated": False,
+            "deletedAt": None,
+        }
         send("members", "read" if rng.random() < 0.5 else "insert", row, moment=moment)
-        model.members.append({"id": row["id"], "username": username,
-                              "organizationId": rng.choice(orgs)["id"] if rng.random() < 0.8 else None})
+        model.members.append(
+            {
+                "id": row["id"],
+                "username": username,
+                "organizationId": rng.choice(orgs)["id"] if rng.random() < 0.8 else None,
+            }
+        )
         if rng.random() < 0.02:
             evolve("members", row, {"attributes": attributes | {"isBot": {"default": True}}})
 

@@ -36,7 +36,7 @@ class ProducerSettings:
     topic_prefix: str = ""
     partitions: int = 3
     replication_factor: int = 1
-    rate: float | None = None          # messages per second, None = unlimited
+    rate: float | None = None  # messages per second, None = unlimited
     timeout: float = 30.0
 
 
@@ -59,8 +59,12 @@ def ensure_topics(settings: ProducerSettings) -> list[str]:
 class RateLimiter:
     """Keeps the average rate at or under ``rate`` per second by sleeping when ahead of schedule."""
 
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        rate: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if rate is not None and rate <= 0:
             raise ValueError(f"rate must be positive, got {rate}")
         self.rate, self.clock, self.sleep = rate, clock, sleep
@@ -91,10 +95,17 @@ class LoadProducer:
         self._producer: Producer | None = None
 
     def __enter__(self) -> LoadProducer:
-        self._producer = Producer({
-            "bootstrap.servers": self.settings.bootstrap, "enable.idempotence": True, "linger.ms": 20,
-            "compression.type": "lz4", "batch.size": 1_000_000, "message.max.bytes": 2_000_000, "log_level": 3,
-        })
+        self._producer = Producer(
+            {
+                "bootstrap.servers": self.settings.bootstrap,
+                "enable.idempotence": True,
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                "batch.size": 1_000_000,
+                "message.max.bytes": 2_000_000,
+                "log_level": 3,
+            }
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -132,8 +143,9 @@ class LoadProducer:
         if self.failures:
             raise LoadgenError(f"delivery failed: {self.failures[0]}")
         if remaining:
-            raise LoadgenError(f"{remaining} messages not acknowledged by {self.settings.bootstrap} "
-                               f"after {self.settings.timeout}s")
+            raise LoadgenError(
+                f"{remaining} messages not acknowledged by {self.settings.bootstrap} after {self.settings.timeout}s"
+            )
         return gen.summary
 
 

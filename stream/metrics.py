@@ -28,8 +28,9 @@ class WorkerCollector(Collector):
         self.router, self.loader, self.rebuilds = router, loader, rebuilds
 
     def collect(self) -> Iterator[Any]:
-        dlq = CounterMetricFamily("bucketer_dead_letter", "Bad input sent to the dead-letter topic",
-                                  labels=["stage", "error_class"])
+        dlq = CounterMetricFamily(
+            "bucketer_dead_letter", "Bad input sent to the dead-letter topic", labels=["stage", "error_class"]
+        )
         if self.router is not None:
             yield from self._router(self.router.stats, dlq)
         if self.loader is not None:
@@ -45,16 +46,18 @@ class WorkerCollector(Collector):
             routed.add_metric([str(b)], n)
         yield routed
         yield CounterMetricFamily("bucketer_retirements", "Retirements of old rows sent", value=stats.retirements)
-        yield CounterMetricFamily("bucketer_updates_without_old_values",
-                                  "Updates whose changes were empty (no REPLICA IDENTITY FULL)",
-                                  value=stats.old_values_unknown)
-        yield CounterMetricFamily("bucketer_router_aborted_batches", "Batches aborted and retried",
-                                  value=stats.aborts)
+        yield CounterMetricFamily(
+            "bucketer_updates_without_old_values",
+            "Updates whose changes were empty (no REPLICA IDENTITY FULL)",
+            value=stats.old_values_unknown,
+        )
+        yield CounterMetricFamily("bucketer_router_aborted_batches", "Batches aborted and retried", value=stats.aborts)
         for error_class, n in sorted(stats.dlq.items()):
             dlq.add_metric(["router", error_class], n)
         if stats.lag is not None:
-            yield GaugeMetricFamily("bucketer_router_lag_messages", "Router group lag on the source topic",
-                                    value=stats.lag)
+            yield GaugeMetricFamily(
+                "bucketer_router_lag_messages", "Router group lag on the source topic", value=stats.lag
+            )
 
     @staticmethod
     def _loader(stats: Any, dlq: CounterMetricFamily) -> Iterator[Any]:

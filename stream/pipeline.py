@@ -51,13 +51,13 @@ class PipelineConfig:
     until_idle: float | None = None
     exactly_once: bool = True
     parallel: int = 1
-    schedule: str | None = None          # ScheduleConfig.parse spec; None = the staggered default
+    schedule: str | None = None  # ScheduleConfig.parse spec; None = the staggered default
     enrich_on_exit: bool = False
     partitions: int = 3
     router_group: str = "bucketer-router"
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
-    metrics_port: int | None = None      # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
+    metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
 
 
 class Pipeline:
@@ -83,27 +83,52 @@ class Pipeline:
 
     def run(self) -> None:
         cfg = self.config
-        ensure_topics(cfg.bootstrap, [*self.topics.buckets(cfg.buckets), self.topics.dlq,
-                                      *self.topics.references().values(), self.topics.source],
-                      cfg.partitions, 1)
+        ensure_topics(
+            cfg.bootstrap,
+            [
+                *self.topics.buckets(cfg.buckets),
+                self.topics.dlq,
+                *self.topics.references().values(),
+                self.topics.source,
+            ],
+            cfg.partitions,
+            1,
+        )
         with self.connect() as wh:
             ensure_schema(wh, cfg.buckets)
-            self.router = Router(RouterConfig(
-                bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.router_group, topic_prefix=cfg.topic_prefix,
-                exactly_once=cfg.exactly_once, until_idle=cfg.until_idle, partitions=cfg.partitions,
-                **cfg.router_overrides))
-            self.loader = Loader(LoaderConfig(bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.loader_group,
-                                              topics=self.topics), wh)
+            self.router = Router(
+                RouterConfig(
+                    bootstrap=cfg.bootstrap,
+                    buckets=cfg.buckets,
+                    group=cfg.router_group,
+                    topic_prefix=cfg.topic_prefix,
+                    exactly_once=cfg.exactly_once,
+                    until_idle=cfg.until_idle,
+                    partitions=cfg.partitions,
+                    **cfg.router_overrides,
+                )
+            )
+            self.loader = Loader(
+                LoaderConfig(bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.loader_group, topics=self.topics),
+                wh,
+            )
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
-            schedule = (ScheduleConfig.parse(cfg.schedule, cfg.buckets) if cfg.schedule
-                        else ScheduleConfig(buckets=cfg.buckets))
-            self.scheduler = Scheduler(schedule, lambda bs: self.rebuilds.extend(
-                enricher.rebuild_many(bs, parallel=cfg.parallel)), clock=self._clock)
+            schedule = (
+                ScheduleConfig.parse(cfg.schedule, cfg.buckets) if cfg.schedule else ScheduleConfig(buckets=cfg.buckets)
+            )
+            self.scheduler = Scheduler(
+                schedule,
+                lambda bs: self.rebuilds.extend(enricher.rebuild_many(bs, parallel=cfg.parallel)),
+                clock=self._clock,
+            )
 
             if cfg.metrics_port is not None:
                 serve(cfg.metrics_port, router=self.router, loader=self.loader, rebuilds=self.rebuilds)
-            threads = [self._spawn("router", self.router.run), self._spawn("loader", self.loader.run),
-                       self._spawn("scheduler", self.scheduler.run)]
+            threads = [
+                self._spawn("router", self.router.run),
+                self._spawn("loader", self.loader.run),
+                self._spawn("scheduler", self.scheduler.run),
+            ]
             try:
                 self._supervise(threads[0])
             finally:

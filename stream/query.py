@@ -63,8 +63,9 @@ class ProjectBucket:
 
 
 def project_bucket(wh: Warehouse, slug: str) -> ProjectBucket:
-    rows = wh.rows(f"SELECT project, projectId, segmentId, bucketId FROM {PROJECT_VIEW}(project = {{p:String}})",
-                   {"p": slug})
+    rows = wh.rows(
+        f"SELECT project, projectId, segmentId, bucketId FROM {PROJECT_VIEW}(project = {{p:String}})", {"p": slug}
+    )
     if not rows:
         raise QueryError(f"no enabled project with slug {slug!r}")
     if len(rows) > 1:

@@ -84,8 +84,10 @@ def _fingerprint(wh: Warehouse, tables: list[str]) -> tuple[tuple[int, int], lis
     row counts legitimately differ between two layouts holding the same data."""
     per_table, rows, digest = [], 0, 0
     for t in tables:
-        n, h = wh.rows(f"SELECT count(), sum(cityHash64(activityId, segmentId, timestamp, type, platform, channel, "
-                       f"sourceId, _version)) FROM {t} FINAL")[0]
+        n, h = wh.rows(
+            f"SELECT count(), sum(cityHash64(activityId, segmentId, timestamp, type, platform, channel, "
+            f"sourceId, _version)) FROM {t} FINAL"
+        )[0]
         per_table.append(int(n))
         rows, digest = rows + int(n), (digest + int(h or 0)) % 2**64
     return (rows, digest), per_table
@@ -108,11 +110,15 @@ def rebucket(wh: Warehouse, to: int, enricher: Enricher, *, parallel: int = 1) -
             wh.command(raw_table_ddl(m).replace(raw_table(m), aside, 1))
             wh.command(f"INSERT INTO {aside} SELECT * FROM ({sources}) WHERE cityHash64(segmentId) % {to} = {m}")
         after = _fingerprint(wh, asides)
-        misplaced = sum(int(wh.rows(f"SELECT countIf(cityHash64(segmentId) % {to} != {m}) FROM {a}")[0][0])
-                        for m, a in enumerate(asides))
+        misplaced = sum(
+            int(wh.rows(f"SELECT countIf(cityHash64(segmentId) % {to} != {m}) FROM {a}")[0][0])
+            for m, a in enumerate(asides)
+        )
         if after[0] != before[0] or misplaced:
-            raise RebucketError(f"verification failed: {after[0][0]} live rows in the new layout, {before[0][0]} in "
-                                f"the old, {misplaced} misplaced; nothing was swapped")
+            raise RebucketError(
+                f"verification failed: {after[0][0]} live rows in the new layout, {before[0][0]} in "
+                f"the old, {misplaced} misplaced; nothing was swapped"
+            )
     except BaseException:
         for aside in asides:
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")

@@ -61,10 +61,10 @@ class RouterConfig:
     group: str = "bucketer-router"
     topic_prefix: str = ""
     sink: str = "kafka"
-    partitions: int = 3            # of bucket topics (and the DLQ) when the router creates them
+    partitions: int = 3  # of bucket topics (and the DLQ) when the router creates them
     replication: int = 1
     batch_size: int = 10_000
-    batch_time: float = 0.5        # seconds a batch may wait to fill
+    batch_time: float = 0.5  # seconds a batch may wait to fill
     exactly_once: bool = True
     until_idle: float | None = None
     progress_interval: float = 10.0
@@ -76,9 +76,13 @@ class RouterConfig:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, sink_factory: Callable[[RouterConfig], Sink] = make_sink,
-                 clock: Callable[[], float] = time.monotonic,
-                 consumer_factory: Callable[[dict[str, object]], Consumer] | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        sink_factory: Callable[[RouterConfig], Sink] = make_sink,
+        clock: Callable[[], float] = time.monotonic,
+        consumer_factory: Callable[[dict[str, object]], Consumer] | None = None,
+    ) -> None:
         """``consumer_factory`` (tests: an in-memory consumer) takes the consumer config; by default a
         confluent-kafka Consumer, after checking that the broker answers."""
         self.config = config
@@ -88,8 +92,8 @@ class Router:
         self._sink_factory, self._clock = sink_factory, clock
         self._stopping = False
         self._assigned_at = 0.0
-        self._broken = False          # the sink must be closed and reopened before the next batch
-        self._rewind_needed = False   # the consumer must seek to the committed offsets first
+        self._broken = False  # the sink must be closed and reopened before the next batch
+        self._rewind_needed = False  # the consumer must seek to the committed offsets first
         self._fatal_times: list[float] = []
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
 
@@ -102,15 +106,18 @@ class Router:
             check_reachable(cfg.bootstrap)
         sink = self._sink_factory(cfg)
         sink.open()
-        extra: dict[str, object] = {"session.timeout.ms": cfg.session_timeout_ms,
-                                    "heartbeat.interval.ms": max(500, cfg.session_timeout_ms // 3)}
+        extra: dict[str, object] = {
+            "session.timeout.ms": cfg.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, cfg.session_timeout_ms // 3),
+        }
         if cfg.static_membership:
             extra["group.instance.id"] = f"{self.topics.source}.{cfg.instance_id}"
         conf = consumer_config(cfg.bootstrap, cfg.group, **extra)
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
-            consumer.subscribe([self.topics.source], on_assign=self._on_assign,
-                               on_revoke=self._on_revoke, on_lost=self._on_revoke)
+            consumer.subscribe(
+                [self.topics.source], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+            )
             self._loop(consumer, sink)
         finally:
             if not self._broken:
@@ -167,8 +174,13 @@ class Router:
             self._rewind_needed = True
             self._broken = not exc.abortable or not self._abort(sink)
             where = ", ".join(f"{m.topic()}[{m.partition()}]@{m.offset()}" for m in good[:1])
-            log.warning("batch of %d from %s not committed (%s); %s, then replaying from the committed offsets",
-                        len(good), where, exc, "reopening the sink" if self._broken else "aborted")
+            log.warning(
+                "batch of %d from %s not committed (%s); %s, then replaying from the committed offsets",
+                len(good),
+                where,
+                exc,
+                "reopening the sink" if self._broken else "aborted",
+            )
             if isinstance(exc, KafkaFatalError):
                 self._count_fatal(exc)
             return
@@ -204,8 +216,9 @@ class Router:
                     log.warning("committed offsets unavailable (%s); will retry", failed[0].error)
                     return False
                 for tp in committed:  # no commit yet: the group starts from the beginning (earliest)
-                    consumer.seek(TopicPartition(tp.topic, tp.partition,
-                                                 tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+                    consumer.seek(
+                        TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                    )
             self._rewind_needed = False
             log.info("recovered: replaying from the committed offsets")
             return True

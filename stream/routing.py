@@ -116,9 +116,11 @@ class RouterStats:
 
     def summary(self) -> str:
         dlq = " ".join(f"{k}={v}" for k, v in sorted(self.dlq.items()))
-        return (f"routed={self.routed} retirements={self.retirements} "
-                f"updates_without_old_values={self.old_values_unknown} "
-                f"dlq={sum(self.dlq.values())}{f' ({dlq})' if dlq else ''} aborted_batches={self.aborts}")
+        return (
+            f"routed={self.routed} retirements={self.retirements} "
+            f"updates_without_old_values={self.old_values_unknown} "
+            f"dlq={sum(self.dlq.values())}{f' ({dlq})' if dlq else ''} aborted_batches={self.aborts}"
+        )
 
     def progress(self, elapsed: float) -> str:
         rate = self._since_progress / elapsed if elapsed > 0 else 0.0

@@ -68,7 +68,7 @@ class ScheduleConfig:
 
     @classmethod
     def parse(cls, spec: str, buckets: int) -> ScheduleConfig:
-        """"first/step/group" (e.g. "10/4/2", the default pattern) for ``buckets`` buckets."""
+        """ "first/step/group" (e.g. "10/4/2", the default pattern) for ``buckets`` buckets."""
         try:
             first, step, group = (int(x) for x in spec.split("/"))
         except ValueError:
@@ -113,8 +113,14 @@ def due(now: datetime, last_run: Mapping[int, datetime], config: ScheduleConfig)
 class Scheduler:
     """Fires due rebuilds on the staggered hourly pattern. ``run()`` loops; ``stop()`` only sets a flag."""
 
-    def __init__(self, config: ScheduleConfig, run_buckets: Callable[[list[int]], Any],
-                 clock: Clock | None = None, tick: float = 5.0, run_missed_on_start: bool = False) -> None:
+    def __init__(
+        self,
+        config: ScheduleConfig,
+        run_buckets: Callable[[list[int]], Any],
+        clock: Clock | None = None,
+        tick: float = 5.0,
+        run_missed_on_start: bool = False,
+    ) -> None:
         self.config = config
         self._run_buckets = run_buckets
         self._clock = clock or SystemClock()

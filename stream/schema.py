@@ -92,28 +92,54 @@ VERSION_COLUMNS: tuple[tuple[str, str, str | None], ...] = (("_deleted", "UInt8"
 
 REFERENCE_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "members": (
-        ("id", "String", None), ("attributes", "String", None), ("isBot", "UInt8", None),
-        ("isTeamMember", "UInt8", None), ("isOrganization", "UInt8", None), ("displayName", "String", None),
-        ("joinedAt", TS, None), ("createdAt", TS, None), ("updatedAt", TS, None),
+        ("id", "String", None),
+        ("attributes", "String", None),
+        ("isBot", "UInt8", None),
+        ("isTeamMember", "UInt8", None),
+        ("isOrganization", "UInt8", None),
+        ("displayName", "String", None),
+        ("joinedAt", TS, None),
+        ("createdAt", TS, None),
+        ("updatedAt", TS, None),
     ),
     "organizations": (
-        ("id", "String", None), ("displayName", "String", None), ("location", "String", None),
-        ("country", "String", None), ("createdAt", TS, None), ("updatedAt", TS, None),
+        ("id", "String", None),
+        ("displayName", "String", None),
+        ("location", "String", None),
+        ("country", "String", None),
+        ("createdAt", TS, None),
+        ("updatedAt", TS, None),
     ),
     "repositories": (
-        ("id", "String", None), ("url", "String", None), ("segmentId", "String", None),
-        ("insightsProjectId", "String", None), ("sourceIntegrationId", "String", None),
-        ("enabled", "UInt8", "1"), ("excluded", "UInt8", None), ("archived", "UInt8", None),
-        ("deletedAt", f"Nullable({TS})", None), ("createdAt", TS, None), ("updatedAt", TS, None),
+        ("id", "String", None),
+        ("url", "String", None),
+        ("segmentId", "String", None),
+        ("insightsProjectId", "String", None),
+        ("sourceIntegrationId", "String", None),
+        ("enabled", "UInt8", "1"),
+        ("excluded", "UInt8", None),
+        ("archived", "UInt8", None),
+        ("deletedAt", f"Nullable({TS})", None),
+        ("createdAt", TS, None),
+        ("updatedAt", TS, None),
     ),
     "insightsProjects": (
-        ("id", "String", None), ("name", "String", None), ("slug", "String", None),
-        ("segmentId", "String", None), ("enabled", "UInt8", "1"), ("deletedAt", f"Nullable({TS})", None),
-        ("createdAt", TS, None), ("updatedAt", TS, None),
+        ("id", "String", None),
+        ("name", "String", None),
+        ("slug", "String", None),
+        ("segmentId", "String", None),
+        ("enabled", "UInt8", "1"),
+        ("deletedAt", f"Nullable({TS})", None),
+        ("createdAt", TS, None),
+        ("updatedAt", TS, None),
     ),
     "integrations": (
-        ("id", "String", None), ("platform", "LowCardinality(String)", None), ("segmentId", "String", None),
-        ("deletedAt", f"Nullable({TS})", None), ("createdAt", TS, None), ("updatedAt", TS, None),
+        ("id", "String", None),
+        ("platform", "LowCardinality(String)", None),
+        ("segmentId", "String", None),
+        ("deletedAt", f"Nullable({TS})", None),
+        ("createdAt", TS, None),
+        ("updatedAt", TS, None),
     ),
 }
 
@@ -132,15 +158,19 @@ DURABLE = "SETTINGS fsync_after_insert = 1, fsync_part_directory = 1"
 
 
 def raw_table_ddl(n: int) -> str:
-    return (f"CREATE TABLE IF NOT EXISTS {raw_table(n)} (\n    {_cols(ACTIVITY_COLUMNS + VERSION_COLUMNS)}\n)\n"
-            f"ENGINE = ReplacingMergeTree(_version, _deleted)\nPARTITION BY toYear(createdAt)\n"
-            f"ORDER BY ({', '.join(SORT_KEY)})\n{DURABLE}")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {raw_table(n)} (\n    {_cols(ACTIVITY_COLUMNS + VERSION_COLUMNS)}\n)\n"
+        f"ENGINE = ReplacingMergeTree(_version, _deleted)\nPARTITION BY toYear(createdAt)\n"
+        f"ORDER BY ({', '.join(SORT_KEY)})\n{DURABLE}"
+    )
 
 
 def reference_table_ddl(table: str) -> str:
     cols = REFERENCE_COLUMNS[table] + VERSION_COLUMNS
-    return (f"CREATE TABLE IF NOT EXISTS {table} (\n    {_cols(cols)}\n)\n"
-            f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY id\n{DURABLE}")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} (\n    {_cols(cols)}\n)\n"
+        f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY id\n{DURABLE}"
+    )
 
 
 def cleaned_columns_ddl() -> str:
@@ -150,8 +180,10 @@ def cleaned_columns_ddl() -> str:
 
 def cleaned_table_ddl(n: int, name: str | None = None) -> str:
     """CREATE TABLE IF NOT EXISTS for cleaned bucket ``n`` (or the same layout under ``name``, built aside)."""
-    return (f"CREATE TABLE IF NOT EXISTS {name or cleaned_table(n)} (\n    {cleaned_columns_ddl()}\n)\n"
-            f"ENGINE = MergeTree\nORDER BY ({', '.join(CLEANED_ORDER)})")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {name or cleaned_table(n)} (\n    {cleaned_columns_ddl()}\n)\n"
+        f"ENGINE = MergeTree\nORDER BY ({', '.join(CLEANED_ORDER)})"
+    )
 
 
 def union_view_ddl(buckets: int) -> str:
@@ -167,25 +199,33 @@ def routing_view_ddl(buckets: int) -> str:
     before any table is touched and fires even on empty buckets. (A UNION ALL of N branches each guarded by a
     scalar subquery cost twice the union view itself; measured in bench/bench_enrich.py.)"""
     pattern = cleaned_table(0).replace("_0_", "_[0-9]+_")
-    check = (f"throwIf(NOT ({{bucketId:Int64}} BETWEEN 0 AND {buckets - 1}), "
-             f"'invalid bucketId: expected an integer from 0 to {buckets - 1}')")
+    check = (
+        f"throwIf(NOT ({{bucketId:Int64}} BETWEEN 0 AND {buckets - 1}), "
+        f"'invalid bucketId: expected an integer from 0 to {buckets - 1}')"
+    )
     table = cleaned_table(0).replace("_0_", "_', toString({bucketId:Int64}), '_")
-    return (f"CREATE OR REPLACE VIEW {ROUTING_VIEW} AS\n"
-            f"SELECT * FROM merge(currentDatabase(), '^{pattern}$')\n"
-            f"WHERE {check} = 0 AND _table = concat('{table}')")
+    return (
+        f"CREATE OR REPLACE VIEW {ROUTING_VIEW} AS\n"
+        f"SELECT * FROM merge(currentDatabase(), '^{pattern}$')\n"
+        f"WHERE {check} = 0 AND _table = concat('{table}')"
+    )
 
 
 def project_view_ddl(buckets: int) -> str:
-    return (f"CREATE OR REPLACE VIEW {PROJECT_VIEW} AS\n"
-            f"SELECT slug AS project, id AS projectId, segmentId,\n"
-            f"       toUInt32(cityHash64(segmentId) % {buckets}) AS bucketId\n"
-            f"FROM insightsProjects FINAL\n"
-            f"WHERE slug = {{project:String}} AND enabled = 1 AND deletedAt IS NULL")
+    return (
+        f"CREATE OR REPLACE VIEW {PROJECT_VIEW} AS\n"
+        f"SELECT slug AS project, id AS projectId, segmentId,\n"
+        f"       toUInt32(cityHash64(segmentId) % {buckets}) AS bucketId\n"
+        f"FROM insightsProjects FINAL\n"
+        f"WHERE slug = {{project:String}} AND enabled = 1 AND deletedAt IS NULL"
+    )
 
 
 def settings_ddl() -> str:
-    return (f"CREATE TABLE IF NOT EXISTS {SETTINGS_TABLE} (key String, value String, at DateTime64(3, 'UTC') "
-            f"DEFAULT now64(3)) ENGINE = ReplacingMergeTree(at) ORDER BY key")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {SETTINGS_TABLE} (key String, value String, at DateTime64(3, 'UTC') "
+        f"DEFAULT now64(3)) ENGINE = ReplacingMergeTree(at) ORDER BY key"
+    )
 
 
 def schema_statements(buckets: int) -> list[str]:
@@ -209,13 +249,19 @@ def ensure_schema(wh: _Commands, buckets: int) -> None:
 
 def bucket_count(wh: object) -> int | None:
     """The bucket count the schema was last set up for, or None when there is no schema yet."""
-    rows = wh.rows(  # type: ignore[attr-defined]
-        f"SELECT value FROM {SETTINGS_TABLE} FINAL WHERE key = 'buckets'") if _has_settings(wh) else []
+    rows = (
+        wh.rows(  # type: ignore[attr-defined]
+            f"SELECT value FROM {SETTINGS_TABLE} FINAL WHERE key = 'buckets'"
+        )
+        if _has_settings(wh)
+        else []
+    )
     return int(rows[0][0]) if rows else None
 
 
 def _has_settings(wh: object) -> bool:
     rows = wh.rows(  # type: ignore[attr-defined]
         "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
-        {"t": SETTINGS_TABLE})
+        {"t": SETTINGS_TABLE},
+    )
     return bool(rows and rows[0][0])

@@ -68,9 +68,18 @@ class KafkaSink:
     """Bucket topics ``activityRelations_bucket_{b}`` and the DLQ on Kafka; transactional when
     ``transactional_id`` is set, else an idempotent producer committing offsets after delivery."""
 
-    def __init__(self, bootstrap: str, topics: TopicNames, buckets: int, *, transactional_id: str | None,
-                 partitions: int = 3, replication: int = 1, timeout: float = 20.0,
-                 producer_overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: TopicNames,
+        buckets: int,
+        *,
+        transactional_id: str | None,
+        partitions: int = 3,
+        replication: int = 1,
+        timeout: float = 20.0,
+        producer_overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.exactly_once = transactional_id is not None
         self._bootstrap, self._names, self._buckets = bootstrap, topics, buckets
         self._topics = topics.buckets(buckets)
@@ -86,8 +95,7 @@ class KafkaSink:
         self._failed: list[KafkaError] = []
 
     def open(self) -> None:
-        ensure_topics(self._bootstrap, [*self._topics, self._names.dlq], self._partitions,
-                      self._replication, 10.0)
+        ensure_topics(self._bootstrap, [*self._topics, self._names.dlq], self._partitions, self._replication, 10.0)
         self._producer = Producer(self._conf)
         self._in_txn = False
         if self.exactly_once:
@@ -112,8 +120,12 @@ class KafkaSink:
             if headers is None:
                 self._producer.produce(self._topics[bucket], value, key)  # type: ignore[union-attr]
             else:
-                self._producer.produce(self._topics[bucket], value, key,  # type: ignore[union-attr]
-                                      headers=headers)  # type: ignore[arg-type]
+                self._producer.produce(
+                    self._topics[bucket],
+                    value,
+                    key,  # type: ignore[union-attr]
+                    headers=headers,
+                )  # type: ignore[arg-type]
         except (BufferError, KafkaException, AttributeError):
             self._produce(self._topics[bucket], key, value, headers)
 
@@ -133,8 +145,9 @@ class KafkaSink:
     def commit(self, offsets: list[TopicPartition], consumer: Consumer) -> None:
         if self.exactly_once:
             meta = consumer.consumer_group_metadata()
-            self._retrying("send_offsets_to_transaction",
-                           lambda t: self._p.send_offsets_to_transaction(offsets, meta, t))
+            self._retrying(
+                "send_offsets_to_transaction", lambda t: self._p.send_offsets_to_transaction(offsets, meta, t)
+            )
             self._retrying("commit_transaction", lambda t: self._p.commit_transaction(t))
             self._in_txn = False
             return
@@ -182,8 +195,7 @@ class KafkaSink:
             except KafkaException as exc:
                 err: BucketerKafkaError = from_exception(exc, what)
                 retriable = bool(err.error is not None and err.error.retriable())
-                if isinstance(err, KafkaFatalError) or err.abortable or not retriable \
-                        or time.monotonic() > deadline:
+                if isinstance(err, KafkaFatalError) or err.abortable or not retriable or time.monotonic() > deadline:
                     raise err from None
                 log.warning("%s: %s; retrying", what, err)
                 time.sleep(0.2)
@@ -223,10 +235,17 @@ class KafkaSink:
 def make_sink(config: RouterConfig) -> Sink:
     """The sink named by ``config.sink`` ("kafka" by default, or "tinybird")."""
     names = TopicNames(config.topic_prefix)
-    txn_id = f"bucketer-router.{config.topic_prefix}{config.group}.{config.instance_id}" \
-        if config.exactly_once else None
-    kafka = KafkaSink(config.bootstrap, names, config.buckets, transactional_id=txn_id,
-                      partitions=config.partitions, replication=config.replication)
+    txn_id = (
+        f"bucketer-router.{config.topic_prefix}{config.group}.{config.instance_id}" if config.exactly_once else None
+    )
+    kafka = KafkaSink(
+        config.bootstrap,
+        names,
+        config.buckets,
+        transactional_id=txn_id,
+        partitions=config.partitions,
+        replication=config.replication,
+    )
     if config.sink == "kafka":
         return kafka
     if config.sink == "tinybird":
@@ -235,7 +254,13 @@ def make_sink(config: RouterConfig) -> Sink:
             factory = module.make_router_sink
         except (ImportError, AttributeError) as exc:
             raise KafkaFatalError(f"the tinybird sink is not available: {exc}") from None
-        dlq = KafkaSink(config.bootstrap, names, 0, transactional_id=None, partitions=config.partitions,
-                        replication=config.replication)
+        dlq = KafkaSink(
+            config.bootstrap,
+            names,
+            0,
+            transactional_id=None,
+            partitions=config.partitions,
+            replication=config.replication,
+        )
         return factory(config, dlq)  # type: ignore[no-any-return]
     raise ValueError(f"unknown sink {config.sink!r}; expected kafka or tinybird")

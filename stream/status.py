@@ -59,27 +59,40 @@ def _utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def warehouse_status(wh: Warehouse, buckets: int | None = None,
-                     now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> Status:
+def warehouse_status(
+    wh: Warehouse, buckets: int | None = None, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> Status:
     n = buckets or bucket_count(wh)
     if not n:
         raise LookupError("the warehouse has no bucketer schema yet (run the pipeline or `bucketer enrich` first)")
-    parts = [f"SELECT {b} AS b, (SELECT count() FROM {raw_table(b)} FINAL) AS raw, "
-             f"(SELECT count() FROM {cleaned_table(b)}) AS cleaned, "
-             f"(SELECT max(snapshotId) FROM {cleaned_table(b)}) AS snap" for b in range(n)]
+    parts = [
+        f"SELECT {b} AS b, (SELECT count() FROM {raw_table(b)} FINAL) AS raw, "
+        f"(SELECT count() FROM {cleaned_table(b)}) AS cleaned, "
+        f"(SELECT max(snapshotId) FROM {cleaned_table(b)}) AS snap"
+        for b in range(n)
+    ]
     rows = wh.rows(" UNION ALL ".join(parts) + " ORDER BY b")
     total = sum(int(r[1]) for r in rows)
     at = now()
     out = []
     for b, raw, cleaned, snap in rows:
         snap_at = _utc(snap)
-        out.append(BucketStatus(int(b), int(raw), int(cleaned), (int(raw) / total) if total else 0.0, snap_at,
-                                (at - snap_at).total_seconds() if snap_at else None))
+        out.append(
+            BucketStatus(
+                int(b),
+                int(raw),
+                int(cleaned),
+                (int(raw) / total) if total else 0.0,
+                snap_at,
+                (at - snap_at).total_seconds() if snap_at else None,
+            )
+        )
     return Status(out, total, sum(s.cleaned_rows for s in out), at)
 
 
-def kafka_figures(bootstrap: str, topics: TopicNames, router_group: str,
-                  timeout: float = 10.0) -> tuple[int | None, int | None]:
+def kafka_figures(
+    bootstrap: str, topics: TopicNames, router_group: str, timeout: float = 10.0
+) -> tuple[int | None, int | None]:
     """(DLQ messages, router lag); None for a topic that does not exist."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -122,8 +135,13 @@ def count_committed(bootstrap: str, parts: list[Any], timeout: float = 10.0) -> 
 
     from connectors.kafka import consumer_config
 
-    consumer = Consumer(consumer_config(bootstrap, "bucketer-status-unused", **{
-        "isolation.level": "read_committed", "enable.auto.commit": False, "fetch.max.bytes": 64 << 20}))
+    consumer = Consumer(
+        consumer_config(
+            bootstrap,
+            "bucketer-status-unused",
+            **{"isolation.level": "read_committed", "enable.auto.commit": False, "fetch.max.bytes": 64 << 20},
+        )
+    )
     try:
         ends: dict[int, int] = {}
         span = 0
@@ -135,9 +153,14 @@ def count_committed(bootstrap: str, parts: list[Any], timeout: float = 10.0) -> 
         if not ends:
             return 0
         topic = parts[0].topic
-        consumer.assign([TopicPartition(topic, p, low) for p, low in
-                         ((p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[0])
-                          for p in ends)])
+        consumer.assign(
+            [
+                TopicPartition(topic, p, low)
+                for p, low in (
+                    (p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[0]) for p in ends
+                )
+            ]
+        )
         count, deadline = 0, time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
             msgs = consumer.consume(10_000, timeout=0.2)
@@ -146,23 +169,36 @@ def count_committed(bootstrap: str, parts: list[Any], timeout: float = 10.0) -> 
                 if tp.offset >= ends[tp.partition]:
                     ends.pop(tp.partition)
         if ends:
-            log.warning("status: DLQ too large to count within %.0fs; showing its offset span %d (an upper bound)",
-                        timeout, span)
+            log.warning(
+                "status: DLQ too large to count within %.0fs; showing its offset span %d (an upper bound)",
+                timeout,
+                span,
+            )
             return span
         return count
     finally:
         consumer.close()
 
 
-def collect(wh: Warehouse, buckets: int | None = None, bootstrap: str | None = None,
-            topics: TopicNames | None = None, router_group: str = "bucketer-router",
-            now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> Status:
+def collect(
+    wh: Warehouse,
+    buckets: int | None = None,
+    bootstrap: str | None = None,
+    topics: TopicNames | None = None,
+    router_group: str = "bucketer-router",
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Status:
     status = warehouse_status(wh, buckets, now)
     if not bootstrap:
         return status
     try:
         dlq, lag = kafka_figures(bootstrap, topics or TopicNames(), router_group)
     except Exception as exc:  # status still shows the warehouse when Kafka is away
-        return Status(status.buckets, status.raw_total, status.cleaned_total, status.generated_at,
-                      kafka_error=" ".join(str(exc).split())[:200])
+        return Status(
+            status.buckets,
+            status.raw_total,
+            status.cleaned_total,
+            status.generated_at,
+            kafka_error=" ".join(str(exc).split())[:200],
+        )
     return Status(status.buckets, status.raw_total, status.cleaned_total, status.generated_at, dlq, lag)

@@ -29,7 +29,7 @@ class CopyResult:
     bucket: int
     pipe: str
     job_id: str | None
-    status: str            # done | error | cancelled | failed (could not start/poll) | timeout
+    status: str  # done | error | cancelled | failed (could not start/poll) | timeout
     detail: str = ""
     seconds: float = 0.0
 
@@ -39,10 +39,17 @@ class CopyResult:
 
 
 class CopyRunner:
-    def __init__(self, client: TinybirdClient, max_concurrent: int = 12, poll_interval: float = 2.0,
-                 timeout: float = 3600.0, mode: str = "replace", clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep,
-                 on_result: Callable[[CopyResult], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: TinybirdClient,
+        max_concurrent: int = 12,
+        poll_interval: float = 2.0,
+        timeout: float = 3600.0,
+        mode: str = "replace",
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        on_result: Callable[[CopyResult], None] | None = None,
+    ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self.client, self.max_concurrent, self.poll_interval = client, max_concurrent, poll_interval
@@ -68,8 +75,9 @@ class CopyRunner:
                     result = CopyResult(bucket, pipe, job_id, status, detail, self.clock() - start)
                     break
                 if self.clock() - start > self.timeout:
-                    result = CopyResult(bucket, pipe, job_id, "timeout", f"still {status} after {self.timeout}s",
-                                        self.clock() - start)
+                    result = CopyResult(
+                        bucket, pipe, job_id, "timeout", f"still {status} after {self.timeout}s", self.clock() - start
+                    )
                     break
                 self.sleep(self.poll_interval)
         except TinybirdError as exc:

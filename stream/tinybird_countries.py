@@ -17,17 +17,28 @@ from connectors.countries import RESOLVER_VERSION, organization_country_code
 from connectors.tinybird_api import TinybirdClient
 from connectors.tinybird_project import COUNTRY_DS
 
-PAIRS_SQL = (f"SELECT DISTINCT country, location FROM organizations FINAL WHERE _deleted = 0 "
-             f"AND (country, location) NOT IN (SELECT country, location FROM {COUNTRY_DS} FINAL "
-             f"WHERE resolverVersion = {RESOLVER_VERSION})")
+PAIRS_SQL = (
+    f"SELECT DISTINCT country, location FROM organizations FINAL WHERE _deleted = 0 "
+    f"AND (country, location) NOT IN (SELECT country, location FROM {COUNTRY_DS} FINAL "
+    f"WHERE resolverVersion = {RESOLVER_VERSION})"
+)
 BATCH = 5000
 
 
 def sync_country_codes(client: TinybirdClient) -> int:
     """Resolve and append the missing pairs; returns how many were appended."""
     pairs = [(str(r.get("country") or ""), str(r.get("location") or "")) for r in client.query(PAIRS_SQL)]
-    lines = [orjson.dumps({"country": c, "location": loc, "code": organization_country_code(c, loc),
-                           "resolverVersion": RESOLVER_VERSION}) for c, loc in sorted(set(pairs))]
+    lines = [
+        orjson.dumps(
+            {
+                "country": c,
+                "location": loc,
+                "code": organization_country_code(c, loc),
+                "resolverVersion": RESOLVER_VERSION,
+            }
+        )
+        for c, loc in sorted(set(pairs))
+    ]
     for i in range(0, len(lines), BATCH):
-        client.post_events(COUNTRY_DS, b"\n".join(lines[i:i + BATCH]) + b"\n")
+        client.post_events(COUNTRY_DS, b"\n".join(lines[i : i + BATCH]) + b"\n")
     return len(lines)

@@ -40,14 +40,26 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 1, timeout
                 raise AssertionError(f"could not create topic {name}: {exc}") from exc
 
 
-def drain(bootstrap: str, topics: list[str], expected: int | None = None, timeout: float = 30,
-          idle: float = 2.0, isolation: str = "read_committed") -> list[Message]:
+def drain(
+    bootstrap: str,
+    topics: list[str],
+    expected: int | None = None,
+    timeout: float = 30,
+    idle: float = 2.0,
+    isolation: str = "read_committed",
+) -> list[Message]:
     """Read ``topics`` from the beginning with a fresh group until ``expected`` messages arrived (or, with
     no expectation, until ``idle`` seconds pass without one). Always bounded by ``timeout``."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": unique("drain"), "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "isolation.level": isolation, "enable.partition.eof": False,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("drain"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": isolation,
+            "enable.partition.eof": False,
+        }
+    )
     consumer.subscribe(topics)
     out: list[Message] = []
     deadline = time.monotonic() + timeout

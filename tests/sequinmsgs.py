@@ -21,40 +21,59 @@ from stream.buckets import bucket_of
 class Sent:
     key: bytes | None
     value: bytes | None
-    bucket: int | None = None          # where the original bytes must land
-    dlq: str | None = None             # or the DLQ error class
-    retire_bucket: int | None = None   # where the retirement of the old row must land
+    bucket: int | None = None  # where the original bytes must land
+    dlq: str | None = None  # or the DLQ error class
+    retire_bucket: int | None = None  # where the retirement of the old row must land
     retire_segment: str | None = None
 
 
 def ts(rng: random.Random, year: int = 2025) -> str:
-    return f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:" \
-           f"{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}.{rng.randint(0, 999999):06d}Z"
+    return (
+        f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:"
+        f"{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}.{rng.randint(0, 999999):06d}Z"
+    )
 
 
 def row(rng: random.Random, activity_id: str, segment: str) -> dict[str, object]:
     return {
-        "activityId": activity_id, "conversationId": None, "createdAt": ts(rng, 2024), "updatedAt": ts(rng),
-        "memberId": str(uuid.UUID(int=rng.getrandbits(128))), "objectMemberId": None,
-        "organizationId": str(uuid.UUID(int=rng.getrandbits(128))), "parentId": None,
-        "platform": rng.choice(["github", "git", "gerrit", "slack"]), "segmentId": segment,
-        "username": f"user{rng.randint(1, 500)}", "sourceId": uuid.UUID(int=rng.getrandbits(128)).hex,
+        "activityId": activity_id,
+        "conversationId": None,
+        "createdAt": ts(rng, 2024),
+        "updatedAt": ts(rng),
+        "memberId": str(uuid.UUID(int=rng.getrandbits(128))),
+        "objectMemberId": None,
+        "organizationId": str(uuid.UUID(int=rng.getrandbits(128))),
+        "parentId": None,
+        "platform": rng.choice(["github", "git", "gerrit", "slack"]),
+        "segmentId": segment,
+        "username": f"user{rng.randint(1, 500)}",
+        "sourceId": uuid.UUID(int=rng.getrandbits(128)).hex,
         "type": rng.choice(["authored-commit", "issue-comment", "pull_request-opened"]),
         "timestamp": rng.choice([ts(rng), rng.randint(1_600_000_000_000_000, 1_750_000_000_000_000)]),
-        "channel": f"https://github.com/acme/repo{rng.randint(1, 40)}", "gitInsertions": rng.randint(0, 90),
-        "gitDeletions": rng.randint(0, 40), "sentimentScore": None, "score": 2, "isContribution": True,
+        "channel": f"https://github.com/acme/repo{rng.randint(1, 40)}",
+        "gitInsertions": rng.randint(0, 90),
+        "gitDeletions": rng.randint(0, 40),
+        "sentimentScore": None,
+        "score": 2,
+        "isContribution": True,
         "pad": "x" * rng.randint(200, 600),
     }
 
 
 def message(action: str, record: object, changes: object = None, **extra: object) -> bytes:
-    meta = {"table_schema": "public", "table_name": "activityRelations",
-            "commit_timestamp": "2025-05-01T12:00:03.121004Z", "commit_lsn": 88120311, "commit_idx": 4}
+    meta = {
+        "table_schema": "public",
+        "table_name": "activityRelations",
+        "commit_timestamp": "2025-05-01T12:00:03.121004Z",
+        "commit_lsn": 88120311,
+        "commit_idx": 4,
+    }
     return orjson.dumps({"action": action, "changes": changes, "record": record, "metadata": meta, **extra})
 
 
 def bad_messages(rng: random.Random, segments: list[str]) -> list[Sent]:
     """One or more messages of every bad class."""
+
     def rec(**over: object) -> dict[str, object]:
         r = row(rng, uuid.uuid4().hex, rng.choice(segments))
         r.update(over)
@@ -111,22 +130,40 @@ def scenario(seed: int, n_activities: int, buckets: int, n_segments: int = 40) -
             if kind < 0.3:  # a segment move: the old bucket must forget the row
                 new["segmentId"] = rng.choice(segments)
                 changes = {"segmentId": cur["segmentId"], "updatedAt": cur["updatedAt"]}
-                out.append(Sent(key, message("update", new, changes), bucket_of(new["segmentId"], buckets),
-                                retire_bucket=bucket_of(cur["segmentId"], buckets),
-                                retire_segment=cur["segmentId"]) if new["segmentId"] != cur["segmentId"]
-                           else Sent(key, message("update", new, {"updatedAt": cur["updatedAt"]}),
-                                     bucket_of(new["segmentId"], buckets)))
+                out.append(
+                    Sent(
+                        key,
+                        message("update", new, changes),
+                        bucket_of(new["segmentId"], buckets),
+                        retire_bucket=bucket_of(cur["segmentId"], buckets),
+                        retire_segment=cur["segmentId"],
+                    )
+                    if new["segmentId"] != cur["segmentId"]
+                    else Sent(
+                        key,
+                        message("update", new, {"updatedAt": cur["updatedAt"]}),
+                        bucket_of(new["segmentId"], buckets),
+                    )
+                )
             elif kind < 0.45:  # another sort-key column changes: retire in the same bucket
                 new["type"] = cur["type"] + "-edited"
                 b = bucket_of(cur["segmentId"], buckets)
-                out.append(Sent(key, message("update", new, {"type": cur["type"]}), b, retire_bucket=b,
-                                retire_segment=cur["segmentId"]))
+                out.append(
+                    Sent(
+                        key,
+                        message("update", new, {"type": cur["type"]}),
+                        b,
+                        retire_bucket=b,
+                        retire_segment=cur["segmentId"],
+                    )
+                )
             elif kind < 0.6:  # no REPLICA IDENTITY FULL: nothing to retire, nothing guessed
                 out.append(Sent(key, message("update", new, {}), bucket_of(new["segmentId"], buckets)))
             elif kind < 0.8:  # an update of a non-key column
                 new["score"] = rng.randint(0, 9)
-                out.append(Sent(key, message("update", new, {"score": cur["score"]}),
-                                bucket_of(new["segmentId"], buckets)))
+                out.append(
+                    Sent(key, message("update", new, {"score": cur["score"]}), bucket_of(new["segmentId"], buckets))
+                )
             else:  # an exact duplicate (Sequin is at-least-once)
                 out.append(out[-1])
                 new = cur

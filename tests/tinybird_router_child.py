@@ -37,9 +37,19 @@ def main() -> None:
 
     TinybirdClient.post_events = post_events  # type: ignore[method-assign]
     tb = TinybirdConfig(url=url, token=token, buckets=int(buckets), linger=0.05, max_batch_bytes=20_000)
-    config = TinybirdRouterConfig(bootstrap=bootstrap, buckets=int(buckets), group=group, topic_prefix=prefix,
-                                  sink="tinybird", tinybird=tb, batch_size=100, batch_time=0.2,
-                                  until_idle=30, exactly_once=False, instance_id="crash-child")
+    config = TinybirdRouterConfig(
+        bootstrap=bootstrap,
+        buckets=int(buckets),
+        group=group,
+        topic_prefix=prefix,
+        sink="tinybird",
+        tinybird=tb,
+        batch_size=100,
+        batch_time=0.2,
+        until_idle=30,
+        exactly_once=False,
+        instance_id="crash-child",
+    )
     Router(config).run()
     print("router ended without crashing", flush=True)
 

@@ -59,8 +59,13 @@ class Job:
 
 
 class Standin:
-    def __init__(self, token: str = "p.test-token-0123456789", max_body: int = 10_000_000,
-                 copy_concurrency: int = 12, job_seconds: float = 0.3) -> None:
+    def __init__(
+        self,
+        token: str = "p.test-token-0123456789",
+        max_body: int = 10_000_000,
+        copy_concurrency: int = 12,
+        job_seconds: float = 0.3,
+    ) -> None:
         self.token, self.max_body = token, max_body
         self.copy_concurrency, self.job_seconds = copy_concurrency, job_seconds
         self.rows: dict[str, list[bytes]] = defaultdict(list)
@@ -68,11 +73,11 @@ class Standin:
         self.received: list[Received] = []
         self.jobs: dict[str, Job] = {}
         self.max_working = 0
-        self.max_open = 0                  # jobs started by clients and not yet seen finished by them
+        self.max_open = 0  # jobs started by clients and not yet seen finished by them
         self._seen_final: set[str] = set()
         self.failing_pipes: set[str] = set()
         self.queries: list[str] = []
-        self.sql: Callable[[str], list[dict[str, Any]]] = lambda q: []   # answers GET /v0/sql
+        self.sql: Callable[[str], list[dict[str, Any]]] = lambda q: []  # answers GET /v0/sql
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -141,8 +146,14 @@ class Standin:
             return self.job(h, parts[2])
         return self.answer(h, 404, {"error": f"not found: {url.path}"})
 
-    def answer(self, h: BaseHTTPRequestHandler, status: int, doc: Any, headers: dict[str, str] | None = None,
-               text: str | None = None) -> None:
+    def answer(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        doc: Any,
+        headers: dict[str, str] | None = None,
+        text: str | None = None,
+    ) -> None:
         body = (text if text is not None else json.dumps(doc)).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
@@ -185,8 +196,9 @@ class Standin:
             job = Job(str(next(self._ids)), pipe, mode, time.monotonic())
             self.jobs[job.id] = job
             self.max_open = max(self.max_open, len(self.jobs) - len(self._seen_final))
-        self.answer(h, 200, {"id": job.id, "job_id": job.id, "job": {"id": job.id, "kind": "copy",
-                                                                      "status": "waiting"}})
+        self.answer(
+            h, 200, {"id": job.id, "job_id": job.id, "job": {"id": job.id, "kind": "copy", "status": "waiting"}}
+        )
 
     def job(self, h: BaseHTTPRequestHandler, job_id: str) -> None:
         with self._lock:
@@ -194,8 +206,11 @@ class Standin:
             job = self.jobs.get(job_id)
             if job is not None and job.status in ("done", "error", "cancelled"):
                 self._seen_final.add(job.id)
-            doc = None if job is None else {"id": job.id, "kind": "copy", "status": job.status,
-                                            "pipe_name": job.pipe, "mode": job.mode}
+            doc = (
+                None
+                if job is None
+                else {"id": job.id, "kind": "copy", "status": job.status, "pipe_name": job.pipe, "mode": job.mode}
+            )
         if doc is None:
             return self.answer(h, 404, {"error": f"job {job_id} not found"})
         self.answer(h, 200, doc)

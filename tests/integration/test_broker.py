@@ -27,14 +27,22 @@ def test_produce_consume_with_consumer_group(bootstrap: str, new_topics, group: 
         producer.produce(topic, key=f"k{i % 17}".encode(), value=f"v{i}".encode())
     assert producer.flush(30) == 0
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     seen: list[bytes] = []
     try:
+
         def got_all() -> bool:
             seen.extend(m.value() for m in consumer.consume(500, timeout=0.5) if m.error() is None)
             return len(seen) >= 300
+
         wait_until(got_all, 60, "300 messages through a consumer group")
         consumer.commit(asynchronous=False)
         committed = consumer.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
@@ -58,15 +66,25 @@ def test_transactions_send_offsets_and_read_committed(bootstrap: str, new_topics
         seed.produce(src, value=f"m{i}".encode())
     assert seed.flush(30) == 0
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     consumer.subscribe([src])
     tx = Producer({"bootstrap.servers": bootstrap, "transactional.id": unique("tx")})
     tx.init_transactions(30)
     try:
         batch: list = []
-        wait_until(lambda: batch.extend(m for m in consumer.consume(100, 0.5) if m.error() is None)
-                   or len(batch) >= 50, 60, "50 source messages")
+        wait_until(
+            lambda: batch.extend(m for m in consumer.consume(100, 0.5) if m.error() is None) or len(batch) >= 50,
+            60,
+            "50 source messages",
+        )
         # An aborted transaction leaves nothing visible to read_committed readers.
         tx.begin_transaction()
         for m in batch[:10]:
@@ -77,8 +95,7 @@ def test_transactions_send_offsets_and_read_committed(bootstrap: str, new_topics
         tx.begin_transaction()
         for m in batch:
             tx.produce(dst, value=b"copied-" + m.value())
-        tx.send_offsets_to_transaction(consumer.position(consumer.assignment()),
-                                       consumer.consumer_group_metadata(), 30)
+        tx.send_offsets_to_transaction(consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), 30)
         tx.commit_transaction(30)
         committed = consumer.committed([TopicPartition(src, 0)], timeout=10)
     finally:

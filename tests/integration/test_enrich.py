@@ -26,8 +26,13 @@ from stream.schema import ACTIVITY_NAMES, ensure_schema
 
 N = 3
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLEANED_NAMES = ACTIVITY_NAMES + ("gitChangedLines", "gitChangedLinesBucket", "organizationCountryCode",
-                                  "organizationName", "snapshotId")
+CLEANED_NAMES = ACTIVITY_NAMES + (
+    "gitChangedLines",
+    "gitChangedLinesBucket",
+    "organizationCountryCode",
+    "organizationName",
+    "snapshotId",
+)
 GIT = {"git", "gerrit", "github", "gitlab"}
 T0 = datetime(2026, 5, 4, 12, 0, 0)
 RUN_AT = datetime(2026, 11, 23, 23, 26, 41, tzinfo=UTC)
@@ -50,6 +55,7 @@ def version(updated: datetime, deleted: int = 0) -> int:
 
 # --- the input: reference rows with several versions, and activities -----------------------------------------
 
+
 def _segments(per_bucket: int = 2) -> list[str]:
     """Segment ids, ``per_bucket`` in each of the N buckets (so every bucket has projects and rows)."""
     found: dict[int, list[str]] = {b: [] for b in range(N)}
@@ -65,7 +71,9 @@ def _segments(per_bucket: int = 2) -> list[str]:
 SEGMENTS = _segments()
 # (id, segment, versions as (enabled, deletedAt, _deleted)); the last version is the live one
 PROJECTS = {
-    "p0": (0, [(1, None, 0)]), "p1": (1, [(1, None, 0)]), "p2": (2, [(0, None, 0)]),
+    "p0": (0, [(1, None, 0)]),
+    "p1": (1, [(1, None, 0)]),
+    "p2": (2, [(0, None, 0)]),
     "p3": (3, [(1, T0, 0)]),  # soft-deleted
     "p4": (4, [(1, None, 0), (0, None, 0)]),  # disabled later
     "p5": (5, [(0, None, 0), (1, None, 0)]),  # enabled later
@@ -91,9 +99,14 @@ REPOS = {
 }
 # id: versions as (isBot, isTeamMember, isOrganization, _deleted)
 MEMBERS = {
-    "m1": [(0, 0, 0, 0)], "m2": [(0, 0, 0, 0)], "m3": [(0, 0, 0, 0)],
-    "bot": [(1, 0, 0, 0)], "team": [(0, 1, 0, 0)], "orgmember": [(0, 0, 1, 0)],
-    "became_bot": [(0, 0, 0, 0), (1, 0, 0, 0)], "was_bot": [(1, 0, 0, 0), (0, 0, 0, 0)],
+    "m1": [(0, 0, 0, 0)],
+    "m2": [(0, 0, 0, 0)],
+    "m3": [(0, 0, 0, 0)],
+    "bot": [(1, 0, 0, 0)],
+    "team": [(0, 1, 0, 0)],
+    "orgmember": [(0, 0, 1, 0)],
+    "became_bot": [(0, 0, 0, 0), (1, 0, 0, 0)],
+    "was_bot": [(1, 0, 0, 0), (0, 0, 0, 0)],
     "deleted": [(0, 0, 0, 0), (0, 0, 0, 1)],
 }
 # id: (versions of (displayName, country, location), expected name, expected code) -- codes written by hand
@@ -142,25 +155,46 @@ def make_activities(seed: int, count: int) -> Dataset:
     for i in range(count):
         ts = T0 + timedelta(minutes=i, milliseconds=rng.randrange(1000))
         row = {
-            "activityId": f"act-{i:04d}", "conversationId": rng.choice(["", f"conv-{i % 7}"]),
-            "createdAt": ts, "updatedAt": ts, "memberId": rng.choice(members),
-            "objectMemberId": "", "objectMemberUsername": "", "organizationId": rng.choice(orgs),
-            "parentId": "", "platform": rng.choice(PLATFORMS), "segmentId": rng.choice(SEGMENTS),
-            "username": f"user{i % 13}", "sourceId": f"src-{i}", "type": rng.choice(["commit", "message"]),
-            "timestamp": ts, "sourceParentId": "", "channel": rng.choice(channels),
-            "sentimentScore": rng.choice([-1, 0, 55]), "gitInsertions": rng.choice(LINES),
-            "gitDeletions": rng.choice(LINES), "score": rng.choice([-1, 2]), "isContribution": rng.choice([0, 1]),
-            "pullRequestReviewState": rng.choice(["", "APPROVED"]), "_deleted": 0,
+            "activityId": f"act-{i:04d}",
+            "conversationId": rng.choice(["", f"conv-{i % 7}"]),
+            "createdAt": ts,
+            "updatedAt": ts,
+            "memberId": rng.choice(members),
+            "objectMemberId": "",
+            "objectMemberUsername": "",
+            "organizationId": rng.choice(orgs),
+            "parentId": "",
+            "platform": rng.choice(PLATFORMS),
+            "segmentId": rng.choice(SEGMENTS),
+            "username": f"user{i % 13}",
+            "sourceId": f"src-{i}",
+            "type": rng.choice(["commit", "message"]),
+            "timestamp": ts,
+            "sourceParentId": "",
+            "channel": rng.choice(channels),
+            "sentimentScore": rng.choice([-1, 0, 55]),
+            "gitInsertions": rng.choice(LINES),
+            "gitDeletions": rng.choice(LINES),
+            "score": rng.choice([-1, 2]),
+            "isContribution": rng.choice([0, 1]),
+            "pullRequestReviewState": rng.choice(["", "APPROVED"]),
+            "_deleted": 0,
         }
         if rng.random() < 0.6:  # aim at a repository: its segment (mostly) and a spelling of its url
             url, pid, _iid, _v = REPOS[rng.choice(list(REPOS))]
             row["segmentId"] = SEGMENTS[PROJECTS[pid][0]] if rng.random() < 0.85 else rng.choice(SEGMENTS)
-            row["channel"] = rng.choice([url, url.lower(), url.upper(), gerrit_variant(url.lower()),
-                                         gerrit_variant(url)])
+            row["channel"] = rng.choice(
+                [url, url.lower(), url.upper(), gerrit_variant(url.lower()), gerrit_variant(url)]
+            )
         data.activities.append(row)
         if i % 11 == 0:  # a later update of the same row (same sort key): new member, new counts
-            upd = dict(row, updatedAt=ts + timedelta(hours=1), memberId=rng.choice(members),
-                       gitInsertions=rng.choice(LINES), organizationId=rng.choice(orgs))
+            upd = dict(
+                row,
+                updatedAt=ts + timedelta(hours=1),
+                memberId=rng.choice(members),
+                gitInsertions=rng.choice(LINES),
+                organizationId=rng.choice(orgs),
+            )
             data.activities.append(upd)
         if i % 13 == 0:  # deleted later
             data.activities.append(dict(row, updatedAt=ts + timedelta(hours=2), _deleted=1))
@@ -174,43 +208,107 @@ def insert_reference(wh: EmbeddedWarehouse) -> None:
     rows: list[list[Any]] = []
     for pid, (seg, versions) in PROJECTS.items():
         for k, (enabled, deleted_at, dele) in enumerate(versions):
-            rows.append([pid, pid, f"slug-{pid}", SEGMENTS[seg], enabled, deleted_at, stamp(k), stamp(k), dele,
-                         version(stamp(k), dele)])
-    wh.insert("insightsProjects", ("id", "name", "slug", "segmentId", "enabled", "deletedAt", "createdAt",
-                                   "updatedAt", "_deleted", "_version"), rows)
-    wh.insert("integrations", ("id", "platform", "segmentId", "updatedAt", "_version"),
-              [[iid, plat, SEGMENTS[0], T0, version(T0)] for iid, plat in INTEGRATIONS.items()])
+            rows.append(
+                [
+                    pid,
+                    pid,
+                    f"slug-{pid}",
+                    SEGMENTS[seg],
+                    enabled,
+                    deleted_at,
+                    stamp(k),
+                    stamp(k),
+                    dele,
+                    version(stamp(k), dele),
+                ]
+            )
+    wh.insert(
+        "insightsProjects",
+        ("id", "name", "slug", "segmentId", "enabled", "deletedAt", "createdAt", "updatedAt", "_deleted", "_version"),
+        rows,
+    )
+    wh.insert(
+        "integrations",
+        ("id", "platform", "segmentId", "updatedAt", "_version"),
+        [[iid, plat, SEGMENTS[0], T0, version(T0)] for iid, plat in INTEGRATIONS.items()],
+    )
     rows = []
     for rid, (url, pid, iid, versions) in REPOS.items():
         seg = SEGMENTS[PROJECTS[pid][0]]
         for k, (enabled, excluded, archived, deleted_at, dele) in enumerate(versions):
-            rows.append([rid, url, seg, pid, iid, enabled, excluded, archived, deleted_at, stamp(k), dele,
-                         version(stamp(k), dele)])
-    wh.insert("repositories", ("id", "url", "segmentId", "insightsProjectId", "sourceIntegrationId", "enabled",
-                               "excluded", "archived", "deletedAt", "updatedAt", "_deleted", "_version"), rows)
+            rows.append(
+                [
+                    rid,
+                    url,
+                    seg,
+                    pid,
+                    iid,
+                    enabled,
+                    excluded,
+                    archived,
+                    deleted_at,
+                    stamp(k),
+                    dele,
+                    version(stamp(k), dele),
+                ]
+            )
+    wh.insert(
+        "repositories",
+        (
+            "id",
+            "url",
+            "segmentId",
+            "insightsProjectId",
+            "sourceIntegrationId",
+            "enabled",
+            "excluded",
+            "archived",
+            "deletedAt",
+            "updatedAt",
+            "_deleted",
+            "_version",
+        ),
+        rows,
+    )
     rows = []
     for mid, versions in MEMBERS.items():
         for k, (bot, team, orgm, dele) in enumerate(versions):
             rows.append([mid, "{}", bot, team, orgm, mid, stamp(k), dele, version(stamp(k), dele)])
-    wh.insert("members", ("id", "attributes", "isBot", "isTeamMember", "isOrganization", "displayName",
-                          "updatedAt", "_deleted", "_version"), rows)
+    wh.insert(
+        "members",
+        (
+            "id",
+            "attributes",
+            "isBot",
+            "isTeamMember",
+            "isOrganization",
+            "displayName",
+            "updatedAt",
+            "_deleted",
+            "_version",
+        ),
+        rows,
+    )
     rows = []
     for oid, (versions, _, _) in ORGS.items():
         for k, (name, country, location) in enumerate(versions):
             rows.append([oid, name, location, country, stamp(k), 0, version(stamp(k))])
-    wh.insert("organizations", ("id", "displayName", "location", "country", "updatedAt", "_deleted", "_version"),
-              rows)
+    wh.insert("organizations", ("id", "displayName", "location", "country", "updatedAt", "_deleted", "_version"), rows)
 
 
 def insert_activities(wh: EmbeddedWarehouse, rows: list[dict[str, Any]]) -> None:
     for b in range(N):
         mine = [r for r in rows if bucket_of(r["segmentId"], N) == b]
         cols = ACTIVITY_NAMES + ("_deleted", "_version")
-        wh.insert(raw_table(b), cols, [[r[c] for c in ACTIVITY_NAMES] + [r["_deleted"],
-                                       version(r["updatedAt"], r["_deleted"])] for r in mine])
+        wh.insert(
+            raw_table(b),
+            cols,
+            [[r[c] for c in ACTIVITY_NAMES] + [r["_deleted"], version(r["updatedAt"], r["_deleted"])] for r in mine],
+        )
 
 
 # --- the expectation, computed here ----------------------------------------------------------------------------
+
 
 def latest(versions: list[Any]) -> Any:
     return versions[-1]
@@ -269,11 +367,14 @@ def plain(v: Any) -> Any:
 
 def cleaned_rows(wh: EmbeddedWarehouse, bucket: int) -> list[tuple[Any, ...]]:
     cols = ", ".join(f"`{c}`" for c in CLEANED_NAMES)
-    return [tuple(plain(v) for v in row)
-            for row in wh.rows(f"SELECT {cols} FROM {cleaned_table(bucket)} ORDER BY activityId")]
+    return [
+        tuple(plain(v) for v in row)
+        for row in wh.rows(f"SELECT {cols} FROM {cleaned_table(bucket)} ORDER BY activityId")
+    ]
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
@@ -297,6 +398,7 @@ SNAPSHOT = datetime(2026, 11, 23, 23, 0, 0)
 
 # --- tests -----------------------------------------------------------------------------------------------------
 
+
 def test_cleaned_buckets_row_by_row(wh: EmbeddedWarehouse, data_dir: Path) -> None:
     data = make_activities(seed=7, count=400)
     insert_activities(wh, data.activities)
@@ -318,8 +420,14 @@ def test_cleaned_buckets_row_by_row(wh: EmbeddedWarehouse, data_dir: Path) -> No
     assert {r["platform"] for r in kept_rows} >= {"git", "gerrit", "github", "gitlab", "slack", "GitHub"}
     assert any("/q/project:" in r["channel"] for r in kept_rows if r["platform"] in GIT)  # gerrit variants
     assert any(r["channel"] != r["channel"].lower() for r in kept_rows if r["platform"] in GIT)  # mixed case
-    assert not {r["memberId"] for r in kept_rows} & {"bot", "team", "orgmember", "became_bot", "deleted",
-                                                      "unknown_member"}
+    assert not {r["memberId"] for r in kept_rows} & {
+        "bot",
+        "team",
+        "orgmember",
+        "became_bot",
+        "deleted",
+        "unknown_member",
+    }
     assert "was_bot" in {r["memberId"] for r in kept_rows}
     codes = {row[CLEANED_NAMES.index("organizationCountryCode")] for b in range(N) for row in cleaned_rows(wh, b)}
     assert codes == {"RO", "NG", "US", "GB", "KR", "GE", "XX"}
@@ -346,8 +454,9 @@ def test_rebuilding_again_without_new_input_gives_the_same_rows(wh: EmbeddedWare
     assert {r[snap] for r in cleaned_rows(wh, 0)} == ({SNAPSHOT + timedelta(hours=1)} if first[0] else set())
 
 
-def test_new_input_deletes_and_reference_changes_show_up_on_the_next_rebuild(wh: EmbeddedWarehouse,
-                                                                               data_dir: Path) -> None:
+def test_new_input_deletes_and_reference_changes_show_up_on_the_next_rebuild(
+    wh: EmbeddedWarehouse, data_dir: Path
+) -> None:
     data = make_activities(seed=3, count=120)
     insert_activities(wh, data.activities)
     enricher(data_dir).rebuild_many(range(N))
@@ -358,9 +467,11 @@ def test_new_input_deletes_and_reference_changes_show_up_on_the_next_rebuild(wh:
     data.activities.append(gone)
     insert_activities(wh, [gone])
     # The organization of o_ro moves: the country code table learns the new (country, location) pair.
-    wh.insert("organizations", ("id", "displayName", "location", "country", "updatedAt", "_deleted", "_version"),
-              [["o_ro", "Acme NG", "Lagos, Nigeria", "", T0 + timedelta(days=9), 0,
-                version(T0 + timedelta(days=9))]])
+    wh.insert(
+        "organizations",
+        ("id", "displayName", "location", "country", "updatedAt", "_deleted", "_version"),
+        [["o_ro", "Acme NG", "Lagos, Nigeria", "", T0 + timedelta(days=9), 0, version(T0 + timedelta(days=9))]],
+    )
     ORGS_BEFORE = dict(ORGS)
     try:
         ORGS["o_ro"] = (ORGS["o_ro"][0], "Acme NG", "NG")
@@ -397,16 +508,19 @@ def test_a_failed_rebuild_leaves_the_previous_snapshot(wh: EmbeddedWarehouse, da
     assert [cleaned_rows(wh, b) for b in range(N)] == before
     # A warehouse error mid-build (the aside table vanishes under the INSERT) is reported the same way.
     with pytest.raises(EnrichError):
-        enricher(data_dir, before_swap=lambda w, b: w.command(f"DROP TABLE {cleaned_table(b)}{ASIDE_SUFFIX}")
-                 ).rebuild(0)
+        enricher(data_dir, before_swap=lambda w, b: w.command(f"DROP TABLE {cleaned_table(b)}{ASIDE_SUFFIX}")).rebuild(
+            0
+        )
     assert cleaned_rows(wh, 0) == before[0]
     # The next good run replaces the snapshot and leaves no table aside.
     enricher(data_dir, at=RUN_AT + timedelta(hours=1)).rebuild_many(range(N))
     all_rows = Dataset(activities=data.activities + more)
     for b in range(N):
         assert cleaned_rows(wh, b) == expected_rows(all_rows, b, SNAPSHOT + timedelta(hours=1))
-    leftovers = wh.rows("SELECT name FROM system.tables WHERE database = currentDatabase() "
-                        "AND (name LIKE '%\\_\\_%' OR startsWith(name, 'enrich_ref_'))")
+    leftovers = wh.rows(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() "
+        "AND (name LIKE '%\\_\\_%' OR startsWith(name, 'enrich_ref_'))"
+    )
     assert leftovers == []
 
 
@@ -463,8 +577,10 @@ def test_a_killed_rebuild_leaves_the_previous_snapshot(data_dir: Path, tmp_path:
         insert_activities(w, data.activities)
         enricher(data_dir).rebuild_many(range(N))
         before = cleaned_rows(w, 2)
-        more = [dict(r, activityId="k-" + r["activityId"], sourceId="k-" + r["sourceId"])
-                for r in make_activities(seed=22, count=60).activities]
+        more = [
+            dict(r, activityId="k-" + r["activityId"], sourceId="k-" + r["sourceId"])
+            for r in make_activities(seed=22, count=60).activities
+        ]
         insert_activities(w, more)
     assert before
     marker = tmp_path / "built"
@@ -491,8 +607,10 @@ def test_a_killed_rebuild_leaves_the_previous_snapshot(data_dir: Path, tmp_path:
             proc.stderr.close()
     with open_warehouse(data_dir) as w:
         assert cleaned_rows(w, 2) == before  # the old snapshot, readable
-        aside = w.rows("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
-                       {"n": cleaned_table(2) + ASIDE_SUFFIX})
+        aside = w.rows(
+            "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
+            {"n": cleaned_table(2) + ASIDE_SUFFIX},
+        )
         assert aside == [(1,)]  # the half-done run left its table aside, nothing else
         assert enricher(data_dir).rebuild(2).status == "ok"
         assert cleaned_rows(w, 2) == expected_rows(Dataset(data.activities + more), 2, SNAPSHOT)
@@ -505,12 +623,22 @@ def test_cli_enrich_rebuilds_the_named_buckets(data_dir: Path) -> None:
         insert_reference(w)
         insert_activities(w, data.activities)
         # While this process owns the data dir, the CLI refuses with a one-line reason.
-        busy = subprocess.run([sys.executable, "-m", "bucketer.cli", "enrich", "--data-dir", str(data_dir), "--all"],
-                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+        busy = subprocess.run(
+            [sys.executable, "-m", "bucketer.cli", "enrich", "--data-dir", str(data_dir), "--all"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=120,
+        )
         assert busy.returncode != 0 and "in use" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
     cli = [sys.executable, "-m", "bucketer.cli", "enrich", "--data-dir", str(data_dir)]
-    ok = subprocess.run(cli + ["--bucket", "0", "--bucket", "2", "--parallel", "2"], capture_output=True, text=True,
-                        cwd=REPO_ROOT, timeout=120)
+    ok = subprocess.run(
+        cli + ["--bucket", "0", "--bucket", "2", "--parallel", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["bucket 0", "bucket 2"]

@@ -23,9 +23,23 @@ from stream.loader import Loader, LoaderConfig, LoaderStats
 from stream.schema import ensure_schema
 
 N = 4
-TEXT = ("activityId", "conversationId", "memberId", "objectMemberId", "objectMemberUsername", "organizationId",
-        "parentId", "platform", "segmentId", "username", "sourceId", "type", "sourceParentId", "channel",
-        "pullRequestReviewState")
+TEXT = (
+    "activityId",
+    "conversationId",
+    "memberId",
+    "objectMemberId",
+    "objectMemberUsername",
+    "organizationId",
+    "parentId",
+    "platform",
+    "segmentId",
+    "username",
+    "sourceId",
+    "type",
+    "sourceParentId",
+    "channel",
+    "pullRequestReviewState",
+)
 NUMBERS = {"sentimentScore": -1, "gitInsertions": 0, "gitDeletions": 0, "score": -1, "isContribution": 0}
 TIMES = ("createdAt", "updatedAt", "timestamp")
 
@@ -55,8 +69,14 @@ def live_rows(messages: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
     best: dict[tuple[Any, ...], tuple[tuple[int, int], dict[str, Any], bool]] = {}
     for msg in messages:
         rec = msg["record"]
-        key = (rec["segmentId"], ms(rec["timestamp"]), rec["type"], rec["platform"], rec.get("channel") or "",
-               rec["sourceId"])
+        key = (
+            rec["segmentId"],
+            ms(rec["timestamp"]),
+            rec["type"],
+            rec["platform"],
+            rec.get("channel") or "",
+            rec["sourceId"],
+        )
         deleted = msg["action"] == "delete"
         version = (ms(rec["updatedAt"]), int(deleted))
         if key not in best or version >= best[key][0]:
@@ -64,8 +84,13 @@ def live_rows(messages: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
     return {expected_row(rec) for _, rec, deleted in best.values() if not deleted}
 
 
-ROW_SQL = ("SELECT " + ", ".join(TEXT + tuple(NUMBERS)) + ", "
-           + ", ".join(f"toUnixTimestamp64Milli({c})" for c in TIMES) + " FROM {t} FINAL")
+ROW_SQL = (
+    "SELECT "
+    + ", ".join(TEXT + tuple(NUMBERS))
+    + ", "
+    + ", ".join(f"toUnixTimestamp64Milli({c})" for c in TIMES)
+    + " FROM {t} FINAL"
+)
 
 
 # --- fixtures and helpers -------------------------------------------------------------------------------------
@@ -92,11 +117,18 @@ def produce(bootstrap: str, items: list[tuple[str, bytes | None, bytes | None, l
     assert p.flush(30) == 0
 
 
-def load(bootstrap: str, topics: TopicNames, wh: EmbeddedWarehouse, expect_messages: int,
-         group: str | None = None, max_rows: int = 1000) -> LoaderStats:
+def load(
+    bootstrap: str,
+    topics: TopicNames,
+    wh: EmbeddedWarehouse,
+    expect_messages: int,
+    group: str | None = None,
+    max_rows: int = 1000,
+) -> LoaderStats:
     """Run a loader in a thread until it has read and flushed ``expect_messages`` messages (deadline 60s)."""
-    cfg = LoaderConfig(bootstrap=bootstrap, buckets=N, group=group or unique("loader"), topics=topics,
-                       max_rows=max_rows, max_wait=0.3)
+    cfg = LoaderConfig(
+        bootstrap=bootstrap, buckets=N, group=group or unique("loader"), topics=topics, max_rows=max_rows, max_wait=0.3
+    )
     loader = Loader(cfg, wh)
     errors: list[BaseException] = []
 
@@ -109,8 +141,11 @@ def load(bootstrap: str, topics: TopicNames, wh: EmbeddedWarehouse, expect_messa
     t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
-        wait_until(lambda: errors or loader.stats.committed >= expect_messages, 60,
-                   f"{expect_messages} messages loaded and committed")
+        wait_until(
+            lambda: errors or loader.stats.committed >= expect_messages,
+            60,
+            f"{expect_messages} messages loaded and committed",
+        )
     finally:
         loader.stop()
         t.join(30)
@@ -122,21 +157,47 @@ def load(bootstrap: str, topics: TopicNames, wh: EmbeddedWarehouse, expect_messa
 
 
 def activity(seg: str, n: int, **over: Any) -> dict[str, Any]:
-    rec = {"activityId": str(uuid.uuid4()), "segmentId": seg, "memberId": f"m{n}", "platform": "github",
-           "type": "authored-commit", "channel": f"https://github.com/acme/r{n}", "sourceId": f"src{n}",
-           "timestamp": "2025-05-01T12:00:00.123999Z", "createdAt": "2025-05-01T12:00:00.000000Z",
-           "updatedAt": "2025-05-01T12:00:03.120000Z", "gitInsertions": 12, "gitDeletions": 3,
-           "sentimentScore": None, "score": 2, "isContribution": True, "conversationId": None,
-           "organizationId": "org1", "pullRequestReviewState": None}
+    rec = {
+        "activityId": str(uuid.uuid4()),
+        "segmentId": seg,
+        "memberId": f"m{n}",
+        "platform": "github",
+        "type": "authored-commit",
+        "channel": f"https://github.com/acme/r{n}",
+        "sourceId": f"src{n}",
+        "timestamp": "2025-05-01T12:00:00.123999Z",
+        "createdAt": "2025-05-01T12:00:00.000000Z",
+        "updatedAt": "2025-05-01T12:00:03.120000Z",
+        "gitInsertions": 12,
+        "gitDeletions": 3,
+        "sentimentScore": None,
+        "score": 2,
+        "isContribution": True,
+        "conversationId": None,
+        "organizationId": "org1",
+        "pullRequestReviewState": None,
+    }
     rec.update(over)
     return rec
 
 
-def change(action: str, record: dict[str, Any], commit_ts: str = "2025-06-01T00:00:00.000000Z",
-           **meta: Any) -> dict[str, Any]:
-    return {"action": action, "changes": None, "record": record,
-            "metadata": {"table_schema": "public", "table_name": "x", "commit_timestamp": commit_ts,
-                         "commit_lsn": 1, "commit_idx": 0, "idempotency_key": "k", **meta}}
+def change(
+    action: str, record: dict[str, Any], commit_ts: str = "2025-06-01T00:00:00.000000Z", **meta: Any
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "changes": None,
+        "record": record,
+        "metadata": {
+            "table_schema": "public",
+            "table_name": "x",
+            "commit_timestamp": commit_ts,
+            "commit_lsn": 1,
+            "commit_idx": 0,
+            "idempotency_key": "k",
+            **meta,
+        },
+    }
 
 
 def on_topics(topics: TopicNames, msgs: list[dict[str, Any]]) -> list[tuple[str, bytes | None, bytes | None, Any]]:
@@ -144,8 +205,9 @@ def on_topics(topics: TopicNames, msgs: list[dict[str, Any]]) -> list[tuple[str,
     for m in msgs:
         rec = m["record"]
         headers = [("bucketer-derived", b"retirement")] if m["metadata"].get("bucketer") else []
-        out.append((topics.bucket(bucket_of(rec["segmentId"], N)), rec["activityId"].encode(),
-                    orjson.dumps(m), headers))
+        out.append(
+            (topics.bucket(bucket_of(rec["segmentId"], N)), rec["activityId"].encode(), orjson.dumps(m), headers)
+        )
     return out
 
 
@@ -162,15 +224,21 @@ def test_bucket_topics_to_raw_tables_deletes_retirements_and_replay(bootstrap, t
     for i, seg in enumerate(segs):
         msgs.append(change("insert", activity(seg, i)))
     # Integer unix microseconds instead of ISO text, and a `read` (backfill) row.
-    msgs.append(change("read", activity(segs[0], 100, timestamp=1746100800987654, createdAt=1746100800000000,
-                                        updatedAt=1746100801000999)))
+    msgs.append(
+        change(
+            "read",
+            activity(segs[0], 100, timestamp=1746100800987654, createdAt=1746100800000000, updatedAt=1746100801000999),
+        )
+    )
     # A plain delete, with the old row.
     gone = activity(segs[1], 101)
     msgs += [change("insert", gone), change("delete", gone)]
     # A router retirement of a row whose segment moved away.
     moved = activity(segs[2], 102)
-    msgs += [change("insert", moved),
-             change("delete", moved, bucketer={"derived": "retirement", "reason": "segment_move", "source": "t/0/1"})]
+    msgs += [
+        change("insert", moved),
+        change("delete", moved, bucketer={"derived": "retirement", "reason": "segment_move", "source": "t/0/1"}),
+    ]
     # An update: a later updatedAt replaces the row; an older straggler arriving last does not.
     v1 = activity(segs[3], 103, score=1)
     v2 = dict(v1, score=5, updatedAt="2025-05-02T00:00:00.000000Z")
@@ -179,8 +247,11 @@ def test_bucket_topics_to_raw_tables_deletes_retirements_and_replay(bootstrap, t
     early = activity(segs[4], 104)
     msgs += [change("delete", early), change("insert", early)]
     # Nulls and missing optional fields become defaults.
-    bare = {k: v for k, v in activity(segs[5], 105).items()
-            if k not in ("channel", "gitInsertions", "score", "isContribution", "organizationId")}
+    bare = {
+        k: v
+        for k, v in activity(segs[5], 105).items()
+        if k not in ("channel", "gitInsertions", "score", "isContribution", "organizationId")
+    }
     msgs.append(change("insert", bare))
 
     produce(bootstrap, on_topics(topics, msgs))
@@ -195,7 +266,7 @@ def test_bucket_topics_to_raw_tables_deletes_retirements_and_replay(bootstrap, t
     read_row = next(r for r in expected if r[TEXT.index("memberId")] == "m100")
     assert read_row[-1] == 1746100800987  # timestamp: .987654 -> .987
     bare_row = next(r for r in expected if r[TEXT.index("memberId")] == "m105")
-    assert bare_row[len(TEXT):len(TEXT) + 5] == (-1, 0, 3, -1, 0)
+    assert bare_row[len(TEXT) : len(TEXT) + 5] == (-1, 0, 3, -1, 0)
 
     # Replay everything twice more with fresh consumer groups: raw rows pile up, FINAL does not change.
     raw_before = sum(warehouse.rows(f"SELECT count() FROM {raw_table(n)}")[0][0] for n in range(N))
@@ -228,33 +299,82 @@ def ref(action: str, record: dict[str, Any], commit_ts: str = "2025-06-01T00:00:
 def test_reference_tables_flags_and_key_only_delete(bootstrap, topics, warehouse) -> None:
     t0 = "2025-01-01T00:00:00.000000Z"
     members = [
-        {"id": "m-bot", "attributes": {"isBot": {"default": True, "github": True}}, "displayName": "bot",
-         "updatedAt": t0},
+        {
+            "id": "m-bot",
+            "attributes": {"isBot": {"default": True, "github": True}},
+            "displayName": "bot",
+            "updatedAt": t0,
+        },
         {"id": "m-team", "attributes": {"isTeamMember": {"default": True}}, "displayName": "t", "updatedAt": t0},
-        {"id": "m-org", "attributes": {"isOrganization": {"default": True}, "isBot": {"default": False}},
-         "displayName": "o", "updatedAt": t0},
+        {
+            "id": "m-org",
+            "attributes": {"isOrganization": {"default": True}, "isBot": {"default": False}},
+            "displayName": "o",
+            "updatedAt": t0,
+        },
         {"id": "m-plain", "attributes": None, "displayName": "p", "joinedAt": None, "updatedAt": t0},
     ]
     repos = [
-        {"id": "r1", "url": "https://github.com/a/b", "segmentId": "s1", "insightsProjectId": "p1", "enabled": True,
-         "excluded": None, "archived": True, "deletedAt": None, "updatedAt": t0},
-        {"id": "r2", "url": "https://github.com/a/c", "segmentId": "s1", "insightsProjectId": "p1", "enabled": False,
-         "updatedAt": t0},
+        {
+            "id": "r1",
+            "url": "https://github.com/a/b",
+            "segmentId": "s1",
+            "insightsProjectId": "p1",
+            "enabled": True,
+            "excluded": None,
+            "archived": True,
+            "deletedAt": None,
+            "updatedAt": t0,
+        },
+        {
+            "id": "r2",
+            "url": "https://github.com/a/c",
+            "segmentId": "s1",
+            "insightsProjectId": "p1",
+            "enabled": False,
+            "updatedAt": t0,
+        },
     ]
     r1_delete = {"id": "r1", **{k: None for k in repos[0] if k != "id"}}  # no REPLICA IDENTITY FULL
     projects = [
-        {"id": "p1", "name": "Alpha", "slug": "alpha", "segmentId": str(uuid.uuid4()), "enabled": True,
-         "deletedAt": None, "updatedAt": t0},
-        {"id": "p2", "name": "Beta", "slug": "beta", "segmentId": str(uuid.uuid4()), "enabled": False,
-         "deletedAt": None, "updatedAt": t0},
-        {"id": "p3", "name": "Gamma", "slug": "gamma", "segmentId": str(uuid.uuid4()), "enabled": True,
-         "deletedAt": "2025-01-02T00:00:00Z", "updatedAt": t0},
+        {
+            "id": "p1",
+            "name": "Alpha",
+            "slug": "alpha",
+            "segmentId": str(uuid.uuid4()),
+            "enabled": True,
+            "deletedAt": None,
+            "updatedAt": t0,
+        },
+        {
+            "id": "p2",
+            "name": "Beta",
+            "slug": "beta",
+            "segmentId": str(uuid.uuid4()),
+            "enabled": False,
+            "deletedAt": None,
+            "updatedAt": t0,
+        },
+        {
+            "id": "p3",
+            "name": "Gamma",
+            "slug": "gamma",
+            "segmentId": str(uuid.uuid4()),
+            "enabled": True,
+            "deletedAt": "2025-01-02T00:00:00Z",
+            "updatedAt": t0,
+        },
     ]
     orgs = [{"id": "o1", "displayName": "Acme", "location": "Bucharest, Romania", "country": None, "updatedAt": t0}]
     integrations = [{"id": "i1", "platform": "gerrit", "segmentId": "s1", "deletedAt": None, "updatedAt": t0}]
     items: list[tuple[str, bytes | None, bytes | None, Any]] = []
-    for table, recs in (("members", members), ("repositories", repos), ("insightsProjects", projects),
-                        ("organizations", orgs), ("integrations", integrations)):
+    for table, recs in (
+        ("members", members),
+        ("repositories", repos),
+        ("insightsProjects", projects),
+        ("organizations", orgs),
+        ("integrations", integrations),
+    ):
         items += [(topics.reference(table), r["id"].encode(), orgjson(ref("insert", r)), []) for r in recs]
     items.append((topics.reference("repositories"), b"r1", orgjson(ref("delete", r1_delete)), []))
     produce(bootstrap, items)
@@ -262,11 +382,14 @@ def test_reference_tables_flags_and_key_only_delete(bootstrap, topics, warehouse
 
     flags = set(warehouse.rows("SELECT id, isBot, isTeamMember, isOrganization FROM members FINAL"))
     assert flags == {("m-bot", 1, 0, 0), ("m-team", 0, 1, 0), ("m-org", 0, 0, 1), ("m-plain", 0, 0, 0)}
-    assert orjson.loads(warehouse.rows("SELECT attributes FROM members FINAL WHERE id = 'm-bot'")[0][0]) == \
-        members[0]["attributes"]
+    assert (
+        orjson.loads(warehouse.rows("SELECT attributes FROM members FINAL WHERE id = 'm-bot'")[0][0])
+        == members[0]["attributes"]
+    )
     assert warehouse.rows("SELECT id, enabled, excluded, archived FROM repositories FINAL") == [("r2", 0, 0, 0)]
-    assert warehouse.rows("SELECT displayName, location, country FROM organizations FINAL") == \
-        [("Acme", "Bucharest, Romania", "")]
+    assert warehouse.rows("SELECT displayName, location, country FROM organizations FINAL") == [
+        ("Acme", "Bucharest, Romania", "")
+    ]
     assert warehouse.rows("SELECT platform FROM integrations FINAL") == [("gerrit",)]
 
     # project -> bucket: the enabled, not deleted project only, and the bucket is bucket_of its segment.
@@ -288,9 +411,13 @@ def test_bad_messages_go_to_the_dlq_and_good_ones_are_loaded(bootstrap, topics, 
     bad_score = change("insert", activity(seg, 51, score="lots"))
     bad_time = change("insert", activity(seg, 52, timestamp="yesterday"))
     bad: list[tuple[bytes | None, str]] = [
-        (b"{not json", "not JSON"), (b"", "tombstone"), (orjson.dumps(no_id), "activityId"),
-        (orjson.dumps(bad_score), "score"), (orjson.dumps(bad_time), "timestamp"),
-        (b'{"action":"insert","record":{}}{"a":1}', "")]
+        (b"{not json", "not JSON"),
+        (b"", "tombstone"),
+        (orjson.dumps(no_id), "activityId"),
+        (orjson.dumps(bad_score), "score"),
+        (orjson.dumps(bad_time), "timestamp"),
+        (b'{"action":"insert","record":{}}{"a":1}', ""),
+    ]
     items = [(topic, b"k", orjson.dumps(good[0]), [])]
     items += [(topic, b"bad", value, []) for value, _ in bad]
     items += [(topic, b"k", orjson.dumps(m), []) for m in good[1:]]
@@ -328,15 +455,27 @@ def test_routing_view_reads_the_named_bucket_only(warehouse) -> None:
     cols = list(ACTIVITY_NAMES) + [c[0] for c in CLEANED_EXTRA]
     now = datetime(2025, 1, 1, tzinfo=UTC)
     for n in range(N):
-        row = {c: "" for c in cols} | {"createdAt": now, "updatedAt": now, "timestamp": now, "snapshotId": now,
-                                        "activityId": f"a{n}", "sentimentScore": 0, "gitInsertions": 0,
-                                        "gitDeletions": 0, "score": 0, "isContribution": 0, "gitChangedLines": 0}
+        row = {c: "" for c in cols} | {
+            "createdAt": now,
+            "updatedAt": now,
+            "timestamp": now,
+            "snapshotId": now,
+            "activityId": f"a{n}",
+            "sentimentScore": 0,
+            "gitInsertions": 0,
+            "gitDeletions": 0,
+            "score": 0,
+            "isContribution": 0,
+            "gitChangedLines": 0,
+        }
         warehouse.insert(cleaned_table(n), cols, [[row[c] for c in cols]] * (n + 1))
     for n in range(N):
-        assert warehouse.rows(f"SELECT DISTINCT activityId, count() OVER () FROM "
-                              f"activityRelations_bucket_routing(bucketId = {n})") == [(f"a{n}", n + 1)]
-    assert warehouse.rows("SELECT count() FROM activityRelations_deduplicated_cleaned_bucket_union") == \
-        [(sum(range(1, N + 1)),)]
+        assert warehouse.rows(
+            f"SELECT DISTINCT activityId, count() OVER () FROM activityRelations_bucket_routing(bucketId = {n})"
+        ) == [(f"a{n}", n + 1)]
+    assert warehouse.rows("SELECT count() FROM activityRelations_deduplicated_cleaned_bucket_union") == [
+        (sum(range(1, N + 1)),)
+    ]
 
 
 class DownWarehouse:
@@ -364,8 +503,9 @@ def test_nothing_is_committed_when_the_warehouse_is_down(bootstrap, topics, ware
     produce(bootstrap, on_topics(topics, msgs))
     group = unique("loader")
     down = DownWarehouse(warehouse)
-    cfg = LoaderConfig(bootstrap=bootstrap, buckets=N, group=group, topics=topics, max_wait=0.3,
-                       retry_backoff=(0.1, 0.1))
+    cfg = LoaderConfig(
+        bootstrap=bootstrap, buckets=N, group=group, topics=topics, max_wait=0.3, retry_backoff=(0.1, 0.1)
+    )
     with pytest.raises(WarehouseUnavailable):
         Loader(cfg, down).run(until_idle=30)  # type: ignore[arg-type]
     assert down.calls == 3  # the first try and two retries, then it gives up without committing

@@ -24,8 +24,7 @@ def test_produced_messages_equal_the_generated_ones(bootstrap: str) -> None:
     expected = list(generate(config))
     got = drain(bootstrap, topics, expected=len(expected), timeout=60)
     assert summary.total == len(expected) == len(got)
-    assert Counter((m.topic(), m.key(), m.value()) for m in got) == \
-        Counter((prefix + t, k, v) for t, k, v in expected)
+    assert Counter((m.topic(), m.key(), m.value()) for m in got) == Counter((prefix + t, k, v) for t, k, v in expected)
     # per key, the order of the changes is kept (same key -> same partition)
     want: dict[tuple[str, bytes], list[bytes | None]] = defaultdict(list)
     for t, k, v in expected:
@@ -38,8 +37,23 @@ def test_produced_messages_equal_the_generated_ones(bootstrap: str) -> None:
 
 def test_cli_creates_topics_produces_and_summarises(bootstrap: str) -> None:
     prefix = unique("lgcli") + "."
-    result = CliRunner().invoke(app, ["loadgen", "--bootstrap", bootstrap, "--count", "300", "--seed", "9",
-                                      "--bad-fraction", "0.1", "--topic-prefix", prefix, "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "loadgen",
+            "--bootstrap",
+            bootstrap,
+            "--count",
+            "300",
+            "--seed",
+            "9",
+            "--bad-fraction",
+            "0.1",
+            "--topic-prefix",
+            prefix,
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = dict(line.split(": ", 1) for line in result.output.splitlines() if ": " in line)
     assert lines[f"topic {prefix}{SOURCE}"] == "300"
@@ -52,7 +66,8 @@ def test_cli_creates_topics_produces_and_summarises(bootstrap: str) -> None:
 
 
 def test_cli_fails_with_one_line_on_unreachable_broker() -> None:
-    result = CliRunner().invoke(app, ["loadgen", "--bootstrap", "127.0.0.1:1", "--count", "5", "--quiet",
-                                      "--timeout", "3"])
+    result = CliRunner().invoke(
+        app, ["loadgen", "--bootstrap", "127.0.0.1:1", "--count", "5", "--quiet", "--timeout", "3"]
+    )
     assert result.exit_code != 0
     assert "bucketer:" in result.output and "127.0.0.1:1" in result.output

@@ -66,9 +66,13 @@ def test_port_taken_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_missing_java_is_a_one_line_error(tmp_path: Path) -> None:
-    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path),
-           "BUCKETER_CACHE": str(tmp_path / "cache")}
-    res = subprocess.run([*BUCKETER, "local", "start", "--port", str(free_port()), "--dir", str(tmp_path / "k")],
-                         capture_output=True, text=True, env=env, timeout=60)
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "BUCKETER_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [*BUCKETER, "local", "start", "--port", str(free_port()), "--dir", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and "Java" in res.stderr

@@ -48,8 +48,14 @@ def ms(v: object) -> int:
 
 
 def identity(rec: dict) -> tuple:
-    return (rec["segmentId"], ms(rec["timestamp"]), rec["type"], rec["platform"], rec.get("channel") or "",
-            rec["sourceId"])
+    return (
+        rec["segmentId"],
+        ms(rec["timestamp"]),
+        rec["type"],
+        rec["platform"],
+        rec.get("channel") or "",
+        rec["sourceId"],
+    )
 
 
 def expected_live(values: list[bytes | None]) -> set[tuple]:
@@ -85,15 +91,16 @@ def expected_live(values: list[bytes | None]) -> set[tuple]:
 def live_rows(wh, buckets: int) -> dict[int, set[tuple]]:
     out = {}
     for b in range(buckets):
-        rows = wh.rows(f"SELECT segmentId, toUnixTimestamp64Milli(timestamp), type, platform, channel, sourceId, "
-                       f"activityId FROM {raw_table(b)} FINAL")
+        rows = wh.rows(
+            f"SELECT segmentId, toUnixTimestamp64Milli(timestamp), type, platform, channel, sourceId, "
+            f"activityId FROM {raw_table(b)} FINAL"
+        )
         out[b] = {tuple(r) for r in rows}
     return out
 
 
 def cleaned_ids(wh) -> list[str]:
-    return sorted(r[0] for r in wh.rows(
-        "SELECT activityId FROM activityRelations_deduplicated_cleaned_bucket_union"))
+    return sorted(r[0] for r in wh.rows("SELECT activityId FROM activityRelations_deduplicated_cleaned_bucket_union"))
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +126,30 @@ def test_run_bootstrap_rebucket(bootstrap: str, traffic, tmp_path: Path) -> None
 
     # 1. The whole pipeline in one process, until idle, with a final rebuild of every bucket.
     data = tmp_path / "wh"
-    pipeline = Pipeline(PipelineConfig(bootstrap=bootstrap, data_dir=data, buckets=10,
-                                       topic_prefix=topics.prefix, until_idle=3, enrich_on_exit=True,
-                                       router_group=unique("router"), loader_group=unique("loader"),
-                                       metrics_port=(port := free_port())), clock=FrozenClock())
+    pipeline = Pipeline(
+        PipelineConfig(
+            bootstrap=bootstrap,
+            data_dir=data,
+            buckets=10,
+            topic_prefix=topics.prefix,
+            until_idle=3,
+            enrich_on_exit=True,
+            router_group=unique("router"),
+            loader_group=unique("loader"),
+            metrics_port=(port := free_port()),
+        ),
+        clock=FrozenClock(),
+    )
     pipeline.run()
     # The Prometheus endpoint reports the workers' own committed counters.
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    scraped = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("bucketer_")}
+    scraped = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("bucketer_")
+    }
     assert sum(v for k, v in scraped.items() if k.startswith("bucketer_routed_total{")) == pipeline.router.stats.routed
-    router_dlq = [v for k, v in scraped.items() if k.startswith("bucketer_dead_letter") and "stage=\"router\"" in k]
+    router_dlq = [v for k, v in scraped.items() if k.startswith("bucketer_dead_letter") and 'stage="router"' in k]
     assert sum(router_dlq) == sum(pipeline.router.stats.dlq.values())
     assert scraped['bucketer_rebuilds_total{bucket="3",status="ok"}'] == 1
     assert pipeline.router is not None and sum(pipeline.router.stats.dlq.values()) > 0
@@ -166,8 +186,16 @@ def test_run_bootstrap_rebucket(bootstrap: str, traffic, tmp_path: Path) -> None
             assert all(bucket_of(r[0], 20) == b for r in rows)
         assert set().union(*moved.values()) == expected
         assert cleaned_ids(wh) == cleaned
-        assert wh.rows("SELECT bucketId FROM project_buckets(project = {p:String})",
-                       {"p": wh.rows("SELECT slug FROM insightsProjects FINAL WHERE enabled = 1 AND "
-                                     "deletedAt IS NULL LIMIT 1")[0][0]})[0][0] < 20
+        assert (
+            wh.rows(
+                "SELECT bucketId FROM project_buckets(project = {p:String})",
+                {
+                    "p": wh.rows(
+                        "SELECT slug FROM insightsProjects FINAL WHERE enabled = 1 AND deletedAt IS NULL LIMIT 1"
+                    )[0][0]
+                },
+            )[0][0]
+            < 20
+        )
         with pytest.raises(RebucketError, match="already has 20"):
             rebucket(wh, 20, enricher)

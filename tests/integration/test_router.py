@@ -90,8 +90,17 @@ def setup(bootstrap: str, seed: int, activities: int, buckets: int) -> tuple[Top
 def test_mixed_messages_land_exactly_once(bootstrap: str, group: str, buckets: int) -> None:
     names, sents = setup(bootstrap, buckets, 1200, buckets)
     assert len(sents) > 3000
-    router = Router(RouterConfig(bootstrap=bootstrap, buckets=buckets, group=group,
-                                 topic_prefix=names.prefix, batch_size=700, until_idle=3.0, instance_id="t"))
+    router = Router(
+        RouterConfig(
+            bootstrap=bootstrap,
+            buckets=buckets,
+            group=group,
+            topic_prefix=names.prefix,
+            batch_size=700,
+            until_idle=3.0,
+            instance_id="t",
+        )
+    )
     router.run()
     check_exactly_once(bootstrap, names, buckets, sents)
     st = router.stats
@@ -103,8 +112,17 @@ def test_mixed_messages_land_exactly_once(bootstrap: str, group: str, buckets: i
 
 def test_at_least_once_mode_delivers_everything(bootstrap: str, group: str) -> None:
     names, sents = setup(bootstrap, 5, 400, 10)
-    router = Router(RouterConfig(bootstrap=bootstrap, buckets=10, group=group, topic_prefix=names.prefix,
-                                 exactly_once=False, until_idle=3.0, instance_id="alo"))
+    router = Router(
+        RouterConfig(
+            bootstrap=bootstrap,
+            buckets=10,
+            group=group,
+            topic_prefix=names.prefix,
+            exactly_once=False,
+            until_idle=3.0,
+            instance_id="alo",
+        )
+    )
     router.run()
     check_exactly_once(bootstrap, names, 10, sents)  # a clean run has no replays
 
@@ -112,8 +130,14 @@ def test_at_least_once_mode_delivers_everything(bootstrap: str, group: str) -> N
 def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> int:
     """The group's committed offsets; read_uncommitted so a killed router's pending transaction does not
     make the fetch wait (it counts only what was committed)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "isolation.level": "read_uncommitted"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+        }
+    )
     try:
         tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return sum(max(tp.offset, 0) for tp in tps)
@@ -138,12 +162,27 @@ def high_watermarks(bootstrap: str, topics: list[str]) -> int:
 
 
 def route_cmd(bootstrap: str, names: TopicNames, group: str) -> list[str]:
-    return [sys.executable, "-m", "bucketer.cli", "route", "--bootstrap", bootstrap, "--buckets", "10",
-            "--group", group, "--topic-prefix", names.prefix, "--progress", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "bucketer.cli",
+        "route",
+        "--bootstrap",
+        bootstrap,
+        "--buckets",
+        "10",
+        "--group",
+        group,
+        "--topic-prefix",
+        names.prefix,
+        "--progress",
+        "1",
+    ]
 
 
-def route_process(bootstrap: str, names: TopicNames, group: str, *extra: str,
-                  instance: str = "kill-test") -> subprocess.Popen[bytes]:
+def route_process(
+    bootstrap: str, names: TopicNames, group: str, *extra: str, instance: str = "kill-test"
+) -> subprocess.Popen[bytes]:
     """``bucketer route`` as a child; its stderr goes to a file (a pipe nobody reads could fill up)."""
     cmd = [*route_cmd(bootstrap, names, group), "--instance-id", instance, *extra]
     err = tempfile.TemporaryFile()
@@ -168,6 +207,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(bootstrap:
     for i in range(3):
         proc = route_process(bootstrap, names, group, "--batch-size", "40", "--batch-time", "0.2")
         start = high_watermarks(bootstrap, outputs)
+
         def progressed(proc: subprocess.Popen[bytes] = proc, start: int = start) -> bool:
             return proc.poll() is not None or high_watermarks(bootstrap, outputs) > start + 300
 
@@ -198,8 +238,18 @@ def test_broker_stop_start_mid_stream_router_recovers(own_broker: LocalKafka) ->
     sents = scenario(99, 900, 10)
     half = len(sents) // 2
     produce(bootstrap, names.source, sents[:half])
-    router = Router(RouterConfig(bootstrap=bootstrap, buckets=10, group=group, topic_prefix=names.prefix,
-                                 batch_size=50, batch_time=0.2, instance_id="bk", progress_interval=1.0))
+    router = Router(
+        RouterConfig(
+            bootstrap=bootstrap,
+            buckets=10,
+            group=group,
+            topic_prefix=names.prefix,
+            batch_size=50,
+            batch_time=0.2,
+            instance_id="bk",
+            progress_interval=1.0,
+        )
+    )
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -217,8 +267,12 @@ def test_broker_stop_start_mid_stream_router_recovers(own_broker: LocalKafka) ->
         own_broker.start()
         produce(bootstrap, names.source, sents[half:])
         try:
-            wait_until(lambda: failure or committed(bootstrap, group, names.source) == len(sents), 180,
-                       "the router to catch up after the broker restart", interval=1.0)
+            wait_until(
+                lambda: failure or committed(bootstrap, group, names.source) == len(sents),
+                180,
+                "the router to catch up after the broker restart",
+                interval=1.0,
+            )
         except AssertionError:
             faulthandler.dump_traceback(all_threads=True)  # where the router is, for the report
             raise
@@ -234,8 +288,11 @@ def test_sigterm_stops_gracefully_with_exit_0(bootstrap: str, group: str) -> Non
     names, sents = setup(bootstrap, 3, 200, 10)
     proc = route_process(bootstrap, names, group)
     try:
-        wait_until(lambda: proc.poll() is not None or committed(bootstrap, group, names.source) == len(sents),
-                   60, "the router to route everything")
+        wait_until(
+            lambda: proc.poll() is not None or committed(bootstrap, group, names.source) == len(sents),
+            60,
+            "the router to route everything",
+        )
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)
     finally:
@@ -247,8 +304,14 @@ def test_sigterm_stops_gracefully_with_exit_0(bootstrap: str, group: str) -> Non
 
 def test_unreachable_broker_is_one_clear_line() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETER_")}
-    r = subprocess.run([sys.executable, "-m", "bucketer.cli", "route", "--bootstrap", "127.0.0.1:1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "bucketer.cli", "route", "--bootstrap", "127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bucketer: cannot reach Kafka at 127.0.0.1:1"), r.stderr
@@ -267,8 +330,15 @@ def test_second_router_joining_mid_stream_rebalances_without_duplicates(bootstra
         b = route_process(bootstrap, names, group, "--batch-size", "40", instance="joiner")
         produce(bootstrap, names.source, rest)
         total = len(first) + len(rest)
-        wait_until(lambda: a.poll() is not None or b.poll() is not None  # type: ignore[union-attr]
-                   or committed(bootstrap, group, names.source) == total, 120, "both routers to finish")
+        wait_until(
+            lambda: (
+                a.poll() is not None
+                or b.poll() is not None  # type: ignore[union-attr]
+                or committed(bootstrap, group, names.source) == total
+            ),
+            120,
+            "both routers to finish",
+        )
         assert a.poll() is None and b.poll() is None, "a router died"
     finally:
         for proc in (a, b):

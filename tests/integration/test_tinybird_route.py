@@ -33,6 +33,7 @@ CHILD = Path(__file__).resolve().parents[1] / "tinybird_router_child.py"
 def good(value: bytes | None) -> dict[str, Any] | None:
     """The test's own reading of a Sequin message: routable or not (independent of connectors/sequin.py)."""
     from datetime import datetime
+
     if value is None:
         return None
     try:
@@ -66,8 +67,10 @@ def committed_and_end(bootstrap: str, group: str, topic: str) -> dict[int, tuple
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         parts = [TopicPartition(topic, p) for p in range(3)]
-        return {tp.partition: (max(tp.offset, -1), c.get_watermark_offsets(tp, timeout=10)[1])
-                for tp in c.committed(parts, timeout=10)}
+        return {
+            tp.partition: (max(tp.offset, -1), c.get_watermark_offsets(tp, timeout=10)[1])
+            for tp in c.committed(parts, timeout=10)
+        }
     finally:
         c.close()
 
@@ -98,27 +101,49 @@ def check_landed(standin: Standin, messages: list[tuple[bytes, bytes | None]]) -
         if msg["action"] == "update" and changes.get("segmentId", sid) != sid:
             old_ds = f"activityRelations_bucket_MV_ds_{bucket_of(changes['segmentId'], BUCKETS)}"
             retired = [json.loads(r) for r in standin.rows[old_ds] if b'"retirement"' in r]
-            assert any(r["record"]["activityId"] == msg["record"]["activityId"]
-                       and r["record"]["segmentId"] == changes["segmentId"] for r in retired)
+            assert any(
+                r["record"]["activityId"] == msg["record"]["activityId"]
+                and r["record"]["segmentId"] == changes["segmentId"]
+                for r in retired
+            )
     assert expected_good > 500
     return landed
 
 
-def router_config(bootstrap: str, prefix: str, group: str, url: str,
-                  instance: str | None = None, idle: float = 4) -> TinybirdRouterConfig:
-    tb = TinybirdConfig(url=url, token=Secret(TOKEN), buckets=BUCKETS, linger=0.05, max_batch_bytes=50_000,
-                        backoff_base=0.05, backoff_cap=0.5)
-    return TinybirdRouterConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topic_prefix=prefix,
-                                sink="tinybird", tinybird=tb, batch_size=200, batch_time=0.2, until_idle=idle,
-                                exactly_once=False, instance_id=instance or unique("tb"))
+def router_config(
+    bootstrap: str, prefix: str, group: str, url: str, instance: str | None = None, idle: float = 4
+) -> TinybirdRouterConfig:
+    tb = TinybirdConfig(
+        url=url,
+        token=Secret(TOKEN),
+        buckets=BUCKETS,
+        linger=0.05,
+        max_batch_bytes=50_000,
+        backoff_base=0.05,
+        backoff_cap=0.5,
+    )
+    return TinybirdRouterConfig(
+        bootstrap=bootstrap,
+        buckets=BUCKETS,
+        group=group,
+        topic_prefix=prefix,
+        sink="tinybird",
+        tinybird=tb,
+        batch_size=200,
+        batch_time=0.2,
+        until_idle=idle,
+        exactly_once=False,
+        instance_id=instance or unique("tb"),
+    )
 
 
 def test_every_good_message_lands_in_its_data_source_bad_ones_in_the_dlq(bootstrap: str, group: str) -> None:
     prefix = unique("tbr") + "."
     messages = load(bootstrap, prefix, 1200, seed=21)
     with Standin(token=TOKEN) as standin:
-        standin.script("activityRelations_bucket_MV_ds_1", Reply(429, {"Retry-After": "0.5"}), Reply(503),
-                       Reply(200, delay=0.5))
+        standin.script(
+            "activityRelations_bucket_MV_ds_1", Reply(429, {"Retry-After": "0.5"}), Reply(503), Reply(200, delay=0.5)
+        )
         standin.script("activityRelations_bucket_MV_ds_2", Reply(200, quarantine=1))
         Router(router_config(bootstrap, prefix, group, standin.url)).run()
         check_landed(standin, messages)
@@ -135,7 +160,11 @@ def test_a_crash_between_send_and_commit_loses_nothing(bootstrap: str, group: st
     with Standin(token=TOKEN) as standin:
         child = subprocess.run(
             [sys.executable, str(CHILD), bootstrap, prefix, group, standin.url, str(BUCKETS), "60"],
-            input=TOKEN + "\n", capture_output=True, text=True, timeout=120)
+            input=TOKEN + "\n",
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert child.returncode == 9, child.stdout + child.stderr
         # the crash came after some offsets were committed, with rows sent beyond them (sent, not committed)
         progress = committed_and_end(bootstrap, group, TopicNames(prefix).source)
@@ -147,8 +176,9 @@ def test_a_crash_between_send_and_commit_loses_nothing(bootstrap: str, group: st
         Router(router_config(bootstrap, prefix, group, standin.url, instance="crash-child", idle=8)).run()
         assert committed_equals_end(bootstrap, group, TopicNames(prefix).source), "the restart did not finish"
         landed = check_landed(standin, messages)
-    assert any(n > 1 for v, n in landed.items() if good(v) and sum(1 for _, x in messages if x == v) == 1), \
+    assert any(n > 1 for v, n in landed.items() if good(v) and sum(1 for _, x in messages if x == v) == 1), (
         "nothing was re-sent after the crash: the test did not crash between a send and its commit"
+    )
     assert committed_equals_end(bootstrap, group, TopicNames(prefix).source)
     assert TOKEN not in child.stdout + child.stderr
 
@@ -159,10 +189,33 @@ def run_route_cli(bootstrap: str, prefix: str, group: str, url: str, token: str)
 
     exe = shutil.which("bucketer", path=str(Path(sys.executable).parent)) or "bucketer"
     env = {**os.environ, "BUCKETER_TINYBIRD_TOKEN": token}
-    return subprocess.run([exe, "route", "--bootstrap", bootstrap, "--buckets", str(BUCKETS), "--sink", "tinybird",
-                           "--tinybird-url", url, "--topic-prefix", prefix, "--group", group, "--until-idle", "4",
-                           "--at-least-once", "--progress", "1"],
-                          env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [
+            exe,
+            "route",
+            "--bootstrap",
+            bootstrap,
+            "--buckets",
+            str(BUCKETS),
+            "--sink",
+            "tinybird",
+            "--tinybird-url",
+            url,
+            "--topic-prefix",
+            prefix,
+            "--group",
+            group,
+            "--until-idle",
+            "4",
+            "--at-least-once",
+            "--progress",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_route_cli_sink_tinybird_delivers_and_never_prints_the_token(bootstrap: str, group: str) -> None:
@@ -175,7 +228,7 @@ def test_route_cli_sink_tinybird_delivers_and_never_prints_the_token(bootstrap: 
         check_landed(standin, messages)
     assert committed_equals_end(bootstrap, group, TopicNames(prefix).source)
     assert TOKEN not in done.stdout + done.stderr
-    assert "activityRelations_bucket_MV_ds_0" in done.stderr        # the retries were logged, by data source
+    assert "activityRelations_bucket_MV_ds_0" in done.stderr  # the retries were logged, by data source
 
 
 def test_route_cli_wrong_token_stops_with_a_clear_error_and_commits_nothing(bootstrap: str, group: str) -> None:

@@ -29,15 +29,23 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_a_second_process_is_refused_with_one_line(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             sys.path.insert(0, {str(ROOT)!r})
             from connectors.warehouse import EmbeddedWarehouse
-            with EmbeddedWarehouse({str(tmp_path / 'd')!r}) as wh:
+            with EmbeddedWarehouse({str(tmp_path / "d")!r}) as wh:
                 wh.rows("SELECT 1")
                 print("ready", flush=True)
                 sys.stdin.readline()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         with pytest.raises(WarehouseError) as err:
@@ -76,8 +84,9 @@ def test_schema_is_idempotent(tmp_path: Path) -> None:
         tables = wh.rows("SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name")
         wh.insert(raw_table(1), ["activityId", "segmentId", "_version"], [["a", "s", 1]])
         ensure_schema(wh, 3)
-        assert wh.rows("SELECT name, engine FROM system.tables WHERE database = currentDatabase() "
-                       "ORDER BY name") == tables
+        assert (
+            wh.rows("SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name") == tables
+        )
         assert wh.rows(f"SELECT count() FROM {raw_table(1)}") == [(1,)]
         assert len(tables) == 1 + 5 + 3 + 3 + 3  # settings, references, raw, cleaned, views
 
@@ -87,10 +96,20 @@ def cleaned_rows(bucket: int, count: int, snap: datetime) -> tuple[list[str], li
     t = datetime(2025, 1, 1, tzinfo=UTC)
     rows = []
     for i in range(count):
-        row = {c: "" for c in cols} | {"createdAt": t, "updatedAt": t, "timestamp": t, "snapshotId": snap,
-                                        "activityId": f"b{bucket}-{i}", "segmentId": f"seg{bucket}",
-                                        "sentimentScore": 0, "gitInsertions": 0, "gitDeletions": 0, "score": 0,
-                                        "isContribution": 0, "gitChangedLines": 0}
+        row = {c: "" for c in cols} | {
+            "createdAt": t,
+            "updatedAt": t,
+            "timestamp": t,
+            "snapshotId": snap,
+            "activityId": f"b{bucket}-{i}",
+            "segmentId": f"seg{bucket}",
+            "sentimentScore": 0,
+            "gitInsertions": 0,
+            "gitDeletions": 0,
+            "score": 0,
+            "isContribution": 0,
+            "gitChangedLines": 0,
+        }
         rows.append([row[c] for c in cols])
     return cols, rows
 
@@ -124,22 +143,31 @@ def test_query_cli_json_lines_project_and_errors(tmp_path: Path) -> None:
     n = 10
     with EmbeddedWarehouse(tmp_path / ".bucketer") as wh:
         ensure_schema(wh, n)
-        wh.insert("insightsProjects", ["id", "name", "slug", "segmentId", "enabled", "_version"],
-                  [["p1", "Alpha", "alpha", seg, 1, 1], ["p2", "Off", "off", seg, 0, 1]])
+        wh.insert(
+            "insightsProjects",
+            ["id", "name", "slug", "segmentId", "enabled", "_version"],
+            [["p1", "Alpha", "alpha", seg, 1, 1], ["p2", "Off", "off", seg, 0, 1]],
+        )
         cols, rows = cleaned_rows(bucket_of(seg, n), 3, datetime(2025, 3, 1, tzinfo=UTC))
         rows = [[seg if c == "segmentId" else v for c, v in zip(cols, r, strict=True)] for r in rows]
         wh.insert(cleaned_table(bucket_of(seg, n)), cols, rows)
     # --data-dir defaults to .bucketer/ in the working directory.
-    out = run_cli("query", "--project", "alpha",
-                  "SELECT {bucketId:UInt32} AS b, count() AS c FROM {bucket} WHERE segmentId = {segmentId:String}",
-                  cwd=tmp_path)
+    out = run_cli(
+        "query",
+        "--project",
+        "alpha",
+        "SELECT {bucketId:UInt32} AS b, count() AS c FROM {bucket} WHERE segmentId = {segmentId:String}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert [json.loads(line) for line in out.stdout.splitlines()] == [{"b": bucket_of(seg, n), "c": 3}]
     plain = run_cli("query", "SELECT number AS x FROM numbers(3)", cwd=tmp_path)
     assert [json.loads(line) for line in plain.stdout.splitlines()] == [{"x": 0}, {"x": 1}, {"x": 2}]
-    for args, needle in ((("--project", "off", "SELECT 1"), "no enabled project"),
-                         (("DROP TABLE members",), "only SELECT"),
-                         (("SELECT * FROM activityRelations_bucket_routing(bucketId = 10)",), "invalid bucketId")):
+    for args, needle in (
+        (("--project", "off", "SELECT 1"), "no enabled project"),
+        (("DROP TABLE members",), "only SELECT"),
+        (("SELECT * FROM activityRelations_bucket_routing(bucketId = 10)",), "invalid bucketId"),
+    ):
         bad = run_cli("query", *args, cwd=tmp_path)
         assert bad.returncode != 0 and needle in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
 

@@ -21,8 +21,11 @@ def vectors(vectors_path: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("n", [10, 20, 50, 100])
 def test_every_vector_row(vectors: list[dict[str, object]], n: int) -> None:
-    wrong = [(r["segmentId"], bucket_of(str(r["segmentId"]), n), r[f"bucket_{n}"]) for r in vectors
-             if bucket_of(str(r["segmentId"]), n) != r[f"bucket_{n}"]]
+    wrong = [
+        (r["segmentId"], bucket_of(str(r["segmentId"]), n), r[f"bucket_{n}"])
+        for r in vectors
+        if bucket_of(str(r["segmentId"]), n) != r[f"bucket_{n}"]
+    ]
     assert wrong == []
 
 
@@ -57,8 +60,10 @@ def test_against_embedded_clickhouse_on_random_keys() -> None:
     keys += [bytes(rng.getrandbits(8) for _ in range(16)).hex() for _ in range(200)]
     # Pass the keys as hex so no quoting or escaping can change a byte on the way into SQL.
     arr = ",".join(f"unhex('{k.encode().hex()}')" for k in keys)
-    res = chdb.query(f"SELECT toString(cityHash64(k)) FROM (SELECT arrayJoin([{arr}]) AS k) "
-                     "SETTINGS max_query_size = 10000000", "CSV")
+    res = chdb.query(
+        f"SELECT toString(cityHash64(k)) FROM (SELECT arrayJoin([{arr}]) AS k) SETTINGS max_query_size = 10000000",
+        "CSV",
+    )
     theirs = [int(line.strip('"')) for line in str(res).split()]
     assert len(theirs) == len(keys)
     assert [city_hash64(k) for k in keys] == theirs

@@ -11,39 +11,62 @@ from connectors.countries import UNKNOWN, country_code, normalize, organization_
 
 
 # The spec's list of what the substring matcher got wrong (CLEANED_BUCKETS.md), with the right answers.
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Bucharest, Romania", "RO"),
-    ("Lagos, Nigeria", "NG"),
-    ("Newark, New Jersey", "US"),
-    ("Atlanta, Georgia, United States", "US"),
-    ("US", "US"),
-    ("UK", "GB"),
-    ("South Korea", "KR"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Bucharest, Romania", "RO"),
+        ("Lagos, Nigeria", "NG"),
+        ("Newark, New Jersey", "US"),
+        ("Atlanta, Georgia, United States", "US"),
+        ("US", "US"),
+        ("UK", "GB"),
+        ("South Korea", "KR"),
+    ],
+)
 def test_the_old_systems_wrong_cases(text: str, expected: str) -> None:
     assert country_code(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("USA", "US"), ("U.S.A.", "US"), ("United States of America", "US"), ("united states", "US"),
-    ("Great Britain", "GB"), ("England", "GB"), ("Korea", "KR"), ("Republic of Korea", "KR"),
-    ("North Korea", "KP"), ("Russia", "RU"), ("Czech Republic", "CZ"), ("Czechia", "CZ"),
-    ("The Netherlands", "NL"), ("Türkiye", "TR"), ("Vietnam", "VN"), ("Ivory Coast", "CI"),
-    ("Côte d'Ivoire", "CI"), ("UAE", "AE"), ("Deutschland", "DE"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("USA", "US"),
+        ("U.S.A.", "US"),
+        ("United States of America", "US"),
+        ("united states", "US"),
+        ("Great Britain", "GB"),
+        ("England", "GB"),
+        ("Korea", "KR"),
+        ("Republic of Korea", "KR"),
+        ("North Korea", "KP"),
+        ("Russia", "RU"),
+        ("Czech Republic", "CZ"),
+        ("Czechia", "CZ"),
+        ("The Netherlands", "NL"),
+        ("Türkiye", "TR"),
+        ("Vietnam", "VN"),
+        ("Ivory Coast", "CI"),
+        ("Côte d'Ivoire", "CI"),
+        ("UAE", "AE"),
+        ("Deutschland", "DE"),
+    ],
+)
 def test_common_aliases(text: str, expected: str) -> None:
     assert country_code(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Korea, Republic of", "KR"),  # ISO short name with a comma: not split
-    ("Seoul, Korea, Republic of", "KR"),
-    ("Congo, The Democratic Republic of the", "CD"),
-    ("Kinshasa, Congo, The Democratic Republic of the", "CD"),  # not CG from the "Congo" part alone
-    ("Virgin Islands, U.S.", "VI"),  # not US from the "U.S." part alone
-    ("Taipei, Taiwan, Province of China", "TW"),
-    ("Moscow, Russian Federation", "RU"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Korea, Republic of", "KR"),  # ISO short name with a comma: not split
+        ("Seoul, Korea, Republic of", "KR"),
+        ("Congo, The Democratic Republic of the", "CD"),
+        ("Kinshasa, Congo, The Democratic Republic of the", "CD"),  # not CG from the "Congo" part alone
+        ("Virgin Islands, U.S.", "VI"),  # not US from the "U.S." part alone
+        ("Taipei, Taiwan, Province of China", "TW"),
+        ("Moscow, Russian Federation", "RU"),
+    ],
+)
 def test_names_containing_commas(text: str, expected: str) -> None:
     assert country_code(text) == expected
 
@@ -51,8 +74,14 @@ def test_names_containing_commas(text: str, expected: str) -> None:
 def test_every_iso_country_by_name_official_name_and_codes() -> None:
     wrong = []
     for c in pycountry.countries:
-        for text in (c.name, getattr(c, "official_name", None), getattr(c, "common_name", None),
-                     c.alpha_2, c.alpha_3, c.name.upper()):
+        for text in (
+            c.name,
+            getattr(c, "official_name", None),
+            getattr(c, "common_name", None),
+            c.alpha_2,
+            c.alpha_3,
+            c.name.upper(),
+        ):
             if text and country_code(text) != c.alpha_2:
                 wrong.append((text, country_code(text), c.alpha_2))
     assert wrong == []
@@ -71,43 +100,63 @@ def test_every_us_state_name_and_code_is_us() -> None:
     assert wrong == [("Georgia", "GE"), ("Springfield, Georgia", "GE")]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Atlanta, Georgia", "US"),  # the city implies the US
-    ("Georgia, USA", "US"),
-    ("Savannah, GA", "US"),
-    ("Tbilisi, Georgia", "GE"),
-    ("Georgia", "GE"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Atlanta, Georgia", "US"),  # the city implies the US
+        ("Georgia, USA", "US"),
+        ("Savannah, GA", "US"),
+        ("Tbilisi, Georgia", "GE"),
+        ("Georgia", "GE"),
+    ],
+)
 def test_georgia_state_or_country(text: str, expected: str) -> None:
     assert country_code(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("San Francisco, CA", "US"),  # City, ST convention for a code that is also Canada's
-    ("Chicago, IL", "US"),
-    ("Portland, OR", "US"),
-    ("Newark NJ", "US"),
-    ("Paris, TN", "US"),  # Paris, Tennessee: the code is read as the state, not Tunisia, nor France
-    ("Bengaluru, IN", "IN"),  # a known city agreeing with the country reading
-    ("Berlin, DE", "DE"),
-    ("Tel Aviv, IL", "IL"),
-    ("Toronto, ON", "CA"),
-    ("London, Ontario", "CA"),
-    ("Mountain View, California, US", "US"),
-    ("Bucharest Romania", "RO"),
-    ("São Paulo, Brasil", "BR"),
-    ("Zürich / Switzerland", "CH"),
-    ("Berlin", "DE"),
-    ("Remote (Lagos, Nigeria)", "NG"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("San Francisco, CA", "US"),  # City, ST convention for a code that is also Canada's
+        ("Chicago, IL", "US"),
+        ("Portland, OR", "US"),
+        ("Newark NJ", "US"),
+        ("Paris, TN", "US"),  # Paris, Tennessee: the code is read as the state, not Tunisia, nor France
+        ("Bengaluru, IN", "IN"),  # a known city agreeing with the country reading
+        ("Berlin, DE", "DE"),
+        ("Tel Aviv, IL", "IL"),
+        ("Toronto, ON", "CA"),
+        ("London, Ontario", "CA"),
+        ("Mountain View, California, US", "US"),
+        ("Bucharest Romania", "RO"),
+        ("São Paulo, Brasil", "BR"),
+        ("Zürich / Switzerland", "CH"),
+        ("Berlin", "DE"),
+        ("Remote (Lagos, Nigeria)", "NG"),
+    ],
+)
 def test_free_text_locations(text: str, expected: str) -> None:
     assert country_code(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "", "   ", "nowhere", "Remote", "Of", "in", "Of, Trabzon", "Worldwide", "Earth", "Springfield",
-    "Indianapolis Metro", "Linux Foundation", "123",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "nowhere",
+        "Remote",
+        "Of",
+        "in",
+        "Of, Trabzon",
+        "Worldwide",
+        "Earth",
+        "Springfield",
+        "Indianapolis Metro",
+        "Linux Foundation",
+        "123",
+    ],
+)
 def test_unknown_and_tiny_tokens_are_xx(text: str) -> None:
     assert country_code(text) == UNKNOWN
 

@@ -17,18 +17,21 @@ from connectors.kafka import (
 )
 
 
-@pytest.mark.parametrize("code,kind", [
-    (KafkaError._TIMED_OUT, KafkaRetryError),
-    (KafkaError._TRANSPORT, KafkaRetryError),
-    (KafkaError.NOT_COORDINATOR, KafkaRetryError),
-    (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaRetryError),
-    (KafkaError.MSG_SIZE_TOO_LARGE, KafkaDeadLetterError),
-    (KafkaError.INVALID_RECORD, KafkaDeadLetterError),
-    (KafkaError._FENCED, KafkaFatalError),
-    (KafkaError.PRODUCER_FENCED, KafkaFatalError),
-    (KafkaError.FENCED_INSTANCE_ID, KafkaFatalError),
-    (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaFatalError),
-])
+@pytest.mark.parametrize(
+    "code,kind",
+    [
+        (KafkaError._TIMED_OUT, KafkaRetryError),
+        (KafkaError._TRANSPORT, KafkaRetryError),
+        (KafkaError.NOT_COORDINATOR, KafkaRetryError),
+        (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaRetryError),
+        (KafkaError.MSG_SIZE_TOO_LARGE, KafkaDeadLetterError),
+        (KafkaError.INVALID_RECORD, KafkaDeadLetterError),
+        (KafkaError._FENCED, KafkaFatalError),
+        (KafkaError.PRODUCER_FENCED, KafkaFatalError),
+        (KafkaError.FENCED_INSTANCE_ID, KafkaFatalError),
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaFatalError),
+    ],
+)
 def test_classification(code: int, kind: type) -> None:
     exc = classify(KafkaError(code), "ctx")
     assert type(exc) is kind
@@ -52,5 +55,10 @@ def test_configs() -> None:
 
 def test_dlq_headers_name_the_contract() -> None:
     h = dict(dlq_headers("not_json", "bad ✓", "t", 2, 41))
-    assert h == {"bucketer-error-class": b"not_json", "bucketer-error-detail": "bad ✓".encode(),
-                 "bucketer-source-topic": b"t", "bucketer-source-partition": b"2", "bucketer-source-offset": b"41"}
+    assert h == {
+        "bucketer-error-class": b"not_json",
+        "bucketer-error-detail": "bad ✓".encode(),
+        "bucketer-source-topic": b"t",
+        "bucketer-source-partition": b"2",
+        "bucketer-source-offset": b"41",
+    }

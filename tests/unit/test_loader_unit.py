@@ -14,8 +14,17 @@ from connectors.warehouse import WarehouseError
 from stream.loader import Loader, LoaderConfig, WarehouseUnavailable
 
 TOPICS = TopicNames(prefix="t.")
-RECORD = {"activityId": "a", "memberId": "m", "platform": "git", "segmentId": "s", "sourceId": "x", "type": "t",
-          "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z", "timestamp": "2025-01-01T00:00:00Z"}
+RECORD = {
+    "activityId": "a",
+    "memberId": "m",
+    "platform": "git",
+    "segmentId": "s",
+    "sourceId": "x",
+    "type": "t",
+    "createdAt": "2025-01-01T00:00:00Z",
+    "updatedAt": "2025-01-01T00:00:00Z",
+    "timestamp": "2025-01-01T00:00:00Z",
+}
 GOOD = orjson.dumps({"action": "insert", "record": RECORD})
 
 
@@ -100,9 +109,12 @@ class FakeWarehouse:
 
 def loader_with(log: Log, batches: list[list[Msg]], wh: FakeWarehouse, **cfg: Any) -> Loader:
     config = LoaderConfig(bootstrap="unused:9092", buckets=2, topics=TOPICS, poll_timeout=0.01, **cfg)
-    return Loader(config, wh,  # type: ignore[arg-type]
-                  consumer_factory=lambda conf: FakeConsumer(log, batches),
-                  producer_factory=lambda conf: FakeProducer(log))
+    return Loader(
+        config,
+        wh,  # type: ignore[arg-type]
+        consumer_factory=lambda conf: FakeConsumer(log, batches),
+        producer_factory=lambda conf: FakeProducer(log),
+    )
 
 
 def test_rows_are_inserted_before_their_offsets_are_committed() -> None:
@@ -122,8 +134,9 @@ def test_rows_are_inserted_before_their_offsets_are_committed() -> None:
 
 def test_a_failed_insert_commits_nothing() -> None:
     log = Log()
-    loader = loader_with(log, [[Msg(TOPICS.bucket(1), 0, 0, GOOD)]], FakeWarehouse(log, down=True),
-                         retry_backoff=(0.0,))
+    loader = loader_with(
+        log, [[Msg(TOPICS.bucket(1), 0, 0, GOOD)]], FakeWarehouse(log, down=True), retry_backoff=(0.0,)
+    )
     with pytest.raises(WarehouseUnavailable):
         loader.run(until_idle=0.05)
     assert not [e for e in log.events if e[0] == "commit"]
@@ -134,13 +147,19 @@ def test_bad_messages_are_dead_lettered_before_the_commit_and_the_rest_inserted(
     log = Log()
     b1 = TOPICS.bucket(1)
     refused = orjson.dumps({"action": "insert", "record": {**RECORD, "activityId": "b"}})  # passes Python's check
-    batch = [Msg(b1, 0, 0, GOOD), Msg(b1, 0, 1, b"{nope"), Msg(b1, 0, 2, None), Msg(b1, 0, 3, refused),
-             Msg(b1, 0, 4, GOOD + b"\n")]
+    batch = [
+        Msg(b1, 0, 0, GOOD),
+        Msg(b1, 0, 1, b"{nope"),
+        Msg(b1, 0, 2, None),
+        Msg(b1, 0, 3, refused),
+        Msg(b1, 0, 4, GOOD + b"\n"),
+    ]
     loader = loader_with(log, [batch], FakeWarehouse(log, bad={b"{nope", refused}))
     stats = loader.run(until_idle=0.05)
     letters = [e for e in log.events if e[0] == "dlq"]
-    assert sorted((e[2], e[3]) for e in letters) == sorted([
-        (b"", "invalid-message"), (b"{nope", "invalid-message"), (refused, "warehouse-rejected")])
+    assert sorted((e[2], e[3]) for e in letters) == sorted(
+        [(b"", "invalid-message"), (b"{nope", "invalid-message"), (refused, "warehouse-rejected")]
+    )
     assert all(e[1] == TOPICS.dlq for e in letters)
     inserted = [v for e in log.events if e[0] == "insert" for v in e[2]]
     assert sorted(inserted) == sorted([GOOD, GOOD + b"\n"])

@@ -17,13 +17,42 @@ from stream.loadgen_producer import RateLimiter
 
 TABLES = {"activityRelations", "members", "organizations", "repositories", "insightsProjects", "integrations"}
 ACTIVITY_COLUMNS = {
-    "activityId", "conversationId", "createdAt", "updatedAt", "memberId", "objectMemberId",
-    "objectMemberUsername", "organizationId", "parentId", "platform", "segmentId", "username", "sourceId",
-    "type", "timestamp", "sourceParentId", "channel", "sentimentScore", "gitInsertions", "gitDeletions",
-    "score", "isContribution", "pullRequestReviewState"}
+    "activityId",
+    "conversationId",
+    "createdAt",
+    "updatedAt",
+    "memberId",
+    "objectMemberId",
+    "objectMemberUsername",
+    "organizationId",
+    "parentId",
+    "platform",
+    "segmentId",
+    "username",
+    "sourceId",
+    "type",
+    "timestamp",
+    "sourceParentId",
+    "channel",
+    "sentimentScore",
+    "gitInsertions",
+    "gitDeletions",
+    "score",
+    "isContribution",
+    "pullRequestReviewState",
+}
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-METADATA_KEYS = {"table_schema", "table_name", "commit_timestamp", "commit_lsn", "commit_idx",
-                 "idempotency_key", "record_pks", "consumer", "database"}
+METADATA_KEYS = {
+    "table_schema",
+    "table_name",
+    "commit_timestamp",
+    "commit_lsn",
+    "commit_idx",
+    "idempotency_key",
+    "record_pks",
+    "consumer",
+    "database",
+}
 
 
 def valid_ts(value: Any) -> bool:
@@ -92,7 +121,7 @@ def test_bad_fraction_honoured_and_every_good_message_is_sequin_shaped(run: tupl
     assert len(bad) == gen.summary.bad_total
     assert 0.04 < len(bad) / len(acts) < 0.06
     assert {m.value for m in bad if m.value is None} == {None}  # tombstones are among them
-    assert len(gen.summary.bad) >= 8                              # many kinds of bad input
+    assert len(gen.summary.bad) >= 8  # many kinds of bad input
     for m in msgs:
         msg = decode(m.value) if m.topic == "activityRelations" else json.loads(m.value)
         if msg is None:
@@ -170,8 +199,16 @@ def test_content_covers_the_cleaning_rules(run: tuple[list[Any], LoadGenerator])
         assert any((r["attributes"].get(flag) or {}).get("default") is True for r in members), flag
     places = {(x["record"]["location"], x["record"]["country"]) for x in by_topic["organizations"]}
     flat = {v for p in places for v in p}
-    for needle in ("Bucharest, Romania", "Lagos, Nigeria", "Newark, New Jersey", "UK", "US", "South Korea",
-                   "Atlanta, Georgia, United States", ""):
+    for needle in (
+        "Bucharest, Romania",
+        "Lagos, Nigeria",
+        "Newark, New Jersey",
+        "UK",
+        "US",
+        "South Korea",
+        "Atlanta, Georgia, United States",
+        "",
+    ):
         assert needle in flat, needle
     projects = [x["record"] for x in by_topic["insightsProjects"]]
     assert any(not p["enabled"] for p in projects) and any(p["deletedAt"] for p in projects)
@@ -192,8 +229,11 @@ def test_content_covers_the_cleaning_rules(run: tuple[list[Any], LoadGenerator])
 
 def test_segment_sizes_are_skewed(run: tuple[list[Any], LoadGenerator]) -> None:
     msgs, _ = run
-    sizes = Counter(msg["record"]["segmentId"] for m in msgs if m.topic == "activityRelations"
-                    and (msg := decode(m.value)) and msg["action"] == "insert")
+    sizes = Counter(
+        msg["record"]["segmentId"]
+        for m in msgs
+        if m.topic == "activityRelations" and (msg := decode(m.value)) and msg["action"] == "insert"
+    )
     ranked = sorted(sizes.values(), reverse=True)
     assert ranked[0] > 5 * statistics.median(ranked)
 
@@ -209,7 +249,7 @@ def test_rate_limiter_spaces_messages_without_real_sleeping() -> None:
     limiter = RateLimiter(50.0, clock=lambda: now[0], sleep=sleep)
     for _ in range(101):
         limiter.acquire()
-    assert now[0] - 100.0 == pytest.approx(2.0)      # 100 intervals of 20 ms
+    assert now[0] - 100.0 == pytest.approx(2.0)  # 100 intervals of 20 ms
     unlimited = RateLimiter(None, clock=lambda: 0.0, sleep=lambda s: slept.append(-1))
     before = len(slept)
     unlimited.acquire()

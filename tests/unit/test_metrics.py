@@ -15,8 +15,11 @@ from stream.routing import BatchCounts, RouterStats
 
 def scrape(**workers: object) -> dict[str, float]:
     text = generate_latest(registry_for(**workers)).decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_router_loader_and_rebuild_metrics() -> None:
@@ -24,8 +27,12 @@ def test_router_loader_and_rebuild_metrics() -> None:
     stats.add(BatchCounts([5, 0, 2], retirements=1, old_values_unknown=4, dlq=Counter(not_json=2, tombstone=1)))
     stats.lag = 17
     loader = LoaderStats(messages=9, committed=8, inserted={"activityRelations_bucket_MV_ds_0": 5}, dead_lettered=1)
-    rebuilds = [RebuildResult(0, "ok", rows=10, seconds=0.5), RebuildResult(0, "busy"),
-                RebuildResult(1, "ok", rows=3, seconds=0.1), RebuildResult(0, "ok", rows=12, seconds=0.7)]
+    rebuilds = [
+        RebuildResult(0, "ok", rows=10, seconds=0.5),
+        RebuildResult(0, "busy"),
+        RebuildResult(1, "ok", rows=3, seconds=0.1),
+        RebuildResult(0, "ok", rows=12, seconds=0.7),
+    ]
     m = scrape(router=SimpleNamespace(stats=stats), loader=SimpleNamespace(stats=loader), rebuilds=rebuilds)
 
     assert [m[f'bucketer_routed_total{{bucket="{b}"}}'] for b in range(3)] == [5, 0, 2]

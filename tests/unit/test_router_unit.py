@@ -59,7 +59,7 @@ class MemoryConsumer:
     def consume(self, n: int, timeout: float) -> list[Msg]:
         out: list[Msg] = []
         for p, log in enumerate(self.logs):
-            take = log[self.position_of[p]: self.position_of[p] + max(1, n // 2)]
+            take = log[self.position_of[p] : self.position_of[p] + max(1, n // 2)]
             self.position_of[p] += len(take)
             out.extend(take)
         return out
@@ -145,8 +145,9 @@ def _abortable() -> KafkaRetryError:
     return KafkaRetryError("commit failed", Err())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("plan", [[], ["ok", "abortable", "ok", "abortable", "abortable"],
-                                  ["stuck", "ok", "fatal", "ok", "abortable"]])
+@pytest.mark.parametrize(
+    "plan", [[], ["ok", "abortable", "ok", "abortable", "abortable"], ["stuck", "ok", "fatal", "ok", "abortable"]]
+)
 def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> None:
     sents = scenario(21, 300, 10)
     logs: list[list[Msg]] = [[], []]
@@ -171,8 +172,9 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
     assert sum(o[0] == "retire" for o in sink.out) == sum(s.retire_bucket is not None for s in sents)
     assert consumer.committed_of == [len(log) for log in logs]
     for key in {s.key for s in sents if s.dlq is None}:  # each activity's changes in source order
-        assert [o[3] for o in sink.out if o[0] == "row" and o[2] == key] == \
-            [s.value for s in sents if s.key == key and s.dlq is None]
+        assert [o[3] for o in sink.out if o[0] == "row" and o[2] == key] == [
+            s.value for s in sents if s.key == key and s.dlq is None
+        ]
     failures = sum(step != "ok" for step in plan)
     assert router.stats.aborts == failures
     assert sink.opens == 1 + sum(step in ("stuck", "fatal") for step in plan)

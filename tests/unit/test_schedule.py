@@ -112,7 +112,8 @@ def test_run_sleeps_on_the_clock_until_stopped() -> None:
     assert [bs for _, bs in calls] == [[0, 1], [2, 3], [4, 5], [0, 1], [2, 3], [4, 5]]
     # Started at :30, so the first run is at the next hour's :10; then once an hour.
     assert [at.replace(second=0) for at, _ in calls] == [
-        T0 + timedelta(hours=h, minutes=m) for h in (1, 2) for m in (10, 14, 18)]
+        T0 + timedelta(hours=h, minutes=m) for h in (1, 2) for m in (10, 14, 18)
+    ]
     # Fired within one tick of the slot, never before it.
     for at, bs in calls:
         slot = latest_slot(bs[0], at, cfg)

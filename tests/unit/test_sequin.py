@@ -77,8 +77,16 @@ def test_segment_move_retires_the_old_row_in_the_old_bucket() -> None:
     assert bucket_of(SEG_A, 10) != bucket_of(SEG_B, 10) or bucket_of(SEG_A, 20) != bucket_of(SEG_B, 20)
 
 
-@pytest.mark.parametrize("col,old", [("timestamp", "2020-01-01T00:00:00.000000Z"), ("type", "old-type"),
-                                     ("platform", "gitlab"), ("channel", "https://x/y"), ("sourceId", "zz")])
+@pytest.mark.parametrize(
+    "col,old",
+    [
+        ("timestamp", "2020-01-01T00:00:00.000000Z"),
+        ("type", "old-type"),
+        ("platform", "gitlab"),
+        ("channel", "https://x/y"),
+        ("sourceId", "zz"),
+    ],
+)
 def test_other_sort_key_changes_retire_in_the_same_bucket(col: str, old: str) -> None:
     new = row(RNG, "a1", SEG_A)
     ch = decode(message("update", new, {col: old}))
@@ -136,7 +144,8 @@ class ListSink:
 def route_all(values: list[bytes | None], buckets: int = 10) -> tuple[ListSink, BatchCounts]:
     sink = ListSink()
     counts = BatchRouter(buckets, max_message_bytes=100_000).route(
-        [FakeMsg(v, offset=i) for i, v in enumerate(values)], sink)  # type: ignore[arg-type]
+        [FakeMsg(v, offset=i) for i, v in enumerate(values)], sink
+    )  # type: ignore[arg-type]
     return sink, counts
 
 
@@ -205,13 +214,32 @@ def test_fuzz_random_bytes(data: bytes) -> None:
 
 SEEDS = [m.value for m in scenario(11, 40, 10)]
 # JSON edge cases where a partial (skipping) parser and a full one could disagree.
-SPLICES = [b"1e999", b"-1e400", b"1" * 400, b"NaN", b"Infinity", b'\\ud800', b'\\q', b"\x80", b"\xc3\xa9", b"01",
-           b'"segmentId":"dup",', b'"record":null,', b'"action":"delete",', b"\x00", b"tru", b"[]"]
-SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
-           | st.text(max_size=20))
-JSON = st.recursive(SCALARS,
-                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
-                    max_leaves=10)
+SPLICES = [
+    b"1e999",
+    b"-1e400",
+    b"1" * 400,
+    b"NaN",
+    b"Infinity",
+    b"\\ud800",
+    b"\\q",
+    b"\x80",
+    b"\xc3\xa9",
+    b"01",
+    b'"segmentId":"dup",',
+    b'"record":null,',
+    b'"action":"delete",',
+    b"\x00",
+    b"tru",
+    b"[]",
+]
+SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=10,
+)
 
 
 @FUZZ
@@ -241,8 +269,22 @@ def test_fuzz_mutated_messages(seed: bytes | None, data: st.DataObject) -> None:
         target = msg.get("record") if how == "record_field" and isinstance(msg.get("record"), dict) else msg
         if how == "changes":
             target, msg["action"] = msg, "update"
-        name = data.draw(st.sampled_from(["action", "record", "changes", "segmentId", "timestamp", "updatedAt",
-                                          "type", "memberId", "metadata", "channel"]))
+        name = data.draw(
+            st.sampled_from(
+                [
+                    "action",
+                    "record",
+                    "changes",
+                    "segmentId",
+                    "timestamp",
+                    "updatedAt",
+                    "type",
+                    "memberId",
+                    "metadata",
+                    "channel",
+                ]
+            )
+        )
         target[name] = data.draw(JSON)
         value = orjson.dumps(msg)
     assert outcome(value) in ("routed", "dlq")
@@ -264,10 +306,16 @@ def test_fuzz_covers_both_outcomes() -> None:
 
 
 @FUZZ
-@given(st.text(alphabet="0123456789-:.TtZz+ W", min_size=0, max_size=34)
-       | st.builds(lambda cut, extra: "2025-03-01T10:00:00.000000Z"[:cut] + extra,
-                   st.integers(0, 27), st.text(alphabet="0123456789-:.TtZz+", max_size=8)),
-       st.sampled_from(["timestamp", "createdAt", "updatedAt"]), st.sampled_from(["insert", "delete", "read"]))
+@given(
+    st.text(alphabet="0123456789-:.TtZz+ W", min_size=0, max_size=34)
+    | st.builds(
+        lambda cut, extra: "2025-03-01T10:00:00.000000Z"[:cut] + extra,
+        st.integers(0, 27),
+        st.text(alphabet="0123456789-:.TtZz+", max_size=8),
+    ),
+    st.sampled_from(["timestamp", "createdAt", "updatedAt"]),
+    st.sampled_from(["insert", "delete", "read"]),
+)
 def test_fuzz_timestamps_fast_and_full_paths_agree(ts: str, column: str, action: str) -> None:
     """The fast path parses timestamps with msgspec (C), the full path with fromisoformat or msgspec."""
     rec = row(random.Random(0), "a1", SEG_A)

@@ -100,35 +100,45 @@ def test_ten_to_twenty_buckets_changes_exactly_the_files_that_depend_on_n(tmp_pa
     changed = {f for f in before if f in after and before[f] != after[f]}
     assert set(before) <= set(after)
     new_buckets = range(10, 20)
-    assert added == ({f"datasources/{raw_table(n)}.datasource" for n in new_buckets}
-                     | {f"datasources/{cleaned_table(n)}.datasource" for n in new_buckets}
-                     | {f"pipes/activityRelations_bucket_MV_{n}.pipe" for n in new_buckets}
-                     | {f"pipes/activityRelations_bucket_snapshot_{n}.pipe" for n in new_buckets}
-                     | {f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe" for n in new_buckets})
+    assert added == (
+        {f"datasources/{raw_table(n)}.datasource" for n in new_buckets}
+        | {f"datasources/{cleaned_table(n)}.datasource" for n in new_buckets}
+        | {f"pipes/activityRelations_bucket_MV_{n}.pipe" for n in new_buckets}
+        | {f"pipes/activityRelations_bucket_snapshot_{n}.pipe" for n in new_buckets}
+        | {f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe" for n in new_buckets}
+    )
     # the bucketing filters of the old buckets (% N) and the three N-wide pipes; nothing else
-    assert changed == ({f"pipes/activityRelations_bucket_MV_{n}.pipe" for n in range(10)}
-                       | {f"pipes/activityRelations_bucket_snapshot_{n}.pipe" for n in range(10)}
-                       | {"pipes/activityRelations_deduplicated_cleaned_bucket_union.pipe",
-                          "pipes/activityRelations_bucket_routing.pipe", "pipes/project_buckets.pipe"})
+    assert changed == (
+        {f"pipes/activityRelations_bucket_MV_{n}.pipe" for n in range(10)}
+        | {f"pipes/activityRelations_bucket_snapshot_{n}.pipe" for n in range(10)}
+        | {
+            "pipes/activityRelations_deduplicated_cleaned_bucket_union.pipe",
+            "pipes/activityRelations_bucket_routing.pipe",
+            "pipes/project_buckets.pipe",
+        }
+    )
     for f in changed:
         assert "% 20" in after[f] or "0 AND 19" in after[f] or "bucket_19_ds" in after[f]
-    write_project(10, tmp_path)   # and back: the extra buckets' files are removed
+    write_project(10, tmp_path)  # and back: the extra buckets' files are removed
     assert {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} == set(before)
 
 
 def test_cleaning_schedule_is_staggered_in_pairs() -> None:
     files = generate_project(20)
-    minute = {n: parse_pipe(files[f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe"])[1]
-              for n in range(20)}
+    minute = {
+        n: parse_pipe(files[f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe"])[1] for n in range(20)
+    }
     for n, s in minute.items():
         assert s["TYPE"] == "COPY" and s["COPY_MODE"] == "replace"
         assert s["TARGET_DATASOURCE"] == cleaned_table(n)
     cron = {n: s["COPY_SCHEDULE"] for n, s in minute.items()}
-    assert [cron[n] for n in range(10)] == ["10 * * * *"] * 2 + ["14 * * * *"] * 2 + ["18 * * * *"] * 2 + \
-        ["22 * * * *"] * 2 + ["26 * * * *"] * 2
+    assert [cron[n] for n in range(10)] == ["10 * * * *"] * 2 + ["14 * * * *"] * 2 + ["18 * * * *"] * 2 + [
+        "22 * * * *"
+    ] * 2 + ["26 * * * *"] * 2
     assert cron[18] == cron[19] == "46 * * * *"
-    assert all(parse_pipe(files[f"pipes/activityRelations_bucket_snapshot_{n}.pipe"])[1]["TYPE"] == "COPY"
-               for n in range(20))
+    assert all(
+        parse_pipe(files[f"pipes/activityRelations_bucket_snapshot_{n}.pipe"])[1]["TYPE"] == "COPY" for n in range(20)
+    )
 
 
 # --- the SQL on chdb ---------------------------------------------------------------------------------------
@@ -147,8 +157,10 @@ def ingest(sess: Any, table: str, datasource: str, values: list[bytes]) -> None:
         msg = json.loads(v)
         rows.append(json.dumps({n: jsonpath(msg, p) for n, _, p, _ in cols if p}))
     for i in range(0, len(rows), 2000):
-        sess.query(f"INSERT INTO {table} SETTINGS date_time_input_format='best_effort' FORMAT JSONEachRow\n"
-                   + "\n".join(rows[i:i + 2000]))
+        sess.query(
+            f"INSERT INTO {table} SETTINGS date_time_input_format='best_effort' FORMAT JSONEachRow\n"
+            + "\n".join(rows[i : i + 2000])
+        )
 
 
 def rows_of(sess: Any, sql: str) -> list[tuple[Any, ...]]:
@@ -195,8 +207,10 @@ def warehouses() -> Any:
         ingest(sess, raw_table(n), files[f"datasources/{raw_table(n)}.datasource"], routed[n])
     pairs = rows_of(sess, "SELECT DISTINCT country, location FROM organizations FINAL")
     codes = [(c, loc, organization_country_code(c, loc)) for c, loc in pairs]
-    sess.query("INSERT INTO organization_country_codes (country, location, code, resolverVersion) VALUES "
-               + ", ".join(f"({quote(c)}, {quote(loc)}, '{code}', 1)" for c, loc, code in codes))
+    sess.query(
+        "INSERT INTO organization_country_codes (country, location, code, resolverVersion) VALUES "
+        + ", ".join(f"({quote(c)}, {quote(loc)}, '{code}', 1)" for c, loc, code in codes)
+    )
 
     sess.query("CREATE DATABASE product")
     sess.query("USE product")
@@ -207,7 +221,9 @@ def warehouses() -> Any:
     def load(table: str, kind: str, values: list[bytes]) -> None:
         sess.query("TRUNCATE TABLE staging")
         for i in range(0, len(values), 2000):
-            sess.query("INSERT INTO staging FORMAT JSONAsString\n" + "\n".join(x.decode() for x in values[i:i + 2000]))
+            sess.query(
+                "INSERT INTO staging FORMAT JSONAsString\n" + "\n".join(x.decode() for x in values[i : i + 2000])
+            )
         columns, select = insert_sql(kind)
         sess.query(f"INSERT INTO {table} ({columns}) " + select.replace("{source}", "staging"))
 
@@ -263,22 +279,24 @@ def test_cleaning_pipes_give_the_products_cleaned_rows(warehouses: Any) -> None:
     for n in range(buckets):
         sess.query("USE tb")
         mine = rows_of(sess, pipe_query(files[f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe"]))
-        assert enricher.rebuild(n).rows > 0     # the product's own rebuild of the same bucket
+        assert enricher.rebuild(n).rows > 0  # the product's own rebuild of the same bucket
         theirs = rows_of(sess, f"SELECT * FROM product.{cleaned_table(n)}")
         diff = sorted(set(r[:-1] for r in mine) ^ set(r[:-1] for r in theirs))
         assert diff == [], "\n".join(map(str, diff[:4]))
-        assert sorted(r[:-1] for r in mine) == sorted(r[:-1] for r in theirs)   # all but snapshotId
+        assert sorted(r[:-1] for r in mine) == sorted(r[:-1] for r in theirs)  # all but snapshotId
         assert len({r[-1] for r in mine}) <= 1
         total += len(mine)
         codes.update(r[-3] for r in mine)
         raw_live = rows_of(sess, f"SELECT count() FROM tb.{raw_table(n)} FINAL")[0][0]
-        assert 0 < len(mine) < raw_live          # the rules dropped some rows and kept others
+        assert 0 < len(mine) < raw_live  # the rules dropped some rows and kept others
     assert total > 500
-    assert "XX" in codes and len(codes) >= 4     # resolved countries and unknown ones both compared
+    assert "XX" in codes and len(codes) >= 4  # resolved countries and unknown ones both compared
     # the copy into the generated cleaned data source works (same columns, same order)
     sess.query("USE tb")
-    sess.query(f"INSERT INTO {cleaned_table(0)} "
-               + pipe_query(files["pipes/activityRelations_deduplicated_cleaned_bucket_0.pipe"]))
+    sess.query(
+        f"INSERT INTO {cleaned_table(0)} "
+        + pipe_query(files["pipes/activityRelations_deduplicated_cleaned_bucket_0.pipe"])
+    )
     assert rows_of(sess, f"SELECT count() FROM {cleaned_table(0)}")[0][0] > 0
 
 
@@ -288,12 +306,18 @@ def test_bucketing_routing_and_project_pipes(warehouses: Any) -> None:
     # the bucketing materialized view's filter agrees with the product's bucket function
     for n in range(buckets):
         sql = pipe_query(files[f"pipes/activityRelations_bucket_MV_{n}.pipe"])
-        segs = rows_of(sess, sql.replace("SELECT *", "SELECT DISTINCT segmentId", 1)
-                       .replace("FROM activityRelations", f"FROM {raw_table(n)}"))
+        segs = rows_of(
+            sess,
+            sql.replace("SELECT *", "SELECT DISTINCT segmentId", 1).replace(
+                "FROM activityRelations", f"FROM {raw_table(n)}"
+            ),
+        )
         assert segs and all(bucket_of(s, buckets) == n for (s,) in segs)
     for n in range(buckets):
-        sess.query(f"INSERT INTO {cleaned_table(n)} "
-                   + pipe_query(files[f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe"]))
+        sess.query(
+            f"INSERT INTO {cleaned_table(n)} "
+            + pipe_query(files[f"pipes/activityRelations_deduplicated_cleaned_bucket_{n}.pipe"])
+        )
     routing = files["pipes/activityRelations_bucket_routing.pipe"]
     got = rows_of(sess, f"SELECT count() FROM ({pipe_query(routing, {'bucketId': 2})})")[0][0]
     assert got == rows_of(sess, f"SELECT count() FROM {cleaned_table(2)}")[0][0] > 0
@@ -308,6 +332,7 @@ def test_bucketing_routing_and_project_pipes(warehouses: Any) -> None:
     dead = [s for s, _, en, alive in projects if not (en and alive)]
     assert live and dead
     slug, seg = live[0]
-    assert rows_of(sess, pipe_query(files["pipes/project_buckets.pipe"], {"project": slug}))[0][3] == \
-        bucket_of(seg, buckets)
+    assert rows_of(sess, pipe_query(files["pipes/project_buckets.pipe"], {"project": slug}))[0][3] == bucket_of(
+        seg, buckets
+    )
     assert rows_of(sess, pipe_query(files["pipes/project_buckets.pipe"], {"project": dead[0]})) == []

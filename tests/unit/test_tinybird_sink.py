@@ -36,18 +36,29 @@ class RecordingConsumer:
 
 
 def line(i: int, bucket: int, pad: int = 0) -> bytes:
-    return orjson.dumps({"action": "insert", "record": {"activityId": f"a{i}", "bucket": bucket,
-                                                        "pad": "x" * pad}, "changes": None, "metadata": {}})
+    return orjson.dumps(
+        {
+            "action": "insert",
+            "record": {"activityId": f"a{i}", "bucket": bucket, "pad": "x" * pad},
+            "changes": None,
+            "metadata": {},
+        }
+    )
 
 
 def make_sink(standin: Standin, **kw: Any) -> TinybirdSink:
-    cfg = TinybirdConfig(url=standin.url, token=Secret(TOKEN), buckets=4,
-                         **({"linger": 0.05, "backoff_base": 0.05, "backoff_cap": 0.2, "close_timeout": 10} | kw))
+    cfg = TinybirdConfig(
+        url=standin.url,
+        token=Secret(TOKEN),
+        buckets=4,
+        **({"linger": 0.05, "backoff_base": 0.05, "backoff_cap": 0.2, "close_timeout": 10} | kw),
+    )
     return TinybirdSink(cfg)
 
 
-def route(sink: TinybirdSink, consumer: RecordingConsumer, batches: list[list[tuple[int, bytes]]],
-          topic: str = "src") -> None:
+def route(
+    sink: TinybirdSink, consumer: RecordingConsumer, batches: list[list[tuple[int, bytes]]], topic: str = "src"
+) -> None:
     offset = 0
     for batch in batches:
         sink.begin()
@@ -72,9 +83,9 @@ def test_every_line_lands_in_its_data_source_and_offsets_follow_acks(standin: St
     sink.close()
     for n in range(4):
         want = [v for batch in batches for b, v in batch if b == n]
-        assert standin.rows[DS.format(n=n)] == want       # exactly, in order, nothing else
+        assert standin.rows[DS.format(n=n)] == want  # exactly, in order, nothing else
     assert consumer.committed() == {("src", 0): 300}
-    assert any(r.gzipped for r in standin.received)        # 50 x ~400 bytes: gzip pays
+    assert any(r.gzipped for r in standin.received)  # 50 x ~400 bytes: gzip pays
     assert sink.stats[DS.format(n=0)]["rows"] == 75
 
 
@@ -85,7 +96,7 @@ def test_ack_tracker_commits_only_an_acknowledged_prefix() -> None:
     t.added(b, 10)
     t.seal(a, [TopicPartition("s", 0, 5)])
     t.seal(b, [TopicPartition("s", 0, 9), TopicPartition("s", 1, 3)])
-    t.acked([b], [10])                       # the later batch first
+    t.acked([b], [10])  # the later batch first
     assert t.take_committable() == [] and t.acknowledged() == {}
     t.acked([a], [10])
     assert t.acknowledged() == {("s", 0): 9, ("s", 1): 3}
@@ -94,10 +105,10 @@ def test_ack_tracker_commits_only_an_acknowledged_prefix() -> None:
     c = t.open()
     t.added(c, 4)
     t.added(c, 6)
-    t.acked([c], [4])                         # one line of it already sent and acknowledged
-    t.discard(c)                              # an aborted batch never commits
+    t.acked([c], [4])  # one line of it already sent and acknowledged
+    t.discard(c)  # an aborted batch never commits
     assert t.take_committable() == [] and t.pending_bytes == 0
-    t.acked([c], [6])                         # its other line acknowledged after the abort
+    t.acked([c], [6])  # its other line acknowledged after the abort
     assert t.pending_bytes == 0
 
 
@@ -113,7 +124,7 @@ def test_retry_after_is_honoured_per_data_source(standin: Standin) -> None:
     first, second = standin.requests_to(ds0)[:2]
     assert first.status == 429 and second.status == 200
     assert second.at - first.at >= 1.2
-    assert standin.requests_to(ds1)[0].at - t0 < 1.0       # the other data source did not wait
+    assert standin.requests_to(ds1)[0].at - t0 < 1.0  # the other data source did not wait
     sink.close()
     assert consumer.committed() == {("src", 0): 2}
     assert sink.stats[ds0]["throttled"] == 1
@@ -134,7 +145,7 @@ def test_server_errors_and_slow_answers_are_retried(standin: Standin) -> None:
     ds = DS.format(n=3)
     standin.script(ds, Reply(503), Reply(500), Reply(502), Reply(504), Reply(200, delay=1.5))
     consumer = RecordingConsumer()
-    sink = make_sink(standin, timeout=0.5)   # the slow answer times out: retried (it may duplicate)
+    sink = make_sink(standin, timeout=0.5)  # the slow answer times out: retried (it may duplicate)
     sink.open()
     route(sink, consumer, [[(3, line(i, 3)) for i in range(5)]])
     sink.close()
@@ -162,18 +173,19 @@ def test_rate_never_exceeds_100_requests_per_second_per_data_source(standin: Sta
 
     class TimedClient(TinybirdClient):
         def post_events(self, datasource: str, body: bytes, gzipped: bool = False) -> Any:
-            times.append(time.monotonic())                  # when each request really starts
+            times.append(time.monotonic())  # when each request really starts
             return super().post_events(datasource, body, gzipped)
 
-    cfg = TinybirdConfig(url=standin.url, token=Secret(TOKEN), buckets=4, linger=0.0,
-                         max_batch_bytes=120)              # one line per request
+    cfg = TinybirdConfig(
+        url=standin.url, token=Secret(TOKEN), buckets=4, linger=0.0, max_batch_bytes=120
+    )  # one line per request
     sink = TinybirdSink(cfg, client_factory=lambda c: TimedClient(c.url, c.token, c.timeout))
     sink.open()
     route(sink, RecordingConsumer(), [[(1, line(i, 1)) for i in range(60)]])
     sink.close()
     assert len(times) == 60 and len(standin.requests_to(ds)) == 60
     windows = [times[i + 10] - times[i] for i in range(len(times) - 10)]
-    assert min(windows) >= 0.0999                 # any 11 requests span at least 100 ms
+    assert min(windows) >= 0.0999  # any 11 requests span at least 100 ms
 
 
 def test_quarantined_rows_are_counted_and_logged(standin: Standin, caplog: pytest.LogCaptureFixture) -> None:
@@ -184,12 +196,11 @@ def test_quarantined_rows_are_counted_and_logged(standin: Standin, caplog: pytes
     with caplog.at_level(logging.WARNING, logger="bucketer.tinybird"):
         route(sink, RecordingConsumer(), [[(2, line(i, 2)) for i in range(4)] + [(2, b'"just a string"')]])
         sink.close()
-    assert sink.stats[ds]["quarantined"] == 3          # 2 reported + the line that is not an object
+    assert sink.stats[ds]["quarantined"] == 3  # 2 reported + the line that is not an object
     assert any(ds in r.getMessage() and "quarantined" in r.getMessage() for r in caplog.records)
 
 
-def test_partial_write_stops_loudly_without_retry_or_commit(standin: Standin,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_partial_write_stops_loudly_without_retry_or_commit(standin: Standin, caplog: pytest.LogCaptureFixture) -> None:
     ds = DS.format(n=1)
     standin.script(ds, Reply(422, body='{"error":"materialized view activity_mv failed"}'))
     consumer = RecordingConsumer()
@@ -197,15 +208,15 @@ def test_partial_write_stops_loudly_without_retry_or_commit(standin: Standin,
     sink.open()
     with caplog.at_level(logging.ERROR, logger="bucketer.tinybird"):
         with pytest.raises(TinybirdSinkError, match="422"):
-            route(sink, consumer, [[(1, line(i, 1)) for i in range(6)]])   # the commit waits, then stops
+            route(sink, consumer, [[(1, line(i, 1)) for i in range(6)]])  # the commit waits, then stops
         with pytest.raises(TinybirdSinkError, match="422"):
             route(sink, consumer, [[(1, line(99, 1))]])
         sink.close()
-    assert len(standin.requests_to(ds)) == 1                    # no blind retry
-    assert consumer.committed() == {}                          # nothing committed past it
+    assert len(standin.requests_to(ds)) == 1  # no blind retry
+    assert consumer.committed() == {}  # nothing committed past it
     assert any("activity_mv failed" in r.getMessage() for r in caplog.records)
     with pytest.raises(TinybirdSinkError):
-        sink.open()                                            # sticky: a reopen does not hide it
+        sink.open()  # sticky: a reopen does not hide it
 
 
 @pytest.mark.parametrize("status", [400, 404])
@@ -217,12 +228,13 @@ def test_configuration_errors_stop(standin: Standin, status: int) -> None:
     with pytest.raises(TinybirdSinkError, match=str(status)):
         route(sink, consumer, [[(0, line(1, 0))]])
     assert sink.fatal is not None and sink.fatal.status == status
-    assert consumer.commits == [] and len(standin.received) == 1   # not retried, nothing committed
+    assert consumer.commits == [] and len(standin.received) == 1  # not retried, nothing committed
     sink.close()
 
 
-def test_wrong_token_stops_and_the_token_is_never_printed(standin: Standin, caplog: pytest.LogCaptureFixture,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_token_stops_and_the_token_is_never_printed(
+    standin: Standin, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     standin.token = "p.the-right-one"
     sink = make_sink(standin)
     with caplog.at_level(logging.DEBUG):
@@ -234,10 +246,19 @@ def test_wrong_token_stops_and_the_token_is_never_printed(standin: Standin, capl
         sink.close()
     assert "403" in str(info.value) and "token" in str(info.value)
     printed = capsys.readouterr()
-    everything = [str(info.value), repr(sink), repr(sink.config), str(sink.config), repr(sink.config.token),
-                  printed.out, printed.err, caplog.text, str(dict(sink.stats))]
+    everything = [
+        str(info.value),
+        repr(sink),
+        repr(sink.config),
+        str(sink.config),
+        repr(sink.config.token),
+        printed.out,
+        printed.err,
+        caplog.text,
+        str(dict(sink.stats)),
+    ]
     assert all(TOKEN not in text for text in everything)
-    assert TOKEN in sink.config.token.reveal()       # the check above is not vacuous
+    assert TOKEN in sink.config.token.reveal()  # the check above is not vacuous
 
 
 def test_client_gzip_body_is_ndjson_of_the_original_bytes(standin: Standin) -> None:
@@ -256,8 +277,13 @@ def test_router_config_with_tinybird_goes_through_the_sink_seam() -> None:
 
     base = RouterConfig(bootstrap="127.0.0.1:1", buckets=7, group="g", topic_prefix="p.", batch_size=123)
     config = with_tinybird(base, "http://127.0.0.1:9", Secret(TOKEN), linger=0.2)
-    assert (config.sink, config.buckets, config.group, config.topic_prefix, config.batch_size) == \
-        ("tinybird", 7, "g", "p.", 123)
+    assert (config.sink, config.buckets, config.group, config.topic_prefix, config.batch_size) == (
+        "tinybird",
+        7,
+        "g",
+        "p.",
+        123,
+    )
     sink = make_sink(config)
     assert isinstance(sink, TinybirdSink) and sink.config.buckets == 7 and sink.config.linger == 0.2
     assert TOKEN not in repr(config) and TOKEN not in repr(sink)

@@ -23,7 +23,7 @@ from stream.schema import (
 
 
 def columns_of(ddl: str) -> list[str]:
-    body = ddl[ddl.index("(") + 1: ddl.rindex(")\nENGINE")]
+    body = ddl[ddl.index("(") + 1 : ddl.rindex(")\nENGINE")]
     return [line.strip().split()[0].strip("`") for line in body.strip().splitlines()]
 
 
@@ -43,8 +43,13 @@ def test_raw_table_layout_follows_the_contract() -> None:
 def test_cleaned_and_reference_tables() -> None:
     cleaned = cleaned_table_ddl(2)
     cols = columns_of(cleaned)
-    assert cols[23:] == ["gitChangedLines", "gitChangedLinesBucket", "organizationCountryCode", "organizationName",
-                         "snapshotId"]
+    assert cols[23:] == [
+        "gitChangedLines",
+        "gitChangedLinesBucket",
+        "organizationCountryCode",
+        "organizationName",
+        "snapshotId",
+    ]
     assert "ENGINE = MergeTree\nORDER BY (segmentId, timestamp, type, platform, memberId, organizationId)" in cleaned
     members = reference_table_ddl("members")
     assert {"isBot", "isTeamMember", "isOrganization", "attributes"} <= set(columns_of(members))
@@ -73,23 +78,35 @@ def test_insert_sql_lists_every_column_and_reads_the_source() -> None:
     assert "commit_timestamp" in ref_select
 
 
-RECORD = {"activityId": "a", "memberId": "m", "platform": "git", "segmentId": "s", "sourceId": "x", "type": "t",
-          "createdAt": "2025-01-01T00:00:00Z", "updatedAt": 1735689600000000, "timestamp": "2025-01-01T00:00:00Z"}
+RECORD = {
+    "activityId": "a",
+    "memberId": "m",
+    "platform": "git",
+    "segmentId": "s",
+    "sourceId": "x",
+    "type": "t",
+    "createdAt": "2025-01-01T00:00:00Z",
+    "updatedAt": 1735689600000000,
+    "timestamp": "2025-01-01T00:00:00Z",
+}
 
 
-@pytest.mark.parametrize(("value", "needle"), [
-    (None, "tombstone"),
-    (b"", "tombstone"),
-    (b"{nope", "not JSON"),
-    (b"[1]", "not a JSON object"),
-    (orjson.dumps({"action": "upsert", "record": RECORD}), "unknown action"),
-    (orjson.dumps({"action": "insert", "record": "x"}), "no record"),
-    (orjson.dumps({"action": "insert", "record": {**RECORD, "segmentId": None}}), "segmentId"),
-    (orjson.dumps({"action": "insert", "record": {**RECORD, "timestamp": "soon"}}), "timestamp"),
-    (orjson.dumps({"action": "insert", "record": {**RECORD, "score": 300}}), "score"),
-    (orjson.dumps({"action": "insert", "record": {**RECORD, "gitInsertions": -1}}), "gitInsertions"),
-    (orjson.dumps({"action": "insert", "record": {**RECORD, "channel": {"a": 1}}}), "channel"),
-])
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (None, "tombstone"),
+        (b"", "tombstone"),
+        (b"{nope", "not JSON"),
+        (b"[1]", "not a JSON object"),
+        (orjson.dumps({"action": "upsert", "record": RECORD}), "unknown action"),
+        (orjson.dumps({"action": "insert", "record": "x"}), "no record"),
+        (orjson.dumps({"action": "insert", "record": {**RECORD, "segmentId": None}}), "segmentId"),
+        (orjson.dumps({"action": "insert", "record": {**RECORD, "timestamp": "soon"}}), "timestamp"),
+        (orjson.dumps({"action": "insert", "record": {**RECORD, "score": 300}}), "score"),
+        (orjson.dumps({"action": "insert", "record": {**RECORD, "gitInsertions": -1}}), "gitInsertions"),
+        (orjson.dumps({"action": "insert", "record": {**RECORD, "channel": {"a": 1}}}), "channel"),
+    ],
+)
 def test_problem_names_what_is_wrong(value: bytes | None, needle: str) -> None:
     reason = problem(value, "activityRelations")
     assert reason is not None and needle in reason
@@ -98,22 +115,43 @@ def test_problem_names_what_is_wrong(value: bytes | None, needle: str) -> None:
 def test_problem_accepts_good_messages_and_key_only_deletes() -> None:
     good = {"action": "read", "record": {**RECORD, "score": "3", "isContribution": True, "sentimentScore": None}}
     assert problem(orjson.dumps(good), "activityRelations") is None
-    key_only = {"action": "delete", "record": {"id": "r1", "url": None},
-                "metadata": {"commit_timestamp": "2025-01-01T00:00:00.000001Z"}}
+    key_only = {
+        "action": "delete",
+        "record": {"id": "r1", "url": None},
+        "metadata": {"commit_timestamp": "2025-01-01T00:00:00.000001Z"},
+    }
     assert problem(orjson.dumps(key_only), "repositories") is None
     no_version = {"action": "delete", "record": {"id": "r1"}, "metadata": {}}
     assert "version" in (problem(orjson.dumps(no_version), "repositories") or "")
 
 
-@pytest.mark.parametrize("sql", ["SELECT 1", "  with x as (select 1) select * from x;",
-                                 "(SELECT 1) UNION ALL (SELECT 2)", "-- note\nSELECT ';' AS semicolon",
-                                 "/* a */ select 'drop table x'"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "  with x as (select 1) select * from x;",
+        "(SELECT 1) UNION ALL (SELECT 2)",
+        "-- note\nSELECT ';' AS semicolon",
+        "/* a */ select 'drop table x'",
+    ],
+)
 def test_read_only_accepts_selects(sql: str) -> None:
     assert read_only(sql).strip()
 
 
-@pytest.mark.parametrize("sql", ["", ";", "DROP TABLE members", "insert into t values (1)", "SELECT 1; DROP TABLE t",
-                                 "select 1 into outfile '/tmp/x'", "ALTER TABLE t DELETE WHERE 1", "optimize table t"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "",
+        ";",
+        "DROP TABLE members",
+        "insert into t values (1)",
+        "SELECT 1; DROP TABLE t",
+        "select 1 into outfile '/tmp/x'",
+        "ALTER TABLE t DELETE WHERE 1",
+        "optimize table t",
+    ],
+)
 def test_read_only_rejects_the_rest(sql: str) -> None:
     with pytest.raises(QueryError):
         read_only(sql)
