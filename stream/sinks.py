@@ -120,12 +120,12 @@ class KafkaSink:
             if headers is None:
                 self._producer.produce(self._topics[bucket], value, key)  # type: ignore[union-attr]
             else:
-                self._producer.produce(
+                self._producer.produce(  # type: ignore[union-attr]
                     self._topics[bucket],
                     value,
-                    key,  # type: ignore[union-attr]
-                    headers=headers,
-                )  # type: ignore[arg-type]
+                    key,
+                    headers=headers,  # type: ignore[arg-type]
+                )
         except (BufferError, KafkaException, AttributeError):
             self._produce(self._topics[bucket], key, value, headers)
 
