@@ -71,7 +71,8 @@ def warehouse_status(
         f"(SELECT max(snapshotId) FROM {cleaned_table(b)}) AS snap"
         for b in range(n)
     ]
-    rows = wh.rows(" UNION ALL ".join(parts) + " ORDER BY b")
+    # ORDER BY after a UNION ALL binds to its last SELECT only: order the whole union from outside.
+    rows = wh.rows("SELECT * FROM (" + " UNION ALL ".join(parts) + ") ORDER BY b")
     total = sum(int(r[1]) for r in rows)
     at = now()
     out = []

@@ -228,3 +228,16 @@ def test_status_counts_committed_dlq_messages_not_transaction_markers(bootstrap:
         ensure_schema(wh, 2)
         st = collect(wh, bootstrap=bootstrap, topics=topics, router_group=unique("g"))
     assert st.dlq_messages == 8
+
+
+def test_status_lists_buckets_in_order(tmp_path: Path) -> None:
+    with EmbeddedWarehouse(tmp_path / "d") as wh:
+        ensure_schema(wh, 16)
+        for b in range(16):
+            wh.insert(
+                raw_table(b),
+                ["activityId", "segmentId", "sourceId", "_deleted", "_version"],
+                [[f"a{i}", "s", f"x{i}", 0, 2] for i in range(b)],
+            )
+        st = warehouse_status(wh)
+    assert [(b.bucket, b.raw_rows) for b in st.buckets] == [(b, b) for b in range(16)]
