@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -132,15 +131,12 @@ def route_cmd(
     ] = None,
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
-    import logging
-    import signal
-
     from connectors.kafka import BrokerUnreachable, BucketerKafkaError
     from stream.router import Router, RouterConfig
 
     if sink not in ("kafka", "tinybird"):
         raise fail(f"unknown sink {sink!r}; expected kafka or tinybird", 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    log_to_stderr()
     extra: dict[str, object] = {"instance_id": instance_id} if instance_id else {}
     config_cls = RouterConfig
     if sink == "tinybird":
@@ -171,8 +167,7 @@ def route_cmd(
         **extra,
     )
     router = Router(config)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: router.stop())
+    install_stop(router.stop)
     try:
         router.run()
     except BrokerUnreachable as exc:
