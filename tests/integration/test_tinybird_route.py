@@ -9,11 +9,11 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafkatools import drain, unique
+from sequin_oracle import routable as good
 from tinybird_standin import Reply, Standin
 
 from connectors.tinybird import TinybirdConfig
@@ -28,29 +28,6 @@ from stream.tinybird_route import TinybirdRouterConfig
 TOKEN = "p.integration-secret-777"
 BUCKETS = 4
 CHILD = Path(__file__).resolve().parents[1] / "tinybird_router_child.py"
-
-
-def good(value: bytes | None) -> dict[str, Any] | None:
-    """The test's own reading of a Sequin message: routable or not (independent of connectors/sequin.py)."""
-    from datetime import datetime
-
-    if value is None:
-        return None
-    try:
-        msg = json.loads(value.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(msg, dict) or msg.get("action") not in ("insert", "update", "delete", "read"):
-        return None
-    rec = msg.get("record")
-    if not isinstance(rec, dict) or not isinstance(rec.get("segmentId"), str) or not rec["segmentId"]:
-        return None
-    for col in ("timestamp", "createdAt", "updatedAt"):
-        try:
-            datetime.strptime(rec.get(col) or "", "%Y-%m-%dT%H:%M:%S.%fZ")
-        except (TypeError, ValueError):
-            return None
-    return msg
 
 
 def load(bootstrap: str, prefix: str, count: int, seed: int) -> list[tuple[bytes, bytes | None]]:

@@ -4,13 +4,13 @@ the cleaning rules. The checks below re-derive everything from the produced byte
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from collections import Counter, defaultdict
-from datetime import datetime
 from typing import Any
 
 import pytest
+from sequin_oracle import routable as decode
+from sequin_oracle import valid_ts
 
 from stream.loadgen import LoadgenConfig, LoadGenerator, generate
 from stream.loadgen_producer import RateLimiter
@@ -41,7 +41,6 @@ ACTIVITY_COLUMNS = {
     "isContribution",
     "pullRequestReviewState",
 }
-TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 METADATA_KEYS = {
     "table_schema",
     "table_name",
@@ -53,34 +52,6 @@ METADATA_KEYS = {
     "consumer",
     "database",
 }
-
-
-def valid_ts(value: Any) -> bool:
-    if not isinstance(value, str) or not TS.match(value):
-        return False
-    try:
-        datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ")
-    except ValueError:
-        return False
-    return True
-
-
-def decode(value: bytes | None) -> dict[str, Any] | None:
-    """The message if it is a well-formed Sequin change of activityRelations, else None."""
-    if value is None:
-        return None
-    try:
-        msg = json.loads(value.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(msg, dict) or msg.get("action") not in ("insert", "update", "delete", "read"):
-        return None
-    rec = msg.get("record")
-    if not isinstance(rec, dict) or not isinstance(rec.get("segmentId"), str) or not rec["segmentId"]:
-        return None
-    if not all(valid_ts(rec.get(c)) for c in ("timestamp", "createdAt", "updatedAt")):
-        return None
-    return msg
 
 
 @pytest.fixture(scope="module")
