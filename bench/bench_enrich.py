@@ -8,7 +8,7 @@ git and non-git platforms, repository channels in mixed case, bots/team members,
 locations) into one unbucketed raw table, then copied into the N raw bucket tables, and every raw table is
 merged (OPTIMIZE FINAL) so both sides start from the same state. Timed (median of --repeat runs):
 
-- unbucketed: ``INSERT INTO <aside> cleaning_select(all)`` once (the same SQL as a bucket rebuild, one table);
+- unbucketed: ``cleaning_insert(<aside>, all)`` once (the same SQL and block-size rule as a bucket rebuild, one table);
 - buckets, parallel=1 and parallel=2: ``Enricher.rebuild_many(range(N), parallel=K)`` (build aside + EXCHANGE);
 
 with rows/s (raw rows in / second) and the peak RSS of this process (chdb runs in it), sampled every 20 ms.
@@ -41,7 +41,7 @@ from connectors.warehouse import open_warehouse  # noqa: E402
 from stream.buckets import cleaned_table, raw_table  # noqa: E402
 from stream.enrich import (  # noqa: E402
     Enricher,
-    cleaning_select,
+    cleaning_insert,
     drop_reference,
     prepare_reference,
     refresh_country_codes,
@@ -91,11 +91,27 @@ class PeakRss:
         self._t.join()
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, int]:
+def settle(wh, limit: float = 300.0) -> float:  # noqa: ANN001
+    """Wait (untimed) until no background merge runs, so a variant never pays for the previous one's merges;
+    returns the seconds waited."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < limit:
+        if not wh.rows("SELECT count() FROM system.merges WHERE database = currentDatabase()")[0][0]:
+            break
+        time.sleep(0.2)
+    return time.perf_counter() - t
+
+
+def timed(fn: Callable[[], object], wh=None) -> tuple[float, int, float]:  # noqa: ANN001
+    """(wall seconds, peak RSS bytes, CPU seconds of this process: chdb runs in it) of ``fn()``."""
+    if wh is not None:
+        settle(wh)
+    proc = psutil.Process()
     with PeakRss() as mem:
+        c0 = sum(proc.cpu_times()[:2])
         t = time.perf_counter()
         fn()
-        return time.perf_counter() - t, mem.peak
+        return time.perf_counter() - t, mem.peak, sum(proc.cpu_times()[:2]) - c0
 
 
 def generate(wh, size: int, buckets: int) -> None:  # noqa: ANN001
@@ -180,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     enricher = Enricher(lambda: open_warehouse(data_dir), clock=Clock(), lock_dir=data_dir / "locks")
     table = [
-        "| activities | variant | median s | runs s | rows/s | vs unbucketed | peak RSS MiB |",
-        "|---:|---|---:|---|---:|---:|---:|",
+        "| activities | variant | median s | runs s | rows/s | vs unbucketed | CPU s (median) | cores busy "
+        "| peak RSS MiB |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     curves: dict[str, list[float]] = {"unbucketed": [], "p1": [], "p2": []}
     load_before = os.getloadavg()[0]
@@ -203,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                         wh.command(f"DROP TABLE IF EXISTS {ALL_CLEANED} SYNC")
                         wh.command(cleaned_table_ddl(0, ALL_CLEANED))
                         wh.command(
-                            f"INSERT INTO {ALL_CLEANED} {cleaning_select(ALL, ref)}",
+                            cleaning_insert(wh, ALL_CLEANED, ALL, ref),
                             {"snapshot": datetime.now(UTC).strftime("%Y-%m-%d %H:00:00")},
                         )
                     finally:
@@ -218,11 +235,11 @@ def main(argv: list[str] | None = None) -> None:
 
                     return run
 
-                runs: dict[str, list[tuple[float, int]]] = {"unbucketed": [], "p1": [], "p2": []}
+                runs: dict[str, list[tuple[float, int, float]]] = {"unbucketed": [], "p1": [], "p2": []}
                 for _ in range(repeats):  # interleaved, so load drift hits every variant alike
-                    runs["unbucketed"].append(timed(unbucketed))
-                    runs["p1"].append(timed(buckets(1)))
-                    runs["p2"].append(timed(buckets(2)))
+                    runs["unbucketed"].append(timed(unbucketed, wh))
+                    runs["p1"].append(timed(buckets(1), wh))
+                    runs["p2"].append(timed(buckets(2), wh))
                 cleaned = wh.rows(f"SELECT count() FROM {ALL_CLEANED}")[0][0]
                 in_buckets = sum(wh.rows(f"SELECT count() FROM {cleaned_table(b)}")[0][0] for b in range(n))
                 assert cleaned == in_buckets, (cleaned, in_buckets)  # the same rows either way
@@ -232,16 +249,19 @@ def main(argv: list[str] | None = None) -> None:
                     ("p1", f"{n} buckets, parallel=1"),
                     ("p2", f"{n} buckets, parallel=2"),
                 ):
-                    secs = [s for s, _ in runs[key]]
+                    secs = [s for s, _, _ in runs[key]]
+                    cpu = report.measure("CPU", [c for _, _, c in runs[key]], "s", variant=key, activities=size)
                     med[key] = report.measure("rebuild time", secs, "s", variant=key, activities=size, buckets=n)
                     peak = report.measure(
-                        "peak RSS", [m / 2**20 for _, m in runs[key]], "MiB", variant=key, activities=size
+                        "peak RSS", [m / 2**20 for _, m, _ in runs[key]], "MiB", variant=key, activities=size
                     )
                     report.measure("throughput", [raw / s for s in secs], "rows/s", variant=key, activities=size)
                     curves[key].append(med[key])
                     table.append(
                         f"| {size:,} | {label} | {med[key]:.2f} | {', '.join(f'{s:.1f}' for s in secs)} | "
-                        f"{raw / med[key]:,.0f} | {med[key] / med['unbucketed']:.2f}x | {peak:,.0f} |"
+                        f"{raw / med[key]:,.0f} | {med[key] / med['unbucketed']:.2f}x | {cpu:.1f} | "
+                        f"{cpu / med[key]:.2f} | "
+                        f"{peak:,.0f} |"
                     )
                     print(table[-1], flush=True)
                 report.ratio(
@@ -291,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         "segments, 8 platforms, mixed-case repository channels, gerrit query URLs), 200k members (bots, team, "
         "organization members), 5k organizations with messy locations; every raw table merged (OPTIMIZE FINAL) "
         "before timing, so both sides start alike. Both sides run the same steps and SQL "
-        "(stream/enrich.py: country refresh, reference state, cleaning_select, build aside); the bucket side also "
+        "(stream/enrich.py: country refresh, reference state, cleaning_insert with its block-size rule, build "
+        "aside); the bucket side also "
         "swaps (EXCHANGE) and drops the old snapshot, per bucket.",
         "Peak RSS is this process's (chdb runs in it), sampled every 20 ms during the variant.",
         "Per-bucket fixed costs (a connection, DDL, EXCHANGE, DROP SYNC, query planning) are paid N times: at 1M "

@@ -15,7 +15,8 @@ One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
    ``members FINAL`` and friends (a fixed cost that would otherwise be paid N times). Unique per batch, so
    concurrent batches never share one; dropped at the end (leftovers of killed runs after 6 hours).
 3. Build aside: ``DROP`` any leftover ``<cleaned>__next``, create it with the cleaned layout, and
-   ``INSERT INTO <cleaned>__next`` the ``cleaning_select`` of the raw bucket (below) with the run's snapshotId.
+   ``INSERT INTO <cleaned>__next`` the ``cleaning_select`` of the raw bucket (below) with the run's snapshotId,
+   in blocks of about a quarter of the bucket (``insert_block_rows``) so reading and writing overlap.
 4. Swap: ``EXCHANGE TABLES <cleaned> AND <cleaned>__next`` (atomic; Atomic/Replicated databases, which is
    what chdb and a default server give), else ``RENAME TABLE <cleaned> TO <cleaned>__old, <cleaned>__next TO
    <cleaned>`` (a database engine without EXCHANGE: not atomic for readers between the two renames). Then the
@@ -225,6 +226,36 @@ WHERE _deleted = 0
   AND (platform NOT IN ({platforms}) OR (lower(channel), segmentId) IN {ref.channels})"""
 
 
+# A rebuild's INSERT … SELECT hands the table writer blocks of min_insert_block_size_rows rows (ClickHouse's
+# default: 1,048,576). Reading and cleaning run while the previous block is sorted and written, so a bucket
+# that fits in one block reads everything first and then writes on one core, with nothing to overlap: at 10M
+# activities in 10 buckets that made the buckets' sum 1.4x one unbucketed rebuild. Blocks of about a quarter
+# of the source keep both going; big tables keep the default (smaller blocks only add parts there).
+# Measured in bench/bench_enrich.py (see bench/RESULTS.md).
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS, BLOCKS_PER_REBUILD = 65_536, 1_048_576, 4
+
+
+def insert_block_rows(source_rows: int) -> int:
+    """Rows per block written by a rebuild of a table of ``source_rows`` raw rows: a power of two, so
+    that a rebuild writes about ``BLOCKS_PER_REBUILD`` blocks, within [64Ki, 1Mi]."""
+    want = max(1, source_rows // BLOCKS_PER_REBUILD)
+    return min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (want - 1).bit_length()))
+
+
+def cleaning_insert(wh: Warehouse, target: str, source: str, ref: ReferenceState) -> str:
+    """``INSERT INTO target`` the cleaned rows of ``source`` (takes the ``snapshot`` parameter), with the block
+    size of ``insert_block_rows`` for the source's current row count (active parts; a cheap metadata read)."""
+    rows = wh.rows(
+        "SELECT sum(rows) FROM system.parts WHERE database = currentDatabase() AND table = {t:String} AND active",
+        {"t": source},
+    )
+    block = insert_block_rows(int(rows[0][0] or 0) if rows else 0)
+    return (
+        f"INSERT INTO {target} {cleaning_select(source, ref)}\n"
+        f"SETTINGS min_insert_block_size_rows = {block}, min_insert_block_size_bytes = 0"
+    )
+
+
 def snapshot_of(now: datetime) -> datetime:
     """The start of the UTC hour of ``now``."""
     return now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
@@ -317,7 +348,7 @@ class Enricher:
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
             wh.command(cleaned_table_ddl(bucket, aside))
             wh.command(
-                f"INSERT INTO {aside} {cleaning_select(raw_table(bucket), ref)}",
+                cleaning_insert(wh, aside, raw_table(bucket), ref),
                 {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")},
             )
             rows = int(wh.rows(f"SELECT count() FROM {aside}")[0][0])
