@@ -41,7 +41,15 @@ from bench.latency_probe import InsertClock, Poller, appended_at, pct
 
 # -- one rate, in its own process ---------------------------------------------------------------------------
 def measure(
-    bootstrap: str, rate: float, duration: float, buckets: int, poll_s: float, drain_s: float, warmup: int
+    bootstrap: str,
+    rate: float,
+    duration: float,
+    buckets: int,
+    poll_s: float,
+    drain_s: float,
+    warmup: int,
+    batch_time: float | None = None,
+    max_wait: float | None = None,
 ) -> dict:
     from connectors.kafka import ensure_topics
     from connectors.topics import TopicNames
@@ -80,10 +88,18 @@ def measure(
                 topic_prefix=prefix,
                 instance_id="bench-latency",
                 progress_interval=3600,
+                **({} if batch_time is None else {"batch_time": batch_time}),
             )
         )
         loader = Loader(
-            LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=f"{prefix}loader", topics=topics), clock
+            LoaderConfig(
+                bootstrap=bootstrap,
+                buckets=buckets,
+                group=f"{prefix}loader",
+                topics=topics,
+                **({} if max_wait is None else {"max_wait": max_wait}),
+            ),
+            clock,
         )
         threads = [spawn("router", router.run), spawn("loader", loader.run)]
         try:
@@ -130,8 +146,8 @@ def measure(
     produced = result.pop("produced")
     routed = sorted(a - p for a, p in zip(appended, produced, strict=True) if a)
     result.update({"routed_p50": pct(routed, 50), "routed_p99": pct(routed, 99)})
-    result["loader_defaults"] = {"max_wait": LoaderConfig.max_wait, "max_rows": LoaderConfig.max_rows}
-    result["router_defaults"] = {"batch_time": RouterConfig.batch_time, "batch_size": RouterConfig.batch_size}
+    result["loader_defaults"] = {"max_wait": loader.config.max_wait, "max_rows": loader.config.max_rows}
+    result["router_defaults"] = {"batch_time": router.config.batch_time, "batch_size": router.config.batch_size}
     return result
 
 
@@ -248,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buckets", type=int, default=10)
     ap.add_argument("--poll", type=float, default=1.0, help="seconds between cross-check queries")
     ap.add_argument("--drain", type=float, default=90.0, help="seconds to wait for stragglers after the input")
+    ap.add_argument("--batch-time", type=float, help="router batch time, s (default: the router's default)")
+    ap.add_argument("--max-wait", type=float, help="loader max wait, s (default: the loader's default)")
     args = ap.parse_args(argv)
     rates = [float(r) for r in (args.rates or ("1000,10000" if args.quick else "1000,10000,20000")).split(",")]
     duration = args.duration or (3.0 if args.quick else 10.0)
@@ -271,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 "poll_s": args.poll,
                 "drain_s": args.drain,
                 "warmup": 300,
+                "batch_time": args.batch_time,
+                "max_wait": args.max_wait,
             }
             proc = subprocess.run(
                 [sys.executable, "-m", "bench.bench_latency", "--_measure", json.dumps(spec)],

@@ -10,7 +10,9 @@ Events are Sequin inserts from loadgen templates with a unique activityId and a 
 from __future__ import annotations
 
 import array
+import contextlib
 import json
+import re
 import sys
 import time
 import uuid
@@ -86,6 +88,9 @@ def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times
     print(json.dumps({"achieved_rate": achieved}), flush=True)
 
 
+PART_INSERT = re.compile(r"^INSERT INTO activityRelations_bucket_\S+ .* WHERE _part = (\d+)$", re.S)
+
+
 # -- the insert clock ---------------------------------------------------------------------------------------
 class InsertClock:
     """Wraps the loader's warehouse: an event is visible when the INSERT holding it returns.
@@ -97,6 +102,7 @@ class InsertClock:
 
     def __init__(self, inner) -> None:  # noqa: ANN001 - a Warehouse
         self.inner = inner
+        self._parts = None
         self.start("", 0)
 
     def start(self, tag: str, count: int) -> None:
@@ -109,6 +115,26 @@ class InsertClock:
     def insert_json(self, table: str, select: str, data) -> None:  # noqa: ANN001 - bytes | Sequence[bytes]
         t0 = time.perf_counter()
         self.inner.insert_json(table, select, data)
+        self._stamp(data, t0)
+
+    @contextlib.contextmanager
+    def json_parts(self, parts):  # noqa: ANN001, ANN201 - the loader's one-parse path (stream/loader.py)
+        self._parts = parts
+        try:
+            with self.inner.json_parts(parts) as source:
+                yield source
+        finally:
+            self._parts = None
+
+    def command(self, sql: str, params=None) -> None:  # noqa: ANN001
+        """A bucket table taking its share of the stage (``… WHERE _part = i``) makes part i visible."""
+        t0 = time.perf_counter()
+        self.inner.command(sql, params)
+        m = PART_INSERT.search(sql)
+        if m and self._parts is not None:
+            self._stamp(self._parts[int(m.group(1))], t0)
+
+    def _stamp(self, data, t0: float) -> None:  # noqa: ANN001
         now = time.time()
         self.inserts.append((time.perf_counter() - t0, 1 if isinstance(data, bytes) else len(data)))
         marker, seen, count = self.marker, self.seen, self.count

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
@@ -245,6 +247,33 @@ class EmbeddedWarehouse(_ClientWarehouse):
             self.command(f"INSERT INTO {table} " + select.replace("{source}", source))
         finally:
             os.unlink(name)
+
+    @contextmanager
+    def json_parts(self, parts: Sequence[Sequence[bytes]]) -> Iterator[str]:
+        """A relation ``(_part UInt32, v String)`` over the JSON values of each part (``_part`` = its index), for
+        the queries run inside the block: the values are written once, one file per part, and ClickHouse reads
+        them (every file in parallel) as often as asked. Removed when the block ends."""
+        folder = tempfile.mkdtemp(prefix="bucketer-parts-", dir=_SCRATCH or self.data_dir)
+        try:
+            for i, values in enumerate(parts):
+                fd = os.open(os.path.join(folder, f"{i}.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    write_all(fd, values)
+                finally:
+                    os.close(fd)
+            yield (
+                f"(SELECT toUInt32(splitByChar('.', _file)[1]) AS _part, v "
+                f"FROM file('{folder}/*.json', 'JSONAsString', 'v String'))"
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@runtime_checkable
+class SupportsJsonParts(Protocol):
+    """A warehouse that can expose several batches of JSON values as one relation (the embedded one)."""
+
+    def json_parts(self, parts: Sequence[Sequence[bytes]]) -> AbstractContextManager[str]: ...
 
 
 # --- server ---------------------------------------------------------------------------------------------------

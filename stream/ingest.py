@@ -78,9 +78,10 @@ def target_columns(table: str) -> tuple[Column, ...]:
     return cols + VERSION_COLUMNS
 
 
-def insert_sql(table: str) -> tuple[str, str]:
+def insert_sql(table: str, part: bool = False) -> tuple[str, str]:
     """(column list, SELECT with a ``{source}`` placeholder) for rows of ``table``: ``"activityRelations"`` (any
-    raw bucket) or a reference table name."""
+    raw bucket) or a reference table name. With ``part``, the source also has a ``_part`` column, passed
+    through as the SELECT's last column (the loader's one-parse fan-out to several tables)."""
     required: tuple[str, ...]
     if table == "activityRelations":
         columns, required = ACTIVITY_COLUMNS, ACTIVITY_REQUIRED
@@ -112,10 +113,10 @@ def insert_sql(table: str) -> tuple[str, str]:
     missing.append("isNull(_version_ts)")
     select = (
         f"SELECT {', '.join(values)}, {deleted} AS `_deleted`, "
-        f"toUInt64(toUnixTimestamp64Milli(assumeNotNull(_version_ts))) * 2 + `_deleted` AS `_version`\n"
-        f"FROM (SELECT v, JSONExtract(v, '{_extract_type(columns, skip)}') AS m, {version_ts} AS _version_ts"
-        + "".join(f", {e}" for e in extra)
-        + " FROM {source})\n"
+        f"toUInt64(toUnixTimestamp64Milli(assumeNotNull(_version_ts))) * 2 + `_deleted` AS `_version`"
+        + (", `_part`" if part else "")
+        + f"\nFROM (SELECT v, {'`_part`, ' if part else ''}JSONExtract(v, '{_extract_type(columns, skip)}') AS m, "
+        f"{version_ts} AS _version_ts" + "".join(f", {e}" for e in extra) + " FROM {source})\n"
         f"WHERE throwIf({' OR '.join(missing)}, "
         f"'a change message without its required fields, or not a JSON object of the expected types') = 0"
     )

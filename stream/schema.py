@@ -173,6 +173,11 @@ def reference_table_ddl(table: str) -> str:
     )
 
 
+def stage_columns() -> str:
+    """Columns of the loader's in-memory stage: a raw bucket's, plus ``_part`` (which bucket table a row is for)."""
+    return _cols(ACTIVITY_COLUMNS + VERSION_COLUMNS + (("_part", "UInt32", None),))
+
+
 def cleaned_columns_ddl() -> str:
     """The column list (inside the parentheses) of a cleaned bucket table."""
     return _cols(ACTIVITY_COLUMNS + CLEANED_EXTRA)

@@ -521,3 +521,67 @@ def test_nothing_is_committed_when_the_warehouse_is_down(bootstrap, topics, ware
     stats = load(bootstrap, topics, warehouse, len(msgs), group=group)
     assert stats.dead_lettered == 0
     assert final_rows(warehouse)[bucket_of(seg, N)] == live_rows(msgs)
+
+
+class Recording:
+    """The embedded warehouse, recording every statement the loader runs through it."""
+
+    def __init__(self, real: EmbeddedWarehouse) -> None:
+        self.real = real
+        self.statements: list[str] = []
+
+    def command(self, sql: str, params: Any = None) -> None:
+        self.statements.append(sql)
+        self.real.command(sql, params)
+
+    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        return self.real.rows(sql, params)
+
+    def insert_json(self, table: str, select: str, data: Any) -> None:
+        self.statements.append(f"INSERT INTO {table} {select}")
+        self.real.insert_json(table, select, data)
+
+    def json_parts(self, parts: Any) -> Any:
+        return self.real.json_parts(parts)
+
+    def parses(self) -> int:
+        return sum("JSONExtract" in s for s in self.statements)
+
+
+def segments_in_every_bucket() -> list[str]:
+    segs: dict[int, str] = {}
+    while len(segs) < N:
+        seg = str(uuid.uuid4())
+        segs.setdefault(bucket_of(seg, N), seg)
+    return [segs[b] for b in range(N)]
+
+
+def test_a_batch_over_several_buckets_is_parsed_once(bootstrap, topics, warehouse) -> None:
+    msgs = [change("insert", activity(seg, i)) for seg in segments_in_every_bucket() for i in range(5)]
+    produce(bootstrap, on_topics(topics, msgs))
+    rec = Recording(warehouse)
+    stats = load(bootstrap, topics, rec, len(msgs), max_rows=10_000)  # type: ignore[arg-type]
+
+    for b, rows in final_rows(warehouse).items():
+        assert rows == live_rows([m for m in msgs if bucket_of(m["record"]["segmentId"], N) == b])
+    assert rec.parses() == stats.flushes  # one JSON parse per flush, however many buckets it spans
+    fanned = [s for s in rec.statements if s.startswith("INSERT INTO activityRelations_bucket_") and "_part = " in s]
+    assert len(fanned) >= 2  # at least one flush took several bucket tables from the stage
+    assert stats.inserted == {raw_table(b): 5 for b in range(N)}
+
+
+def test_a_bad_message_in_a_several_bucket_batch_is_found_and_the_rest_loaded(bootstrap, topics, warehouse) -> None:
+    segs = segments_in_every_bucket()
+    good = [change("insert", activity(seg, i)) for seg in segs for i in range(3)]
+    bad = change("insert", activity(segs[2], 9, timestamp="yesterday"))
+    items = on_topics(topics, good[:6]) + on_topics(topics, [bad]) + on_topics(topics, good[6:])
+    produce(bootstrap, items)
+    rec = Recording(warehouse)
+    stats = load(bootstrap, topics, rec, len(items), max_rows=10_000)  # type: ignore[arg-type]
+
+    assert stats.dead_lettered == 1
+    for b, rows in final_rows(warehouse).items():
+        assert rows == live_rows([m for m in good if bucket_of(m["record"]["segmentId"], N) == b])
+    (letter,) = drain(bootstrap, [topics.dlq], expected=1, timeout=30)
+    assert letter.value() == orjson.dumps(bad)
+    assert b"timestamp" in dict(letter.headers() or [])["bucketer-error-detail"]
