@@ -99,14 +99,14 @@ def route_cmd(
         ),
     ] = False,
     partitions: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--partitions",
             envvar="BUCKETER_BUCKET_PARTITIONS",
             min=1,
-            help="Partitions of the bucket topics the router creates.",
+            help="Partitions per bucket topic the router creates (default: ceil(30 / N), about 30 in all).",
         ),
-    ] = 3,
+    ] = None,
     replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
     batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.5,
@@ -204,7 +204,15 @@ def run_cmd(
         bool, typer.Option("--enrich-on-exit", help="Rebuild every bucket before exiting.")
     ] = False,
     at_least_once: Annotated[bool, typer.Option("--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE")] = False,
-    partitions: Annotated[int, typer.Option("--partitions", envvar="BUCKETER_BUCKET_PARTITIONS", min=1)] = 3,
+    partitions: Annotated[
+        int | None,
+        typer.Option(
+            "--partitions",
+            envvar="BUCKETER_BUCKET_PARTITIONS",
+            min=1,
+            help="Partitions per bucket topic created here (default: ceil(30 / N), about 30 in all).",
+        ),
+    ] = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(

@@ -10,7 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SOURCE = "activityRelations"
+# Bucket topics share this many partitions in all by default. A router transaction writes to every bucket
+# partition it routes to, and its cost (one commit marker per partition, smaller per-partition batches) grows
+# with that count: measured on the local broker (bench/RESULTS.md), 100 topics x 3 partitions ran at 0.58x the
+# messages/s of 10 x 3, while 100 x 1 ran at 1.2x. Keeping the total fixed keeps the cost flat as N grows.
+BUCKET_PARTITION_BUDGET = 30
+OTHER_PARTITIONS = 3  # the source, reference and DLQ topics when this project creates them
 REFERENCE_TABLES = ("members", "organizations", "repositories", "insightsProjects", "integrations")
+
+
+def bucket_partitions(buckets: int, partitions: int | None = None) -> int:
+    """Partitions per bucket topic: ``partitions`` when given, else ceil(BUCKET_PARTITION_BUDGET / buckets)
+    (10 buckets: 3, 20: 2, 30 and more: 1). One key always stays on one partition of its bucket topic."""
+    if partitions is not None:
+        return partitions
+    return max(1, -(-BUCKET_PARTITION_BUDGET // max(1, buckets)))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kafka import ensure_topics
-from connectors.topics import TopicNames
+from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
 from stream.loader import Loader, LoaderConfig
@@ -53,7 +53,7 @@ class PipelineConfig:
     parallel: int = 1
     schedule: str | None = None  # ScheduleConfig.parse spec; None = the staggered default
     enrich_on_exit: bool = False
-    partitions: int = 3
+    partitions: int | None = None  # per bucket topic; None: connectors.topics.bucket_partitions
     router_group: str = "bucketer-router"
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
@@ -85,13 +85,14 @@ class Pipeline:
         cfg = self.config
         ensure_topics(
             cfg.bootstrap,
-            [
-                *self.topics.buckets(cfg.buckets),
-                self.topics.dlq,
-                *self.topics.references().values(),
-                self.topics.source,
-            ],
-            cfg.partitions,
+            self.topics.buckets(cfg.buckets),
+            bucket_partitions(cfg.buckets, cfg.partitions),
+            1,
+        )
+        ensure_topics(
+            cfg.bootstrap,
+            [self.topics.dlq, *self.topics.references().values(), self.topics.source],
+            cfg.partitions or OTHER_PARTITIONS,
             1,
         )
         with self.connect() as wh:

@@ -61,7 +61,7 @@ class RouterConfig:
     group: str = "bucketer-router"
     topic_prefix: str = ""
     sink: str = "kafka"
-    partitions: int = 3  # of bucket topics (and the DLQ) when the router creates them
+    partitions: int | None = None  # per bucket topic it creates; None: connectors.topics.bucket_partitions
     replication: int = 1
     batch_size: int = 10_000
     batch_time: float = 0.5  # seconds a batch may wait to fill

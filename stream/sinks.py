@@ -43,7 +43,7 @@ from connectors.kafka import (
     from_exception,
     producer_config,
 )
-from connectors.topics import TopicNames
+from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
 
 if TYPE_CHECKING:
     from stream.router import RouterConfig
@@ -75,7 +75,7 @@ class KafkaSink:
         buckets: int,
         *,
         transactional_id: str | None,
-        partitions: int = 3,
+        partitions: int | None = None,
         replication: int = 1,
         timeout: float = 20.0,
         producer_overrides: dict[str, Any] | None = None,
@@ -95,7 +95,9 @@ class KafkaSink:
         self._failed: list[KafkaError] = []
 
     def open(self) -> None:
-        ensure_topics(self._bootstrap, [*self._topics, self._names.dlq], self._partitions, self._replication, 10.0)
+        per_bucket = bucket_partitions(self._buckets, self._partitions)
+        ensure_topics(self._bootstrap, self._topics, per_bucket, self._replication, 10.0)
+        ensure_topics(self._bootstrap, [self._names.dlq], self._partitions or OTHER_PARTITIONS, self._replication, 10.0)
         self._producer = Producer(self._conf)
         self._in_txn = False
         if self.exactly_once:

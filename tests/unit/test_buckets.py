@@ -68,3 +68,14 @@ def test_against_embedded_clickhouse_on_random_keys() -> None:
     assert len(theirs) == len(keys)
     assert [city_hash64(k) for k in keys] == theirs
     assert [h % 20 for h in theirs] == [bucket_of(k, 20) for k in keys]
+
+
+def test_bucket_topics_share_a_fixed_partition_budget_by_default() -> None:
+    from connectors.topics import BUCKET_PARTITION_BUDGET, bucket_partitions
+
+    assert BUCKET_PARTITION_BUDGET == 30
+    assert [bucket_partitions(n) for n in (1, 10, 20, 29, 30, 50, 100)] == [30, 3, 2, 2, 1, 1, 1]
+    for n in (10, 20, 50, 100):
+        total = n * bucket_partitions(n)
+        assert total <= max(n, BUCKET_PARTITION_BUDGET + n)  # the total stays near the budget, not N x 3
+    assert bucket_partitions(100, 6) == 6  # an explicit --partitions wins
