@@ -16,6 +16,17 @@ from bucketer.cli import (
     open_configured_warehouse,
 )
 
+# --partitions of route and run: per bucket topic, when they create the topics.
+BucketPartitionsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--partitions",
+        envvar="BUCKETER_BUCKET_PARTITIONS",
+        min=1,
+        help="Partitions per bucket topic created here (default: ceil(30 / N), about 30 in all).",
+    ),
+]
+
 
 # --- loadgen (stream/loadgen.py) -----------------------------------------------------------------------
 @app.command("loadgen")
@@ -98,15 +109,7 @@ def route_cmd(
             help="Faster: idempotent producer, offsets committed after delivery; a crash may duplicate.",
         ),
     ] = False,
-    partitions: Annotated[
-        int | None,
-        typer.Option(
-            "--partitions",
-            envvar="BUCKETER_BUCKET_PARTITIONS",
-            min=1,
-            help="Partitions per bucket topic the router creates (default: ceil(30 / N), about 30 in all).",
-        ),
-    ] = None,
+    partitions: BucketPartitionsOpt = None,
     replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
     batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.5,
@@ -204,15 +207,7 @@ def run_cmd(
         bool, typer.Option("--enrich-on-exit", help="Rebuild every bucket before exiting.")
     ] = False,
     at_least_once: Annotated[bool, typer.Option("--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE")] = False,
-    partitions: Annotated[
-        int | None,
-        typer.Option(
-            "--partitions",
-            envvar="BUCKETER_BUCKET_PARTITIONS",
-            min=1,
-            help="Partitions per bucket topic created here (default: ceil(30 / N), about 30 in all).",
-        ),
-    ] = None,
+    partitions: BucketPartitionsOpt = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(
