@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few messages, one repeat")
     ap.add_argument("--count", type=int, help="messages per contender run (default 50000; quick 3000)")
-    ap.add_argument("--sweep-count", type=int, help="messages per bucket-sweep run (default 100000; quick 3000)")
+    ap.add_argument("--sweep-count", type=int, help="messages per bucket-sweep run (default 300000; quick 3000)")
     ap.add_argument("--repeats", type=int, help="repeats, median reported (default 3; quick 1)")
     ap.add_argument("--contenders", default=",".join(LABELS), help="comma-separated subset of " + ",".join(LABELS))
     ap.add_argument("--sweep", default="10,20,50,100", help="bucket counts for the router sweep ('' to skip)")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     plan = Plan(
         count=args.count or (3000 if args.quick else 50000),
-        sweep_count=args.sweep_count or (3000 if args.quick else 100000),
+        sweep_count=args.sweep_count or (3000 if args.quick else 300000),
         repeats=args.repeats or (1 if args.quick else 3),
         contenders=tuple(c for c in args.contenders.split(",") if c),
         sweep=tuple(int(n) for n in args.sweep.split(",") if n),
