@@ -107,6 +107,7 @@ def consumer_config(bootstrap: str, group: str, **overrides: Any) -> dict[str, A
         "session.timeout.ms": 15_000,
         "max.poll.interval.ms": 120_000,
         "fetch.wait.max.ms": 100,
+        "fetch.min.bytes": 262_144,
         "queued.max.messages.kbytes": 65_536,
     }
     conf.update(overrides)
