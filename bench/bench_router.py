@@ -106,7 +106,7 @@ def passthrough(
     consumer.subscribe([source])
     done, first, last = 0, 0.0, 0.0
     while done < count:
-        msgs = consumer.consume(BATCH, timeout=0.5)
+        msgs = consumer.consume(BATCH, timeout=RouterConfig.batch_time)
         if not msgs:
             continue
         first = first or time.monotonic()
