@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
 
 LIBRDKAFKA_LOG = logging.getLogger("bucketer.librdkafka")
 H_ERROR_CLASS = "bucketer-error-class"
@@ -136,6 +139,21 @@ def producer_config(bootstrap: str, transactional_id: str | None = None, **overr
         conf["transaction.timeout.ms"] = 60_000
     conf.update(overrides)
     return conf
+
+
+def ensure_bucket_topics(
+    bootstrap: str,
+    names: TopicNames,
+    buckets: int,
+    partitions: int | None,
+    replication: int,
+    timeout: float = 30.0,
+    others: Sequence[str] = (),
+) -> None:
+    """Create the missing bucket topics (``bucket_partitions(buckets, partitions)`` each) and the DLQ plus
+    ``others`` (``partitions``, else OTHER_PARTITIONS each). Existing topics are left as they are."""
+    ensure_topics(bootstrap, names.buckets(buckets), bucket_partitions(buckets, partitions), replication, timeout)
+    ensure_topics(bootstrap, [names.dlq, *others], partitions or OTHER_PARTITIONS, replication, timeout)
 
 
 def admin(bootstrap: str, quiet: bool = False) -> AdminClient:

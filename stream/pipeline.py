@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connectors.kafka import ensure_topics
-from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
+from connectors.kafka import ensure_bucket_topics
+from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
 from stream.loader import Loader, LoaderConfig
@@ -83,17 +83,13 @@ class Pipeline:
 
     def run(self) -> None:
         cfg = self.config
-        ensure_topics(
+        ensure_bucket_topics(
             cfg.bootstrap,
-            self.topics.buckets(cfg.buckets),
-            bucket_partitions(cfg.buckets, cfg.partitions),
+            self.topics,
+            cfg.buckets,
+            cfg.partitions,
             1,
-        )
-        ensure_topics(
-            cfg.bootstrap,
-            [self.topics.dlq, *self.topics.references().values(), self.topics.source],
-            cfg.partitions or OTHER_PARTITIONS,
-            1,
+            others=[*self.topics.references().values(), self.topics.source],
         )
         with self.connect() as wh:
             ensure_schema(wh, cfg.buckets)

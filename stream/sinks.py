@@ -39,11 +39,11 @@ from connectors.kafka import (
     KafkaFatalError,
     KafkaRetryError,
     classify,
-    ensure_topics,
+    ensure_bucket_topics,
     from_exception,
     producer_config,
 )
-from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
+from connectors.topics import TopicNames
 
 if TYPE_CHECKING:
     from stream.router import RouterConfig
@@ -95,9 +95,7 @@ class KafkaSink:
         self._failed: list[KafkaError] = []
 
     def open(self) -> None:
-        per_bucket = bucket_partitions(self._buckets, self._partitions)
-        ensure_topics(self._bootstrap, self._topics, per_bucket, self._replication, 10.0)
-        ensure_topics(self._bootstrap, [self._names.dlq], self._partitions or OTHER_PARTITIONS, self._replication, 10.0)
+        ensure_bucket_topics(self._bootstrap, self._names, self._buckets, self._partitions, self._replication, 10.0)
         self._producer = Producer(self._conf)
         self._in_txn = False
         if self.exactly_once:
