@@ -32,6 +32,17 @@ def tinybird_token() -> object:
     return Secret(token)
 
 
+# --tinybird-url of the commands that call the Tinybird API (the token never comes from an option).
+TinybirdUrlOpt = Annotated[
+    str,
+    typer.Option(
+        "--tinybird-url",
+        envvar="BUCKETER_TINYBIRD_URL",
+        help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).",
+    ),
+]
+
+
 @tinybird_app.command("generate")
 def tinybird_generate(
     buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
@@ -46,14 +57,7 @@ def tinybird_generate(
 
 @tinybird_app.command("copy")
 def tinybird_copy(
-    url: Annotated[
-        str,
-        typer.Option(
-            "--tinybird-url",
-            envvar="BUCKETER_TINYBIRD_URL",
-            help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).",
-        ),
-    ],
+    url: TinybirdUrlOpt,
     bucket: Annotated[list[int] | None, typer.Option("--bucket", help="Bucket to rebuild (repeatable).")] = None,
     all_buckets: Annotated[bool, typer.Option("--all", help="Every bucket 0..N-1.")] = False,
     buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
@@ -108,14 +112,7 @@ def sync_countries(client: object) -> None:
 
 @tinybird_app.command("countries")
 def tinybird_countries(
-    url: Annotated[
-        str,
-        typer.Option(
-            "--tinybird-url",
-            envvar="BUCKETER_TINYBIRD_URL",
-            help="API base, e.g. https://api.tinybird.co (token: BUCKETER_TINYBIRD_TOKEN).",
-        ),
-    ],
+    url: TinybirdUrlOpt,
 ) -> None:
     """Resolve the organizations' new (country, location) pairs into organization_country_codes."""
     from connectors.tinybird_api import Secret, TinybirdClient

@@ -115,32 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         slug = json.loads(top.splitlines()[0])["slug"] if top.strip() else None
         if slug is None:
             raise SystemExit("demo: no enabled project has cleaned activities")
-        print(
-            sh(
-                "query",
-                "--data-dir",
-                str(warehouse),
-                "--project",
-                slug,
-                "SELECT {bucketId:UInt32} AS bucket, type, count() AS activities, sum(gitChangedLines) AS lines,"
-                " uniqExact(memberId) AS members FROM {bucket} WHERE segmentId = {segmentId:String}"
-                " GROUP BY type ORDER BY activities DESC LIMIT 8",
-                capture=True,
-            ).strip()
-        )
-        print(
-            sh(
-                "query",
-                "--data-dir",
-                str(warehouse),
-                "--project",
-                slug,
-                "SELECT organizationName, organizationCountryCode AS country, count() AS activities FROM {bucket}"
-                " WHERE segmentId = {segmentId:String} AND organizationName != '' GROUP BY 1, 2"
-                " ORDER BY activities DESC LIMIT 5",
-                capture=True,
-            ).strip()
-        )
+        for sql in (
+            "SELECT {bucketId:UInt32} AS bucket, type, count() AS activities, sum(gitChangedLines) AS lines,"
+            " uniqExact(memberId) AS members FROM {bucket} WHERE segmentId = {segmentId:String}"
+            " GROUP BY type ORDER BY activities DESC LIMIT 8",
+            "SELECT organizationName, organizationCountryCode AS country, count() AS activities FROM {bucket}"
+            " WHERE segmentId = {segmentId:String} AND organizationName != '' GROUP BY 1, 2"
+            " ORDER BY activities DESC LIMIT 5",
+        ):
+            print(sh("query", "--data-dir", str(warehouse), "--project", slug, sql, capture=True).strip())
     finally:
         if not args.keep:
             broker.stop()
