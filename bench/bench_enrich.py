@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
         "union each bucket's primary index skips all but the project's granules: what bucketing saves is the "
         "union's fixed cost per table (opening, index analysis, a pipeline branch each), which dominates for a "
         "small project and is lost in the rows read for a big one. The routing view (a merge() over the cleaned "
-        "tables filtered on _table) adds its own planning; the query layer names the bucket table directly.",
+        "tables filtered on _table) adds its own planning; the query layer names the bucket table directly. "
+        "Its lookup (slug -> segmentId and bucket through the project_buckets parameterized view, a query of its "
+        "own) is most of its time for a small project: compare 'bucket table alone'. Given the segmentId, the "
+        "union is the cheapest it can be; given the slug, like the query layer, it also runs the lookup.",
         "Rebuild time ends when the new snapshot is swapped in; before each timed variant the benchmark waits, "
         "untimed, for background merges to finish, so no variant pays for the previous one's merges. 'cores busy' "
         "= CPU seconds / wall seconds of this process (chdb runs in it): the unbucketed rebuild already keeps "
@@ -337,35 +340,50 @@ def query_bench(wh, report: Report, n: int, size: int, queries: int) -> str:  # 
     """One project's query through the union, the routing view and the query layer (``run_query`` with
     ``--project``: the project_buckets lookup, then its bucket table), for the biggest enabled project and a
     median-sized one (most projects are small: the union's per-table overhead is what bucketing removes);
-    returns a table."""
+    returns a table.
+
+    The query layer starts from the project slug. The union is timed twice: given the segmentId as a literal
+    (the cheapest union query there is), and given the slug like the query layer (``segmentId IN`` a lookup
+    in insightsProjects). The bucket table alone, given the segmentId, shows what the lookup costs."""
     ranked = wh.rows(f"""SELECT p.slug, p.segmentId, s.c FROM insightsProjects AS p FINAL
         INNER JOIN (SELECT segmentId, count() AS c FROM {UNION_VIEW} GROUP BY segmentId) AS s
         ON s.segmentId = p.segmentId WHERE p.enabled = 1 AND p.deletedAt IS NULL
         ORDER BY s.c DESC, p.slug""")
     picks = {"biggest": ranked[0], "median-sized": ranked[len(ranked) // 2]}
     select = "SELECT count(), sum(gitChangedLines), uniqExact(memberId) FROM {src} WHERE segmentId = {seg:String}"
+    by_slug = (
+        "segmentId IN (SELECT segmentId FROM insightsProjects FINAL "
+        "WHERE slug = {project:String} AND enabled = 1 AND deletedAt IS NULL)"
+    )
     lines = [
         f"One project's query (`{select.replace('{src}', '<source>')}`), median of {queries} interleaved runs "
-        f"at {size:,} activities; enabled projects with activities: {len(ranked)}:",
+        f"at {size:,} activities; enabled projects with activities: {len(ranked)}. 'union, by slug' takes the "
+        f"project slug, as the query layer does: `WHERE {by_slug}`.",
         "",
-        "| project | cleaned rows | bucket | union ms | routing view ms | query layer ms (`query --project`: lookup "
-        "+ bucket table) | query layer / union |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| project | cleaned rows | bucket | union ms (segmentId given) | union ms (by slug) | routing view ms "
+        "| bucket table alone ms (segmentId given) | query layer ms (`query --project`: lookup + bucket table) "
+        "| query layer / union (segmentId given) | query layer / union (by slug) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, (slug, seg, rows) in picks.items():
         bucket = wh.rows("SELECT bucketId FROM project_buckets(project = {p:String})", {"p": slug})[0][0]
         union_sql = select.replace("{src}", UNION_VIEW)
+        slug_sql = union_sql.replace("segmentId = {seg:String}", by_slug)
         routing_sql = select.replace("{src}", f"{ROUTING_VIEW}(bucketId = {bucket})")
+        table_sql = select.replace("{src}", cleaned_table(bucket))
         layer_sql = select.replace("{src}", "{bucket}").replace("{seg:String}", "{segmentId:String}")
         params = {"seg": seg}
         runs: dict[str, Callable[[], list]] = {
             "union": partial(wh.rows, union_sql, params),
+            "union by slug": partial(wh.rows, slug_sql, {"project": slug}),
             "routing": partial(wh.rows, routing_sql, params),
+            "bucket table": partial(wh.rows, table_sql, params),
             "query layer": partial(run_query, wh, layer_sql, project=slug),
         }
         answers = {k: fn() for k, fn in runs.items()}
         union = tuple(answers["union"][0])
-        assert tuple(answers["routing"][0]) == union, answers
+        for key in ("union by slug", "routing", "bucket table"):
+            assert tuple(answers[key][0]) == union, answers
         assert tuple(answers["query layer"][0].values()) == union, answers
         qt: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(queries):
@@ -384,10 +402,23 @@ def query_bench(wh, report: Report, n: int, size: int, queries: int) -> str:  # 
             target=0.2,
             higher_is_better=False,
         )
+        ratio_slug = report.ratio(
+            f"query layer / union by slug, {label} project, {size:,} activities",
+            qm["query layer"],
+            qm["union by slug"],
+            target=0.2,
+            higher_is_better=False,
+        )
         report.ratio(f"routing view / union, {label} project, {size:,} activities", qm["routing"], qm["union"])
+        report.ratio(
+            f"bucket table alone / union (no lookup), {label} project, {size:,} activities",
+            qm["bucket table"],
+            qm["union"],
+        )
         lines.append(
-            f"| {label}: {slug} | {rows:,} | {bucket} | {qm['union']:.1f} | {qm['routing']:.1f} | "
-            f"{qm['query layer']:.1f} | {ratio:.2f}x |"
+            f"| {label}: {slug} | {rows:,} | {bucket} | {qm['union']:.1f} | {qm['union by slug']:.1f} | "
+            f"{qm['routing']:.1f} | {qm['bucket table']:.1f} | {qm['query layer']:.1f} | {ratio:.2f}x | "
+            f"{ratio_slug:.2f}x |"
         )
     return "\n".join(lines)
 
