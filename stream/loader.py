@@ -3,13 +3,14 @@
 ``Loader(config, warehouse).run()`` consumes (read_committed, manual commits) the N bucket topics and the five
 reference topics, collects message values per target table, and flushes when a batch reaches
 ``max_rows`` messages or ``max_bytes`` bytes, or is ``max_wait`` seconds old, or when the input is drained
-(a poll brought nothing: caught up, so waiting longer only adds latency). A flush hands each table's message
-bytes to ClickHouse as they are (``Warehouse.insert_json`` with the SQL of stream/ingest.py: the engine parses
-the JSON) and only then commits the next offsets. On the embedded warehouse a flush that spans several raw
-buckets is parsed in one query into an in-memory stage that each bucket table then takes its rows from
-(planning the parsing SELECT costs tens of milliseconds, which per bucket table used to dominate a flush).
-A crash before the commit replays the batch, which is
-harmless: rows are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
+(a poll brought nothing: caught up, so waiting longer only adds latency; after a full poll, which means a
+backlog, it takes two empty polls, so a fetch in flight does not cut a catch-up batch short). A flush hands
+each table's message bytes to ClickHouse as they are (``Warehouse.insert_json`` with the SQL of
+stream/ingest.py: the engine parses the JSON) and only then commits the next offsets. On the embedded
+warehouse a flush that spans several raw buckets is parsed in one query into an in-memory stage that each
+bucket table then takes its rows from (planning the parsing SELECT costs tens of milliseconds, which per
+bucket table used to dominate a flush). A crash before the commit replays the batch, which is harmless: rows
+are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
 
 Bad messages never stop the loader and are never dropped silently: when an insert fails on its data (a
 ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``ingest.problem`` names the bad messages, the rest is
@@ -55,6 +56,9 @@ _CODE = re.compile(r"Code: (\d+)")
 def is_data_error(exc: BaseException) -> bool:
     m = _CODE.search(str(exc))
     return m is not None and int(m.group(1)) in DATA_ERRORS
+
+
+_CONSUME_MAX = 10_000  # messages per consume() call
 
 
 @dataclass(frozen=True)
@@ -173,17 +177,26 @@ class Loader:
         try:
             self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
             last_busy = self.clock()
+            backlog = False
             while not self._stop:
-                # While a batch waits, poll briefly: an empty poll means the input is drained.
-                timeout = min(cfg.poll_timeout, cfg.drained_after) if self._offsets else cfg.poll_timeout
-                msgs = self._consumer.consume(num_messages=10_000, timeout=timeout)
+                # While a batch waits, poll briefly: an empty poll means the input is drained. While an insert
+                # runs, poll briefly too, so its offsets are committed soon after it ends, not a long poll later.
+                busy = self._offsets or self._inflight is not None
+                timeout = min(cfg.poll_timeout, cfg.drained_after) if busy else cfg.poll_timeout
+                msgs = self._consumer.consume(num_messages=_CONSUME_MAX, timeout=timeout)
+                drained = False
                 if msgs:
                     self._take(msgs)
                     last_busy = self.clock()
+                    # A full consume means a backlog: then one empty poll is more likely a fetch still in
+                    # flight than the end of the input, and handing over there would split the batch.
+                    backlog = len(msgs) >= _CONSUME_MAX
+                elif self._offsets:
+                    drained, backlog = not backlog, False
                 if self._reap(wait=False):
                     last_busy = self.clock()
                 # Hand over a full or old batch, and one as soon as the input is drained (caught up).
-                if self._due() or (not msgs and self._offsets):
+                if self._due() or drained:
                     self._dispatch()  # may first wait for the previous insert
                     last_busy = self.clock()
                 # Idle means S seconds of empty polls with everything written and committed, never time spent

@@ -11,7 +11,7 @@ import pytest
 
 from connectors.topics import TopicNames
 from connectors.warehouse import WarehouseError
-from stream.loader import Loader, LoaderConfig, WarehouseUnavailable
+from stream.loader import _CONSUME_MAX, Loader, LoaderConfig, WarehouseUnavailable
 
 TOPICS = TopicNames(prefix="t.")
 RECORD = {
@@ -130,6 +130,27 @@ def test_rows_are_inserted_before_their_offsets_are_committed() -> None:
     assert max(log.events.index(i) for i in inserts) < log.events.index(commits[0])
     assert (stats.messages, stats.committed, stats.dead_lettered) == (3, 3, 0)
     assert log.events[-1] == ("close",)
+
+
+def inserted_batches(batches: list[list[Msg]]) -> list[int]:
+    log = Log()
+    loader_with(log, batches, FakeWarehouse(log)).run(until_idle=0.05)
+    return [len(e[2]) for e in log.events if e[0] == "insert"]
+
+
+def test_an_empty_poll_hands_the_batch_over_unless_the_poll_before_was_full() -> None:
+    b0 = TOPICS.bucket(0)
+
+    def msgs(first: int, n: int) -> list[Msg]:
+        return [Msg(b0, 0, first + i, GOOD) for i in range(n)]
+
+    # Caught up (a partial poll, then nothing): each batch goes as soon as a poll comes back empty.
+    assert inserted_batches([msgs(0, 5), [], msgs(5, 5)]) == [5, 5]
+    # A backlog (a full poll): one empty poll is a fetch in flight, so the batch waits for the next records;
+    # two empty polls in a row still hand it over.
+    full = _CONSUME_MAX
+    assert inserted_batches([msgs(0, full), [], msgs(full, 5)]) == [full + 5]
+    assert inserted_batches([msgs(0, full), [], [], msgs(full, 5)]) == [full, 5]
 
 
 def test_a_failed_insert_commits_nothing() -> None:
