@@ -109,6 +109,7 @@ class InsertClock:
         self.marker = f'"sourceId":"{tag}-'.encode()
         self.count = count
         self.seen = array.array("d", bytes(8 * count))
+        self.taken = array.array("d", bytes(8 * count))  # when the loader took the event from Kafka
         self.visible = 0
         self.inserts: list[tuple[float, int]] = []  # (seconds the INSERT took, rows)
 
@@ -133,6 +134,18 @@ class InsertClock:
         m = PART_INSERT.search(sql)
         if m and self._parts is not None:
             self._stamp(self._parts[int(m.group(1))], t0)
+
+    def stamp_taken(self, values) -> None:  # noqa: ANN001 - the values of one consume() batch
+        """Called by the loader (bench_latency's subclass) as it takes a batch from Kafka."""
+        now = time.time()
+        marker, taken, count = self.marker, self.taken, self.count
+        for value in values:
+            at = value.find(marker) if value else -1
+            if at >= 0:
+                start = at + len(marker)
+                seq = int(value[start : start + SEQ_DIGITS])
+                if seq < count and not taken[seq]:
+                    taken[seq] = now
 
     def _stamp(self, data, t0: float) -> None:  # noqa: ANN001
         now = time.time()
