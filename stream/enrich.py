@@ -232,8 +232,8 @@ WHERE _deleted = 0
 # core, with nothing to overlap: at 10M activities in 10 buckets that made the buckets' sum 1.4x one unbucketed
 # rebuild. Blocks of about a quarter of the source keep both going, and max_insert_threads (the engine's
 # max_threads) lets several blocks be sorted and written at once; big tables keep the default block size
-# (smaller blocks only add parts there). A small bucket (100k rows) rebuilt 1.4x faster with 16Ki-row blocks
-# and 2 writers than with one 64Ki-row block and 1 writer. Measured in bench/bench_enrich.py (bench/RESULTS.md).
+# (smaller blocks only add parts there). A 94k-row bucket took 70 ms with its 32Ki-row blocks and 2 writers,
+# against 96-112 ms as one 64Ki-row block with 1 writer. Measured in bench/bench_enrich.py (bench/RESULTS.md).
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS, BLOCKS_PER_REBUILD = 16_384, 1_048_576, 4
 
 
