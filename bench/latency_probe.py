@@ -137,28 +137,25 @@ class InsertClock:
 
     def stamp_taken(self, values) -> None:  # noqa: ANN001 - the values of one consume() batch
         """Called by the loader (bench_latency's subclass) as it takes a batch from Kafka."""
-        now = time.time()
-        marker, taken, count = self.marker, self.taken, self.count
-        for value in values:
-            at = value.find(marker) if value else -1
-            if at >= 0:
-                start = at + len(marker)
-                seq = int(value[start : start + SEQ_DIGITS])
-                if seq < count and not taken[seq]:
-                    taken[seq] = now
+        self._mark((v for v in values if v), self.taken, time.time())
 
     def _stamp(self, data, t0: float) -> None:  # noqa: ANN001
         now = time.time()
         self.inserts.append((time.perf_counter() - t0, 1 if isinstance(data, bytes) else len(data)))
-        marker, seen, count = self.marker, self.seen, self.count
-        for value in [data] if isinstance(data, bytes) else data:
+        self.visible += self._mark([data] if isinstance(data, bytes) else data, self.seen, now)
+
+    def _mark(self, values, stamps: array.array, now: float) -> int:  # noqa: ANN001
+        """Stamp ``now`` for each event of this phase found in ``values`` and not stamped yet; how many."""
+        marker, count, marked = self.marker, self.count, 0
+        for value in values:
             at = value.find(marker)
             if at >= 0:
                 start = at + len(marker)
                 seq = int(value[start : start + SEQ_DIGITS])
-                if seq < count and not seen[seq]:
-                    seen[seq] = now
-                    self.visible += 1
+                if seq < count and not stamps[seq]:
+                    stamps[seq] = now
+                    marked += 1
+        return marked
 
     @property
     def done(self) -> bool:
