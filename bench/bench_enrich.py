@@ -395,26 +395,17 @@ def query_bench(wh, report: Report, n: int, size: int, queries: int) -> str:  # 
             k: report.measure("query time", v, "ms", source=k, activities=size, project=slug, size=label)
             for k, v in qt.items()
         }
-        ratio = report.ratio(
-            f"query layer / union, one {label} project's query ({rows:,} rows), {size:,} activities",
-            qm["query layer"],
-            qm["union"],
-            target=0.2,
-            higher_is_better=False,
-        )
-        ratio_slug = report.ratio(
-            f"query layer / union by slug, {label} project, {size:,} activities",
-            qm["query layer"],
-            qm["union by slug"],
-            target=0.2,
-            higher_is_better=False,
-        )
-        report.ratio(f"routing view / union, {label} project, {size:,} activities", qm["routing"], qm["union"])
-        report.ratio(
-            f"bucket table alone / union (no lookup), {label} project, {size:,} activities",
-            qm["bucket table"],
-            qm["union"],
-        )
+        targeted = {"target": 0.2, "higher_is_better": False}
+        ratios = {
+            (part, whole): report.ratio(f"{name}, {size:,} activities", qm[part], qm[whole], **kw)
+            for part, whole, name, kw in (
+                ("query layer", "union", f"query layer / union, one {label} project's query ({rows:,} rows)", targeted),
+                ("query layer", "union by slug", f"query layer / union by slug, {label} project", targeted),
+                ("routing", "union", f"routing view / union, {label} project", {}),
+                ("bucket table", "union", f"bucket table alone / union (no lookup), {label} project", {}),
+            )
+        }
+        ratio, ratio_slug = ratios["query layer", "union"], ratios["query layer", "union by slug"]
         lines.append(
             f"| {label}: {slug} | {rows:,} | {bucket} | {qm['union']:.1f} | {qm['union by slug']:.1f} | "
             f"{qm['routing']:.1f} | {qm['bucket table']:.1f} | {qm['query layer']:.1f} | {ratio:.2f}x | "
