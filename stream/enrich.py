@@ -257,7 +257,7 @@ def cleaning_insert(wh: Warehouse, target: str, source: str, ref: ReferenceState
     return (
         f"INSERT INTO {target} {cleaning_select(source, ref)}\n"
         f"SETTINGS min_insert_block_size_rows = {insert_block_rows(source_rows)}, min_insert_block_size_bytes = 0, "
-        f"max_insert_threads = {max(1, threads)}"
+        f"max_insert_threads = {threads}"
     )
 
 
