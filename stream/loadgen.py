@@ -57,11 +57,14 @@ BAD_KINDS = (
     "null_segment_id",
     "tombstone",
     "bad_timestamp",
-    "not_an_object",
-    "missing_record",
+    "not_object",
+    "no_record",
     "unknown_action",
     "truncated",
 )
+# The DLQ class the router gives each kind (connectors/sequin.py ERROR_CLASSES): the summary counts by class, so
+# loadgen's figures and the router's dead-letter counters use one vocabulary. A truncated value is not JSON.
+DLQ_CLASS = {"truncated": "not_json"}
 
 MAX_TRACKED = 20_000  # live rows kept as candidates for updates, moves and deletes
 # Shares of the activityRelations stream (the rest are inserts). Applied to the good messages.
@@ -362,7 +365,7 @@ class ActivityStream:
     def bad(self) -> Generated:
         rng = self.rng
         kind = rng.choice(BAD_KINDS)
-        self.gen.summary.bad[kind] += 1
+        self.gen.summary.bad[DLQ_CLASS.get(kind, kind)] += 1
         moment = self.gen.now()
         row = self.new_row(moment)
         key = row["activityId"]
@@ -373,7 +376,7 @@ class ActivityStream:
             value = b'{"action":"insert","record":{"activityId":"\xff\xfe\xfa"}}'
         elif kind == "tombstone":
             value = None
-        elif kind == "not_an_object":
+        elif kind == "not_object":
             value = orjson.dumps(["insert", row])
         elif kind == "truncated":
             value = self.gen.encode(ACTIVITY_TOPIC, "insert", row, None, key, moment)[:-17]
@@ -390,7 +393,7 @@ class ActivityStream:
                 row["segmentId"] = None
             elif kind == "bad_timestamp":
                 row["timestamp"] = rng.choice(("yesterday", "2025-13-45T99:00:00Z", "", "17:00"))
-            elif kind == "missing_record":
+            elif kind == "no_record":
                 del msg["record"]
             elif kind == "unknown_action":
                 msg["action"] = "upsert"
