@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -81,7 +83,11 @@ def bucket_of_cmd(
     """Print cityHash64(segmentId) % N for each id, one per line, in order (bit-exact with ClickHouse)."""
     from stream.buckets import bucket_of
 
-    ids = segment_ids if segment_ids else (line.rstrip("\r\n") for line in sys.stdin)
+    # ClickHouse hashes a String's bytes, so ids are hashed as the bytes given, UTF-8 or not: arguments as the
+    # OS passed them (os.fsencode undoes Python's surrogateescape decoding), stdin read as bytes.
+    ids: Iterable[bytes] = (
+        (os.fsencode(s) for s in segment_ids) if segment_ids else (line.rstrip(b"\r\n") for line in sys.stdin.buffer)
+    )
     out = sys.stdout
     for sid in ids:
         out.write(f"{bucket_of(sid, buckets)}\n")

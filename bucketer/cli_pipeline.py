@@ -220,8 +220,11 @@ def run_cmd(
 
     from connectors.kafka import BucketerKafkaError
     from connectors.warehouse import WarehouseError
+    from stream.metrics import MetricsError
     from stream.pipeline import Pipeline, PipelineConfig
 
+    if metrics_port is not None and not 1 <= metrics_port <= 65535:
+        raise fail(f"--metrics-port {metrics_port} is out of range (1-65535)", 2)
     log_to_stderr()
     pipeline = Pipeline(
         PipelineConfig(
@@ -242,7 +245,7 @@ def run_cmd(
     install_stop(pipeline.stop)
     try:
         pipeline.run()
-    except (BucketerKafkaError, WarehouseError) as exc:
+    except (BucketerKafkaError, WarehouseError, MetricsError) as exc:
         raise fail(str(exc)) from None
     router, loader = pipeline.router, pipeline.loader
     if router is not None and loader is not None:

@@ -144,9 +144,11 @@ _engine: _Engine | None = None
 
 
 def _take_dir_lock(data_dir: Path) -> int:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = data_dir / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a file in the way, a read-only or unwritable directory: one line, not a traceback
+        raise WarehouseError(f"cannot use data dir {data_dir}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -101,6 +101,15 @@ def serve(port: int, host: str = "127.0.0.1", **workers: Any) -> CollectorRegist
     """Expose the workers' metrics over HTTP (a daemon thread); returns the registry."""
     from prometheus_client import start_http_server
 
+    if not 1 <= port <= 65535:
+        raise MetricsError(f"metrics port {port} is out of range (1-65535)")
     registry = registry_for(**workers)
-    start_http_server(port, addr=host, registry=registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # in use, or not ours to bind
+        raise MetricsError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     return registry
+
+
+class MetricsError(RuntimeError):
+    """The metrics endpoint cannot be served (port out of range or in use); one line."""
