@@ -75,6 +75,8 @@ def status_cmd(
     def age(seconds: float | None) -> str:
         if seconds is None:
             return "-"
+        if seconds < 60:
+            return f"{seconds:.0f}s"
         return f"{seconds / 3600:.1f}h" if seconds >= 3600 else f"{seconds / 60:.0f}m"
 
     widest = max((b.raw_rows for b in st.buckets), default=0) or 1
@@ -86,7 +88,8 @@ def status_cmd(
         ("share", "right"),
         ("", "left"),
         ("snapshotId", "left"),
-        ("age", "right"),
+        ("rebuilt", "right"),
+        ("next rebuild", "right"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for b in st.buckets:
@@ -97,10 +100,11 @@ def status_cmd(
             f"{b.share:.1%}",
             "█" * round(24 * b.raw_rows / widest),
             b.snapshot_id.strftime("%Y-%m-%d %H:%M") if b.snapshot_id else "-",
-            age(b.snapshot_age_s),
+            f"{age(b.rebuilt_age_s)} ago ({b.rebuild_seconds:.1f}s)" if b.rebuilt_age_s is not None else "-",
+            b.next_rebuild.strftime("%H:%M UTC") if b.next_rebuild else "-",
         )
     table.add_section()
-    table.add_row("all", f"{st.raw_total:,}", f"{st.cleaned_total:,}", "100%" if st.raw_total else "-", "", "", "")
+    table.add_row("all", f"{st.raw_total:,}", f"{st.cleaned_total:,}", "100%" if st.raw_total else "-", "", "", "", "")
     console = Console()
     if not console.is_terminal:  # piped (make demo, logs): rich's 80-column default would wrap every row
         console = Console(width=max(console.width, 110))

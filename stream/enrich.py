@@ -71,6 +71,8 @@ from stream.schema import ACTIVITY_NAMES, cleaned_table_ddl
 log = logging.getLogger(__name__)
 
 COUNTRY_TABLE = "organization_country_codes"
+# One row per finished rebuild: when it finished, how long it took, its rows and snapshot (status reads it).
+REBUILD_LOG = "bucketer_rebuilds"
 GIT_PLATFORMS = ("git", "gerrit", "github", "gitlab")
 ASIDE_SUFFIX = "__next"
 OLD_SUFFIX = "__old"
@@ -101,6 +103,13 @@ def country_table_ddl() -> str:
         f"CREATE TABLE IF NOT EXISTS {COUNTRY_TABLE} (country String, location String, "
         f"code LowCardinality(String), resolverVersion UInt32) "
         f"ENGINE = ReplacingMergeTree(resolverVersion) ORDER BY (country, location)"
+    )
+
+
+def rebuild_log_ddl() -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {REBUILD_LOG} (bucket UInt32, finishedAt DateTime64(3, 'UTC'), "
+        f"snapshotId DateTime('UTC'), rows UInt64, seconds Float64) ENGINE = MergeTree ORDER BY (bucket, finishedAt)"
     )
 
 
@@ -365,7 +374,21 @@ class Enricher:
                 drop_reference(wh, own)
         seconds = time.monotonic() - started
         log.info("enrich: bucket %d rebuilt, %d rows, snapshot %s, %.2fs", bucket, rows, snapshot, seconds)
+        self._log_rebuild(wh, bucket, snapshot, rows, seconds)
         return RebuildResult(bucket, "ok", rows=rows, seconds=seconds, snapshot_id=snapshot)
+
+    def _log_rebuild(self, wh: Warehouse, bucket: int, snapshot: datetime, rows: int, seconds: float) -> None:
+        """Record the finished rebuild (after the swap: the new snapshot is already in place, so a failure here
+        only costs the log line, and is logged)."""
+        try:
+            wh.command(rebuild_log_ddl())
+            wh.insert(
+                REBUILD_LOG,
+                ("bucket", "finishedAt", "snapshotId", "rows", "seconds"),
+                [(bucket, self._clock.now(), snapshot, rows, seconds)],
+            )
+        except WarehouseError as exc:
+            log.warning("enrich: bucket %d rebuilt, but the rebuild log was not written: %s", bucket, exc)
 
     def _swap(self, wh: Warehouse, bucket: int) -> None:
         target = cleaned_table(bucket)

@@ -19,6 +19,8 @@ from typing import Any
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
 from stream.buckets import cleaned_table, raw_table
+from stream.enrich import REBUILD_LOG
+from stream.schedule import ScheduleConfig, next_slot
 from stream.schema import bucket_count
 
 log = logging.getLogger("bucketer.status")
@@ -31,7 +33,11 @@ class BucketStatus:
     cleaned_rows: int
     share: float
     snapshot_id: datetime | None
-    snapshot_age_s: float | None
+    snapshot_age_s: float | None  # since the start of the snapshot's hour (snapshotId)
+    rebuilt_at: datetime | None = None  # when the last rebuild finished (bucketer_rebuilds)
+    rebuilt_age_s: float | None = None  # since that rebuild finished
+    rebuild_seconds: float | None = None  # how long it took
+    next_rebuild: datetime | None = None  # the next slot of the default staggered schedule
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class Status:
         out = asdict(self)
         out["generated_at"] = self.generated_at.isoformat()
         for b in out["buckets"]:
-            b["snapshot_id"] = b["snapshot_id"].isoformat() if b["snapshot_id"] else None
+            for k in ("snapshot_id", "rebuilt_at", "next_rebuild"):
+                b[k] = b[k].isoformat() if b[k] else None
         return out
 
 
@@ -65,19 +72,31 @@ def warehouse_status(
     n = buckets or bucket_count(wh)
     if not n:
         raise LookupError("the warehouse has no bucketer schema yet (run the pipeline or `bucketer enrich` first)")
+    logged = bool(
+        wh.rows(
+            "SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+            {"t": REBUILD_LOG},
+        )
+    )
+    last = (
+        "(SELECT argMax(tuple(finishedAt, seconds), finishedAt) FROM {log} WHERE bucket = {b})"
+        if logged
+        else "tuple(toDateTime64(0, 3, 'UTC'), 0.0)"
+    )
     parts = [
         f"SELECT {b} AS b, (SELECT count() FROM {raw_table(b)} FINAL) AS raw, "
         f"(SELECT count() FROM {cleaned_table(b)}) AS cleaned, "
-        f"(SELECT max(snapshotId) FROM {cleaned_table(b)}) AS snap"
+        f"(SELECT max(snapshotId) FROM {cleaned_table(b)}) AS snap, " + last.format(log=REBUILD_LOG, b=b) + " AS last"
         for b in range(n)
     ]
     # ORDER BY after a UNION ALL binds to its last SELECT only: order the whole union from outside.
     rows = wh.rows("SELECT * FROM (" + " UNION ALL ".join(parts) + ") ORDER BY b")
     total = sum(int(r[1]) for r in rows)
     at = now()
+    schedule = ScheduleConfig(buckets=n)
     out = []
-    for b, raw, cleaned, snap in rows:
-        snap_at = _utc(snap)
+    for b, raw, cleaned, snap, (finished, seconds) in rows:
+        snap_at, done_at = _utc(snap), _utc(finished)
         out.append(
             BucketStatus(
                 int(b),
@@ -86,6 +105,10 @@ def warehouse_status(
                 (int(raw) / total) if total else 0.0,
                 snap_at,
                 (at - snap_at).total_seconds() if snap_at else None,
+                done_at,
+                (at - done_at).total_seconds() if done_at else None,
+                float(seconds) if done_at else None,
+                next_slot(int(b), at, schedule),
             )
         )
     return Status(out, total, sum(s.cleaned_rows for s in out), at)
