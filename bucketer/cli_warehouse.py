@@ -53,8 +53,13 @@ def status_cmd(
     ] = None,
     router_group: Annotated[str, typer.Option("--router-group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Exit 0 even when Kafka's figures could not be had.")
+    ] = False,
 ) -> None:
-    """Per bucket: raw rows, cleaned rows, share, snapshotId and its age; DLQ count and router lag."""
+    """Per bucket: raw rows, cleaned rows, share, snapshotId, last and next rebuild; DLQ count and router lag.
+    With --bootstrap and Kafka unreachable, the warehouse part is still shown, and the exit is 1 (or 0 with
+    --allow-partial)."""
     import json
 
     from connectors.topics import TopicNames
@@ -68,6 +73,8 @@ def status_cmd(
         raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(st.as_json()))
+        if st.kafka_error and not allow_partial:
+            raise fail(f"kafka figures missing (DLQ count, router lag): {st.kafka_error}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -111,6 +118,8 @@ def status_cmd(
     console.print(table)
     if st.kafka_error:
         console.print(f"kafka: {st.kafka_error}")
+        if not allow_partial:
+            raise fail(f"kafka figures missing (DLQ count, router lag): {st.kafka_error}")
     elif bootstrap:
         console.print(
             f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "

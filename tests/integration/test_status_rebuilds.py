@@ -46,3 +46,20 @@ def test_status_shows_time_since_the_rebuild_finished_and_the_next_slot(tmp_path
         assert by[b].next_rebuild == next_slot(b, now, ScheduleConfig(buckets=N))
     assert by[0].next_rebuild == datetime(2026, 3, 1, 11, 10, tzinfo=UTC)  # buckets 0-1 at :10
     assert st.as_json()["buckets"][1]["rebuilt_at"] == finished.isoformat()
+
+
+def test_status_with_kafka_unreachable_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "wh"
+    with open_warehouse(data) as wh:
+        ensure_schema(wh, N)
+    cli = [str(Path(sys.executable).with_name("bucketer")), "status", "--data-dir", str(data)]
+    cli += ["--bootstrap", "127.0.0.1:1"]
+    for extra, code in (([], 1), (["--json"], 1), (["--allow-partial"], 0)):
+        proc = subprocess.run(cli + extra, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == code, (extra, proc.stdout, proc.stderr)
+        assert "cleaned rows" in proc.stdout or "cleaned_rows" in proc.stdout  # the warehouse part is shown
+        if code:
+            assert "kafka figures missing" in proc.stderr and "Traceback" not in proc.stderr
