@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from bucketer.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, fetch_jars
+from bucketer.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, check_ports, fetch_jars
 
 app = typer.Typer(
     help="Kafka-fed streaming bucketer: Sequin changes -> cityHash64 buckets -> ClickHouse.",
@@ -38,6 +38,10 @@ def fail(reason: str, code: int = 1) -> typer.Exit:
 def local_start(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -> None:
     """Start the broker (idempotent); the last line printed is bootstrap=127.0.0.1:PORT."""
     broker = LocalKafka(dir, port=port)
+    try:
+        check_ports(broker.port, broker.controller_port)
+    except LocalKafkaError as exc:
+        raise fail(str(exc), 2) from None
     try:
         was_running = broker.status().running
         bootstrap = broker.start()

@@ -132,10 +132,20 @@ def route_cmd(
             help="Tinybird API base URL (--sink tinybird); the token comes from BUCKETER_TINYBIRD_TOKEN only.",
         ),
     ] = None,
+    tinybird_deadline: Annotated[
+        float,
+        typer.Option(
+            "--tinybird-unreachable-deadline",
+            envvar="BUCKETER_TINYBIRD_UNREACHABLE_DEADLINE",
+            min=0.1,
+            help="Seconds Tinybird may stay unreachable (refused, 5xx, timeouts) before route stops with an error.",
+        ),
+    ] = 180.0,
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
     from connectors.kafka import BrokerUnreachable, BucketerKafkaError
     from stream.router import Router, RouterConfig
+    from stream.sinks import SinkFatalError
 
     if sink not in ("kafka", "tinybird"):
         raise fail(f"unknown sink {sink!r}; expected kafka or tinybird", 2)
@@ -153,7 +163,9 @@ def route_cmd(
         if not tinybird_url or not token:
             raise fail("--sink tinybird needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN", 2)
         config_cls = TinybirdRouterConfig
-        extra["tinybird"] = TinybirdConfig(url=tinybird_url, token=Secret(token), buckets=buckets)
+        extra["tinybird"] = TinybirdConfig(
+            url=tinybird_url, token=Secret(token), buckets=buckets, unreachable_deadline=tinybird_deadline
+        )
     config = config_cls(
         bootstrap=bootstrap,
         buckets=buckets,
@@ -173,7 +185,7 @@ def route_cmd(
     install_stop(router.stop)
     try:
         router.run()
-    except BrokerUnreachable as exc:
+    except (BrokerUnreachable, SinkFatalError) as exc:
         raise fail(str(exc)) from None
     except BucketerKafkaError as exc:
         raise fail(f"router stopped on a Kafka error: {exc}") from None

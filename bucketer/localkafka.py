@@ -34,6 +34,17 @@ class LocalKafkaError(RuntimeError):
     """A one-line, user-facing reason why the local broker could not be managed."""
 
 
+class InvalidPort(LocalKafkaError):
+    """A broker or controller port outside 1-65535 (a usage error: exit 2)."""
+
+
+def check_ports(port: int, controller_port: int) -> None:
+    """Raise ``InvalidPort`` unless both ports are in 1-65535 (the controller port defaults to port + 1)."""
+    for what, p in (("port", port), ("controller port", controller_port)):
+        if not 1 <= p <= 65535:
+            raise InvalidPort(f"{what} {p} is out of range: use 1-65535 (the controller takes port + 1)")
+
+
 @dataclass(frozen=True)
 class BrokerStatus:
     running: bool
@@ -171,6 +182,10 @@ class LocalKafka:
 
     # -- start ---------------------------------------------------------------------------------------
     def start(self, timeout: float = 90.0) -> str:
+        """Start the broker (idempotent) and wait until it answers. Ports are checked first
+        (``InvalidPort``); a broker that does not come up is killed with its process group, so a
+        failed start never leaves a broker behind."""
+        check_ports(self.port, self.controller_port)
         current = self.status()
         if current.running:
             # Idempotent: the broker of this directory is already up (maybe on its own recorded port).
@@ -213,8 +228,23 @@ class LocalKafka:
         self._state_file.write_text(
             json.dumps({"pid": proc.pid, "port": self.port, "controller_port": self.controller_port})
         )
-        self._wait_ready(proc.pid, timeout)
+        try:
+            self._wait_ready(proc.pid, timeout)
+        except BaseException:  # not up (or interrupted): never leave a broker behind
+            self._kill_group(proc)
+            raise
         return self.bootstrap
+
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: its group id is its pid
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._state_file.unlink(missing_ok=True)
 
     def _write_config(self) -> Path:
         data = self.directory / "data"

@@ -10,8 +10,9 @@ Contract (the ``Sink`` seam of stream/sinks.py, TINYBIRD.md):
 - Failures: 429 -> that data source waits ``Retry-After`` (else ``X-RateLimit-Reset``, else backoff)
   before its next request; 5xx/timeouts -> capped exponential backoff with jitter, retried; 413 -> the
   batch is split in halves; 400/403/404 -> stop with a clear error; 422 -> logged loudly with the
-  response and stop (no blind retry). A stop is sticky: the sink refuses to commit or reopen, so no later
-  offset is ever committed past undelivered rows. Quarantined rows are counted and logged.
+  response and stop (no blind retry). Retries of one request that fail for ``unreachable_deadline``
+  seconds (429s aside) stop the sink too: "Tinybird unreachable". A stop is sticky: the sink refuses to
+  commit or reopen, so no later offset is ever committed past undelivered rows. Quarantined rows are counted and logged.
 - Offsets (``AckTracker``): each router batch is a checkpoint; ``commit`` seals it with its offsets, sends
   the buffers at once, waits until every line of the batch was acknowledged (200) and commits, per source
   partition, the offsets of the longest acknowledged prefix of checkpoints. (Waiting per batch keeps the
@@ -20,6 +21,9 @@ Contract (the ``Sink`` seam of stream/sinks.py, TINYBIRD.md):
   ``close`` flushes, waits (bounded) and commits what was acknowledged; it raises ``TinybirdSinkError`` if the
   sink stopped and nothing reported it yet (so a run ending idle still exits with the error). A crash
   re-sends, never loses.
+- ``interrupt()`` (the router's stop, from a signal handler): every wait and retry ends within ~0.25 s,
+  the pending ``commit`` raises ``KafkaRetryError`` (the batch stays uncommitted and is replayed by
+  the next run) and ``close`` commits only what was already acknowledged, without waiting.
 - Bad input goes to the DLQ Kafka topic through the ``dlq`` sink, never to Tinybird.
 """
 
@@ -38,7 +42,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
-from connectors.kafka import BucketerKafkaError, KafkaFatalError, from_exception
+from connectors.kafka import BucketerKafkaError, KafkaRetryError, from_exception
 from connectors.tinybird_api import (
     Secret,
     TinybirdClient,
@@ -47,6 +51,7 @@ from connectors.tinybird_api import (
     TinybirdRetryable,
     TinybirdTooLarge,
 )
+from stream.sinks import SinkFatalError
 
 log = logging.getLogger("bucketer.tinybird")
 Headers = list[tuple[str, bytes]] | None
@@ -67,12 +72,13 @@ class TinybirdConfig:
     backoff_cap: float = 30.0
     gzip_min_bytes: int = 4096
     close_timeout: float = 60.0
+    unreachable_deadline: float = 180.0  # seconds of failed retries (5xx, timeouts, refused) before a stop
 
     def datasource(self, bucket: int) -> str:
         return self.datasource_template.format(n=bucket)
 
 
-class TinybirdSinkError(KafkaFatalError):
+class TinybirdSinkError(SinkFatalError):
     """The sink stopped (configuration error, partial write, undeliverable rows); restart replays."""
 
 
@@ -195,7 +201,7 @@ class SourceWorker:
     def _take(self) -> tuple[list[bytes], list[Checkpoint]] | None:
         with self.cond:
             while True:
-                if self.stopping or self.sink.fatal is not None:
+                if self.stopping or self.sink.fatal is not None or self.sink.interrupted.is_set():
                     return None
                 if self.lines:
                     age = self.sink.clock() - self.since
@@ -259,7 +265,7 @@ class SourceWorker:
             packed = gzip.compress(body, compresslevel=5)
             gzipped = len(packed) < len(body) * 0.9
             body = packed if gzipped else body
-        attempt = 0
+        attempt, failing_since = 0, None
         while True:
             self._pace()
             try:
@@ -269,6 +275,15 @@ class SourceWorker:
                     result = self.sink.client.post_events(self.datasource, body, gzipped)
             except TinybirdRetryable as exc:
                 attempt += 1
+                if exc.status != 429:  # a 429 is an answer: Tinybird is there
+                    now = self.sink.clock()
+                    failing_since = now if failing_since is None else failing_since
+                    if now - failing_since >= self.cfg.unreachable_deadline:
+                        raise TinybirdError(
+                            f"Tinybird unreachable at {self.cfg.url} for {now - failing_since:.0f}s "
+                            f"(unreachable_deadline {self.cfg.unreachable_deadline:g}s; last: {exc}); "
+                            "nothing after the last acknowledged batch was committed, a restart re-sends it"
+                        ) from None
                 delay = exc.delay if exc.delay is not None else self.sink.backoff(attempt)
                 self.not_before = max(self.not_before, self.sink.clock() + delay)
                 self.sink.count(self.datasource, "throttled" if exc.status == 429 else "retries")
@@ -299,7 +314,7 @@ class SourceWorker:
     def _pace(self) -> None:
         """Wait for this data source's next slot: Retry-After and the requests-per-second limit."""
         while True:
-            if self.stopping or self.sink.fatal is not None:
+            if self.stopping or self.sink.fatal is not None or self.sink.interrupted.is_set():
                 raise _Stopped
             wait = self.not_before - self.sink.clock()
             if wait <= 0:
@@ -340,9 +355,15 @@ class TinybirdSink:
         self._current: Checkpoint | None = None
         self._consumer: Any = None
         self.slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self.interrupted = threading.Event()
 
     def __repr__(self) -> str:
         return f"TinybirdSink(url={self.config.url!r}, buckets={self.config.buckets}, token=***)"
+
+    def interrupt(self) -> None:
+        """The router stops: end every wait and retry (see the module docstring). Signal-safe: only
+        sets an event, takes no lock; every wait polls it at least every 0.25 s."""
+        self.interrupted.set()
 
     # --- the Sink seam --------------------------------------------------------------------------------
     def open(self) -> None:
@@ -396,9 +417,12 @@ class TinybirdSink:
         for w in self._workers.values():
             w.flush()
         with self.tracker.cond:
-            while ckpt.pending > 0 and self.fatal is None:
+            while ckpt.pending > 0 and self.fatal is None and not self.interrupted.is_set():
                 self.tracker.cond.wait(0.2)
+            abandoned = ckpt.pending > 0
         self._raise_if_failed()
+        if abandoned:
+            raise KafkaRetryError("stopped before Tinybird acknowledged the batch; it stays uncommitted")
         self._commit_ready(consumer)
 
     def abort(self) -> None:
@@ -416,7 +440,12 @@ class TinybirdSink:
             w.flush()
         deadline = self.clock() + self.config.close_timeout
         with self.tracker.cond:
-            while self.tracker.pending_bytes > 0 and self.fatal is None and self.clock() < deadline:
+            while (
+                self.tracker.pending_bytes > 0
+                and self.fatal is None
+                and not self.interrupted.is_set()
+                and self.clock() < deadline
+            ):
                 self.tracker.cond.wait(0.1)
             undelivered = self.tracker.pending_bytes
         if self._consumer is not None:
@@ -429,7 +458,11 @@ class TinybirdSink:
         for w in self._workers.values():
             w.thread.join(5.0)
         self._workers.clear()
-        if undelivered > 0 and self.fatal is None:
+        if undelivered > 0 and self.fatal is None and self.interrupted.is_set():
+            log.warning(
+                "stopped with %d bytes not acknowledged by Tinybird: not committed, re-sent next run", undelivered
+            )
+        elif undelivered > 0 and self.fatal is None:
             self.fatal = TinybirdError(
                 f"{undelivered} bytes not acknowledged by Tinybird within "
                 f"{self.config.close_timeout}s; restart to re-send them"

@@ -49,7 +49,7 @@ from connectors.kafka import (
 )
 from connectors.topics import TopicNames
 from stream.routing import BatchRouter, RouterStats
-from stream.sinks import Sink, make_sink
+from stream.sinks import Sink, SinkFatalError, interrupt_sink, make_sink
 
 log = logging.getLogger("bucketer.router")
 
@@ -91,6 +91,7 @@ class Router:
         self.stats = RouterStats(config.buckets)
         self._sink_factory, self._clock = sink_factory, clock
         self._stopping = False
+        self._sink: Sink | None = None
         self._assigned_at = 0.0
         self._broken = False  # the sink must be closed and reopened before the next batch
         self._rewind_needed = False  # the consumer must seek to the committed offsets first
@@ -98,13 +99,19 @@ class Router:
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
 
     def stop(self) -> None:
+        """Stop after the batch in hand; a sink waiting on its target is interrupted (the batch is
+        then abandoned uncommitted and replayed later). Safe to call from a signal handler."""
         self._stopping = True
+        if self._sink is not None:
+            interrupt_sink(self._sink)
 
     def run(self) -> None:
         cfg = self.config
         if self._consumer_factory is None:
             check_reachable(cfg.bootstrap)
-        sink = self._sink_factory(cfg)
+        sink = self._sink = self._sink_factory(cfg)
+        if self._stopping:
+            interrupt_sink(sink)
         sink.open()
         extra: dict[str, object] = {
             "session.timeout.ms": cfg.session_timeout_ms,
@@ -169,7 +176,13 @@ class Router:
             sink.begin()
             counts = self._router.route(good, sink)  # type: ignore[arg-type]
             sink.commit([TopicPartition(t, p, o + 1) for (t, p), o in last.items()], consumer)
+        except SinkFatalError:
+            raise
         except BucketerKafkaError as exc:
+            if self._stopping:
+                self._abort(sink)
+                log.info("stopping: batch of %d abandoned uncommitted (replayed on the next run)", len(good))
+                return
             self.stats.aborts += 1
             self._rewind_needed = True
             self._broken = not exc.abortable or not self._abort(sink)
@@ -222,6 +235,8 @@ class Router:
             self._rewind_needed = False
             log.info("recovered: replaying from the committed offsets")
             return True
+        except SinkFatalError:
+            raise
         except KafkaFatalError as exc:
             log.warning("recovery failed: %s", exc)
             if not isinstance(exc, BrokerUnreachable):

@@ -17,7 +17,9 @@ must first wait until every record of the batch is acknowledged and only then ca
 ``consumer.commit(offsets, asynchronous=False)`` (at-least-once: a crash in between replays the
 batch). ``commit`` raises ``connectors.kafka.KafkaRetryError`` (batch not durable: the router aborts
 and replays it), ``KafkaFatalError`` (the sink is unusable: the router closes and reopens it a few
-times, then gives up). ``abort`` forgets what was written since ``begin`` where it can.
+times, then gives up), ``SinkFatalError`` (stopped for good: the router stops at once). A sink may
+have ``interrupt()``: the router's ``stop()`` calls it (from a signal handler) so that no retry or
+wait outlives a stop. ``abort`` forgets what was written since ``begin`` where it can.
 
 A Tinybird sink (``--sink tinybird``) plugs in through ``make_sink``: ``connectors/tinybird.py``
 exposes ``make_router_sink(config, dlq) -> Sink``, where ``dlq`` is an at-least-once ``KafkaSink``
@@ -62,6 +64,21 @@ class Sink(Protocol):
     def commit(self, offsets: list[TopicPartition], consumer: Consumer) -> None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
+
+
+class SinkFatalError(KafkaFatalError):
+    """The sink stopped for good (configuration error, partial write, target unreachable past its
+    deadline): a reopen would not help, so the router stops at once with this one-line reason.
+    Nothing past the last acknowledged batch was committed: a restart replays it."""
+
+
+def interrupt_sink(sink: object) -> None:
+    """Ask a sink to give up waiting (retries, backoff, acknowledgements) because the router stops:
+    its pending ``commit`` raises a ``KafkaRetryError`` (the batch stays uncommitted and is replayed
+    later) and ``close`` does not wait. Sinks without an ``interrupt()`` are left alone."""
+    interrupt = getattr(sink, "interrupt", None)
+    if callable(interrupt):
+        interrupt()
 
 
 class KafkaSink:
