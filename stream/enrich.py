@@ -382,10 +382,17 @@ class Enricher:
         only costs the log line, and is logged)."""
         try:
             wh.command(rebuild_log_ddl())
-            wh.insert(
-                REBUILD_LOG,
-                ("bucket", "finishedAt", "snapshotId", "rows", "seconds"),
-                [(bucket, self._clock.now(), snapshot, rows, seconds)],
+            wh.command(
+                f"INSERT INTO {REBUILD_LOG} (bucket, finishedAt, snapshotId, rows, seconds) VALUES ({{b:UInt32}}, "
+                f"parseDateTime64BestEffort({{f:String}}, 3, 'UTC'), toDateTime({{s:String}}, 'UTC'), "
+                f"{{r:UInt64}}, {{d:Float64}})",
+                {
+                    "b": bucket,
+                    "f": self._clock.now().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+                    "s": snapshot.strftime("%Y-%m-%d %H:%M:%S"),
+                    "r": rows,
+                    "d": seconds,
+                },
             )
         except WarehouseError as exc:
             log.warning("enrich: bucket %d rebuilt, but the rebuild log was not written: %s", bucket, exc)
