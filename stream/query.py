@@ -2,7 +2,9 @@
 
 ``read_only(sql)`` accepts one SELECT (or WITH … SELECT) statement and rejects anything else with
 ``QueryError``: other statements, several statements, ``INTO OUTFILE``. The query also runs with the
-ClickHouse setting ``readonly = 2`` where the backend allows it, so the engine refuses writes as well.
+ClickHouse settings of ``QueryLimits`` (``readonly = 1``: the engine refuses writes and table functions that
+reach files, the network or other servers; a time limit, a result-rows and a memory limit). Engine errors map
+by ClickHouse code to ``QueryForbidden`` (403), ``QueryTimeout`` (408), ``QueryTooLarge`` (413).
 
 ``run_query(wh, sql, project=None)`` with a project slug resolves its bucket through ``project_buckets`` (an
 unknown, disabled or deleted project is a ``QueryError``), then offers the query:
@@ -32,6 +34,59 @@ from stream.schema import PROJECT_VIEW
 class QueryError(ValueError):
     """The query is refused or failed; the message is one line."""
 
+    status = 400
+
+
+class QueryForbidden(QueryError):
+    """A write, several statements, INTO OUTFILE, or a table function that reaches files/network/servers."""
+
+    status = 403
+
+
+class QueryNotFound(QueryError):
+    status = 404
+
+
+class QueryTimeout(QueryError):
+    status = 408
+
+
+class QueryTooLarge(QueryError):
+    status = 413
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """Per-query engine limits, applied as SETTINGS next to ``readonly = 1``."""
+
+    timeout_s: float = 30.0
+    max_result_rows: int = 1_000_000
+    max_memory_bytes: int = 4 << 30
+
+    def settings(self) -> str:
+        # readonly = 1 (not 2): the engine then also refuses every table function that reaches files, the
+        # network or other servers (file, url, remote, s3, ...) and any SETTINGS change inside the query.
+        return (
+            f"readonly = 1, max_execution_time = {self.timeout_s:g}, timeout_overflow_mode = 'throw', "
+            f"max_result_rows = {self.max_result_rows}, result_overflow_mode = 'throw', "
+            f"max_memory_usage = {self.max_memory_bytes}"
+        )
+
+
+_BY_CODE: dict[str, type[QueryError]] = {
+    "164": QueryForbidden,  # READONLY
+    "159": QueryTimeout,  # TIMEOUT_EXCEEDED
+    "396": QueryTooLarge,  # TOO_MANY_ROWS_OR_BYTES
+    "241": QueryTooLarge,  # MEMORY_LIMIT_EXCEEDED
+}
+_CODE = re.compile(r"Code: (\d+)")
+
+
+def engine_error(message: str) -> QueryError:
+    """The QueryError subclass for an engine error message (by its ClickHouse ``Code: N``)."""
+    m = _CODE.search(message)
+    return _BY_CODE.get(m.group(1) if m else "", QueryError)(message)
+
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`", re.S)
@@ -45,12 +100,12 @@ def read_only(sql: str) -> str:
     if not body:
         raise QueryError("empty query")
     if ";" in body:
-        raise QueryError("one statement only")
+        raise QueryForbidden("one statement only")
     m = _FIRST_WORD.match(body)
     if not m or m.group(1).upper() not in ("SELECT", "WITH"):
-        raise QueryError(f"read-only: only SELECT queries are allowed, not {(m.group(1) if m else body[:20])!r}")
+        raise QueryForbidden(f"read-only: only SELECT queries are allowed, not {(m.group(1) if m else body[:20])!r}")
     if re.search(r"\bINTO\s+OUTFILE\b", body, re.I):
-        raise QueryError("read-only: INTO OUTFILE is not allowed")
+        raise QueryForbidden("read-only: INTO OUTFILE is not allowed")
     return sql.strip().rstrip(";").rstrip()
 
 
@@ -67,14 +122,16 @@ def project_bucket(wh: Warehouse, slug: str) -> ProjectBucket:
         f"SELECT project, projectId, segmentId, bucketId FROM {PROJECT_VIEW}(project = {{p:String}})", {"p": slug}
     )
     if not rows:
-        raise QueryError(f"no enabled project with slug {slug!r}")
+        raise QueryNotFound(f"no enabled project with slug {slug!r}")
     if len(rows) > 1:
         raise QueryError(f"slug {slug!r} names {len(rows)} enabled projects")
     project, pid, seg, bucket = rows[0]
     return ProjectBucket(project, pid, seg, int(bucket))
 
 
-def run_query(wh: Warehouse, sql: str, project: str | None = None) -> list[dict[str, Any]]:
+def run_query(
+    wh: Warehouse, sql: str, project: str | None = None, limits: QueryLimits | None = None
+) -> list[dict[str, Any]]:
     statement = read_only(sql)
     params: dict[str, Any] = {}
     if project is not None:
@@ -86,9 +143,9 @@ def run_query(wh: Warehouse, sql: str, project: str | None = None) -> list[dict[
     elif "{bucket}" in statement:
         raise QueryError("{bucket} needs --project")
     try:
-        return wh.dicts(f"{statement}\nSETTINGS readonly = 2", params or None)
+        return wh.dicts(f"{statement}\nSETTINGS {(limits or QueryLimits()).settings()}", params or None)
     except WarehouseError as exc:
-        raise QueryError(str(exc)) from exc
+        raise engine_error(str(exc)) from exc
 
 
 def _default(value: Any) -> Any:
