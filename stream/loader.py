@@ -36,9 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from connectors.kafka import classify, consumer_config, dlq_headers, producer_config
+from connectors.kafka import KafkaRetryError, classify, consumer_config, dlq_headers, from_exception, producer_config
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
 from stream.buckets import raw_table
@@ -75,6 +75,9 @@ class LoaderConfig:
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
     # Waits before retrying an insert that failed for a reason other than its data (then: give up, no commit).
     retry_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    # A broker outage (failed commits, retriable consumer errors) is ridden out this long, then run() raises.
+    outage_deadline: float = 300.0
+    commit_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -156,6 +159,13 @@ class Loader:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: tuple[Future[None], list[TopicPartition], int] | None = None
         self._batch_messages = 0
+        # Offsets of inserted batches whose commit failed (broker away): kept, merged, retried with backoff.
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._uncommitted_messages = 0
+        self._failing_since: float | None = None
+        self._next_commit = 0.0
+        self._commit_attempts = 0
+        self._error_state: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -195,6 +205,9 @@ class Loader:
                     drained, backlog = not backlog, False
                 if self._reap(wait=False):
                     last_busy = self.clock()
+                if self._uncommitted and self.clock() >= self._next_commit:
+                    self._commit_pending()
+                    last_busy = self.clock()
                 # Hand over a full or old batch, and one as soon as the input is drained (caught up).
                 if self._due() or drained:
                     self._dispatch()  # may first wait for the previous insert
@@ -205,10 +218,12 @@ class Loader:
                     until_idle is not None
                     and not self._offsets
                     and self._inflight is None
+                    and not self._uncommitted
                     and self.clock() - last_busy >= until_idle
                 ):
                     break
             self.flush()
+            self._drain_commits()
         except BaseException:
             self._close()
             raise
@@ -228,8 +243,13 @@ class Loader:
             consumer.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Before partitions go to another loader, write and commit what was read from them.
+        # Before partitions go to another loader, write and commit what was read from them. While closing
+        # (the executor is gone) nothing more can be written: what is left is replayed, which is harmless.
+        if self._executor is None:
+            return
         self.flush()
+        if self._uncommitted:
+            self._commit_pending()
 
     # --- intake ----------------------------------------------------------------------------------------------
 
@@ -265,6 +285,8 @@ class Loader:
             p.partitions.append(partition)
             p.offsets.append(offset)
             size += len(value)
+        if taken and self._failing_since is not None and not self._uncommitted:
+            self._recovered()
         self.stats.messages += taken
         self._batch_messages += taken
         self._bytes += size
@@ -277,7 +299,7 @@ class Loader:
         exc = classify(err, "loader consume")
         if err.fatal():
             raise exc
-        log.warning("loader: %s", exc)
+        self._outage(str(exc))
 
     def _due(self) -> bool:
         if not self._offsets:
@@ -296,7 +318,7 @@ class Loader:
 
     def _dispatch(self) -> None:
         """Start inserting the current batch in the background (after the previous one is committed)."""
-        if not self._offsets:
+        if not self._offsets or self._executor is None:
             return
         self._reap(wait=True)
         pending, self._pending = self._pending, {}
@@ -304,7 +326,6 @@ class Loader:
         self._offsets = {}
         self._bytes = self._count = 0
         self._batch_started = None
-        assert self._executor is not None, "dispatch needs a running loader"
         self._inflight = (self._executor.submit(self._write, pending), offsets, self._batch_messages)
         self._batch_messages = 0
 
@@ -359,11 +380,60 @@ class Loader:
             return False
         self._inflight = None
         future.result()  # raises the insert's error: nothing of that batch is committed
-        if self._consumer is not None:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
         self.stats.flushes += 1
-        self.stats.committed += messages
+        for tp in offsets:
+            self._uncommitted[(tp.topic, tp.partition)] = tp.offset
+        self._uncommitted_messages += messages
+        self._commit_pending()
         return True
+
+    def _commit_pending(self) -> bool:
+        """Commit the offsets of every inserted batch. A retriable failure (broker away) keeps them for a retry
+        with backoff (the rows are inserted; a replay would be harmless, a lost offset is not needed); past
+        ``outage_deadline`` of continuous failure, or on a fatal error, raises LoaderError."""
+        if not self._uncommitted or self._consumer is None:
+            return not self._uncommitted
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = from_exception(exc, "loader commit")
+            if not isinstance(err, KafkaRetryError):
+                raise LoaderError(str(err)) from None
+            self._outage(str(err))
+            backoff = self.config.commit_backoff
+            self._next_commit = self.clock() + backoff[min(self._commit_attempts, len(backoff) - 1)]
+            self._commit_attempts += 1
+            return False
+        self._uncommitted = {}
+        self.stats.committed += self._uncommitted_messages
+        self._uncommitted_messages = 0
+        self._commit_attempts = 0
+        self._recovered()
+        return True
+
+    def _drain_commits(self) -> None:
+        """At the end of run(): keep retrying the pending commit (bounded by ``outage_deadline``)."""
+        while self._uncommitted and not self._commit_pending():
+            time.sleep(max(0.0, min(1.0, self._next_commit - self.clock())))
+
+    def _outage(self, reason: str) -> None:
+        """Log a failure once per state change; raise past the outage deadline."""
+        now = self.clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        state = reason.split("[")[-1]
+        if state != self._error_state:
+            self._error_state = state
+            log.warning("loader: %s; retrying (gives up after %.0fs)", reason, self.config.outage_deadline)
+        if now - self._failing_since >= self.config.outage_deadline:
+            raise LoaderError(f"Kafka unavailable for {now - self._failing_since:.0f}s: {reason}")
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.warning("loader: Kafka is back after %.0fs", self.clock() - self._failing_since)
+        self._failing_since = None
+        self._error_state = None
 
     def _kind(self, table: str) -> str:
         return ACTIVITY if table.startswith("activityRelations_bucket_") else table
