@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from test_enrich import FixedClock  # the rebuild tests' clock: fixed, and a rebuild never sleeps
+
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher
 from stream.schedule import ScheduleConfig, next_slot
@@ -13,17 +15,6 @@ from stream.schema import ensure_schema
 from stream.status import warehouse_status
 
 N = 4
-
-
-class FixedClock:
-    def __init__(self, t: datetime) -> None:
-        self.t = t
-
-    def now(self) -> datetime:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        raise AssertionError("a rebuild never sleeps")
 
 
 def test_status_shows_time_since_the_rebuild_finished_and_the_next_slot(tmp_path: Path) -> None:
