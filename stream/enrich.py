@@ -68,7 +68,7 @@ from stream.buckets import cleaned_table, raw_table
 from stream.schedule import Clock, SystemClock
 from stream.schema import ACTIVITY_NAMES, cleaned_table_ddl
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bucketer.enrich")
 
 COUNTRY_TABLE = "organization_country_codes"
 # One row per finished rebuild: when it finished, how long it took, its rows and snapshot (status reads it).

@@ -45,7 +45,7 @@ from stream.buckets import raw_table
 from stream.ingest import insert_sql, problem
 from stream.schema import stage_columns
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bucketer.loader")
 ACTIVITY = "activityRelations"
 # ClickHouse error codes that blame the data (parse errors, types, ranges, our throwIf): bisect and dead-letter.
 # Any other failure (too many parts, memory, a lost connection) is retried, never blamed on a message.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bucketer.schedule")
 
 HOUR = timedelta(hours=1)
 
