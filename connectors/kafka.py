@@ -20,9 +20,12 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from connectors.lograte import RepeatFilter
 from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
 
+# librdkafka's own log lines, through the product's logging; a run of similar lines shows once per 30 s.
 LIBRDKAFKA_LOG = logging.getLogger("bucketer.librdkafka")
+LIBRDKAFKA_LOG.addFilter(RepeatFilter(30.0))
 H_ERROR_CLASS = "bucketer-error-class"
 H_ERROR_DETAIL = "bucketer-error-detail"
 H_SOURCE_TOPIC = "bucketer-source-topic"
