@@ -174,9 +174,15 @@ def check_reachable(bootstrap: str, timeout: float = 5.0) -> None:
 
 
 def ensure_topics(
-    bootstrap: str, names: list[str], partitions: int, replication: int, timeout: float = 30.0
+    bootstrap: str,
+    names: list[str],
+    partitions: int,
+    replication: int,
+    timeout: float = 30.0,
+    config: dict[str, str] | None = None,
 ) -> list[str]:
-    """Create the missing topics; returns the names created. Existing topics are left as they are."""
+    """Create the missing topics (with topic ``config`` when given); returns the names created. Existing
+    topics are left as they are."""
     client = admin(bootstrap)
     try:
         existing = set(client.list_topics(timeout=timeout).topics)
@@ -186,7 +192,7 @@ def ensure_topics(
     if not missing:
         return []
     futures = client.create_topics(
-        [NewTopic(n, partitions, replication) for n in missing], operation_timeout=timeout, request_timeout=timeout
+        [NewTopic(n, partitions, replication, config=config or {}) for n in missing], operation_timeout=timeout, request_timeout=timeout
     )
     for name, fut in futures.items():
         try:
