@@ -34,6 +34,47 @@ def fail(reason: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# --buckets, on every command that takes it. Each bucket is a Kafka topic (at least one partition) and two
+# warehouse tables, all created up front and all read by every loader: the bound keeps that within what one
+# broker and one warehouse handle well (``route --buckets 1000000`` timed out creating topics).
+MAX_BUCKETS = 1024
+
+
+def _check_buckets(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= MAX_BUCKETS:
+        raise fail(
+            f"--buckets {value} is out of range (1-{MAX_BUCKETS}: each bucket is a Kafka topic and two tables)", 2
+        )
+    return value
+
+
+_BUCKETS_RANGE = f"1-{MAX_BUCKETS}, each bucket a topic on the broker and two tables"
+# A command with a warehouse: N is the warehouse's (stream/schema.py ensure_schema); a different one is refused.
+BucketsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--buckets",
+        "-n",
+        envvar="BUCKETER_BUCKETS",
+        callback=_check_buckets,
+        show_default=False,
+        help=f"Bucket count ({_BUCKETS_RANGE}); default: the warehouse's recorded count, 10 for a new warehouse. "
+        "Only `bucketer rebucket` changes it.",
+    ),
+]
+# A command without a warehouse (route, bucket-of): it must be given the warehouse's N; nothing checks it here.
+FixedBucketsOpt = Annotated[
+    int,
+    typer.Option(
+        "--buckets",
+        "-n",
+        envvar="BUCKETER_BUCKETS",
+        callback=_check_buckets,
+        help=f"Bucket count ({_BUCKETS_RANGE}); must be the warehouse's (see `bucketer status`).",
+    ),
+]
+
+
 @local_app.command("start")
 def local_start(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -> None:
     """Start the broker (idempotent); the last line printed is bootstrap=127.0.0.1:PORT."""
@@ -82,7 +123,7 @@ def local_fetch() -> None:
 @app.command("bucket-of")
 def bucket_of_cmd(
     segment_ids: Annotated[list[str] | None, typer.Argument(help="Segment ids; read from stdin when none.")] = None,
-    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    buckets: FixedBucketsOpt = 10,
 ) -> None:
     """Print cityHash64(segmentId) % N for each id, one per line, in order (bit-exact with ClickHouse)."""
     from stream.buckets import bucket_of

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from bucketer.cli import DEFAULT_DATA_DIR, DataDirOpt, app, fail, open_configured_warehouse
+from bucketer.cli import (
+    DEFAULT_DATA_DIR,
+    MAX_BUCKETS,
+    BucketsOpt,
+    DataDirOpt,
+    app,
+    fail,
+    open_configured_warehouse,
+)
 
 
 @app.command("bootstrap")
@@ -15,12 +23,7 @@ def bootstrap_cmd(
     bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", help="Only these buckets (repeatable).")] = None,
-    buckets: Annotated[
-        int | None,
-        typer.Option(
-            "--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1, help="Bucket count (default: the warehouse's)."
-        ),
-    ] = None,
+    buckets: BucketsOpt = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
 ) -> None:
     """Replay activityRelations from its beginning into raw buckets (append; idempotent), then check the spread."""
@@ -28,14 +31,15 @@ def bootstrap_cmd(
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
     from stream.bootstrap import replay
-    from stream.schema import bucket_count, ensure_schema
+    from stream.schema import BucketCountMismatch, ensure_schema
 
     try:
         check_reachable(bootstrap)
         with open_configured_warehouse(data_dir) as wh:
-            n = buckets or bucket_count(wh) or 10
-            ensure_schema(wh, n)
+            n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
             report = replay(wh, bootstrap, n, only=bucket, topics=TopicNames(topic_prefix))
+    except BucketCountMismatch as exc:
+        raise fail(str(exc), 2) from None
     except (BucketerKafkaError, WarehouseError, LookupError, ValueError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     rate = report.messages / report.seconds if report.seconds else 0.0
@@ -54,7 +58,7 @@ def bootstrap_cmd(
 
 @app.command("rebucket")
 def rebucket_cmd(
-    to: Annotated[int, typer.Option("--to", min=1, help="The new bucket count.")],
+    to: Annotated[int, typer.Option("--to", help=f"The new bucket count (1-{MAX_BUCKETS}, as --buckets).")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     strategy: Annotated[str, typer.Option("--strategy", help="cutover (gradual is not implemented).")] = "cutover",
     bootstrap: Annotated[
@@ -69,6 +73,9 @@ def rebucket_cmd(
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1)] = 1,
 ) -> None:
     """Move the warehouse from N to M buckets: redistribute raw rows, swap, rebuild every cleaned bucket."""
+    from confluent_kafka import KafkaException
+
+    from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
     from stream.enrich import Enricher
@@ -77,15 +84,18 @@ def rebucket_cmd(
 
     if strategy != "cutover":
         raise fail(f"strategy {strategy!r} is not implemented; use --strategy cutover", 2)
+    if not 1 <= to <= MAX_BUCKETS:
+        raise fail(f"--to {to} is out of range (1-{MAX_BUCKETS}: each bucket is a Kafka topic and two tables)", 2)
+    if not force and bootstrap is None:
+        raise fail("--bootstrap is needed to check that the loader has drained the bucket topics (or --force)", 2)
+    kafka = None if force else bootstrap  # where the drained check reads the loader's lag
     try:
+        if kafka is not None:
+            check_reachable(kafka)  # a one-line error within 5 s, before the warehouse is opened
         with open_configured_warehouse(data_dir) as wh:
             current = bucket_count(wh)
-            if not force:
-                if bootstrap is None:
-                    raise fail(
-                        "--bootstrap is needed to check that the loader has drained the bucket topics (or --force)", 2
-                    )
-                lag = loader_lag(bootstrap, loader_group, TopicNames(topic_prefix), current or 0)
+            if kafka is not None:
+                lag = loader_lag(kafka, loader_group, TopicNames(topic_prefix), current or 0)
                 if lag:
                     raise fail(
                         f"the loader group {loader_group!r} still has {lag} unloaded bucket messages; "
@@ -93,13 +103,18 @@ def rebucket_cmd(
                     )
             enricher = Enricher(lambda: open_configured_warehouse(data_dir), lock_dir=Path(data_dir) / "locks")
             report = rebucket(wh, to, enricher, parallel=parallel)
-    except (RebucketError, WarehouseError) as exc:
+    except (RebucketError, WarehouseError, BucketerKafkaError) as exc:
         raise fail(str(exc)) from None
+    except KafkaException as exc:  # the broker went away between the reachability check and the lag
+        raise fail(f"cannot read the loader's lag from Kafka at {bootstrap}: {exc}") from None
     typer.echo(f"rebucket: {report.old} -> {report.new} buckets, {report.rows:,} live raw rows redistributed")
     for m, n in enumerate(report.per_bucket):
         typer.echo(f"bucket {m:>3}: {n:>10,} live raw rows")
     failed = [r for r in report.rebuilds if r.status != "ok"]
     typer.echo(f"cleaned buckets rebuilt: {len(report.rebuilds) - len(failed)}/{len(report.rebuilds)}")
-    typer.echo(f"next: restart the router and the loader with --buckets {report.new}")
+    typer.echo(
+        f"next: restart `bucketer run`/`load` (they take {report.new} from the warehouse) and any "
+        f"`bucketer route` with --buckets {report.new}"
+    )
     if failed:
         raise fail(f"{len(failed)} cleaned bucket rebuilds failed: {failed[0].error}")

@@ -8,7 +8,9 @@ import typer
 
 from bucketer.cli import (
     DEFAULT_DATA_DIR,
+    BucketsOpt,
     DataDirOpt,
+    FixedBucketsOpt,
     app,
     fail,
     install_stop,
@@ -93,7 +95,7 @@ def loadgen_cmd(
 @app.command("route")
 def route_cmd(
     bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
-    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    buckets: FixedBucketsOpt = 10,
     sink: Annotated[str, typer.Option("--sink", envvar="BUCKETER_SINK", help="kafka (default) or tinybird.")] = "kafka",
     group: Annotated[str, typer.Option("--group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
     until_idle: Annotated[
@@ -198,7 +200,7 @@ def route_cmd(
 def run_cmd(
     bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    buckets: BucketsOpt = None,
     until_idle: Annotated[
         float | None,
         typer.Option(
@@ -230,10 +232,11 @@ def run_cmd(
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
 
-    from connectors.kafka import BucketerKafkaError
+    from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.warehouse import WarehouseError
     from stream.metrics import MetricsError
     from stream.pipeline import Pipeline, PipelineConfig
+    from stream.schema import BucketCountMismatch
 
     if metrics_port is not None and not 1 <= metrics_port <= 65535:
         raise fail(f"--metrics-port {metrics_port} is out of range (1-65535)", 2)
@@ -256,7 +259,10 @@ def run_cmd(
     )
     install_stop(pipeline.stop)
     try:
+        check_reachable(bootstrap)  # in 5 s, like load and bootstrap (creating the topics would wait 30 s)
         pipeline.run()
+    except BucketCountMismatch as exc:
+        raise fail(str(exc), 2) from None
     except (BucketerKafkaError, WarehouseError, MetricsError) as exc:
         raise fail(str(exc)) from None
     router, loader = pipeline.router, pipeline.loader
@@ -274,7 +280,7 @@ def run_cmd(
 def load_cmd(
     bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    buckets: BucketsOpt = None,
     group: Annotated[str, typer.Option("--group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
     until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
@@ -284,18 +290,20 @@ def load_cmd(
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
     from stream.loader import Loader, LoaderConfig, LoaderError
-    from stream.schema import ensure_schema
+    from stream.schema import BucketCountMismatch, ensure_schema
 
     log_to_stderr()
     try:
         check_reachable(bootstrap)
         with open_configured_warehouse(data_dir) as wh:
-            ensure_schema(wh, buckets)
+            n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
             loader = Loader(
-                LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group, topics=TopicNames(topic_prefix)), wh
+                LoaderConfig(bootstrap=bootstrap, buckets=n, group=group, topics=TopicNames(topic_prefix)), wh
             )
             install_stop(loader.stop)
             stats = loader.run(until_idle=until_idle)
+    except BucketCountMismatch as exc:
+        raise fail(str(exc), 2) from None
     except (BucketerKafkaError, WarehouseError, LoaderError) as exc:
         raise fail(str(exc)) from None
     typer.echo(

@@ -9,6 +9,7 @@ import typer
 
 from bucketer.cli import (
     DEFAULT_DATA_DIR,
+    BucketsOpt,
     DataDirOpt,
     app,
     fail,
@@ -144,38 +145,26 @@ def enrich_cmd(
             "--parallel", "-p", min=1, envvar="BUCKETER_ENRICH_PARALLEL", help="Buckets rebuilt at the same time."
         ),
     ] = 1,
-    buckets: Annotated[
-        int | None,
-        typer.Option(
-            "--buckets",
-            "-n",
-            min=1,
-            envvar="BUCKETER_BUCKETS",
-            help="Bucket count (default: the warehouse's, else 10).",
-        ),
-    ] = None,
+    buckets: BucketsOpt = None,
 ) -> None:
     """Rebuild cleaned buckets now (the manual trigger): built aside, swapped in atomically."""
     from connectors.warehouse import WarehouseError
     from stream.enrich import Enricher
-    from stream.schema import bucket_count, ensure_schema
+    from stream.schema import BucketCountMismatch, ensure_schema
 
     if all_buckets == bool(bucket):
         raise fail("give either --bucket n (repeatable) or --all")
     try:
         with open_configured_warehouse(data_dir) as wh:
-            known = bucket_count(wh)
-            n = buckets or known or 10
-            if known is None:
-                ensure_schema(wh, n)
-            elif buckets and buckets != known:
-                raise fail(f"the warehouse is set up for {known} buckets, not {buckets}")
+            n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
         todo = list(range(n)) if all_buckets else list(bucket or [])
         bad = [b for b in todo if b >= n]
         if bad:
             raise fail(f"no bucket {bad[0]}: buckets are 0..{n - 1}")
         enricher = Enricher(lambda: open_configured_warehouse(data_dir), lock_dir=data_dir / "locks")
         results = enricher.rebuild_many(todo, parallel=parallel)
+    except BucketCountMismatch as exc:
+        raise fail(str(exc), 2) from None
     except WarehouseError as exc:
         raise fail(str(exc)) from None
     for r in results:

@@ -46,7 +46,7 @@ class PipelineConfig:
     bootstrap: str
     data_dir: Path = Path(".bucketer")
     clickhouse_url: str | None = None
-    buckets: int = 10
+    buckets: int | None = None  # None: the warehouse's recorded count (10 for a new one); see ensure_schema
     topic_prefix: str = ""
     until_idle: float | None = None
     exactly_once: bool = True
@@ -71,6 +71,7 @@ class Pipeline:
         self.loader: Loader | None = None
         self.scheduler: Scheduler | None = None
         self.rebuilds: list[RebuildResult] = []
+        self.buckets: int | None = None  # the warehouse's N, known once run() has opened it
 
     def connect(self) -> Any:
         """A new, unopened warehouse handle (the Enricher opens one per rebuild)."""
@@ -83,20 +84,21 @@ class Pipeline:
 
     def run(self) -> None:
         cfg = self.config
-        ensure_bucket_topics(
-            cfg.bootstrap,
-            self.topics,
-            cfg.buckets,
-            cfg.partitions,
-            1,
-            others=[*self.topics.references().values(), self.topics.source],
-        )
         with self.connect() as wh:
-            ensure_schema(wh, cfg.buckets)
+            # The warehouse owns N: a --buckets that differs is refused here, before any topic is created.
+            n = self.buckets = ensure_schema(wh, cfg.buckets)
+            ensure_bucket_topics(
+                cfg.bootstrap,
+                self.topics,
+                n,
+                cfg.partitions,
+                1,
+                others=[*self.topics.references().values(), self.topics.source],
+            )
             self.router = Router(
                 RouterConfig(
                     bootstrap=cfg.bootstrap,
-                    buckets=cfg.buckets,
+                    buckets=n,
                     group=cfg.router_group,
                     topic_prefix=cfg.topic_prefix,
                     exactly_once=cfg.exactly_once,
@@ -106,13 +108,11 @@ class Pipeline:
                 )
             )
             self.loader = Loader(
-                LoaderConfig(bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.loader_group, topics=self.topics),
+                LoaderConfig(bootstrap=cfg.bootstrap, buckets=n, group=cfg.loader_group, topics=self.topics),
                 wh,
             )
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
-            schedule = (
-                ScheduleConfig.parse(cfg.schedule, cfg.buckets) if cfg.schedule else ScheduleConfig(buckets=cfg.buckets)
-            )
+            schedule = ScheduleConfig.parse(cfg.schedule, n) if cfg.schedule else ScheduleConfig(buckets=n)
             self.scheduler = Scheduler(
                 schedule,
                 lambda bs: self.rebuilds.extend(enricher.rebuild_many(bs, parallel=cfg.parallel)),
@@ -133,7 +133,7 @@ class Pipeline:
                 threads[0].join()
                 self._drain_loader(threads[1])
                 if cfg.enrich_on_exit and not self._errors:
-                    self.rebuilds.extend(enricher.rebuild_many(range(cfg.buckets), parallel=cfg.parallel))
+                    self.rebuilds.extend(enricher.rebuild_many(range(n), parallel=cfg.parallel))
                 self.scheduler.stop()
                 for t in threads[1:]:
                     t.join()

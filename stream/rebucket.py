@@ -131,7 +131,8 @@ def rebucket(wh: Warehouse, to: int, enricher: Enricher, *, parallel: int = 1) -
         else:
             wh.command(f"DROP TABLE IF EXISTS {raw_table(m)} SYNC")
             wh.command(f"RENAME TABLE {aside} TO {raw_table(m)}")
-    ensure_schema(wh, to)  # views over M buckets first: they must not name tables about to be dropped
+    # Views over M buckets first: they must not name tables about to be dropped. Only rebucket changes N.
+    ensure_schema(wh, to, allow_change=True)
     for n in range(to, old):
         wh.command(f"DROP TABLE IF EXISTS {raw_table(n)} SYNC")
         wh.command(f"DROP TABLE IF EXISTS {cleaned_table(n)} SYNC")

@@ -1,7 +1,8 @@
 """Warehouse schema for N buckets: idempotent DDL, the names of PIPELINE.md, the rows of CONTRACTS.md.
 
-``ensure_schema(wh, buckets)`` creates what is missing and (re)defines the views for ``buckets``; running it
-again changes nothing. Tables (all in the warehouse's database):
+``ensure_schema(wh, buckets)`` creates what is missing and (re)defines the views for the warehouse's bucket count
+(recorded on first use; a different ``buckets`` is refused, see ``BucketCountMismatch``); running it again
+changes nothing. Tables (all in the warehouse's database):
 
 Raw bucket ``activityRelations_bucket_MV_ds_{n}``: the 23 activity columns + ``_deleted UInt8`` +
 ``_version UInt64`` (= toUnixTimestamp64Milli(updatedAt) * 2 + _deleted), ReplacingMergeTree(_version,
@@ -41,7 +42,7 @@ enabled, not-deleted insightsProject; no rows otherwise. ``bucketer_settings`` r
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from stream.buckets import cleaned_table, raw_table
 
@@ -147,6 +148,8 @@ REFERENCE_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
 class _Commands(Protocol):
     def command(self, sql: str, params: None = None) -> None: ...
 
+    def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
+
 
 def _cols(columns: tuple[tuple[str, str, str | None], ...]) -> str:
     return ",\n    ".join(f"`{n}` {t}" + (f" DEFAULT {d}" if d is not None else "") for n, t, d in columns)
@@ -245,11 +248,43 @@ def schema_statements(buckets: int) -> list[str]:
     return out
 
 
-def ensure_schema(wh: _Commands, buckets: int) -> None:
-    """Create the tables for ``buckets`` buckets if missing and (re)define the views. Idempotent."""
-    for sql in schema_statements(buckets):
+DEFAULT_BUCKETS = 10  # a new warehouse's bucket count when none is given
+
+
+class BucketCountMismatch(ValueError):
+    """A bucket count was asked for that is not the one the warehouse is set up for (only rebucket changes it)."""
+
+    def __init__(self, recorded: int, asked: int) -> None:
+        super().__init__(
+            f"the warehouse is set up for {recorded} buckets, not {asked}; "
+            f"change it with `bucketer rebucket --to {asked}`"
+        )
+        self.recorded = recorded
+        self.asked = asked
+
+
+def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = False) -> int:
+    """Create what is missing and (re)define the views; return the warehouse's bucket count N. Idempotent.
+
+    The warehouse owns N: it is the recorded count when there is one (``buckets=None`` means "whatever it
+    is"), and a ``buckets`` that differs raises :class:`BucketCountMismatch` before anything is touched,
+    unless ``allow_change`` (``bucketer rebucket`` alone, after it has moved the rows). A new warehouse takes
+    ``buckets``, else DEFAULT_BUCKETS. The settings row is written only when N changes."""
+    recorded = bucket_count(wh)
+    if buckets is not None and recorded is not None and buckets != recorded and not allow_change:
+        raise BucketCountMismatch(recorded, buckets)
+    n = buckets if buckets is not None else (recorded if recorded is not None else DEFAULT_BUCKETS)
+    for sql in schema_statements(n):
         wh.command(sql)
-    wh.command(f"INSERT INTO {SETTINGS_TABLE} (key, value) VALUES ('buckets', '{int(buckets)}')")
+    if n != recorded:
+        # ReplacingMergeTree(at) keeps the row with the latest ``at``: make the new one strictly later than any
+        # before it, so a change within the same millisecond as the last one (or after a clock step) still wins.
+        wh.command(
+            f"INSERT INTO {SETTINGS_TABLE} (key, value, at) SELECT 'buckets', '{int(n)}', "
+            f"greatest(now64(3), (SELECT max(at) FROM {SETTINGS_TABLE} WHERE key = 'buckets') "
+            f"+ toIntervalMillisecond(1))"
+        )
+    return n
 
 
 def bucket_count(wh: object) -> int | None:

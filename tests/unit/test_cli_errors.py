@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,37 @@ def test_metrics_port_in_use_is_a_typed_error() -> None:
         taken.listen()
         with pytest.raises(MetricsError, match="cannot serve metrics"):
             serve(taken.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bucket-of", "--buckets", "1025", "x"],
+        ["route", "--bootstrap", "127.0.0.1:1", "--buckets", "1000000"],
+        ["run", "--bootstrap", "127.0.0.1:1", "--buckets", "0"],
+        ["load", "--bootstrap", "127.0.0.1:1", "-n", "-3"],
+        ["bootstrap", "--bootstrap", "127.0.0.1:1", "--buckets", "2048"],
+        ["enrich", "--all", "--buckets", "5000"],
+        ["rebucket", "--to", "1025", "--force"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_bucket_count_out_of_range_is_refused_in_one_line(args: list[str], tmp_path: Path) -> None:
+    data = tmp_path / "wh"
+    proc = cli(*args, *([] if args[0] in ("bucket-of", "route") else ["--data-dir", str(data)]))
+    assert proc.returncode == 2
+    reason = one_line_reason(proc)
+    assert "out of range (1-1024" in reason and "Kafka topic" in reason, reason
+    assert not data.exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize("command", [["run"], ["rebucket", "--to", "20"]], ids=lambda c: c[0])
+def test_an_unreachable_broker_is_one_line_within_seconds(command: list[str], tmp_path: Path) -> None:
+    data = tmp_path / "wh"
+    started = time.monotonic()
+    proc = cli(*command, "--bootstrap", "127.0.0.1:1", "--data-dir", str(data))
+    took = time.monotonic() - started
+    assert proc.returncode == 1
+    assert "cannot reach Kafka at 127.0.0.1:1" in one_line_reason(proc)
+    assert took < 15, f"took {took:.1f}s to say the broker is unreachable"
+    assert not data.exists()  # checked before the warehouse is opened or created
