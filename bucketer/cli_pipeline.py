@@ -146,29 +146,28 @@ def route_cmd(
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
     from connectors.kafka import BrokerUnreachable, BucketerKafkaError
+    from connectors.sink_errors import SinkError
     from stream.router import Router, RouterConfig
-    from stream.sinks import SinkFatalError
 
     if sink not in ("kafka", "tinybird"):
         raise fail(f"unknown sink {sink!r}; expected kafka or tinybird", 2)
     log_to_stderr()
     extra: dict[str, object] = {"instance_id": instance_id} if instance_id else {}
-    config_cls = RouterConfig
+    tinybird = None
     if sink == "tinybird":
         import os
 
-        from connectors.tinybird import TinybirdConfig
+        from connectors.tinybird import TinybirdSettings
         from connectors.tinybird_api import Secret
-        from stream.tinybird_route import TinybirdRouterConfig
 
         token = os.environ.get("BUCKETER_TINYBIRD_TOKEN")
         if not tinybird_url or not token:
             raise fail("--sink tinybird needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN", 2)
-        config_cls = TinybirdRouterConfig
-        extra["tinybird"] = TinybirdConfig(
-            url=tinybird_url, token=Secret(token), buckets=buckets, unreachable_deadline=tinybird_deadline
-        )
-    config = config_cls(
+        try:
+            tinybird = TinybirdSettings(url=tinybird_url, token=Secret(token), unreachable_deadline=tinybird_deadline)
+        except ValueError as exc:
+            raise fail(str(exc), 2) from None
+    config = RouterConfig(
         bootstrap=bootstrap,
         buckets=buckets,
         group=group,
@@ -181,13 +180,14 @@ def route_cmd(
         exactly_once=not at_least_once,
         until_idle=until_idle,
         progress_interval=progress,
+        tinybird=tinybird,
         **extra,
     )
     router = Router(config)
     install_stop(router.stop)
     try:
         router.run()
-    except (BrokerUnreachable, SinkFatalError) as exc:
+    except (BrokerUnreachable, SinkError) as exc:
         raise fail(str(exc)) from None
     except BucketerKafkaError as exc:
         raise fail(f"router stopped on a Kafka error: {exc}") from None

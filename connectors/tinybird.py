@@ -22,8 +22,14 @@ Contract (the ``Sink`` seam of stream/sinks.py, TINYBIRD.md):
   sink stopped and nothing reported it yet (so a run ending idle still exits with the error). A crash
   re-sends, never loses.
 - ``interrupt()`` (the router's stop, from a signal handler): every wait and retry ends within ~0.25 s,
-  the pending ``commit`` raises ``KafkaRetryError`` (the batch stays uncommitted and is replayed by
+  the pending ``commit`` raises ``SinkRetryError`` (the batch stays uncommitted and is replayed by
   the next run) and ``close`` commits only what was already acknowledged, without waiting.
+- Errors are the seam's own (connectors/sink_errors.py): a stop is ``TinybirdSinkError``, a
+  ``SinkFatalError`` (the router ends with its one-line reason); an interrupted wait is a
+  ``SinkRetryError``. Only what really is Kafka (the DLQ producer, the offset commit) raises Kafka errors.
+- Settings: ``TinybirdSettings`` (url, token as a ``Secret`` that never prints, data source naming,
+  request sizes, rates, timeouts, backoff, unreachable deadline) is the ``tinybird`` part of the router's
+  config (``RouterConfig.tinybird``); the bucket count is the router's, passed to ``TinybirdSink``.
 - Bad input goes to the DLQ Kafka topic through the ``dlq`` sink, never to Tinybird.
 """
 
@@ -37,12 +43,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import orjson
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from connectors.kafka import BucketerKafkaError, KafkaRetryError, from_exception
+from connectors.kafka import BucketerKafkaError, from_exception
+from connectors.sink_errors import SinkFatalError, SinkRetryError
 from connectors.tinybird_api import (
     Secret,
     TinybirdClient,
@@ -51,31 +58,66 @@ from connectors.tinybird_api import (
     TinybirdRetryable,
     TinybirdTooLarge,
 )
-from stream.sinks import SinkFatalError
 
 log = logging.getLogger("bucketer.tinybird")
 Headers = list[tuple[str, bytes]] | None
 
 
 @dataclass(frozen=True)
-class TinybirdConfig:
+class TinybirdSettings:
+    """Where and how the router's Tinybird sink sends (``RouterConfig.tinybird``). The token is a
+    ``Secret`` and left out of the repr, so a logged or printed config never shows it."""
+
     url: str
     token: Secret = field(repr=False)
-    buckets: int = 10
     datasource_template: str = "activityRelations_bucket_MV_ds_{n}"
     max_batch_bytes: int = 4_000_000  # per request, well under the 10 MB limit
     linger: float = 0.5  # seconds a partly filled batch waits
     max_concurrent_requests: int = 8
     max_requests_per_second: float = 100.0  # per data source
-    timeout: float = 30.0
+    timeout: float = 30.0  # per request
     backoff_base: float = 0.25
     backoff_cap: float = 30.0
     gzip_min_bytes: int = 4096
     close_timeout: float = 60.0
     unreachable_deadline: float = 180.0  # seconds of failed retries (5xx, timeouts, refused) before a stop
 
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"the Tinybird URL must start with http:// or https://, not {self.url!r}")
+        if not isinstance(self.token, Secret) or not self.token:
+            raise ValueError("the Tinybird token must be a non-empty Secret (BUCKETER_TINYBIRD_TOKEN)")
+        if "{n}" not in self.datasource_template:
+            raise ValueError(f"datasource_template {self.datasource_template!r} must contain {{n}} (the bucket)")
+        positive = {
+            "max_batch_bytes": self.max_batch_bytes,
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "max_requests_per_second": self.max_requests_per_second,
+            "timeout": self.timeout,
+            "backoff_base": self.backoff_base,
+            "backoff_cap": self.backoff_cap,
+            "unreachable_deadline": self.unreachable_deadline,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"tinybird {name} must be > 0, not {value!r}")
+        for name, value in {"linger": self.linger, "close_timeout": self.close_timeout}.items():
+            if not value >= 0:
+                raise ValueError(f"tinybird {name} must be >= 0, not {value!r}")
+
     def datasource(self, bucket: int) -> str:
         return self.datasource_template.format(n=bucket)
+
+
+class DeadLetterSink(Protocol):
+    """What the Tinybird sink needs of its DLQ (an at-least-once ``stream.sinks.KafkaSink``)."""
+
+    def open(self) -> None: ...
+    def begin(self) -> None: ...
+    def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None: ...
+    def flush(self) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class TinybirdSinkError(SinkFatalError):
@@ -166,7 +208,7 @@ class SourceWorker:
     """Buffers and sends the lines of one data source, one request at a time."""
 
     def __init__(self, sink: TinybirdSink, datasource: str) -> None:
-        self.sink, self.datasource, self.cfg = sink, datasource, sink.config
+        self.sink, self.datasource, self.cfg = sink, datasource, sink.settings
         self.cond = threading.Condition()
         self.lines: list[bytes] = []
         self.owners: list[Checkpoint] = []
@@ -333,15 +375,18 @@ class TinybirdSink:
 
     def __init__(
         self,
-        config: TinybirdConfig,
-        dlq: Any = None,
+        settings: TinybirdSettings,
+        buckets: int,
+        dlq: DeadLetterSink | None = None,
         *,
-        client_factory: Callable[[TinybirdConfig], TinybirdClient] | None = None,
+        client_factory: Callable[[TinybirdSettings], TinybirdClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        self.config, self.dlq = config, dlq
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, not {buckets}")
+        self.settings, self.buckets, self.dlq = settings, buckets, dlq
         self.clock, self.sleep = clock, sleep
         self._rng = rng or random.Random()
         self._client_factory = client_factory or (lambda c: TinybirdClient(c.url, c.token, c.timeout))
@@ -353,12 +398,12 @@ class TinybirdSink:
         self._client: TinybirdClient | None = None
         self._workers: dict[int, SourceWorker] = {}
         self._current: Checkpoint | None = None
-        self._consumer: Any = None
-        self.slots = threading.BoundedSemaphore(config.max_concurrent_requests)
+        self._consumer: Consumer | None = None
+        self.slots = threading.BoundedSemaphore(settings.max_concurrent_requests)
         self.interrupted = threading.Event()
 
     def __repr__(self) -> str:
-        return f"TinybirdSink(url={self.config.url!r}, buckets={self.config.buckets}, token=***)"
+        return f"TinybirdSink(url={self.settings.url!r}, buckets={self.buckets}, token=***)"
 
     def interrupt(self) -> None:
         """The router stops: end every wait and retry (see the module docstring). Signal-safe: only
@@ -368,7 +413,7 @@ class TinybirdSink:
     # --- the Sink seam --------------------------------------------------------------------------------
     def open(self) -> None:
         self._raise_if_failed()
-        self._client = self._client_factory(self.config).__enter__()
+        self._client = self._client_factory(self.settings).__enter__()
         if self.dlq is not None:
             self.dlq.open()
 
@@ -391,9 +436,9 @@ class TinybirdSink:
             value = orjson.dumps(orjson.loads(value))
         worker = self._workers.get(bucket)
         if worker is None:
-            if not 0 <= bucket < self.config.buckets:
-                raise ValueError(f"bucket {bucket} out of range 0..{self.config.buckets - 1}")
-            worker = self._workers[bucket] = SourceWorker(self, self.config.datasource(bucket))
+            if not 0 <= bucket < self.buckets:
+                raise ValueError(f"bucket {bucket} out of range 0..{self.buckets - 1}")
+            worker = self._workers[bucket] = SourceWorker(self, self.settings.datasource(bucket))
         self.tracker.added(self._current, len(value) + 1)
         worker.add(value, self._current)
 
@@ -402,7 +447,7 @@ class TinybirdSink:
             raise TinybirdSinkError("bad input but no DLQ sink configured")
         self.dlq.dead_letter(key, value, headers)
 
-    def commit(self, offsets: list[TopicPartition], consumer: Any) -> None:
+    def commit(self, offsets: list[TopicPartition], consumer: Consumer) -> None:
         """Send what is buffered now, wait until every line of this batch (and before) is acknowledged,
         then commit the offsets. Data sources are sent in parallel, each batch is acknowledged before its
         offsets are committed; a stop (4xx) raises instead."""
@@ -422,7 +467,7 @@ class TinybirdSink:
             abandoned = ckpt.pending > 0
         self._raise_if_failed()
         if abandoned:
-            raise KafkaRetryError("stopped before Tinybird acknowledged the batch; it stays uncommitted")
+            raise SinkRetryError("stopped before Tinybird acknowledged the batch; it stays uncommitted")
         self._commit_ready(consumer)
 
     def abort(self) -> None:
@@ -438,7 +483,7 @@ class TinybirdSink:
             self.abort()
         for w in self._workers.values():
             w.flush()
-        deadline = self.clock() + self.config.close_timeout
+        deadline = self.clock() + self.settings.close_timeout
         with self.tracker.cond:
             while (
                 self.tracker.pending_bytes > 0
@@ -465,7 +510,7 @@ class TinybirdSink:
         elif undelivered > 0 and self.fatal is None:
             self.fatal = TinybirdError(
                 f"{undelivered} bytes not acknowledged by Tinybird within "
-                f"{self.config.close_timeout}s; restart to re-send them"
+                f"{self.settings.close_timeout}s; restart to re-send them"
             )
         if self._client is not None:
             self._client.close()
@@ -482,7 +527,7 @@ class TinybirdSink:
         """Per source partition, the offset below which every message was acknowledged (not yet popped)."""
         return self.tracker.acknowledged()
 
-    def _commit_ready(self, consumer: Any) -> None:
+    def _commit_ready(self, consumer: Consumer) -> None:
         offsets = self.tracker.take_committable()
         if not offsets:
             return
@@ -504,23 +549,9 @@ class TinybirdSink:
             raise TinybirdSinkError(f"tinybird sink stopped: {self.fatal}")
 
     def backoff(self, attempt: int) -> float:
-        ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** (attempt - 1)))
+        ceiling = min(self.settings.backoff_cap, self.settings.backoff_base * (2 ** (attempt - 1)))
         return ceiling * (0.5 + self._rng.random() / 2)
 
     def count(self, datasource: str, what: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats.setdefault(datasource, Counter())[what] += n
-
-
-def make_router_sink(config: Any, dlq: Any) -> TinybirdSink:
-    """The seam of stream/sinks.py: the router's config carries ``tinybird`` (a TinybirdConfig), or
-    ``tinybird_url`` and ``tinybird_token``."""
-    tb = getattr(config, "tinybird", None)
-    if tb is None:
-        url, token = getattr(config, "tinybird_url", None), getattr(config, "tinybird_token", None)
-        if not url or not token:
-            raise TinybirdSinkError("the tinybird sink needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN")
-        tb = TinybirdConfig(
-            url=url, token=token if isinstance(token, Secret) else Secret(str(token)), buckets=config.buckets
-        )
-    return TinybirdSink(tb, dlq)

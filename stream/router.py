@@ -15,18 +15,21 @@ records **and** the source offsets (exactly once for ``read_committed`` readers)
 once, faster). Keys are partitioned by the Java client's murmur2 hash, so all changes of one activity
 land on one partition of a bucket topic, in source order, whatever the source partitioning.
 
-Failures: a batch that cannot be committed is aborted (or, when even that fails, the producer is
-dropped and a new one with the same ``transactional.id`` fences it); then every assigned partition
-seeks to its committed offset and the batch is replayed. Each attempt is bounded (about 20 s), so the
-consumer keeps polling and a broker stop/start is ridden out; more than ``max_sink_restarts`` fatal
-sink errors in 5 minutes stop the router. Rebalance callbacks only run inside
-``consume()``, i.e. between batches, so a revoke never meets an open transaction; the group
-generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
+Failures: a batch that cannot be committed (a retriable Kafka error, or the sink's ``SinkRetryError``)
+is aborted (or, when even that fails, the producer is dropped and a new one with the same
+``transactional.id`` fences it); then, after a capped exponential backoff (``retry_backoff`` doubling
+per consecutive failure up to ``retry_backoff_cap``), every assigned partition seeks to its committed
+offset and the batch is replayed. Each attempt is bounded (about 20 s), so the consumer keeps polling
+and a broker stop/start is ridden out; more than ``max_sink_restarts`` fatal Kafka producer errors in
+5 minutes stop the router. A ``SinkFatalError`` (e.g. Tinybird refusing the token, or unreachable past
+its deadline) stops the router at once with its one-line reason, the batch in hand uncommitted.
+Rebalance callbacks only run inside ``consume()``, i.e. between batches, so a revoke never meets an
+open transaction; the group generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
 ``transactional.id`` per instance (``instance_id``, default the host name) lets a restarted router
 fence and abort its killed predecessor's open transaction at once; its partitions move after
 ``session_timeout_ms``. ``static_membership`` (off by default: after a broker restart a static member
-was seen to stay unassigned) would also skip that rebalance. ``stop()`` only sets a flag: the batch in
-hand is finished or aborted.
+was seen to stay unassigned) would also skip that rebalance. ``stop()`` sets a flag and interrupts a
+sink waiting on its target: the batch in hand is finished or abandoned uncommitted.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -47,9 +51,13 @@ from connectors.kafka import (
     classify,
     consumer_config,
 )
+from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
 from stream.routing import BatchRouter, RouterStats
-from stream.sinks import Sink, SinkFatalError, interrupt_sink, make_sink
+from stream.sinks import Sink, interrupt_sink, make_sink
+
+if TYPE_CHECKING:  # only a type here: connectors.tinybird pulls in httpx, which the Kafka path never needs
+    from connectors.tinybird import TinybirdSettings
 
 log = logging.getLogger("bucketer.router")
 
@@ -73,6 +81,17 @@ class RouterConfig:
     session_timeout_ms: int = 6_000
     static_membership: bool = False
     max_sink_restarts: int = 5
+    retry_backoff: float = 0.2  # seconds before replaying a batch that failed once; doubles per failure
+    retry_backoff_cap: float = 5.0
+    tinybird: TinybirdSettings | None = None  # the target of sink="tinybird" (connectors/tinybird.py)
+
+    def __post_init__(self) -> None:
+        if self.sink not in ("kafka", "tinybird"):
+            raise ValueError(f"unknown sink {self.sink!r}; expected kafka or tinybird")
+        if self.sink == "tinybird" and self.tinybird is None:
+            raise ValueError("sink tinybird needs its settings (--tinybird-url, BUCKETER_TINYBIRD_TOKEN)")
+        if self.retry_backoff < 0 or self.retry_backoff_cap < self.retry_backoff:
+            raise ValueError(f"retry_backoff {self.retry_backoff} / cap {self.retry_backoff_cap} out of order")
 
 
 class Router:
@@ -96,6 +115,8 @@ class Router:
         self._broken = False  # the sink must be closed and reopened before the next batch
         self._rewind_needed = False  # the consumer must seek to the committed offsets first
         self._fatal_times: list[float] = []
+        self._failures = 0  # batches in a row not committed: the backoff before the next replay
+        self._retry_at = 0.0  # time.monotonic() before which no replay starts
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
 
     def stop(self) -> None:
@@ -127,16 +148,21 @@ class Router:
             )
             self._loop(consumer, sink)
         finally:
-            if not self._broken:
-                self._abort(sink)  # if it fails, the next instance (same transactional.id) aborts it
-            sink.close()
-            consumer.close()
-            log.info("router stopped: %s", self.stats.summary())
+            try:
+                if not self._broken:
+                    self._abort(sink)  # if it fails, the next instance (same transactional.id) aborts it
+                sink.close()  # may raise the sink's stop (SinkFatalError) nothing reported yet
+            finally:
+                consumer.close()
+                log.info("router stopped: %s", self.stats.summary())
 
     def _loop(self, consumer: Consumer, sink: Sink) -> None:
         cfg = self.config
         started = last_input = last_progress = self._clock()
         while not self._stopping:
+            if (self._broken or self._rewind_needed) and (wait := self._retry_at - time.monotonic()) > 0:
+                time.sleep(min(wait, 0.1))  # backing off before the replay; a stop ends it within 0.1 s
+                continue
             msgs = consumer.consume(cfg.batch_size, timeout=cfg.batch_time)
             now = self._clock()
             if self._broken or self._rewind_needed:
@@ -157,6 +183,7 @@ class Router:
                 last_progress = now
 
     def _batch(self, msgs: list[Message], consumer: Consumer, sink: Sink) -> None:
+        cfg = self.config
         last: dict[tuple[str, int], int] = {}
         good = []
         for m in msgs:
@@ -177,33 +204,40 @@ class Router:
             counts = self._router.route(good, sink)  # type: ignore[arg-type]
             sink.commit([TopicPartition(t, p, o + 1) for (t, p), o in last.items()], consumer)
         except SinkFatalError:
-            raise
-        except BucketerKafkaError as exc:
+            raise  # stopped for good: run() aborts the batch (uncommitted) and closes the sink
+        except (BucketerKafkaError, SinkRetryError) as exc:
             if self._stopping:
                 self._abort(sink)
                 log.info("stopping: batch of %d abandoned uncommitted (replayed on the next run)", len(good))
                 return
             self.stats.aborts += 1
             self._rewind_needed = True
-            self._broken = not exc.abortable or not self._abort(sink)
+            # a sink's retry leaves it usable: abort the batch; a Kafka error may need a new producer
+            reopen = isinstance(exc, BucketerKafkaError) and not exc.abortable
+            self._broken = reopen or not self._abort(sink)
+            self._failures += 1
+            delay = min(cfg.retry_backoff_cap, cfg.retry_backoff * 2 ** min(self._failures - 1, 30))
+            self._retry_at = time.monotonic() + delay
             where = ", ".join(f"{m.topic()}[{m.partition()}]@{m.offset()}" for m in good[:1])
             log.warning(
-                "batch of %d from %s not committed (%s); %s, then replaying from the committed offsets",
+                "batch of %d from %s not committed (%s); %s, then replaying from the committed offsets in %.2fs",
                 len(good),
                 where,
                 exc,
                 "reopening the sink" if self._broken else "aborted",
+                delay,
             )
             if isinstance(exc, KafkaFatalError):
                 self._count_fatal(exc)
             return
+        self._failures = 0
         self.stats.add(counts)
 
     def _abort(self, sink: Sink) -> bool:
         try:
             sink.abort()
             return True
-        except BucketerKafkaError as exc:
+        except (BucketerKafkaError, SinkError) as exc:
             log.warning("abort failed: %s", exc)
             return False
 
@@ -242,7 +276,7 @@ class Router:
             if not isinstance(exc, BrokerUnreachable):
                 self._count_fatal(exc)
             return False
-        except (BucketerKafkaError, KafkaException) as exc:
+        except (BucketerKafkaError, SinkRetryError, KafkaException) as exc:
             log.warning("recovery failed, will retry: %s", exc)
             return False
 

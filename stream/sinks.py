@@ -15,20 +15,25 @@ The router drives a sink batch by batch, never concurrently::
 atomically (Kafka transactions: ``send_offsets_to_transaction`` + ``commit_transaction``). Others
 must first wait until every record of the batch is acknowledged and only then call
 ``consumer.commit(offsets, asynchronous=False)`` (at-least-once: a crash in between replays the
-batch). ``commit`` raises ``connectors.kafka.KafkaRetryError`` (batch not durable: the router aborts
-and replays it), ``KafkaFatalError`` (the sink is unusable: the router closes and reopens it a few
-times, then gives up), ``SinkFatalError`` (stopped for good: the router stops at once). A sink may
-have ``interrupt()``: the router's ``stop()`` calls it (from a signal handler) so that no retry or
-wait outlives a stop. ``abort`` forgets what was written since ``begin`` where it can.
+batch). A sink's errors say what the router does next:
 
-A Tinybird sink (``--sink tinybird``) plugs in through ``make_sink``: ``connectors/tinybird.py``
-exposes ``make_router_sink(config, dlq) -> Sink``, where ``dlq`` is an at-least-once ``KafkaSink``
-it should use for ``dead_letter`` (the DLQ stays a Kafka topic whatever the sink).
+- the sink's own (connectors/sink_errors.py, re-exported here): ``SinkRetryError`` (batch not durable,
+  the sink is fine: the router aborts it and replays it after a backoff), ``SinkFatalError`` (stopped
+  for good: the router stops at once with its one-line reason, the batch uncommitted);
+- Kafka's (connectors/kafka.py), raised by Kafka clients only: ``KafkaRetryError`` (the router aborts and
+  replays the batch, after the same backoff), ``KafkaFatalError`` (the producer is unusable: the router
+  closes and reopens the sink a few times, then gives up).
+
+A sink may have ``interrupt()``: the router's ``stop()`` calls it (from a signal handler) so that no retry
+or wait outlives a stop. ``abort`` forgets what was written since ``begin`` where it can.
+
+``make_sink(config)`` builds the sink named by ``RouterConfig.sink``: ``KafkaSink``, or with "tinybird"
+a ``connectors.tinybird.TinybirdSink`` from ``RouterConfig.tinybird`` (``TinybirdSettings``) whose DLQ
+is an at-least-once ``KafkaSink`` (the DLQ stays a Kafka topic whatever the sink).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -45,6 +50,7 @@ from connectors.kafka import (
     from_exception,
     producer_config,
 )
+from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
 
 if TYPE_CHECKING:
@@ -66,15 +72,21 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class SinkFatalError(KafkaFatalError):
-    """The sink stopped for good (configuration error, partial write, target unreachable past its
-    deadline): a reopen would not help, so the router stops at once with this one-line reason.
-    Nothing past the last acknowledged batch was committed: a restart replays it."""
+__all__ = [
+    "Headers",
+    "KafkaSink",
+    "Sink",
+    "SinkError",
+    "SinkFatalError",
+    "SinkRetryError",
+    "interrupt_sink",
+    "make_sink",
+]
 
 
 def interrupt_sink(sink: object) -> None:
     """Ask a sink to give up waiting (retries, backoff, acknowledgements) because the router stops:
-    its pending ``commit`` raises a ``KafkaRetryError`` (the batch stays uncommitted and is replayed
+    its pending ``commit`` raises a ``SinkRetryError`` (the batch stays uncommitted and is replayed
     later) and ``close`` does not wait. Sinks without an ``interrupt()`` are left alone."""
     interrupt = getattr(sink, "interrupt", None)
     if callable(interrupt):
@@ -250,27 +262,24 @@ class KafkaSink:
 
 
 def make_sink(config: RouterConfig) -> Sink:
-    """The sink named by ``config.sink`` ("kafka" by default, or "tinybird")."""
+    """The sink named by ``config.sink``: "kafka" (the default) or "tinybird" (``config.tinybird``)."""
     names = TopicNames(config.topic_prefix)
-    txn_id = (
-        f"bucketer-router.{config.topic_prefix}{config.group}.{config.instance_id}" if config.exactly_once else None
-    )
-    kafka = KafkaSink(
-        config.bootstrap,
-        names,
-        config.buckets,
-        transactional_id=txn_id,
-        partitions=config.partitions,
-        replication=config.replication,
-    )
     if config.sink == "kafka":
-        return kafka
+        txn_id = f"bucketer-router.{config.topic_prefix}{config.group}.{config.instance_id}"
+        return KafkaSink(
+            config.bootstrap,
+            names,
+            config.buckets,
+            transactional_id=txn_id if config.exactly_once else None,
+            partitions=config.partitions,
+            replication=config.replication,
+        )
     if config.sink == "tinybird":
-        try:
-            module = importlib.import_module("connectors.tinybird")
-            factory = module.make_router_sink
-        except (ImportError, AttributeError) as exc:
-            raise KafkaFatalError(f"the tinybird sink is not available: {exc}") from None
+        # Imported here, not at the top: it pulls in httpx (~0.2 s), which the Kafka path never needs.
+        from connectors.tinybird import TinybirdSink
+
+        if config.tinybird is None:
+            raise SinkFatalError("the tinybird sink needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN")
         dlq = KafkaSink(
             config.bootstrap,
             names,
@@ -279,5 +288,5 @@ def make_sink(config: RouterConfig) -> Sink:
             partitions=config.partitions,
             replication=config.replication,
         )
-        return factory(config, dlq)  # type: ignore[no-any-return]
+        return TinybirdSink(config.tinybird, config.buckets, dlq)
     raise ValueError(f"unknown sink {config.sink!r}; expected kafka or tinybird")

@@ -13,10 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from connectors.tinybird import TinybirdConfig  # noqa: E402
+from connectors.tinybird import TinybirdSettings  # noqa: E402
 from connectors.tinybird_api import Secret, TinybirdClient  # noqa: E402
-from stream.router import Router  # noqa: E402
-from stream.tinybird_route import TinybirdRouterConfig  # noqa: E402
+from stream.router import Router, RouterConfig  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +35,8 @@ def main() -> None:
         return result
 
     TinybirdClient.post_events = post_events  # type: ignore[method-assign]
-    tb = TinybirdConfig(url=url, token=token, buckets=int(buckets), linger=0.05, max_batch_bytes=20_000)
-    config = TinybirdRouterConfig(
+    tb = TinybirdSettings(url=url, token=token, linger=0.05, max_batch_bytes=20_000)
+    config = RouterConfig(
         bootstrap=bootstrap,
         buckets=int(buckets),
         group=group,

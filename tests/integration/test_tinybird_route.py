@@ -16,14 +16,13 @@ from kafkatools import drain, unique
 from sequin_oracle import routable as good
 from tinybird_standin import Reply, Standin
 
-from connectors.tinybird import TinybirdConfig
+from connectors.tinybird import TinybirdSettings
 from connectors.tinybird_api import Secret
 from connectors.topics import TopicNames
 from stream.buckets import bucket_of
 from stream.loadgen import LoadgenConfig, generate
 from stream.loadgen_producer import LoadProducer, ProducerSettings, ensure_topics
-from stream.router import Router
-from stream.tinybird_route import TinybirdRouterConfig
+from stream.router import Router, RouterConfig
 
 TOKEN = "p.integration-secret-777"
 BUCKETS = 4
@@ -89,17 +88,16 @@ def check_landed(standin: Standin, messages: list[tuple[bytes, bytes | None]]) -
 
 def router_config(
     bootstrap: str, prefix: str, group: str, url: str, instance: str | None = None, idle: float = 4
-) -> TinybirdRouterConfig:
-    tb = TinybirdConfig(
+) -> RouterConfig:
+    tb = TinybirdSettings(
         url=url,
         token=Secret(TOKEN),
-        buckets=BUCKETS,
         linger=0.05,
         max_batch_bytes=50_000,
         backoff_base=0.05,
         backoff_cap=0.5,
     )
-    return TinybirdRouterConfig(
+    return RouterConfig(
         bootstrap=bootstrap,
         buckets=BUCKETS,
         group=group,

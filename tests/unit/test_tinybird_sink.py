@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from confluent_kafka import TopicPartition
 from kafkatools import wait_until
 from tinybird_standin import Reply, Standin
 
-from connectors.tinybird import AckTracker, TinybirdConfig, TinybirdSink, TinybirdSinkError
+from connectors.tinybird import AckTracker, TinybirdSettings, TinybirdSink, TinybirdSinkError
 from connectors.tinybird_api import Secret, TinybirdClient
 
 TOKEN = "p.very-secret-token-4242"
@@ -47,13 +48,12 @@ def line(i: int, bucket: int, pad: int = 0) -> bytes:
 
 
 def make_sink(standin: Standin, **kw: Any) -> TinybirdSink:
-    cfg = TinybirdConfig(
+    settings = TinybirdSettings(
         url=standin.url,
         token=Secret(TOKEN),
-        buckets=4,
         **({"linger": 0.05, "backoff_base": 0.05, "backoff_cap": 0.2, "close_timeout": 10} | kw),
     )
-    return TinybirdSink(cfg)
+    return TinybirdSink(settings, 4)
 
 
 def route(
@@ -176,10 +176,8 @@ def test_rate_never_exceeds_100_requests_per_second_per_data_source(standin: Sta
             times.append(time.monotonic())  # when each request really starts
             return super().post_events(datasource, body, gzipped)
 
-    cfg = TinybirdConfig(
-        url=standin.url, token=Secret(TOKEN), buckets=4, linger=0.0, max_batch_bytes=120
-    )  # one line per request
-    sink = TinybirdSink(cfg, client_factory=lambda c: TimedClient(c.url, c.token, c.timeout))
+    settings = TinybirdSettings(url=standin.url, token=Secret(TOKEN), linger=0.0, max_batch_bytes=120)  # 1 line/request
+    sink = TinybirdSink(settings, 4, client_factory=lambda c: TimedClient(c.url, c.token, c.timeout))
     sink.open()
     route(sink, RecordingConsumer(), [[(1, line(i, 1)) for i in range(60)]])
     sink.close()
@@ -249,16 +247,16 @@ def test_wrong_token_stops_and_the_token_is_never_printed(
     everything = [
         str(info.value),
         repr(sink),
-        repr(sink.config),
-        str(sink.config),
-        repr(sink.config.token),
+        repr(sink.settings),
+        str(sink.settings),
+        repr(sink.settings.token),
         printed.out,
         printed.err,
         caplog.text,
         str(dict(sink.stats)),
     ]
     assert all(TOKEN not in text for text in everything)
-    assert TOKEN in sink.config.token.reveal()  # the check above is not vacuous
+    assert TOKEN in sink.settings.token.reveal()  # the check above is not vacuous
 
 
 def test_client_gzip_body_is_ndjson_of_the_original_bytes(standin: Standin) -> None:
@@ -270,13 +268,15 @@ def test_client_gzip_body_is_ndjson_of_the_original_bytes(standin: Standin) -> N
     assert standin.rows["some_ds"] == values
 
 
-def test_router_config_with_tinybird_goes_through_the_sink_seam() -> None:
+def test_router_config_with_tinybird_settings_goes_through_the_sink_seam() -> None:
+    from dataclasses import replace
+
     from stream.router import RouterConfig
-    from stream.sinks import make_sink
-    from stream.tinybird_route import with_tinybird
+    from stream.sinks import KafkaSink, make_sink
 
     base = RouterConfig(bootstrap="127.0.0.1:1", buckets=7, group="g", topic_prefix="p.", batch_size=123)
-    config = with_tinybird(base, "http://127.0.0.1:9", Secret(TOKEN), linger=0.2)
+    settings = TinybirdSettings(url="http://127.0.0.1:9", token=Secret(TOKEN), linger=0.2)
+    config = replace(base, sink="tinybird", tinybird=settings)
     assert (config.sink, config.buckets, config.group, config.topic_prefix, config.batch_size) == (
         "tinybird",
         7,
@@ -284,8 +284,43 @@ def test_router_config_with_tinybird_goes_through_the_sink_seam() -> None:
         "p.",
         123,
     )
-    sink = make_sink(config)
-    assert isinstance(sink, TinybirdSink) and sink.config.buckets == 7 and sink.config.linger == 0.2
-    assert TOKEN not in repr(config) and TOKEN not in repr(sink)
-    with pytest.raises(TinybirdSinkError, match="tinybird-url"):
-        make_sink(RouterConfig(bootstrap="127.0.0.1:1", sink="tinybird"))
+    sink = make_sink(config)  # no network: open() has not run
+    assert isinstance(sink, TinybirdSink) and sink.buckets == 7 and sink.settings is settings
+    assert isinstance(sink.dlq, KafkaSink) and not sink.dlq.exactly_once  # the DLQ stays a Kafka topic
+    assert TOKEN not in repr(config) and TOKEN not in str(config) and TOKEN not in repr(sink)
+    assert isinstance(make_sink(base), KafkaSink)
+
+
+def test_router_config_refuses_a_tinybird_sink_without_settings() -> None:
+    from stream.router import RouterConfig
+
+    with pytest.raises(ValueError, match="tinybird-url"):
+        RouterConfig(bootstrap="127.0.0.1:1", sink="tinybird")
+    with pytest.raises(ValueError, match="unknown sink"):
+        RouterConfig(bootstrap="127.0.0.1:1", sink="s3")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"url": "127.0.0.1:9"}, "http"),
+        ({"token": Secret("")}, "token"),
+        ({"token": TOKEN}, "Secret"),  # a plain string would print itself
+        ({"datasource_template": "activityRelations_ds"}, "{n}"),
+        ({"unreachable_deadline": 0}, "unreachable_deadline"),
+        ({"max_batch_bytes": 0}, "max_batch_bytes"),
+    ],
+)
+def test_tinybird_settings_refuse_what_cannot_work(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        TinybirdSettings(**({"url": "https://api.tinybird.co", "token": Secret(TOKEN)} | change))
+    assert TOKEN not in str(info.value)
+
+
+def test_tinybird_sink_errors_are_the_seams_own_not_kafkas() -> None:
+    from connectors.kafka import BucketerKafkaError
+    from connectors.sink_errors import SinkFatalError, SinkRetryError
+
+    assert issubclass(TinybirdSinkError, SinkFatalError)
+    assert not issubclass(TinybirdSinkError, BucketerKafkaError)
+    assert not issubclass(SinkRetryError, BucketerKafkaError) and not issubclass(SinkFatalError, BucketerKafkaError)
