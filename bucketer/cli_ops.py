@@ -33,11 +33,31 @@ def bootstrap_cmd(
     from stream.bootstrap import replay
     from stream.schema import BucketCountMismatch, ensure_schema
 
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    tasks: dict[str, object] = {}
+
+    def progress(topic: str, read: int, total: int) -> None:
+        # ``total`` is the topic's offset span (transaction markers take offsets too); read = total at its end.
+        if topic not in tasks:
+            tasks[topic] = bars.add_task(topic, total=total or None)
+        bars.update(tasks[topic], completed=read)  # type: ignore[arg-type]
+
     try:
         check_reachable(bootstrap)
         with open_configured_warehouse(data_dir) as wh:
             n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
-            report = replay(wh, bootstrap, n, only=bucket, topics=TopicNames(topic_prefix))
+            with bars:
+                report = replay(wh, bootstrap, n, only=bucket, topics=TopicNames(topic_prefix), progress=progress)
     except BucketCountMismatch as exc:
         raise fail(str(exc), 2) from None
     except (BucketerKafkaError, WarehouseError, LookupError, ValueError, TimeoutError) as exc:
@@ -48,12 +68,17 @@ def bootstrap_cmd(
         f"{sum(report.written.values()):,} rows written, {report.skipped_buckets:,} for other buckets, "
         f"{sum(report.dead_lettered.values()):,} bad input (already in the DLQ), {report.rejected} refused"
     )
+    typer.echo(f"{'table':<18} {'replayed':>10} {'refused':>8} {'live rows':>10}")
+    for table, read in report.reference_messages.items():
+        live = report.reference_live.get(table, 0)
+        typer.echo(f"{table:<18} {read:>10,} {report.reference_bad.get(table, 0):>8,} {live:>10,}")
     typer.echo(f"{'bucket':>6} {'replayed':>10} {'live rows':>10} {'share':>7} {'misplaced':>9}")
     for c in report.checks:
         typer.echo(f"{c.bucket:>6} {c.replayed:>10,} {c.live_rows:>10,} {c.share:>7.1%} {c.misplaced:>9}")
     if not report.ok:
         raise fail("distribution check failed: rows sit in a bucket other than cityHash64(segmentId) % N")
     typer.echo("distribution check: every row is in bucket cityHash64(segmentId) % N")
+    typer.echo("next: `bucketer enrich --all` builds the cleaned buckets from these rows now")
 
 
 @app.command("rebucket")

@@ -4,6 +4,9 @@ and equal what `run` builds from the same topics."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +63,30 @@ def test_bootstrap_from_scratch_gives_the_cleaned_rows_of_the_model_and_of_a_nor
         booted = cleaned_union_rows(wh)
     assert len(booted) == len(set(booted))
     assert set(booted) == expected
+
+    # The CLI shows a bar per topic (stderr) and the rows per reference table (stdout).
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bucketer",
+            "bootstrap",
+            "--bootstrap",
+            bootstrap,
+            "--topic-prefix",
+            topics.prefix,
+            "--data-dir",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    for table, live in report.reference_live.items():
+        assert re.search(rf"^{table} +[\d,]+ +[\d,]+ +{live:,}$", out.stdout, re.M), (table, live, out.stdout)
+        assert topics.reference(table) in out.stderr
+    assert topics.source in out.stderr and "bucketer enrich --all" in out.stdout
 
     loaded = tmp_path / "loaded"
     Pipeline(
