@@ -49,7 +49,7 @@ def tinybird_generate(
     out: Annotated[Path, typer.Option("--out", help="Project folder (datasources/, pipes/).")] = Path("tinybird"),
 ) -> None:
     """Write the Tinybird datafiles for N buckets (deterministic: same N, same files)."""
-    from connectors.tinybird_project import write_project
+    from stream.tinybird_project import write_project
 
     paths = write_project(buckets, out)
     typer.echo(f"{len(paths)} datafiles for {buckets} buckets in {out}")

@@ -183,9 +183,7 @@ def _decode_full(value: bytes | None, topic: str, partition: int, offset: int) -
     if type(segment_id) is not str or not segment_id:
         segment_id = _segment_id(record, "record")  # raises the precise class
     g = record.get  # fast path for good rows; the slow one names what is wrong (or allows a delete)
-    if not (
-        all(type(g(c)) is str for c in STRING_COLUMNS) and all(valid_timestamp(g(c)) for c in TIMESTAMP_COLUMNS)
-    ):
+    if not (all(type(g(c)) is str for c in STRING_COLUMNS) and all(valid_timestamp(g(c)) for c in TIMESTAMP_COLUMNS)):
         _check_columns(record, action, msg.get("metadata"))
     changes = msg.get("changes")
     if action != "update":

@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 import orjson
 
 from connectors.model import GIT_PLATFORMS
-
 from stream.loadgen_model import EPOCH, ReferenceModel, build_reference_model, new_uuid, ts
 
 ACTIVITY_TOPIC = "activityRelations"

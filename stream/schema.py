@@ -63,12 +63,15 @@ ROUTING_VIEW = "activityRelations_bucket_routing"
 PROJECT_VIEW = "project_buckets"
 SETTINGS_TABLE = "bucketer_settings"
 
+
 class _Commands(Protocol):
     def command(self, sql: str, params: None = None) -> None: ...
 
 
 def _cols(columns: tuple[Column, ...]) -> str:
-    return ",\n    ".join(f"`{c.name}` {c.type}" + (f" DEFAULT {c.default}" if c.default is not None else "") for c in columns)
+    return ",\n    ".join(
+        f"`{c.name}` {c.type}" + (f" DEFAULT {c.default}" if c.default is not None else "") for c in columns
+    )
 
 
 # The loader commits Kafka offsets once an insert returns: the parts must be on disk by then, not only in

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from bucketer.cli import app
 from connectors.countries import organization_country_code
 from connectors.sequin import BadMessage, decode
-from connectors.tinybird_project import generate_project, write_project
 from stream.buckets import bucket_of, cleaned_table, raw_table
 from stream.loadgen import LoadgenConfig, generate
+from stream.tinybird_project import generate_project, write_project
 
 REFERENCE = ("members", "organizations", "repositories", "insightsProjects", "integrations")
 
