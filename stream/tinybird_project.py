@@ -341,8 +341,39 @@ def cleaning_pipe_name(n: int) -> str:
     return cleaned_table(n)[:-3]
 
 
-def write_project(buckets: int, out: Path) -> list[Path]:
-    """Write the files under ``out``; remove generated bucket files of a larger previous N. Returns the paths."""
+class ProjectBucketsError(ValueError):
+    """The project folder already holds another number of buckets (or an inconsistent set of them)."""
+
+
+def project_buckets(out: Path) -> int | None:
+    """N of the project already in ``out`` (its raw bucket datafiles are buckets 0..N-1), or None when ``out``
+    holds no bucket datafile. Raises ``ProjectBucketsError`` when the bucket numbers are not 0..N-1."""
+    head, tail = raw_table(0)[:-1], ".datasource"
+    found = sorted(
+        int(name[len(head) : -len(tail)])
+        for name in (p.name for p in (out / "datasources").glob(f"{head}*{tail}"))
+        if name[len(head) : -len(tail)].isdigit()
+    )
+    if not found:
+        return None
+    if found != list(range(len(found))):
+        raise ProjectBucketsError(
+            f"the Tinybird project in {out} has raw bucket datafiles {found[0]}..{found[-1]} with gaps; "
+            f"regenerate it with --rebucket --buckets N"
+        )
+    return len(found)
+
+
+def write_project(buckets: int, out: Path, *, rebucket: bool = False) -> list[Path]:
+    """Write the files under ``out``. An existing project keeps its N: another ``buckets`` raises
+    ``ProjectBucketsError`` unless ``rebucket`` says to change it, which also removes the generated bucket files
+    of a larger previous N. Returns the paths."""
+    existing = project_buckets(out) if not rebucket else None
+    if existing is not None and existing != buckets:
+        raise ProjectBucketsError(
+            f"the Tinybird project in {out} has {existing} buckets, not {buckets}; to change it, run "
+            f"bucketer tinybird generate --rebucket --buckets {buckets} --out {out}"
+        )
     files = generate_project(buckets)
     written = []
     for rel, text in files.items():
