@@ -38,6 +38,7 @@ from connectors.model import (
     Column,
     is_timestamp,
 )
+from connectors.topics import SOURCE
 
 INT_RANGES = {"Int8": (-128, 127), "UInt8": (0, 255), "UInt32": (0, 2**32 - 1)}
 
@@ -74,7 +75,7 @@ def _value(name: str, ctype: str, default: str | None) -> str:
 
 
 def target_columns(table: str) -> tuple[Column, ...]:
-    cols = ACTIVITY_COLUMNS if table == "activityRelations" else REFERENCE_COLUMNS[table]
+    cols = ACTIVITY_COLUMNS if table == SOURCE else REFERENCE_COLUMNS[table]
     return cols + VERSION_COLUMNS
 
 
@@ -83,7 +84,7 @@ def insert_sql(table: str, part: bool = False) -> tuple[str, str]:
     raw bucket) or a reference table name. With ``part``, the source also has a ``_part`` column, passed
     through as the SELECT's last column (the loader's one-parse fan-out to several tables)."""
     required: tuple[str, ...]
-    if table == "activityRelations":
+    if table == SOURCE:
         columns, required = ACTIVITY_COLUMNS, ACTIVITY_REQUIRED
         extra: list[str] = []
         skip: tuple[str, ...] = ()
@@ -172,7 +173,7 @@ def problem(value: bytes | None, table: str) -> str | None:
     record = msg.get("record")
     if not isinstance(record, dict):
         return "no record object"
-    required = ACTIVITY_REQUIRED if table == "activityRelations" else (REFERENCE_KEY,)
+    required = ACTIVITY_REQUIRED if table == SOURCE else (REFERENCE_KEY,)
     for name in required:
         if record.get(name) in (None, ""):
             return f"required field {name} is missing or null"
