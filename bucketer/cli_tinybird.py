@@ -12,7 +12,7 @@ from bucketer.cli import (
     fail,
 )
 
-# --- tinybird (connectors/tinybird*.py, stream/tinybird_copy.py) ---------------------------------------
+# --- tinybird (connectors/tinybird*.py, stream/tinybird_project.py, stream/tinybird_copy.py) -----------------------
 tinybird_app = typer.Typer(
     help="The Tinybird target: generate the project for N buckets, run cleaning copies.", no_args_is_help=True
 )
