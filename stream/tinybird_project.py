@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from connectors.countries import UNKNOWN
 from connectors.model import (
     ACTIVITY_COLUMNS,
     ACTIVITY_NAMES,
@@ -108,7 +109,7 @@ CLEANED: tuple[Column, ...] = tuple(
 COUNTRY: tuple[Column, ...] = (
     ("country", "String", "$.country", "''"),
     ("location", "String", "$.location", "''"),
-    ("code", "LowCardinality(String)", "$.code", "'XX'"),
+    ("code", "LowCardinality(String)", "$.code", f"'{UNKNOWN}'"),
     ("resolverVersion", "UInt32", "$.resolverVersion", "0"),
 )
 
@@ -188,7 +189,7 @@ def reference_datasource(table: str) -> str:
 
 def country_datasource() -> str:
     return _datasource(
-        "(country, location) -> ISO 3166-1 alpha-2 ('XX' unknown), appended by bucketer's "
+        f"(country, location) -> ISO 3166-1 alpha-2 ('{UNKNOWN}' unknown), appended by bucketer's "
         "country resolver for every pair of organizations.",
         COUNTRY,
         _rmt("country, location", "resolverVersion"),
@@ -245,7 +246,7 @@ WHERE integrationId IN (SELECT id FROM integrations FINAL WHERE _deleted = 0 AND
         _node(
             f"{p}organizations",
             f"""
-SELECT o.id AS id, o.displayName AS displayName, if(c.code = '', 'XX', c.code) AS code
+SELECT o.id AS id, o.displayName AS displayName, if(c.code = '', '{UNKNOWN}', c.code) AS code
 FROM (SELECT id, displayName, country, location FROM organizations FINAL WHERE _deleted = 0) AS o
 LEFT JOIN (SELECT country, location, code FROM {COUNTRY_DS} FINAL) AS c
     ON c.country = o.country AND c.location = o.location""",
@@ -259,7 +260,7 @@ SELECT
     toUInt64(a.gitInsertions) + toUInt64(a.gitDeletions) AS gitChangedLines,
     multiIf(gitChangedLines = 0, '', gitChangedLines <= 9, '1-9', gitChangedLines <= 59, '10-59',
             gitChangedLines <= 99, '60-99', gitChangedLines <= 499, '100-499', '500+') AS gitChangedLinesBucket,
-    if(o.code = '', 'XX', o.code) AS organizationCountryCode,
+    if(o.code = '', '{UNKNOWN}', o.code) AS organizationCountryCode,
     o.displayName AS organizationName,
     toStartOfHour(now()) AS snapshotId
 FROM (SELECT * FROM {raw_table(n)} FINAL WHERE _deleted = 0) AS a
