@@ -12,7 +12,7 @@ from bucketer.cli import (
     fail,
 )
 
-# --- tinybird (connectors/tinybird*.py, stream/tinybird_copy.py) ---------------------------------------
+# --- tinybird (connectors/tinybird*.py, stream/tinybird_project.py, stream/tinybird_copy.py) -----------------------
 tinybird_app = typer.Typer(
     help="The Tinybird target: generate the project for N buckets, run cleaning copies.", no_args_is_help=True
 )
@@ -45,14 +45,32 @@ TinybirdUrlOpt = Annotated[
 
 @tinybird_app.command("generate")
 def tinybird_generate(
-    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    buckets: Annotated[
+        int | None,
+        typer.Option(
+            "--buckets",
+            "-n",
+            envvar="BUCKETER_BUCKETS",
+            min=1,
+            help="N; default: the project's own N in --out, else 10. Another N than the project's needs --rebucket.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Project folder (datasources/, pipes/).")] = Path("tinybird"),
+    rebucket: Annotated[
+        bool, typer.Option("--rebucket", help="Change the N of an existing project to --buckets (rewrites it).")
+    ] = False,
 ) -> None:
     """Write the Tinybird datafiles for N buckets (deterministic: same N, same files)."""
-    from connectors.tinybird_project import write_project
+    from stream.tinybird_project import ProjectBucketsError, project_buckets, write_project
 
-    paths = write_project(buckets, out)
-    typer.echo(f"{len(paths)} datafiles for {buckets} buckets in {out}")
+    try:
+        if rebucket and buckets is None:
+            raise fail("--rebucket needs --buckets N (the new number of buckets)", 2)
+        n = buckets if buckets is not None else project_buckets(out) or 10
+        paths = write_project(n, out, rebucket=rebucket)
+    except ProjectBucketsError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"{len(paths)} datafiles for {n} buckets in {out}")
 
 
 @tinybird_app.command("copy")

@@ -26,6 +26,8 @@ paths agree on every input (tests/unit/test_sequin.py fuzzes both). ``Change.rec
 from __future__ import annotations
 
 import json
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,10 +35,12 @@ from typing import Any
 import msgspec
 import orjson
 
-ACTIONS = frozenset({"insert", "update", "delete", "read"})
-STRING_COLUMNS = ("activityId", "memberId", "platform", "sourceId", "type")
-TIMESTAMP_COLUMNS = ("createdAt", "updatedAt", "timestamp")
-SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
+from connectors.model import ACTIONS as _ACTIONS
+from connectors.model import BUCKET_KEY, REQUIRED_STRINGS, REQUIRED_TIMESTAMPS, SORT_KEY, VERSION_SOURCE
+
+ACTIONS = frozenset(_ACTIONS)
+STRING_COLUMNS = REQUIRED_STRINGS  # required besides the bucket key (connectors/model.py)
+TIMESTAMP_COLUMNS = REQUIRED_TIMESTAMPS
 ERROR_CLASSES = (
     "tombstone",
     "invalid_utf8",
@@ -120,8 +124,24 @@ class _Message(msgspec.Struct):
     changes: dict[str, Any] | None = None
 
 
+# The fast path reads exactly the required columns of the data model, spelled out above for typed attribute
+# access; a model that changes them without this struct fails here, at import, not on the first message.
+if _Record.__struct_fields__ != (BUCKET_KEY, *STRING_COLUMNS, *TIMESTAMP_COLUMNS):
+    raise ImportError(f"connectors.sequin._Record {_Record.__struct_fields__} is not the model's required columns")
 _FAST = msgspec.json.Decoder(_Message)
 _SORT_KEY_SET = frozenset(SORT_KEY)
+
+
+def _values_of(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A record's values of ``columns`` as a tuple, in C (KeyError when one is absent): the full path's quick
+    check of a good row."""
+    if len(columns) == 1:
+        return lambda record: (record[columns[0]],)
+    return operator.itemgetter(*columns)
+
+
+_strings_of, _timestamps_of = _values_of(STRING_COLUMNS), _values_of(TIMESTAMP_COLUMNS)
+_ONLY_STR = {str}
 
 
 def _in_range(v: datetime | int) -> bool:
@@ -173,20 +193,14 @@ def _decode_full(value: bytes | None, topic: str, partition: int, offset: int) -
         raise BadMessage("no_record", "record missing or null")
     if type(record) is not dict:
         raise BadMessage("record_not_object", f"record is {type(record).__name__}")
-    segment_id = record.get("segmentId")
+    segment_id = record.get(BUCKET_KEY)
     if type(segment_id) is not str or not segment_id:
         segment_id = _segment_id(record, "record")  # raises the precise class
-    g = record.get  # fast path for good rows; the slow one names what is wrong (or allows a delete)
-    if not (
-        type(g("activityId")) is str
-        and type(g("memberId")) is str
-        and type(g("platform")) is str
-        and type(g("sourceId")) is str
-        and type(g("type")) is str
-        and valid_timestamp(g("createdAt"))
-        and valid_timestamp(g("updatedAt"))
-        and valid_timestamp(g("timestamp"))
-    ):
+    try:  # fast path for good rows; the slow one names what is wrong (or allows a delete)
+        good = set(map(type, _strings_of(record))) == _ONLY_STR and all(map(valid_timestamp, _timestamps_of(record)))
+    except KeyError:
+        good = False
+    if not good:
         _check_columns(record, action, msg.get("metadata"))
     changes = msg.get("changes")
     if action != "update":
@@ -246,7 +260,7 @@ def _check_columns(record: dict[str, Any], action: str, metadata: object) -> Non
         v = record.get(col)
         if v is None:
             if (
-                col == "updatedAt"
+                col == VERSION_SOURCE
                 and action == "delete"
                 and type(metadata) is dict
                 and valid_timestamp(metadata.get("commit_timestamp"))
@@ -283,7 +297,7 @@ def _retirement(msg: dict[str, Any], record: dict[str, Any], changes: dict[str, 
     for col in TIMESTAMP_COLUMNS:
         if col in changes and changes[col] is not None and not valid_timestamp(changes[col]):
             raise BadMessage("bad_changes", f"changes.{col} = {_short(changes[col])}")
-    reason = "segment_move" if "segmentId" in moved else "sort_key_change"
+    reason = "segment_move" if BUCKET_KEY in moved else "sort_key_change"
     metadata = msg.get("metadata")
     meta = dict(metadata) if type(metadata) is dict else {}
     meta["bucketer"] = {"derived": "retirement", "reason": reason, "source": source}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from connectors.model import REFERENCE_COLUMNS
+
 SOURCE = "activityRelations"
 # Bucket topics share this many partitions in all by default. A router transaction writes to every bucket
 # partition it routes to, and its cost (one commit marker per partition, smaller per-partition batches) grows
@@ -16,7 +18,7 @@ SOURCE = "activityRelations"
 # messages/s of 10 x 3, while 100 x 1 ran at 1.2x. Keeping the total fixed keeps the cost flat as N grows.
 BUCKET_PARTITION_BUDGET = 30
 OTHER_PARTITIONS = 3  # the source, reference and DLQ topics when this project creates them
-REFERENCE_TABLES = ("members", "organizations", "repositories", "insightsProjects", "integrations")
+REFERENCE_TABLES = tuple(REFERENCE_COLUMNS)  # members, organizations, repositories, insightsProjects, integrations
 
 
 def bucket_partitions(buckets: int, partitions: int | None = None) -> int:

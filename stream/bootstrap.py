@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from connectors.kafka import consumer_config
+from connectors.model import bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse, WarehouseError
 from stream.buckets import raw_table
@@ -268,7 +269,7 @@ def distribution(wh: Warehouse, buckets: int, selected: set[int], written: Count
     live: dict[int, tuple[int, int]] = {}
     for b in sorted(selected):
         rows = wh.rows(
-            f"SELECT count(), countIf(cityHash64(segmentId) % {buckets} != {b}) "
+            f"SELECT count(), countIf({bucket_sql('segmentId', buckets)} != {b}) "
             f"FROM {raw_table(b)} FINAL WHERE _deleted = 0"
         )
         live[b] = (int(rows[0][0]), int(rows[0][1]))

@@ -63,6 +63,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from connectors.countries import RESOLVER_VERSION, UNKNOWN, organization_country_code
+from connectors.model import GERRIT, GIT_PLATFORMS, gerrit_variant_sql
 from connectors.warehouse import Warehouse, WarehouseError, one_line
 from stream.buckets import cleaned_table, raw_table
 from stream.schedule import Clock, SystemClock
@@ -73,7 +74,6 @@ log = logging.getLogger("bucketer.enrich")
 COUNTRY_TABLE = "organization_country_codes"
 # One row per finished rebuild: when it finished, how long it took, its rows and snapshot (status reads it).
 REBUILD_LOG = "bucketer_rebuilds"
-GIT_PLATFORMS = ("git", "gerrit", "github", "gitlab")
 ASIDE_SUFFIX = "__next"
 OLD_SUFFIX = "__old"
 EXCHANGE_ENGINES = {"Atomic", "Replicated", "Shared"}
@@ -126,15 +126,6 @@ def refresh_country_codes(wh: Warehouse) -> int:
     return len(rows)
 
 
-def gerrit_variant_sql(url: str) -> str:
-    """SQL of the gerrit query-URL variant of the (already lower-cased) url expression ``url``."""
-    return (
-        f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'), "
-        f"position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'), "
-        f"replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))"
-    )
-
-
 def allowed_channels_sql() -> str:
     """(url, segmentId) pairs a git activity's (lower(channel), segmentId) must be one of."""
     repos = (
@@ -146,7 +137,7 @@ def allowed_channels_sql() -> str:
     return (
         f"SELECT url, segmentId FROM ({repos}) "
         f"UNION ALL SELECT {gerrit_variant_sql('url')}, segmentId FROM ({repos}) "
-        f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = 'gerrit')"
+        f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = '{GERRIT}')"
     )
 
 

@@ -23,23 +23,24 @@ from typing import Any
 
 import orjson
 
-from stream.schema import ACTIVITY_COLUMNS, REFERENCE_COLUMNS, TS, VERSION_COLUMNS
-
-ACTIONS = ("insert", "update", "delete", "read")
-ACTIVITY_REQUIRED = (
-    "activityId",
-    "memberId",
-    "platform",
-    "segmentId",
-    "sourceId",
-    "type",
-    "createdAt",
-    "updatedAt",
-    "timestamp",
+from connectors.model import (
+    ACTIONS,
+    ACTIVITY_COLUMNS,
+    ACTIVITY_REQUIRED,
+    EMPTY_ATTRIBUTES,
+    MEMBER_ATTRIBUTES,
+    MEMBER_FLAGS,
+    REFERENCE_COLUMNS,
+    REFERENCE_KEY,
+    TS,
+    VERSION_COLUMNS,
+    VERSION_SOURCE,
+    Column,
+    is_timestamp,
 )
-MEMBER_FLAGS = ("isBot", "isTeamMember", "isOrganization")
+from connectors.topics import SOURCE
+
 INT_RANGES = {"Int8": (-128, 127), "UInt8": (0, 255), "UInt32": (0, 2**32 - 1)}
-Column = tuple[str, str, str | None]
 
 
 def _ts(expr: str) -> str:
@@ -53,12 +54,12 @@ def _ts(expr: str) -> str:
 
 def _extract_type(columns: tuple[Column, ...], skip: tuple[str, ...] = ()) -> str:
     def one(name: str, ctype: str) -> str:
-        if ctype == TS or ctype.startswith("Nullable(DateTime64"):
+        if is_timestamp(ctype):
             return f"`{name}` Nullable(String)"
         base = ctype.removeprefix("LowCardinality(").removesuffix(")") if ctype.startswith("Low") else ctype
         return f"`{name}` Nullable({base})"
 
-    record = ", ".join(one(n, t) for n, t, _ in columns if n not in skip)
+    record = ", ".join(one(c.name, c.type) for c in columns if c.name not in skip)
     return f"Tuple(action Nullable(String), record Tuple({record}), metadata Tuple(commit_timestamp Nullable(String)))"
 
 
@@ -66,7 +67,7 @@ def _value(name: str, ctype: str, default: str | None) -> str:
     ref = f"m.record.`{name}`"
     if ctype == TS:
         return f"ifNull({_ts(ref)}, toDateTime64(0, 3, 'UTC'))"
-    if ctype.startswith("Nullable(DateTime64"):
+    if is_timestamp(ctype):
         return _ts(ref)
     if "String" in ctype:
         return f"ifNull({ref}, '')"
@@ -74,7 +75,7 @@ def _value(name: str, ctype: str, default: str | None) -> str:
 
 
 def target_columns(table: str) -> tuple[Column, ...]:
-    cols = ACTIVITY_COLUMNS if table == "activityRelations" else REFERENCE_COLUMNS[table]
+    cols = ACTIVITY_COLUMNS if table == SOURCE else REFERENCE_COLUMNS[table]
     return cols + VERSION_COLUMNS
 
 
@@ -83,33 +84,35 @@ def insert_sql(table: str, part: bool = False) -> tuple[str, str]:
     raw bucket) or a reference table name. With ``part``, the source also has a ``_part`` column, passed
     through as the SELECT's last column (the loader's one-parse fan-out to several tables)."""
     required: tuple[str, ...]
-    if table == "activityRelations":
+    if table == SOURCE:
         columns, required = ACTIVITY_COLUMNS, ACTIVITY_REQUIRED
         extra: list[str] = []
         skip: tuple[str, ...] = ()
     else:
-        columns, required = REFERENCE_COLUMNS[table], ("id",)
-        skip = ("attributes",) if table == "members" else ()
-        extra = ["JSONExtractRaw(v, 'record', 'attributes') AS _attributes"] if table == "members" else []
+        columns, required = REFERENCE_COLUMNS[table], (REFERENCE_KEY,)
+        skip = (MEMBER_ATTRIBUTES,) if table == "members" else ()
+        extra = [f"JSONExtractRaw(v, 'record', '{MEMBER_ATTRIBUTES}') AS _attributes"] if table == "members" else []
+    types = {c.name: c.type for c in columns}
     values = []
-    for name, ctype, default in columns:
-        if table == "members" and name == "attributes":
-            values.append("if(_attributes IN ('', 'null'), '{}', _attributes) AS `attributes`")
+    for name, ctype, default, _ in columns:
+        if table == "members" and name == MEMBER_ATTRIBUTES:
+            values.append(f"if(_attributes IN ('', 'null'), '{EMPTY_ATTRIBUTES}', _attributes) AS `{name}`")
         elif table == "members" and name in MEMBER_FLAGS:
             values.append(
-                f"ifNull(JSONExtract(v, 'record', 'attributes', '{name}', 'default', 'Nullable(UInt8)'), 0) AS `{name}`"
+                f"ifNull(JSONExtract(v, 'record', '{MEMBER_ATTRIBUTES}', '{name}', 'default', 'Nullable(UInt8)'), 0) "
+                f"AS `{name}`"
             )
-        elif name == "updatedAt":  # a key-only delete: the commit time stands in (CONTRACTS.md)
-            values.append("assumeNotNull(_version_ts) AS `updatedAt`")
+        elif name == VERSION_SOURCE:  # a key-only delete: the commit time stands in (CONTRACTS.md)
+            values.append(f"assumeNotNull(_version_ts) AS `{name}`")
         else:
             values.append(f"{_value(name, ctype, default)} AS `{name}`")
-    times = ("createdAt", "updatedAt", "timestamp")
     missing = [
-        f"isNull({_ts(f'm.record.`{n}`')})" if n in times else f"ifNull(m.record.`{n}`, '') = ''" for n in required
+        f"isNull({_ts(f'm.record.`{n}`')})" if is_timestamp(types[n]) else f"ifNull(m.record.`{n}`, '') = ''"
+        for n in required
     ]
     missing.append(f"ifNull(m.action, '') NOT IN ({', '.join(repr(a) for a in ACTIONS)})")
     deleted = "toUInt8(m.action = 'delete')"
-    version_ts = f"ifNull({_ts('m.record.`updatedAt`')}, {_ts('m.metadata.commit_timestamp')})"
+    version_ts = f"ifNull({_ts(f'm.record.`{VERSION_SOURCE}`')}, {_ts('m.metadata.commit_timestamp')})"
     missing.append("isNull(_version_ts)")
     select = (
         f"SELECT {', '.join(values)}, {deleted} AS `_deleted`, "
@@ -120,7 +123,7 @@ def insert_sql(table: str, part: bool = False) -> tuple[str, str]:
         f"WHERE throwIf({' OR '.join(missing)}, "
         f"'a change message without its required fields, or not a JSON object of the expected types') = 0"
     )
-    column_list = ", ".join(f"`{n}`" for n, _, _ in target_columns(table))
+    column_list = ", ".join(f"`{c.name}`" for c in target_columns(table))
     return column_list, select
 
 
@@ -170,15 +173,15 @@ def problem(value: bytes | None, table: str) -> str | None:
     record = msg.get("record")
     if not isinstance(record, dict):
         return "no record object"
-    required = ACTIVITY_REQUIRED if table == "activityRelations" else ("id",)
+    required = ACTIVITY_REQUIRED if table == SOURCE else (REFERENCE_KEY,)
     for name in required:
         if record.get(name) in (None, ""):
             return f"required field {name} is missing or null"
-    for name, ctype, _ in target_columns(table):
+    for name, ctype, _, _ in target_columns(table):
         v = record.get(name)
-        if v is None or name.startswith("_") or name == "attributes":
+        if v is None or name.startswith("_") or name == MEMBER_ATTRIBUTES:
             continue
-        if ctype == TS or ctype.startswith("Nullable(DateTime64"):
+        if is_timestamp(ctype):
             if _bad_ts(v):
                 return f"field {name} is not a timestamp: {str(v)[:40]!r}"
         elif "String" in ctype:
@@ -186,7 +189,7 @@ def problem(value: bytes | None, table: str) -> str | None:
                 return f"field {name} is not a scalar"
         elif _bad_number(v, ctype):
             return f"field {name} is not a {ctype}: {str(v)[:40]!r}"
-    if record.get("updatedAt") is None:
+    if record.get(VERSION_SOURCE) is None:
         meta = msg.get("metadata")
         if not isinstance(meta, dict) or meta.get("commit_timestamp") is None or _bad_ts(meta["commit_timestamp"]):
             return "no updatedAt and no metadata.commit_timestamp to version the row"

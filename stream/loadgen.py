@@ -29,10 +29,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from connectors.model import GIT_PLATFORMS
+from connectors.topics import SOURCE
 from stream.loadgen_model import EPOCH, ReferenceModel, build_reference_model, new_uuid, ts
 
-ACTIVITY_TOPIC = "activityRelations"
-GIT_PLATFORMS = ("git", "github", "gitlab", "gerrit")
+ACTIVITY_TOPIC = SOURCE
 OTHER_PLATFORMS = (
     ("slack", "message"),
     ("discord", "message"),

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from connectors.model import GERRIT, gerrit_query_url
+
 if TYPE_CHECKING:
     from stream.loadgen import LoadGenerator
 
@@ -105,7 +107,7 @@ class ReferenceModel:
             return "github", url
         repo = rng.choice(repos)
         url, kind = repo["url"], repo["_platform"]
-        if kind == "gerrit":
+        if kind == GERRIT:
             platform = rng.choice(("gerrit", "gerrit", "git"))
             if rng.random() < 0.4:
                 url = gerrit_query_url(url)
@@ -114,17 +116,6 @@ class ReferenceModel:
         if rng.random() < 0.25:
             url = mixed_case(rng, url)
         return platform, url
-
-
-def gerrit_query_url(url: str) -> str:
-    """The ``/q/project:`` variant of a gerrit repository url (the rule of CLEANED_BUCKETS.md)."""
-    if "/r/" in url:
-        return url.replace("/r/", "/r/q/project:", 1)
-    if "/gerrit/" in url:
-        return url.replace("/gerrit/", "/gerrit/q/project:", 1)
-    scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    return f"{scheme}://{host}/q/project:{path}"
 
 
 def mixed_case(rng: random.Random, url: str) -> str:
@@ -223,7 +214,7 @@ def build_reference_model(gen: LoadGenerator) -> ReferenceModel:
         for integ in integrations[seg]:
             for _ in range(rng.randint(1, 3)):
                 a, b = rng.choice(WORDS), f"{rng.choice(WORDS)}-{rng.randint(1, 99)}"
-                if integ["platform"] == "gerrit":
+                if integ["platform"] == GERRIT:
                     url = rng.choice(GERRIT_URLS).format(a=a, b=b)
                 else:
                     url = f"https://{integ['platform']}.com/{a}/{b}"

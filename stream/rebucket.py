@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, TopicPartition
 
 from connectors.kafka import consumer_config
+from connectors.model import SORT_KEY, bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
 from stream.buckets import cleaned_table, raw_table
@@ -84,10 +85,8 @@ def _fingerprint(wh: Warehouse, tables: list[str]) -> tuple[tuple[int, int], lis
     row counts legitimately differ between two layouts holding the same data."""
     per_table, rows, digest = [], 0, 0
     for t in tables:
-        n, h = wh.rows(
-            f"SELECT count(), sum(cityHash64(activityId, segmentId, timestamp, type, platform, channel, "
-            f"sourceId, _version)) FROM {t} FINAL"
-        )[0]
+        identity = ", ".join(("activityId", *SORT_KEY, "_version"))
+        n, h = wh.rows(f"SELECT count(), sum(cityHash64({identity})) FROM {t} FINAL")[0]
         per_table.append(int(n))
         rows, digest = rows + int(n), (digest + int(h or 0)) % 2**64
     return (rows, digest), per_table
@@ -108,10 +107,10 @@ def rebucket(wh: Warehouse, to: int, enricher: Enricher, *, parallel: int = 1) -
         for m, aside in enumerate(asides):
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
             wh.command(raw_table_ddl(m).replace(raw_table(m), aside, 1))
-            wh.command(f"INSERT INTO {aside} SELECT * FROM ({sources}) WHERE cityHash64(segmentId) % {to} = {m}")
+            wh.command(f"INSERT INTO {aside} SELECT * FROM ({sources}) WHERE {bucket_sql('segmentId', to)} = {m}")
         after = _fingerprint(wh, asides)
         misplaced = sum(
-            int(wh.rows(f"SELECT countIf(cityHash64(segmentId) % {to} != {m}) FROM {a}")[0][0])
+            int(wh.rows(f"SELECT countIf({bucket_sql('segmentId', to)} != {m}) FROM {a}")[0][0])
             for m, a in enumerate(asides)
         )
         if after[0] != before[0] or misplaced:

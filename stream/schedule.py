@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from connectors.model import FIRST_MINUTE, GROUP_SIZE, STEP_MINUTES, slot_offset
+
 log = logging.getLogger("bucketer.schedule")
 
 HOUR = timedelta(hours=1)
@@ -54,9 +56,9 @@ class SystemClock:
 @dataclass(frozen=True)
 class ScheduleConfig:
     buckets: int = 10
-    first_minute: int = 10
-    step_minutes: int = 4
-    group_size: int = 2
+    first_minute: int = FIRST_MINUTE
+    step_minutes: int = STEP_MINUTES
+    group_size: int = GROUP_SIZE
     minutes: Mapping[int, int] = field(default_factory=dict)  # explicit minute (0-59) for chosen buckets
 
     def __post_init__(self) -> None:
@@ -81,7 +83,7 @@ class ScheduleConfig:
             raise ValueError(f"bucket {bucket} is not in 0..{self.buckets - 1}")
         if bucket in self.minutes:
             return self.minutes[bucket]
-        return self.first_minute + self.step_minutes * (bucket // self.group_size)
+        return slot_offset(bucket, self.first_minute, self.step_minutes, self.group_size)
 
     def minute(self, bucket: int) -> int:
         """The minute of every hour at which ``bucket`` fires (0-59)."""

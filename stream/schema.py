@@ -44,105 +44,25 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from connectors.model import (
+    ACTIVITY_COLUMNS,
+    CLEANED_EXTRA,
+    CLEANED_ORDER,
+    PARTITION_KEY,
+    REFERENCE_COLUMNS,
+    REFERENCE_KEY,
+    SORT_KEY,
+    VERSION_COLUMNS,
+    Column,
+    bucket_sql,
+)
+from connectors.model import ACTIVITY_NAMES as ACTIVITY_NAMES  # re-exported: the schema's readers import it here
 from stream.buckets import cleaned_table, raw_table
 
 UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
 ROUTING_VIEW = "activityRelations_bucket_routing"
 PROJECT_VIEW = "project_buckets"
 SETTINGS_TABLE = "bucketer_settings"
-
-TS = "DateTime64(3, 'UTC')"
-
-# (name, type, default expression or None). Order is the table's column order.
-ACTIVITY_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
-    ("activityId", "String", None),
-    ("conversationId", "String", None),
-    ("createdAt", TS, None),
-    ("updatedAt", TS, None),
-    ("memberId", "String", None),
-    ("objectMemberId", "String", None),
-    ("objectMemberUsername", "String", None),
-    ("organizationId", "String", None),
-    ("parentId", "String", None),
-    ("platform", "LowCardinality(String)", None),
-    ("segmentId", "String", None),
-    ("username", "String", None),
-    ("sourceId", "String", None),
-    ("type", "LowCardinality(String)", None),
-    ("timestamp", TS, None),
-    ("sourceParentId", "String", None),
-    ("channel", "String", None),
-    ("sentimentScore", "Int8", "-1"),
-    ("gitInsertions", "UInt32", None),
-    ("gitDeletions", "UInt32", None),
-    ("score", "Int8", "-1"),
-    ("isContribution", "UInt8", None),
-    ("pullRequestReviewState", "LowCardinality(String)", None),
-)
-ACTIVITY_NAMES = tuple(c[0] for c in ACTIVITY_COLUMNS)
-SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
-CLEANED_EXTRA: tuple[tuple[str, str, str | None], ...] = (
-    ("gitChangedLines", "UInt64", None),
-    ("gitChangedLinesBucket", "String", None),
-    ("organizationCountryCode", "LowCardinality(String)", None),
-    ("organizationName", "String", None),
-    ("snapshotId", "DateTime('UTC')", None),
-)
-CLEANED_ORDER = ("segmentId", "timestamp", "type", "platform", "memberId", "organizationId")
-VERSION_COLUMNS: tuple[tuple[str, str, str | None], ...] = (("_deleted", "UInt8", None), ("_version", "UInt64", None))
-
-REFERENCE_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
-    "members": (
-        ("id", "String", None),
-        ("attributes", "String", None),
-        ("isBot", "UInt8", None),
-        ("isTeamMember", "UInt8", None),
-        ("isOrganization", "UInt8", None),
-        ("displayName", "String", None),
-        ("joinedAt", TS, None),
-        ("createdAt", TS, None),
-        ("updatedAt", TS, None),
-    ),
-    "organizations": (
-        ("id", "String", None),
-        ("displayName", "String", None),
-        ("location", "String", None),
-        ("country", "String", None),
-        ("createdAt", TS, None),
-        ("updatedAt", TS, None),
-    ),
-    "repositories": (
-        ("id", "String", None),
-        ("url", "String", None),
-        ("segmentId", "String", None),
-        ("insightsProjectId", "String", None),
-        ("sourceIntegrationId", "String", None),
-        ("enabled", "UInt8", "1"),
-        ("excluded", "UInt8", None),
-        ("archived", "UInt8", None),
-        ("deletedAt", f"Nullable({TS})", None),
-        ("createdAt", TS, None),
-        ("updatedAt", TS, None),
-    ),
-    "insightsProjects": (
-        ("id", "String", None),
-        ("name", "String", None),
-        ("slug", "String", None),
-        ("segmentId", "String", None),
-        ("enabled", "UInt8", "1"),
-        ("deletedAt", f"Nullable({TS})", None),
-        ("createdAt", TS, None),
-        ("updatedAt", TS, None),
-    ),
-    "integrations": (
-        ("id", "String", None),
-        ("platform", "LowCardinality(String)", None),
-        ("segmentId", "String", None),
-        ("deletedAt", f"Nullable({TS})", None),
-        ("createdAt", TS, None),
-        ("updatedAt", TS, None),
-    ),
-}
 
 
 class _Commands(Protocol):
@@ -151,8 +71,10 @@ class _Commands(Protocol):
     def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
 
 
-def _cols(columns: tuple[tuple[str, str, str | None], ...]) -> str:
-    return ",\n    ".join(f"`{n}` {t}" + (f" DEFAULT {d}" if d is not None else "") for n, t, d in columns)
+def _cols(columns: tuple[Column, ...]) -> str:
+    return ",\n    ".join(
+        f"`{c.name}` {c.type}" + (f" DEFAULT {c.default}" if c.default is not None else "") for c in columns
+    )
 
 
 # The loader commits Kafka offsets once an insert returns: the parts must be on disk by then, not only in
@@ -163,7 +85,7 @@ DURABLE = "SETTINGS fsync_after_insert = 1, fsync_part_directory = 1"
 def raw_table_ddl(n: int) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {raw_table(n)} (\n    {_cols(ACTIVITY_COLUMNS + VERSION_COLUMNS)}\n)\n"
-        f"ENGINE = ReplacingMergeTree(_version, _deleted)\nPARTITION BY toYear(createdAt)\n"
+        f"ENGINE = ReplacingMergeTree(_version, _deleted)\nPARTITION BY {PARTITION_KEY}\n"
         f"ORDER BY ({', '.join(SORT_KEY)})\n{DURABLE}"
     )
 
@@ -172,13 +94,13 @@ def reference_table_ddl(table: str) -> str:
     cols = REFERENCE_COLUMNS[table] + VERSION_COLUMNS
     return (
         f"CREATE TABLE IF NOT EXISTS {table} (\n    {_cols(cols)}\n)\n"
-        f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY id\n{DURABLE}"
+        f"ENGINE = ReplacingMergeTree(_version, _deleted)\nORDER BY {REFERENCE_KEY}\n{DURABLE}"
     )
 
 
 def stage_columns() -> str:
     """Columns of the loader's in-memory stage: a raw bucket's, plus ``_part`` (which bucket table a row is for)."""
-    return _cols(ACTIVITY_COLUMNS + VERSION_COLUMNS + (("_part", "UInt32", None),))
+    return _cols(ACTIVITY_COLUMNS + VERSION_COLUMNS + (Column("_part", "UInt32"),))
 
 
 def cleaned_columns_ddl() -> str:
@@ -223,7 +145,7 @@ def project_view_ddl(buckets: int) -> str:
     return (
         f"CREATE OR REPLACE VIEW {PROJECT_VIEW} AS\n"
         f"SELECT slug AS project, id AS projectId, segmentId,\n"
-        f"       toUInt32(cityHash64(segmentId) % {buckets}) AS bucketId\n"
+        f"       toUInt32({bucket_sql('segmentId', buckets)}) AS bucketId\n"
         f"FROM insightsProjects FINAL\n"
         f"WHERE slug = {{project:String}} AND enabled = 1 AND deletedAt IS NULL"
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from connectors.tinybird_api import TinybirdClient, TinybirdError, TinybirdRetryable
-from connectors.tinybird_project import cleaning_pipe_name
+from stream.tinybird_project import cleaning_pipe_name
 
 log = logging.getLogger("bucketer.tinybird.copy")
 FINAL = ("done", "error", "cancelled")

@@ -1,6 +1,6 @@
 """Country codes for the Tinybird project: fill ``organization_country_codes`` with bucketer's resolver.
 
-The cleaning copy pipes (connectors/tinybird_project.py) join ``organization_country_codes`` (country,
+The cleaning copy pipes (stream/tinybird_project.py) join ``organization_country_codes`` (country,
 location) -> ISO code, because Tinybird runs SQL, not Python. ``sync_country_codes(client)`` asks Tinybird
 for the (country, location) pairs of ``organizations`` that have no code for the current resolver version
 yet, resolves them with connectors/countries.py (the product's own resolver, so Tinybird and the embedded
@@ -15,7 +15,7 @@ import orjson
 
 from connectors.countries import RESOLVER_VERSION, organization_country_code
 from connectors.tinybird_api import TinybirdClient
-from connectors.tinybird_project import COUNTRY_DS
+from stream.tinybird_project import COUNTRY_DS
 
 PAIRS_SQL = (
     f"SELECT DISTINCT country, location FROM organizations FINAL WHERE _deleted = 0 "

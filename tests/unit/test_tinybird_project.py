@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from bucketer.cli import app
 from connectors.countries import organization_country_code
 from connectors.sequin import BadMessage, decode
-from connectors.tinybird_project import generate_project, write_project
 from stream.buckets import bucket_of, cleaned_table, raw_table
 from stream.loadgen import LoadgenConfig, generate
+from stream.tinybird_project import ProjectBucketsError, generate_project, project_buckets, write_project
 
 REFERENCE = ("members", "organizations", "repositories", "insightsProjects", "integrations")
 
@@ -94,7 +94,7 @@ def test_generation_is_deterministic_and_the_cli_writes_it(tmp_path: Path) -> No
 def test_ten_to_twenty_buckets_changes_exactly_the_files_that_depend_on_n(tmp_path: Path) -> None:
     write_project(10, tmp_path)
     before = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
-    write_project(20, tmp_path)
+    write_project(20, tmp_path, rebucket=True)
     after = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
     added = set(after) - set(before)
     changed = {f for f in before if f in after and before[f] != after[f]}
@@ -119,8 +119,51 @@ def test_ten_to_twenty_buckets_changes_exactly_the_files_that_depend_on_n(tmp_pa
     )
     for f in changed:
         assert "% 20" in after[f] or "0 AND 19" in after[f] or "bucket_19_ds" in after[f]
-    write_project(10, tmp_path)  # and back: the extra buckets' files are removed
+    write_project(10, tmp_path, rebucket=True)  # and back: the extra buckets' files are removed
     assert {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} == set(before)
+
+
+def files_of(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in root.rglob("*") if p.is_file()}
+
+
+def test_an_existing_project_keeps_its_n_unless_rebucket_is_asked(tmp_path: Path) -> None:
+    cli = CliRunner()
+    fresh = cli.invoke(app, ["tinybird", "generate", "--out", str(tmp_path)], env={"BUCKETER_BUCKETS": None})
+    assert fresh.exit_code == 0, fresh.output
+    assert "for 10 buckets" in fresh.output and project_buckets(tmp_path) == 10  # a fresh folder: the default 10
+    before = files_of(tmp_path)
+
+    other = cli.invoke(app, ["tinybird", "generate", "--buckets", "20", "--out", str(tmp_path)])
+    assert other.exit_code == 1
+    lines = other.output.strip().splitlines()
+    assert len(lines) == 1 and "has 10 buckets, not 20" in lines[0] and "--rebucket --buckets 20" in lines[0]
+    assert files_of(tmp_path) == before  # nothing written
+    with pytest.raises(ProjectBucketsError):
+        write_project(20, tmp_path)
+
+    same = cli.invoke(app, ["tinybird", "generate", "--out", str(tmp_path)], env={"BUCKETER_BUCKETS": None})
+    assert same.exit_code == 0 and "for 10 buckets" in same.output  # without --buckets: the project's own N
+    assert files_of(tmp_path) == before
+
+    alone = cli.invoke(
+        app, ["tinybird", "generate", "--rebucket", "--out", str(tmp_path)], env={"BUCKETER_BUCKETS": None}
+    )
+    assert alone.exit_code == 2 and files_of(tmp_path) == before
+
+    moved = cli.invoke(app, ["tinybird", "generate", "--rebucket", "--buckets", "20", "--out", str(tmp_path)])
+    assert moved.exit_code == 0, moved.output
+    assert project_buckets(tmp_path) == 20 and files_of(tmp_path) == generate_project(20)
+
+
+def test_a_project_with_gaps_in_its_buckets_is_refused(tmp_path: Path) -> None:
+    write_project(4, tmp_path)
+    (tmp_path / "datasources" / f"{raw_table(2)}.datasource").unlink()
+    with pytest.raises(ProjectBucketsError, match="gaps"):
+        project_buckets(tmp_path)
+    result = CliRunner().invoke(app, ["tinybird", "generate", "--buckets", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert write_project(4, tmp_path, rebucket=True) and project_buckets(tmp_path) == 4
 
 
 def test_cleaning_schedule_is_staggered_in_pairs() -> None:

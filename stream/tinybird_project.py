@@ -26,51 +26,66 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from connectors.countries import UNKNOWN
+from connectors.model import (
+    ACTIVITY_COLUMNS,
+    ACTIVITY_NAMES,
+    ACTIVITY_REQUIRED,
+    CLEANED_EXTRA,
+    CLEANED_ORDER,
+    EMPTY_ATTRIBUTES,
+    GERRIT,
+    GIT_PLATFORMS,
+    MEMBER_ATTRIBUTES,
+    NULLABLE_TS,
+    PARTITION_KEY,
+    REFERENCE_COLUMNS,
+    REFERENCE_KEY,
+    SORT_KEY,
+    bucket_sql,
+    gerrit_variant_sql,
+    is_timestamp,
+    slot_minute,
+)
+from connectors.model import TS as WAREHOUSE_TS
+from connectors.model import Column as ModelColumn
+from connectors.topics import SOURCE
 from stream.buckets import cleaned_table, raw_table
+from stream.schema import PROJECT_VIEW as PROJECT_PIPE
+from stream.schema import ROUTING_VIEW as ROUTING_PIPE
+from stream.schema import UNION_VIEW as UNION_PIPE
 
-SOURCE = "activityRelations"
-GIT_PLATFORMS = ("git", "gerrit", "github", "gitlab")
 COUNTRY_DS = "organization_country_codes"
-UNION_PIPE = "activityRelations_deduplicated_cleaned_bucket_union"
-ROUTING_PIPE = "activityRelations_bucket_routing"
-PROJECT_PIPE = "project_buckets"
+# Tinybird's DateTime64/DateTime columns carry no time zone here; the warehouse's are explicitly UTC.
 TS = "DateTime64(3)"
+TINYBIRD_TYPES = {WAREHOUSE_TS: TS, NULLABLE_TS: f"Nullable({TS})", "DateTime('UTC')": "DateTime"}
 INDENT = "    "
 
 # (column, type, JSONPath or None, DEFAULT or None)
 Column = tuple[str, str, str | None, str | None]
 
 
-def _rec(name: str, ctype: str, default: str | None = None) -> Column:
-    return (name, ctype, f"$.record.{name}", default)
+def tinybird_type(ctype: str) -> str:
+    """The Tinybird datafile type of a warehouse column type (connectors/model.py)."""
+    return TINYBIRD_TYPES.get(ctype, ctype)
 
 
-ACTIVITY: tuple[Column, ...] = (
-    _rec("activityId", "String"),
-    _rec("conversationId", "String", "''"),
-    _rec("createdAt", TS),
-    _rec("updatedAt", TS),
-    _rec("memberId", "String"),
-    _rec("objectMemberId", "String", "''"),
-    _rec("objectMemberUsername", "String", "''"),
-    _rec("organizationId", "String", "''"),
-    _rec("parentId", "String", "''"),
-    _rec("platform", "LowCardinality(String)"),
-    _rec("segmentId", "String"),
-    _rec("username", "String", "''"),
-    _rec("sourceId", "String"),
-    _rec("type", "LowCardinality(String)"),
-    _rec("timestamp", TS),
-    _rec("sourceParentId", "String", "''"),
-    _rec("channel", "String", "''"),
-    _rec("sentimentScore", "Int8", "-1"),
-    _rec("gitInsertions", "UInt32", "0"),
-    _rec("gitDeletions", "UInt32", "0"),
-    _rec("score", "Int8", "-1"),
-    _rec("isContribution", "UInt8", "0"),
-    _rec("pullRequestReviewState", "LowCardinality(String)", "''"),
-)
-ACTIVITY_NAMES = tuple(c[0] for c in ACTIVITY)
+def _column(c: ModelColumn, required: tuple[str, ...]) -> Column:
+    """A model column as a Tinybird schema line: the same name, type and JSONPath. A JSONPath that is absent
+    in a message takes the DEFAULT, so every optional column has one (the warehouse's, else the type's zero);
+    required columns and timestamps have none (a message without them is quarantined)."""
+    if c.name in required or is_timestamp(c.type):
+        default = None
+    elif c.name == MEMBER_ATTRIBUTES:
+        default = f"'{EMPTY_ATTRIBUTES}'"
+    elif c.default is not None:
+        default = c.default
+    else:
+        default = "''" if "String" in c.type else "0"
+    return (c.name, tinybird_type(c.type), c.path, default)
+
+
+ACTIVITY: tuple[Column, ...] = tuple(_column(c, ACTIVITY_REQUIRED) for c in ACTIVITY_COLUMNS)
 CHANGE: tuple[Column, ...] = (
     ("action", "LowCardinality(String)", "$.action", "'insert'"),
     ("commitTimestamp", TS, "$.metadata.commit_timestamp", None),
@@ -86,75 +101,22 @@ VERSIONED: tuple[Column, ...] = (
     ),
 )
 REFERENCE: dict[str, tuple[Column, ...]] = {
-    "members": (
-        _rec("id", "String"),
-        _rec("attributes", "String", "'{}'"),
-        ("isBot", "UInt8", "$.record.attributes.isBot.default", "0"),
-        ("isTeamMember", "UInt8", "$.record.attributes.isTeamMember.default", "0"),
-        ("isOrganization", "UInt8", "$.record.attributes.isOrganization.default", "0"),
-        _rec("displayName", "String", "''"),
-        _rec("joinedAt", TS),
-        _rec("createdAt", TS),
-        _rec("updatedAt", TS),
-    ),
-    "organizations": (
-        _rec("id", "String"),
-        _rec("displayName", "String", "''"),
-        _rec("location", "String", "''"),
-        _rec("country", "String", "''"),
-        _rec("createdAt", TS),
-        _rec("updatedAt", TS),
-    ),
-    "repositories": (
-        _rec("id", "String"),
-        _rec("url", "String", "''"),
-        _rec("segmentId", "String", "''"),
-        _rec("insightsProjectId", "String", "''"),
-        _rec("sourceIntegrationId", "String", "''"),
-        _rec("enabled", "UInt8", "1"),
-        _rec("excluded", "UInt8", "0"),
-        _rec("archived", "UInt8", "0"),
-        _rec("deletedAt", f"Nullable({TS})"),
-        _rec("createdAt", TS),
-        _rec("updatedAt", TS),
-    ),
-    "insightsProjects": (
-        _rec("id", "String"),
-        _rec("name", "String", "''"),
-        _rec("slug", "String", "''"),
-        _rec("segmentId", "String", "''"),
-        _rec("enabled", "UInt8", "1"),
-        _rec("deletedAt", f"Nullable({TS})"),
-        _rec("createdAt", TS),
-        _rec("updatedAt", TS),
-    ),
-    "integrations": (
-        _rec("id", "String"),
-        _rec("platform", "LowCardinality(String)", "''"),
-        _rec("segmentId", "String", "''"),
-        _rec("deletedAt", f"Nullable({TS})"),
-        _rec("createdAt", TS),
-        _rec("updatedAt", TS),
-    ),
+    table: tuple(_column(c, (REFERENCE_KEY,)) for c in cols) for table, cols in REFERENCE_COLUMNS.items()
 }
-CLEANED_EXTRA: tuple[Column, ...] = (
-    ("gitChangedLines", "UInt64", None, None),
-    ("gitChangedLinesBucket", "String", None, None),
-    ("organizationCountryCode", "LowCardinality(String)", None, None),
-    ("organizationName", "String", None, None),
-    ("snapshotId", "DateTime", None, None),
+CLEANED: tuple[Column, ...] = tuple(
+    (c.name, tinybird_type(c.type), None, None) for c in ACTIVITY_COLUMNS + CLEANED_EXTRA
 )
 COUNTRY: tuple[Column, ...] = (
     ("country", "String", "$.country", "''"),
     ("location", "String", "$.location", "''"),
-    ("code", "LowCardinality(String)", "$.code", "'XX'"),
+    ("code", "LowCardinality(String)", "$.code", f"'{UNKNOWN}'"),
     ("resolverVersion", "UInt32", "$.resolverVersion", "0"),
 )
 
 
 def cleaning_minute(bucket: int) -> int:
-    """Pairs of buckets 4 minutes apart from :10 (0-1 at :10, 2-3 at :14, ...), wrapping past :59."""
-    return (10 + 4 * (bucket // 2)) % 60
+    """The warehouse's default schedule slot (connectors/model.py): 0-1 at :10, 2-3 at :14, ..., wrapping past :59."""
+    return slot_minute(bucket)
 
 
 # --- datafile text -------------------------------------------------------------------------------------------
@@ -192,14 +154,11 @@ def _node(name: str, sql: str, description: str | None = None) -> str:
     return f"NODE {name}\n{desc}SQL >\n{body}\n"
 
 
-SORT_KEY = "segmentId, timestamp, type, platform, channel, sourceId"
-
-
 def source_datasource() -> str:
     return _datasource(
         "Sequin changes of activityRelations (one JSON message per row: $.record.*).",
         ACTIVITY + CHANGE,
-        _rmt(SORT_KEY, "updatedAt", partition="toYear(createdAt)"),
+        _rmt(", ".join(SORT_KEY), "updatedAt", partition=PARTITION_KEY),
     )
 
 
@@ -208,19 +167,15 @@ def raw_bucket_datasource(n: int) -> str:
         f"Raw bucket {n}: cityHash64(segmentId) % N = {n}. Deletes and the router's retirements "
         "set _deleted, so FINAL keeps exactly the live rows.",
         ACTIVITY + CHANGE + VERSIONED,
-        _rmt(SORT_KEY, "_version", "_deleted", partition="toYear(createdAt)"),
+        _rmt(", ".join(SORT_KEY), "_version", "_deleted", partition=PARTITION_KEY),
     )
 
 
 def cleaned_datasource(n: int) -> str:
-    cols = tuple((c[0], c[1], None, None) for c in ACTIVITY) + CLEANED_EXTRA
     return _datasource(
-        f"Cleaned bucket {n}: rebuilt hourly (replace) by {cleaned_table(n)[:-3]}.pipe.",
-        cols,
-        [
-            ("ENGINE", "MergeTree"),
-            ("ENGINE_SORTING_KEY", "segmentId, timestamp, type, platform, memberId, organizationId"),
-        ],
+        f"Cleaned bucket {n}: rebuilt hourly (replace) by {cleaning_pipe_name(n)}.pipe.",
+        CLEANED,
+        [("ENGINE", "MergeTree"), ("ENGINE_SORTING_KEY", ", ".join(CLEANED_ORDER))],
     )
 
 
@@ -228,13 +183,13 @@ def reference_datasource(table: str) -> str:
     return _datasource(
         f"Sequin changes of {table} ($.record.*); FINAL gives the latest live row per id.",
         REFERENCE[table] + CHANGE + VERSIONED,
-        _rmt("id", "_version", "_deleted"),
+        _rmt(REFERENCE_KEY, "_version", "_deleted"),
     )
 
 
 def country_datasource() -> str:
     return _datasource(
-        "(country, location) -> ISO 3166-1 alpha-2 ('XX' unknown), appended by bucketer's "
+        f"(country, location) -> ISO 3166-1 alpha-2 ('{UNKNOWN}' unknown), appended by bucketer's "
         "country resolver for every pair of organizations.",
         COUNTRY,
         _rmt("country, location", "resolverVersion"),
@@ -242,7 +197,7 @@ def country_datasource() -> str:
 
 
 def _bucket_filter(n: int, buckets: int) -> str:
-    return f"cityHash64(segmentId) % {buckets} = {n}"
+    return f"{bucket_sql('segmentId', buckets)} = {n}"
 
 
 def materialized_pipe(n: int, buckets: int) -> str:
@@ -259,12 +214,8 @@ def snapshot_pipe(n: int, buckets: int) -> str:
 
 
 def gerrit_variant(url: str) -> str:
-    """The query-URL variant of a (lower-cased) gerrit repository url, as SQL."""
-    return (
-        f"multiIf(position({url}, '/r/') > 0, replaceOne({url}, '/r/', '/r/q/project:'),\n"
-        f"        position({url}, '/gerrit/') > 0, replaceOne({url}, '/gerrit/', '/gerrit/q/project:'),\n"
-        f"        replaceRegexpOne({url}, '^([^:/]+://[^/]*)/?', '\\\\1/q/project:'))"
-    )
+    """The query-URL variant of a (lower-cased) gerrit repository url, as SQL (the model's rule, one branch a line)."""
+    return gerrit_variant_sql(url, ",\n        ")
 
 
 def cleaning_pipe(n: int) -> str:
@@ -289,13 +240,13 @@ SELECT url AS channel, segmentId FROM {p}allowed_repositories
 UNION ALL
 SELECT {gerrit_variant("url")} AS channel, segmentId
 FROM {p}allowed_repositories
-WHERE integrationId IN (SELECT id FROM integrations FINAL WHERE _deleted = 0 AND platform = 'gerrit')""",
+WHERE integrationId IN (SELECT id FROM integrations FINAL WHERE _deleted = 0 AND platform = '{GERRIT}')""",
             "(lower(url), segmentId) pairs, plus the /q/project: variant for gerrit repositories.",
         ),
         _node(
             f"{p}organizations",
             f"""
-SELECT o.id AS id, o.displayName AS displayName, if(c.code = '', 'XX', c.code) AS code
+SELECT o.id AS id, o.displayName AS displayName, if(c.code = '', '{UNKNOWN}', c.code) AS code
 FROM (SELECT id, displayName, country, location FROM organizations FINAL WHERE _deleted = 0) AS o
 LEFT JOIN (SELECT country, location, code FROM {COUNTRY_DS} FINAL) AS c
     ON c.country = o.country AND c.location = o.location""",
@@ -309,7 +260,7 @@ SELECT
     toUInt64(a.gitInsertions) + toUInt64(a.gitDeletions) AS gitChangedLines,
     multiIf(gitChangedLines = 0, '', gitChangedLines <= 9, '1-9', gitChangedLines <= 59, '10-59',
             gitChangedLines <= 99, '60-99', gitChangedLines <= 499, '100-499', '500+') AS gitChangedLinesBucket,
-    if(o.code = '', 'XX', o.code) AS organizationCountryCode,
+    if(o.code = '', '{UNKNOWN}', o.code) AS organizationCountryCode,
     o.displayName AS organizationName,
     toStartOfHour(now()) AS snapshotId
 FROM (SELECT * FROM {raw_table(n)} FINAL WHERE _deleted = 0) AS a
@@ -356,7 +307,7 @@ SELECT throwIf(NOT ({bid} BETWEEN 0 AND {buckets - 1}),
 
 def project_pipe(buckets: int) -> str:
     sql = f"""%
-SELECT slug AS project, id AS projectId, segmentId, cityHash64(segmentId) % {buckets} AS bucketId
+SELECT slug AS project, id AS projectId, segmentId, {bucket_sql("segmentId", buckets)} AS bucketId
 FROM insightsProjects FINAL
 WHERE _deleted = 0 AND enabled = 1 AND deletedAt IS NULL AND slug = {{{{ String(project, required=True) }}}}"""
     return (
@@ -380,7 +331,7 @@ def generate_project(buckets: int) -> dict[str, str]:
         files[f"datasources/{cleaned_table(n)}.datasource"] = cleaned_datasource(n)
         files[f"pipes/activityRelations_bucket_MV_{n}.pipe"] = materialized_pipe(n, buckets)
         files[f"pipes/activityRelations_bucket_snapshot_{n}.pipe"] = snapshot_pipe(n, buckets)
-        files[f"pipes/{cleaned_table(n)[:-3]}.pipe"] = cleaning_pipe(n)
+        files[f"pipes/{cleaning_pipe_name(n)}.pipe"] = cleaning_pipe(n)
     files[f"pipes/{UNION_PIPE}.pipe"] = union_pipe(buckets)
     files[f"pipes/{ROUTING_PIPE}.pipe"] = routing_pipe(buckets)
     files[f"pipes/{PROJECT_PIPE}.pipe"] = project_pipe(buckets)
@@ -391,8 +342,39 @@ def cleaning_pipe_name(n: int) -> str:
     return cleaned_table(n)[:-3]
 
 
-def write_project(buckets: int, out: Path) -> list[Path]:
-    """Write the files under ``out``; remove generated bucket files of a larger previous N. Returns the paths."""
+class ProjectBucketsError(ValueError):
+    """The project folder already holds another number of buckets (or an inconsistent set of them)."""
+
+
+def project_buckets(out: Path) -> int | None:
+    """N of the project already in ``out`` (its raw bucket datafiles are buckets 0..N-1), or None when ``out``
+    holds no bucket datafile. Raises ``ProjectBucketsError`` when the bucket numbers are not 0..N-1."""
+    head, tail = raw_table(0)[:-1], ".datasource"
+    found = sorted(
+        int(name[len(head) : -len(tail)])
+        for name in (p.name for p in (out / "datasources").glob(f"{head}*{tail}"))
+        if name[len(head) : -len(tail)].isdigit()
+    )
+    if not found:
+        return None
+    if found != list(range(len(found))):
+        raise ProjectBucketsError(
+            f"the Tinybird project in {out} has raw bucket datafiles {found[0]}..{found[-1]} with gaps; "
+            f"regenerate it with --rebucket --buckets N"
+        )
+    return len(found)
+
+
+def write_project(buckets: int, out: Path, *, rebucket: bool = False) -> list[Path]:
+    """Write the files under ``out``. An existing project keeps its N: another ``buckets`` raises
+    ``ProjectBucketsError`` unless ``rebucket`` says to change it, which also removes the generated bucket files
+    of a larger previous N. Returns the paths."""
+    existing = project_buckets(out) if not rebucket else None
+    if existing is not None and existing != buckets:
+        raise ProjectBucketsError(
+            f"the Tinybird project in {out} has {existing} buckets, not {buckets}; to change it, run "
+            f"bucketer tinybird generate --rebucket --buckets {buckets} --out {out}"
+        )
     files = generate_project(buckets)
     written = []
     for rel, text in files.items():
