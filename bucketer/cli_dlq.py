@@ -11,7 +11,9 @@ import typer
 
 from bucketer.cli import app, fail
 
-dlq_app = typer.Typer(help="The dead-letter topic: what is in it, and sending it back once fixed.", no_args_is_help=True)
+dlq_app = typer.Typer(
+    help="The dead-letter topic: what is in it, and sending it back once fixed.", no_args_is_help=True
+)
 app.add_typer(dlq_app, name="dlq")
 
 BootstrapOpt = Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap servers.")]
@@ -21,7 +23,9 @@ ClassOpt = Annotated[
 ]
 SinceOpt = Annotated[
     str | None,
-    typer.Option("--since", help="Only dead letters written since: an ISO time (UTC if no zone) or an age: 30m, 2h, 7d."),
+    typer.Option(
+        "--since", help="Only dead letters written since: an ISO time (UTC if no zone) or an age: 30m, 2h, 7d."
+    ),
 ]
 _AGE = re.compile(r"^(\d+)([smhd])$")
 
@@ -81,7 +85,9 @@ def dlq_list(
     for s in summary:
         sample = s.samples[0] if s.samples else {}
         last = s.last.strftime("%Y-%m-%d %H:%M:%S") if s.last else ""
-        table.add_row(s.stage, s.error_class, str(s.count), last, sample.get("detail", "")[:60], sample.get("source", ""))
+        table.add_row(
+            s.stage, s.error_class, str(s.count), last, sample.get("detail", "")[:60], sample.get("source", "")
+        )
     Console().print(table)
 
 

@@ -27,14 +27,14 @@ def bootstrap_cmd(
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
 ) -> None:
     """Replay activityRelations from its beginning into raw buckets (append; idempotent), then check the spread."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
     from stream.bootstrap import replay
     from stream.schema import BucketCountMismatch, ensure_schema
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bars = Progress(
         TextColumn("{task.description:<32}"),

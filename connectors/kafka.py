@@ -192,7 +192,9 @@ def ensure_topics(
     if not missing:
         return []
     futures = client.create_topics(
-        [NewTopic(n, partitions, replication, config=config or {}) for n in missing], operation_timeout=timeout, request_timeout=timeout
+        [NewTopic(n, partitions, replication, config=config or {}) for n in missing],
+        operation_timeout=timeout,
+        request_timeout=timeout,
     )
     for name, fut in futures.items():
         try:

@@ -81,7 +81,8 @@ class DeadLetter:
 
 def _headers(m: Message) -> dict[str, str]:
     out: dict[str, str] = {}
-    for k, v in m.headers() or []:
+    pairs: list[tuple[str, bytes | str | None]] = list(m.headers() or [])  # type: ignore[arg-type]
+    for k, v in pairs:  # a list of (name, value) pairs
         if isinstance(v, bytes):
             out[k] = v.decode("utf-8", "replace")
         elif v is not None:
