@@ -15,8 +15,8 @@ The raw rows are redistributed inside ClickHouse, never through Python:
 5. ``ensure_schema(M)`` redefines the union, routing and project views and records M; every cleaned bucket is
    rebuilt for the new layout (cleaned tables of buckets ≥ M are dropped).
 
-Then the router and the loader restart with ``--buckets M`` (the router creates the new bucket topics; its
-consumer offsets on the source topic carry on). The warehouse must not be written to during steps 2–4: with
+Then the router restarts with ``--buckets M`` (it creates the new bucket topics; its consumer offsets on the
+source topic carry on) and the loader restarts without ``--buckets`` (it reads M from the warehouse). The warehouse must not be written to during steps 2–4: with
 the embedded engine the data-dir lock guarantees it (``bucketer run`` must be stopped); with a server, stop
 the loaders first. ``gradual`` (serve N while M is built from the source topic) is not implemented.
 """
