@@ -7,11 +7,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cleaned_model import CleanedModel, cleaned_union_rows
+from clocks import FrozenClock
 from confluent_kafka import Producer
 from kafkatools import create_topics, unique
 
@@ -24,16 +23,6 @@ from stream.enrich import Enricher
 from stream.loadgen import LoadgenConfig, generate
 from stream.pipeline import Pipeline, PipelineConfig
 from stream.schema import ensure_schema
-
-
-class FrozenClock:
-    """Half a minute past an hour: no scheduled rebuild slot fires during the test."""
-
-    def now(self) -> datetime:
-        return datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, 0.2))
 
 
 def test_bootstrap_from_scratch_gives_the_cleaned_rows_of_the_model_and_of_a_normal_load(

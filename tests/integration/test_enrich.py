@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cleaned_model import gerrit_variant
 
 from connectors.warehouse import EmbeddedWarehouse, open_warehouse
 from stream.buckets import bucket_of, cleaned_table, raw_table
@@ -123,16 +124,6 @@ ORGS = {
 }
 PLATFORMS = ["git", "gerrit", "github", "gitlab", "slack", "discord", "GitHub", "jira"]
 LINES = [0, 1, 4, 9, 10, 30, 59, 60, 99, 100, 250, 499, 500, 100000]
-
-
-def gerrit_variant(url: str) -> str:
-    if "/r/" in url:
-        return url.replace("/r/", "/r/q/project:", 1)
-    if "/gerrit/" in url:
-        return url.replace("/gerrit/", "/gerrit/q/project:", 1)
-    scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    return f"{scheme}://{host}/q/project:{path}"
 
 
 @dataclass

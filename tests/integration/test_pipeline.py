@@ -5,13 +5,13 @@ The expected live rows are computed here from the generated messages with a mode
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
+from clocks import FrozenClock
 from confluent_kafka import Producer
 from kafkatools import create_topics, unique
 
@@ -28,17 +28,6 @@ from stream.schema import ensure_schema
 
 SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")
 ACTIONS = {"insert", "update", "delete", "read"}
-
-
-class FrozenClock:
-    """Half a minute past an hour, forever: no scheduled slot (the first is :10) fires during the test, so the
-    only rebuilds are the ones the test asks for."""
-
-    def now(self) -> datetime:
-        return datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, 0.2))
 
 
 def ms(v: object) -> int:
