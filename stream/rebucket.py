@@ -10,8 +10,9 @@ The raw rows are redistributed inside ClickHouse, never through Python:
 3. verify: the live rows (``FINAL``) of the new layout and a hash of their identities and versions equal the
    old ones, and no row is in a bucket other than its hash says; on a mismatch nothing is swapped and the aside
    tables are dropped;
-4. swap: each bucket below min(N, M) is exchanged with its rebuilt table (``EXCHANGE TABLES`` where the
-   database engine has it, else a rename pair), new buckets are renamed into place, buckets ≥ M dropped;
+4. swap: each bucket below min(N, M) is exchanged with its rebuilt table (``Warehouse.exchange``: ``EXCHANGE
+   TABLES`` where the database engine has it, else its documented fallback), new buckets are renamed into
+   place, buckets ≥ M dropped;
 5. ``ensure_schema(M)`` redefines the union, routing and project views and records M; every cleaned bucket is
    rebuilt for the new layout (cleaned tables of buckets ≥ M are dropped).
 
@@ -32,7 +33,7 @@ from connectors.kafka import consumer_config
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
 from stream.buckets import cleaned_table, raw_table
-from stream.enrich import EXCHANGE_ENGINES, Enricher, RebuildResult
+from stream.enrich import Enricher, RebuildResult
 from stream.schema import bucket_count, ensure_schema, raw_table_ddl
 
 log = logging.getLogger("bucketer.rebucket")
@@ -68,14 +69,6 @@ def loader_lag(bootstrap: str, group: str, topics: TopicNames, buckets: int, tim
         return lag
     finally:
         consumer.close()
-
-
-def _swap(wh: Warehouse, a: str, b: str) -> None:
-    engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
-    if engine and engine[0][0] in EXCHANGE_ENGINES:
-        wh.command(f"EXCHANGE TABLES {a} AND {b}")
-    else:
-        wh.command(f"RENAME TABLE {a} TO {a}__swap, {b} TO {a}, {a}__swap TO {b}")
 
 
 def _fingerprint(wh: Warehouse, tables: list[str]) -> tuple[tuple[int, int], list[int]]:
@@ -126,7 +119,7 @@ def rebucket(wh: Warehouse, to: int, enricher: Enricher, *, parallel: int = 1) -
     total, per_bucket = before[0][0], after[1]
     for m, aside in enumerate(asides):
         if m < old:
-            _swap(wh, raw_table(m), aside)
+            wh.exchange(raw_table(m), aside)
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
         else:
             wh.command(f"DROP TABLE IF EXISTS {raw_table(m)} SYNC")
