@@ -269,8 +269,8 @@ def _lag_estimate(consumer: Consumer) -> int | None:
     by one per partition whose last offset is a commit marker (plus markers and aborted records in the
     backlog). The router's source is written by Sequin without transactions, where the two agree. It stays
     cheap on purpose: it runs at every progress line and at every idle poll of ``--until-idle`` (every
-    ``batch_time``), and an exact count opens two more clients and reads the backlog (about 0.25 s against a
-    local broker even when there is nothing to read)."""
+    ``batch_time``), and an exact count opens two more clients and reads the backlog (0.25-0.5 s against a
+    local broker even with nothing to read, measured for 3 and 30 partitions)."""
     try:
         total = 0
         for tp in consumer.committed(consumer.assignment(), timeout=5):
