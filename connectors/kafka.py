@@ -8,16 +8,20 @@
   ``KafkaRetryError`` (transient: try again, maybe after aborting the transaction),
   ``KafkaDeadLetterError`` (this message can never be written: send it to the DLQ),
   ``KafkaFatalError`` (this client is unusable, e.g. fenced by a newer instance: stop).
+- ``group_lag`` counts what a consumer group still has to read, as a ``read_committed`` reader sees it (the
+  one lag function: loader drained check, ``status``'s router lag and DLQ count).
 - DLQ header names of docs/CONTRACTS.md and ``dlq_headers``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from connectors.lograte import RepeatFilter
@@ -205,6 +209,159 @@ def ensure_topics(
                 continue
             raise from_exception(exc, f"create topic {name}") from None
     return missing
+
+
+log = logging.getLogger("bucketer.kafka")
+
+
+@dataclass(frozen=True)
+class Lag:
+    """What ``group_lag`` found. ``messages``: committed messages not yet committed by the group (exact when
+    ``exact``; else partitions left unread at the timeout count as their offset span, an upper bound).
+    ``pending``: offsets past a partition's last stable offset, i.e. in transactions still open during the
+    count: at most that many messages may yet become visible. ``absent``: topics asked about that do not exist."""
+
+    messages: int
+    pending: int = 0
+    exact: bool = True
+    absent: tuple[str, ...] = ()
+
+    @property
+    def at_most(self) -> int:
+        """An upper bound of what the group may still have to read (committed or about to be)."""
+        return self.messages + self.pending
+
+
+def group_lag(bootstrap: str, group: str | None, topics: Sequence[str], timeout: float = 10.0) -> Lag:
+    """Messages on ``topics`` that a ``read_committed`` consumer of ``group`` still has to read: per partition,
+    the committed messages from the group's committed offset (the low watermark when it has none, or for every
+    partition when ``group`` is None: then it counts all the committed messages) up to the high watermark taken
+    at the start.
+
+    They are counted by reading, because offsets over-count a topic written in transactions: every commit or
+    abort marker takes an offset (the last offset of a partition written transactionally is a marker, so a
+    drained partition has high - committed = 1) and aborted records stay in the log. Only that span is read: a
+    drained partition costs nothing or its one marker. The reader is assigned, never subscribed: it joins no
+    group and commits nothing (the group's offsets are only read). A partition is done at its end-of-partition
+    event (a read_committed reader gets it at the last stable offset: what lies beyond is ``pending``), or at a
+    message or position at or past the start's high watermark. What is not read within ``timeout`` counts as
+    its offset span (logged)."""
+    # Offsets and committed positions through a read_uncommitted client: its high watermark is the log's end
+    # (a read_committed one would report the last stable offset and hide open transactions).
+    meta = Consumer(
+        consumer_config(bootstrap, group or "bucketer-lag-unused", **{"isolation.level": "read_uncommitted"})
+    )
+    try:
+        md = meta.list_topics(timeout=timeout).topics
+        parts: list[TopicPartition] = []
+        absent: list[str] = []
+        for topic in dict.fromkeys(topics):
+            info = md.get(topic)
+            if info is None or info.error is not None:
+                absent.append(topic)
+            else:
+                parts += [TopicPartition(topic, p) for p in sorted(info.partitions)]
+        spans: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, partition) -> (start, end) offsets
+        for tp in _committed(meta, parts, timeout) if group and parts else parts:
+            low, high = meta.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout)
+            start = max(low, tp.offset) if tp.offset >= 0 else low
+            if start < high:
+                spans[(tp.topic, tp.partition)] = (start, high)
+    except KafkaException as exc:
+        raise from_exception(exc, f"lag of {group or 'the topics'}") from None
+    finally:
+        meta.close()
+    if not spans:
+        return Lag(0, absent=tuple(absent))
+    reader = Consumer(
+        consumer_config(
+            bootstrap,
+            "bucketer-lag-unused",
+            **{
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "fetch.min.bytes": 1,
+                "fetch.max.bytes": 64 << 20,
+            },
+        )
+    )
+    try:
+        return _read_spans(reader, spans, timeout, tuple(absent))
+    except KafkaException as exc:
+        raise from_exception(exc, f"lag of {group or 'the topics'}") from None
+    finally:
+        reader.close()
+
+
+def _committed(consumer: Consumer, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+    """The group's committed offsets; retriable errors (a coordinator still loading, moving) are retried
+    until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = consumer.committed(parts, timeout=max(1.0, deadline - time.monotonic()))
+            failed = next((tp for tp in got if tp.error is not None), None)
+            if failed is None or failed.error is None:
+                return list(got)
+            exc = classify(failed.error, f"committed offset of {failed.topic} [{failed.partition}]")
+        except KafkaException as raised:
+            exc = from_exception(raised, "committed offsets")
+        if not isinstance(exc, KafkaRetryError) or time.monotonic() + 0.2 >= deadline:
+            raise exc
+        time.sleep(0.2)
+
+
+def _read_spans(
+    consumer: Consumer, spans: dict[tuple[str, int], tuple[int, int]], timeout: float, absent: tuple[str, ...]
+) -> Lag:
+    counted = dict.fromkeys(spans, 0)
+    pending = 0
+    left = dict(spans)
+
+    def done(key: tuple[str, int]) -> None:
+        left.pop(key, None)
+        consumer.pause([TopicPartition(*key)])
+
+    consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in spans.items()])
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for m in consumer.consume(10_000, timeout=0.2):
+            key = (m.topic() or "", m.partition() or 0)
+            if key not in left:
+                continue
+            end, offset, err = left[key][1], m.offset() or 0, m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    pending += max(0, end - offset)  # beyond the last stable offset: open transactions
+                    done(key)
+                    continue
+                exc = classify(err, f"count {key[0]} [{key[1]}]")
+                if isinstance(exc, KafkaFatalError):
+                    raise exc
+                log.debug("lag count: %s", exc)
+            elif offset < end:
+                counted[key] += 1
+            else:
+                done(key)
+        if left:
+            for tp in consumer.position([TopicPartition(*key) for key in left]):
+                if tp.offset >= left[(tp.topic, tp.partition)][1]:
+                    done((tp.topic, tp.partition))
+    unread = 0
+    if left:
+        positions = {
+            (tp.topic, tp.partition): tp.offset for tp in consumer.position([TopicPartition(*k) for k in left])
+        }
+        for key, (start, end) in left.items():
+            unread += end - max(start, positions.get(key, start))
+        log.warning(
+            "lag: %d partitions not read to the end within %.0fs; their remaining %d offsets count as messages "
+            "(an upper bound)",
+            len(left),
+            timeout,
+            unread,
+        )
+    return Lag(sum(counted.values()) + unread, pending, exact=not left, absent=absent)
 
 
 def dlq_headers(error_class: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -5,6 +5,7 @@ Contract (``Warehouse`` protocol):
 - ``command(sql, params=None)``: run DDL/DML, no result.
 - ``rows(sql, params=None) -> list[tuple]`` and ``dicts(sql, params=None) -> list[dict]``: a query's rows.
 - ``insert(table, columns, rows)``: insert Python rows (small volumes: tests, reference fix-ups).
+- ``exchange(a, b)``: swap two tables' names (the one swap enrichment and rebucket use; see its fallback).
 - ``insert_json(table, select, data) -> None``: let ClickHouse parse JSON itself. ``data`` is JSON values
   (bytes of whitespace-separated values, or a sequence of values, e.g. Kafka message values as is);
   ``select`` is a SELECT whose FROM is the
@@ -22,13 +23,15 @@ Backends (both via clickhouse-connect, both speak the same SQL):
   directories once every handle on the previous one is closed, so tests use one data dir each, in turn.
 - ``ServerWarehouse(url)``: a ClickHouse server, ``http(s)://user:pass@host:port/database``.
 
-Errors surface as ``WarehouseError`` (one line, no credentials).
+Errors surface as ``WarehouseError`` (one line, no credentials) with ClickHouse's numeric error code in ``.code``
+(None when the failure is not the engine's, e.g. a lost connection).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -46,7 +49,28 @@ ENGINE_DIR = "chdb"
 
 
 class WarehouseError(RuntimeError):
-    """A warehouse operation failed; the message is one line and safe to print."""
+    """A warehouse operation failed; the message is one line and safe to print. ``code``: ClickHouse's numeric
+    error code when the engine reported the failure, else None: the one given (clickhouse-connect's, see
+    ``_wrap``), or the ``Code: N`` the message carries (ClickHouse's own form, also what fakes raise)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is None:
+            m = _CODE.search(message)
+            code = int(m.group(1)) if m else None
+        self.code = code
+
+
+_CODE = re.compile(r"\bCode: (\d+)")
+
+
+def _wrap(exc: Exception) -> WarehouseError:
+    """The engine's exception as a WarehouseError: one line, its error code kept (clickhouse-connect's
+    ``.code``, else the message's)."""
+    if isinstance(exc, WarehouseError):
+        return exc
+    code = getattr(exc, "code", None)
+    return WarehouseError(one_line(exc), code if isinstance(code, int) else None)
 
 
 @runtime_checkable
@@ -60,6 +84,8 @@ class Warehouse(Protocol):
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
 
     def insert_json(self, table: str, select: str, data: bytes | Sequence[bytes]) -> None: ...
+
+    def exchange(self, a: str, b: str) -> None: ...
 
     def __enter__(self) -> Self: ...
 
@@ -84,36 +110,49 @@ class _ClientWarehouse:
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         try:
             self._c().command(sql, parameters=dict(params) if params else None)
-        except WarehouseError:
-            raise
         except Exception as exc:
-            raise WarehouseError(one_line(exc)) from exc
+            raise _wrap(exc) from exc
 
     def rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
         try:
             return [tuple(r) for r in self._c().query(sql, parameters=dict(params) if params else None).result_rows]
-        except WarehouseError:
-            raise
         except Exception as exc:
-            raise WarehouseError(one_line(exc)) from exc
+            raise _wrap(exc) from exc
 
     def dicts(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         try:
             return list(self._c().query(sql, parameters=dict(params) if params else None).named_results())
-        except WarehouseError:
-            raise
         except Exception as exc:
-            raise WarehouseError(one_line(exc)) from exc
+            raise _wrap(exc) from exc
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
         try:
             self._c().insert(table, [list(r) for r in rows], column_names=list(columns))
-        except WarehouseError:
-            raise
         except Exception as exc:
-            raise WarehouseError(one_line(exc)) from exc
+            raise _wrap(exc) from exc
+
+    _atomic_exchange: bool | None = None  # does the database engine have EXCHANGE TABLES (asked once)
+
+    def exchange(self, a: str, b: str) -> None:
+        """Swap the names of the existing tables ``a`` and ``b``: ``EXCHANGE TABLES a AND b``, atomic, where the
+        database engine has it (Atomic, Replicated, Shared: what chdb and a default server give).
+
+        Fallback, for a database engine without EXCHANGE (Ordinary, Lazy…): ``RENAME TABLE a TO a__exchange,
+        b TO a, a__exchange TO b``. It is NOT atomic: a reader between the renames may find ``a`` missing, and
+        a failure part-way can leave ``a__exchange`` behind (a later exchange of ``a`` then fails on it, naming
+        it, rather than guess)."""
+        if self._atomic_exchange is None:
+            engine = self.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
+            self._atomic_exchange = bool(engine) and engine[0][0] in _EXCHANGE_ENGINES
+        if self._atomic_exchange:
+            self.command(f"EXCHANGE TABLES {a} AND {b}")
+        else:
+            self.command(f"RENAME TABLE {a} TO {a}__exchange, {b} TO {a}, {a}__exchange TO {b}")
+
+
+_EXCHANGE_ENGINES = frozenset({"Atomic", "Replicated", "Shared"})
 
 
 def write_all(fd: int, chunks: Sequence[bytes]) -> None:
@@ -211,12 +250,17 @@ class EmbeddedWarehouse(_ClientWarehouse):
         return f"chdb://{os.path.realpath(self.data_dir / ENGINE_DIR)}"
 
     def __enter__(self) -> Self:
-        from clickhouse_connect.driver._chdbclient import ChdbClient
+        import clickhouse_connect
 
+        if "?" in str(self.data_dir):  # chdb reads what follows a '?' as engine options, not as the path
+            raise WarehouseError(f"data dir {self.data_dir}: chdb cannot use a path with '?' in it")
         path = _acquire_engine(self.data_dir)
         self._registered = True
         try:
-            client = ChdbClient(path=path)
+            # clickhouse-connect's public chdb backend (>= 1.6), the same as dsn="chdb://<path>" but with the
+            # path as it is: a DSN would be URL-parsed, so a '?' or '#' in a data dir would name another
+            # directory. Each client is its own chdb connection handle on the process's one engine.
+            client = clickhouse_connect.get_client(interface="chdb", path=path)
             client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
             client.database = self.database
             self._client = client
@@ -331,7 +375,7 @@ class ServerWarehouse(_ClientWarehouse):
         try:
             self._c().command(sql, data=data)
         except Exception as exc:
-            raise WarehouseError(one_line(exc)) from exc
+            raise _wrap(exc) from exc
 
 
 def open_warehouse(

@@ -17,11 +17,10 @@ One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
 3. Build aside: ``DROP`` any leftover ``<cleaned>__next``, create it with the cleaned layout, and
    ``INSERT INTO <cleaned>__next`` the ``cleaning_select`` of the raw bucket (below) with the run's snapshotId,
    in blocks of about a quarter of the bucket (``insert_block_rows``) so reading and writing overlap.
-4. Swap: ``EXCHANGE TABLES <cleaned> AND <cleaned>__next`` (atomic; Atomic/Replicated databases, which is
-   what chdb and a default server give), else ``RENAME TABLE <cleaned> TO <cleaned>__old, <cleaned>__next TO
-   <cleaned>`` (a database engine without EXCHANGE: not atomic for readers between the two renames). Then the
-   previous snapshot is dropped (SYNC). A failure or a kill anywhere before the swap leaves the previous
-   snapshot untouched and readable; the leftover ``__next`` is dropped by the next run.
+4. Swap: ``wh.exchange(<cleaned>, <cleaned>__next)`` (``EXCHANGE TABLES``, atomic, where the database has it,
+   which chdb and a default server do; the warehouse seam documents its non-atomic fallback). Then the
+   previous snapshot, now under the aside name, is dropped (SYNC). A failure or a kill anywhere before the
+   swap leaves the previous snapshot untouched and readable; the leftover ``__next`` is dropped by the next run.
 
 ``cleaning_select(source, ref)`` — the rules, one SELECT over the raw rows and the reference state:
 - rows: ``source FINAL`` minus retired rows (``_deleted = 0``);
@@ -75,8 +74,6 @@ COUNTRY_TABLE = "organization_country_codes"
 # One row per finished rebuild: when it finished, how long it took, its rows and snapshot (status reads it).
 REBUILD_LOG = "bucketer_rebuilds"
 ASIDE_SUFFIX = "__next"
-OLD_SUFFIX = "__old"
-EXCHANGE_ENGINES = {"Atomic", "Replicated", "Shared"}
 REF_PREFIX = "enrich_ref_"
 
 
@@ -315,7 +312,6 @@ class Enricher:
         self._clock = clock or SystemClock()
         self._lock_dir = lock_dir
         self._before_swap = before_swap
-        self._exchange: bool | None = None  # does the database support EXCHANGE TABLES (asked once)
 
     def refresh_countries(self) -> int:
         with self._connect() as wh:
@@ -390,18 +386,10 @@ class Enricher:
 
     def _swap(self, wh: Warehouse, bucket: int) -> None:
         target = cleaned_table(bucket)
-        aside, old = target + ASIDE_SUFFIX, target + OLD_SUFFIX
+        aside = target + ASIDE_SUFFIX
         wh.command(cleaned_table_ddl(bucket))  # a first rebuild before ensure_schema: nothing to exchange with
-        if self._exchange is None:
-            engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
-            self._exchange = bool(engine) and engine[0][0] in EXCHANGE_ENGINES
-        if self._exchange:
-            wh.command(f"EXCHANGE TABLES {target} AND {aside}")
-            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
-        else:
-            wh.command(f"DROP TABLE IF EXISTS {old}")
-            wh.command(f"RENAME TABLE {target} TO {old}, {aside} TO {target}")
-            wh.command(f"DROP TABLE IF EXISTS {old}")
+        wh.exchange(target, aside)  # atomic where the database has EXCHANGE (its fallback: Warehouse.exchange)
+        wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
 
     def rebuild_many(self, buckets: Iterable[int], parallel: int = 1) -> list[RebuildResult]:
         """Rebuild ``buckets``, up to ``parallel`` at once; never raises for one bucket's failure."""

@@ -27,7 +27,6 @@ commits and closes. ``run(until_idle=S)`` returns after S seconds without new me
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from array import array
@@ -50,12 +49,10 @@ ACTIVITY = "activityRelations"
 # ClickHouse error codes that blame the data (parse errors, types, ranges, our throwIf): bisect and dead-letter.
 # Any other failure (too many parts, memory, a lost connection) is retried, never blamed on a message.
 DATA_ERRORS = frozenset({6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 407, 691})
-_CODE = re.compile(r"Code: (\d+)")
 
 
 def is_data_error(exc: BaseException) -> bool:
-    m = _CODE.search(str(exc))
-    return m is not None and int(m.group(1)) in DATA_ERRORS
+    return isinstance(exc, WarehouseError) and exc.code in DATA_ERRORS
 
 
 _CONSUME_MAX = 10_000  # messages per consume() call

@@ -2,23 +2,26 @@
 
 The raw rows are redistributed inside ClickHouse, never through Python:
 
-1. refuse while the loader still has unloaded bucket messages (its group lag on the N bucket topics), since
-   those were routed under N and would land in the wrong table afterwards (``--force`` skips the check);
+1. refuse while the loader still has unloaded bucket messages (its group lag on the N bucket topics, counted as
+   its read_committed consumer sees them: transaction markers are not messages), since those were routed
+   under N and would land in the wrong table afterwards (``--force`` skips the check);
 2. build every new raw bucket aside (``<raw table>__rebucket``) with
    ``INSERT … SELECT * FROM <all N raw tables> WHERE cityHash64(segmentId) % M = m`` — every version and every
    delete marker moves, so ``FINAL`` gives the same live rows as before;
 3. verify: the live rows (``FINAL``) of the new layout and a hash of their identities and versions equal the
    old ones, and no row is in a bucket other than its hash says; on a mismatch nothing is swapped and the aside
    tables are dropped;
-4. swap: each bucket below min(N, M) is exchanged with its rebuilt table (``EXCHANGE TABLES`` where the
-   database engine has it, else a rename pair), new buckets are renamed into place, buckets ≥ M dropped;
+4. swap: each bucket below min(N, M) is exchanged with its rebuilt table (``Warehouse.exchange``: ``EXCHANGE
+   TABLES`` where the database engine has it, else its documented fallback), new buckets are renamed into
+   place, buckets ≥ M dropped;
 5. ``ensure_schema(M)`` redefines the union, routing and project views and records M; every cleaned bucket is
    rebuilt for the new layout (cleaned tables of buckets ≥ M are dropped).
 
 Then the router restarts with ``--buckets M`` (it creates the new bucket topics; its consumer offsets on the
-source topic carry on) and the loader restarts without ``--buckets`` (it reads M from the warehouse). The warehouse must not be written to during steps 2–4: with
-the embedded engine the data-dir lock guarantees it (``bucketer run`` must be stopped); with a server, stop
-the loaders first. ``gradual`` (serve N while M is built from the source topic) is not implemented.
+source topic carry on) and the loader restarts without ``--buckets`` (it reads M from the warehouse). The
+warehouse must not be written to during steps 2–4: with the embedded engine the data-dir lock guarantees it
+(``bucketer run`` must be stopped); with a server, stop the loaders first. ``gradual`` (serve N while M is
+built from the source topic) is not implemented.
 """
 
 from __future__ import annotations
@@ -26,14 +29,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, TopicPartition
-
-from connectors.kafka import consumer_config
+from connectors.kafka import group_lag
 from connectors.model import SORT_KEY, bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
 from stream.buckets import cleaned_table, raw_table
-from stream.enrich import EXCHANGE_ENGINES, Enricher, RebuildResult
+from stream.enrich import Enricher, RebuildResult
 from stream.schema import bucket_count, ensure_schema, raw_table_ddl
 
 log = logging.getLogger("bucketer.rebucket")
@@ -54,29 +55,16 @@ class RebucketReport:
 
 
 def loader_lag(bootstrap: str, group: str, topics: TopicNames, buckets: int, timeout: float = 10.0) -> int:
-    """Messages on the N bucket topics not yet committed by the loader group (a topic never read counts whole)."""
-    consumer = Consumer(consumer_config(bootstrap, group))
-    try:
-        parts = []
-        md = consumer.list_topics(timeout=timeout).topics
-        for t in topics.buckets(buckets):
-            if t in md:
-                parts += [TopicPartition(t, p) for p in md[t].partitions]
-        lag = 0
-        for tp in consumer.committed(parts, timeout=timeout):
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-            lag += max(0, high - max(tp.offset, low))
-        return lag
-    finally:
-        consumer.close()
-
-
-def _swap(wh: Warehouse, a: str, b: str) -> None:
-    engine = wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
-    if engine and engine[0][0] in EXCHANGE_ENGINES:
-        wh.command(f"EXCHANGE TABLES {a} AND {b}")
-    else:
-        wh.command(f"RENAME TABLE {a} TO {a}__swap, {b} TO {a}, {a}__swap TO {b}")
+    """Messages on the N bucket topics the loader group has not committed yet, counted as its read_committed
+    consumer sees them (``group_lag``: transaction markers are not messages, so a drained loader has 0; a topic
+    never read counts whole; a missing topic counts nothing), plus what sits in transactions still open on
+    them (a router still running: those may become messages routed under N)."""
+    lag = group_lag(bootstrap, group, topics.buckets(buckets), timeout)
+    if lag.pending:
+        log.info(
+            "rebucket: %d offsets of the bucket topics are in open transactions (is a router running?)", lag.pending
+        )
+    return lag.at_most
 
 
 def _fingerprint(wh: Warehouse, tables: list[str]) -> tuple[tuple[int, int], list[int]]:
@@ -125,7 +113,7 @@ def rebucket(wh: Warehouse, to: int, enricher: Enricher, *, parallel: int = 1) -
     total, per_bucket = before[0][0], after[1]
     for m, aside in enumerate(asides):
         if m < old:
-            _swap(wh, raw_table(m), aside)
+            wh.exchange(raw_table(m), aside)
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
         else:
             wh.command(f"DROP TABLE IF EXISTS {raw_table(m)} SYNC")

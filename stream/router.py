@@ -178,7 +178,7 @@ class Router:
                     break
                 last_input = now  # input is pending (a slow first fetch, a loading coordinator): wait on
             if now - last_progress >= cfg.progress_interval:
-                self.stats.lag = _lag(consumer)
+                self.stats.lag = _lag_estimate(consumer)
                 log.info("%s", self.stats.progress(now - last_progress))
                 last_progress = now
 
@@ -285,7 +285,7 @@ class Router:
         partitions at all, none assigned for a long while: more routers than partitions)."""
         if not consumer.assignment():
             return running >= max(30.0, self.config.until_idle or 0.0)
-        return _lag(consumer) == 0
+        return _lag_estimate(consumer) == 0
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = self._clock()
@@ -295,8 +295,16 @@ class Router:
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
 
-def _lag(consumer: Consumer) -> int | None:
-    """Messages not yet committed on the assigned partitions; None when the broker cannot tell now."""
+def _lag_estimate(consumer: Consumer) -> int | None:
+    """An estimate of the messages not yet committed on the assigned partitions: high watermark - committed
+    offset, from the router's own consumer; None when the broker cannot tell now.
+
+    An estimate, not ``connectors.kafka.group_lag``'s count: on a topic written in transactions it over-counts
+    by one per partition whose last offset is a commit marker (plus markers and aborted records in the
+    backlog). The router's source is written by Sequin without transactions, where the two agree. It stays
+    cheap on purpose: it runs at every progress line and at every idle poll of ``--until-idle`` (every
+    ``batch_time``), and an exact count opens two more clients and reads the backlog (0.25-0.5 s against a
+    local broker even with nothing to read, measured for 3 and 30 partitions)."""
     try:
         total = 0
         for tp in consumer.committed(consumer.assignment(), timeout=5):

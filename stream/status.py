@@ -2,15 +2,15 @@
 all raw rows, the cleaned snapshotId and its age; the DLQ's message count and the router's lag (when a Kafka
 bootstrap is given). ``collect()`` gathers it; rendering lives in the CLI.
 
-Kafka figures come from offsets only (no message is read): the DLQ count is the sum over its partitions of
-high − low watermark; the router lag is the sum over the source topic's partitions of high watermark − the
-router group's committed offset (the whole partition when the group has committed nothing).
+Kafka figures count messages as a ``read_committed`` consumer sees them (``connectors.kafka.group_lag``): the
+DLQ count is every committed message of the DLQ; the router lag the committed messages of the source topic past
+the router group's committed offsets (the whole partition when the group has committed nothing). Transaction
+markers and aborted records are not messages.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -117,91 +117,14 @@ def warehouse_status(
 def kafka_figures(
     bootstrap: str, topics: TopicNames, router_group: str, timeout: float = 10.0
 ) -> tuple[int | None, int | None]:
-    """(DLQ messages, router lag); None for a topic that does not exist."""
-    from confluent_kafka import Consumer, TopicPartition
+    """(DLQ messages, router lag); None for a topic that does not exist. Both are counted as a read_committed
+    reader sees them (connectors.kafka.group_lag): the DLQ is written inside the router's transactions, so its
+    offset span would count commit markers and aborted records too."""
+    from connectors.kafka import group_lag  # Kafka's client only when Kafka figures are asked for
 
-    from connectors.kafka import consumer_config
-
-    consumer = Consumer(consumer_config(bootstrap, router_group))
-    try:
-        md = consumer.list_topics(timeout=timeout).topics
-
-        def partitions(topic: str) -> list[TopicPartition] | None:
-            meta = md.get(topic)
-            if meta is None or meta.error is not None:
-                return None
-            return [TopicPartition(topic, p) for p in meta.partitions]
-
-        dlq = None
-        dlq_parts = partitions(topics.dlq)
-        if dlq_parts is not None:
-            dlq = count_committed(bootstrap, dlq_parts, timeout)
-        lag = None
-        src_parts = partitions(topics.source)
-        if src_parts is not None:
-            lag = 0
-            for tp in consumer.committed(src_parts, timeout=timeout):
-                low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-                lag += max(0, high - (tp.offset if tp.offset >= 0 else low))
-        return dlq, lag
-    finally:
-        consumer.close()
-
-
-def count_committed(bootstrap: str, parts: list[Any], timeout: float = 10.0) -> int:
-    """Committed messages in ``parts``, counted by reading them (``read_committed``).
-
-    The offset span (high - low watermark) over-counts a topic written in transactions: every commit or abort
-    marker takes an offset, and aborted records stay in the log. The DLQ is written inside the router's
-    transactions, so its messages are counted by reading them up to the high watermarks seen at the start. A
-    DLQ too large to read within ``timeout`` is reported as its offset span, an upper bound (logged)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from connectors.kafka import consumer_config
-
-    consumer = Consumer(
-        consumer_config(
-            bootstrap,
-            "bucketer-status-unused",
-            **{"isolation.level": "read_committed", "enable.auto.commit": False, "fetch.max.bytes": 64 << 20},
-        )
-    )
-    try:
-        ends: dict[int, int] = {}
-        span = 0
-        for tp in parts:
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-            if high > low:
-                ends[tp.partition] = high
-                span += high - low
-        if not ends:
-            return 0
-        topic = parts[0].topic
-        consumer.assign(
-            [
-                TopicPartition(topic, p, low)
-                for p, low in (
-                    (p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[0]) for p in ends
-                )
-            ]
-        )
-        count, deadline = 0, time.monotonic() + timeout
-        while ends and time.monotonic() < deadline:
-            msgs = consumer.consume(10_000, timeout=0.2)
-            count += sum(1 for m in msgs if m.error() is None)
-            for tp in consumer.position([TopicPartition(topic, p) for p in list(ends)]):
-                if tp.offset >= ends[tp.partition]:
-                    ends.pop(tp.partition)
-        if ends:
-            log.warning(
-                "status: DLQ too large to count within %.0fs; showing its offset span %d (an upper bound)",
-                timeout,
-                span,
-            )
-            return span
-        return count
-    finally:
-        consumer.close()
+    dlq = group_lag(bootstrap, None, [topics.dlq], timeout)
+    lag = group_lag(bootstrap, router_group, [topics.source], timeout)
+    return (None if dlq.absent else dlq.messages), (None if lag.absent else lag.messages)
 
 
 def collect(

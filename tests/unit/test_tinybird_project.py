@@ -311,6 +311,9 @@ class SessionWarehouse:
             values = ", ".join("(" + ", ".join(quote(v) for v in r) + ")" for r in rows)
             self.sess.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}")
 
+    def exchange(self, a: str, b: str) -> None:
+        self.command(f"EXCHANGE TABLES {a} AND {b}")  # the session's databases are Atomic
+
 
 def test_cleaning_pipes_give_the_products_cleaned_rows(warehouses: Any) -> None:
     from stream.enrich import Enricher

@@ -1,4 +1,5 @@
-"""Pure parts of the warehouse side: schema DDL text, the ingest rules in Python, read-only query checks."""
+"""Pure parts of the warehouse side: schema DDL text, the ingest rules in Python, read-only query checks; and the
+warehouse seam's own contract on the embedded engine (error codes, the one swap), each test in its own data dir."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from connectors.warehouse import EmbeddedWarehouse, ServerWarehouse, open_warehouse, redact
+from connectors.warehouse import EmbeddedWarehouse, ServerWarehouse, WarehouseError, open_warehouse, redact
 from stream.ingest import insert_sql, problem
 from stream.query import QueryError, read_only
 from stream.schema import (
@@ -193,3 +194,58 @@ def test_only_data_errors_are_blamed_on_messages() -> None:
     assert not is_data_error(WarehouseError("Code: 252. DB::Exception: Too many parts (300)"))
     assert not is_data_error(WarehouseError("Code: 241. DB::Exception: Memory limit (total) exceeded"))
     assert not is_data_error(WarehouseError("connection refused"))
+
+
+def test_warehouse_errors_keep_the_engine_code() -> None:
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from connectors.warehouse import _wrap
+
+    assert WarehouseError("Code: 252. DB::Exception: Too many parts (300)").code == 252
+    assert WarehouseError("connection refused").code is None
+    assert WarehouseError("anything", code=159).code == 159
+    # clickhouse-connect's own code wins, also when the message hides it (show_clickhouse_errors off).
+    hidden = _wrap(DatabaseError("The ClickHouse server returned an error", code=241))
+    assert (hidden.code, str(hidden)) == (241, "The ClickHouse server returned an error")
+    assert _wrap(ValueError("Code: 117. DB::Exception: bad\n  JSON")).code == 117
+
+
+def test_embedded_engine_errors_carry_their_code(tmp_path: Path) -> None:
+    from stream.loader import is_data_error
+
+    with EmbeddedWarehouse(tmp_path / "d") as wh:
+        with pytest.raises(WarehouseError) as missing:
+            wh.rows("SELECT * FROM no_such_table")
+        assert missing.value.code == 60 and "\n" not in str(missing.value)  # UNKNOWN_TABLE
+        assert not is_data_error(missing.value)
+        with pytest.raises(WarehouseError) as thrown:
+            wh.command("SELECT throwIf(1, 'a change message without its required fields')")
+        assert thrown.value.code == 395 and is_data_error(thrown.value)
+
+
+def tables_and_columns(wh: EmbeddedWarehouse) -> dict[str, list[str]]:
+    rows = wh.rows(
+        "SELECT table, groupArray(name) FROM (SELECT table, name FROM system.columns "
+        "WHERE database = currentDatabase() ORDER BY table, position) GROUP BY table ORDER BY table"
+    )
+    return {t: list(cols) for t, cols in rows}
+
+
+@pytest.mark.parametrize("engine", ["Atomic", "Ordinary"])
+def test_exchange_swaps_two_tables_with_or_without_exchange_tables(tmp_path: Path, engine: str) -> None:
+    """The one swap: EXCHANGE TABLES on an Atomic database, the documented RENAME fallback on one without it."""
+    with EmbeddedWarehouse(tmp_path / "d") as wh:
+        wh.command("SET allow_deprecated_database_ordinary = 1")
+        wh.command(f"CREATE DATABASE swapdb ENGINE = {engine}")
+    with EmbeddedWarehouse(tmp_path / "d", database="swapdb") as wh:
+        assert wh.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()") == [(engine,)]
+        wh.command("CREATE TABLE live (old UInt8) ENGINE = MergeTree ORDER BY old")
+        wh.command("CREATE TABLE live__next (new UInt8) ENGINE = MergeTree ORDER BY new")
+        wh.command("INSERT INTO live VALUES (1)")
+        wh.command("INSERT INTO live__next VALUES (2), (3)")
+        wh.exchange("live", "live__next")
+        assert wh._atomic_exchange is (engine == "Atomic")
+        assert tables_and_columns(wh) == {"live": ["new"], "live__next": ["old"]}
+        assert wh.rows("SELECT sum(new) FROM live") == [(5,)]
+        wh.exchange("live", "live__next")  # and back: no leftover name in the way
+        assert tables_and_columns(wh) == {"live": ["old"], "live__next": ["new"]}
