@@ -260,7 +260,9 @@ def test_syntax_error_points_at_the_users_text(wh: EmbeddedWarehouse) -> None:
         run_query(wh, sql)
     message = str(err.value)
     # Positions count from 1: the end of this query is one past its length.
-    assert "Syntax error" in message and f"position {len(sql) + 1} " in message and "EXPLAIN" not in message
+    assert "Syntax error" in message and f"position {len(sql) + 1} " in message and "EXPLAIN AST" not in message
+    with pytest.raises(QueryError, match="'\\(' at position 23 is never closed"):
+        run_query(wh, "SELECT x FROM t WHERE (")
     assert "readonly" not in message and "SETTINGS" not in message  # nothing of ours shows
 
 
