@@ -223,7 +223,8 @@ class _EmbeddedSession:
 
 
 class _ServerSession:
-    """A ClickHouse server: the settings ride along with each request (HTTP parameters, readonly last)."""
+    """A ClickHouse server: the settings ride along with each request (HTTP parameters, readonly last).
+    Not exercised by the tests (they have no server); the embedded session is the one tested."""
 
     def __init__(self, wh: ServerWarehouse, settings: Mapping[str, str]) -> None:
         self._client = wh._c()
@@ -231,6 +232,8 @@ class _ServerSession:
 
     def raw(self, sql: str, params: Mapping[str, Any], fmt: str | None) -> bytes:
         try:
+            # The format goes in as a FORMAT clause: never a second one after the SQL's own.
+            fmt = None if user_format(sql) else fmt
             out = self._client.raw_query(sql, parameters=dict(params) or None, settings=self._settings, fmt=fmt)
         except Exception as exc:
             raise engine_error(str(exc)) from exc
@@ -322,8 +325,7 @@ def query_raw(wh: Warehouse, sql: str, project: str | None = None, limits: Query
         checker.close()
     session = open_session(wh, limits)
     try:
-        # A server takes the format as a FORMAT clause: add ours only when the SQL names none.
-        return session.raw(statement, params, None if user_format(statement) else DEFAULT_FORMAT)
+        return session.raw(statement, params, DEFAULT_FORMAT)
     finally:
         session.close()
 
