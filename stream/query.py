@@ -13,7 +13,8 @@ How it is enforced. Each query runs on a session of its own (for chdb its own co
 whose ``SET`` state is per handle): the output settings and the ``QueryLimits`` (time limit, result rows,
 memory) are set on that session first and ``readonly = 1`` last. From then on the engine refuses every write,
 every setting change (``SET`` or a ``SETTINGS`` clause in the query: the user can neither raise a limit nor
-turn ``readonly`` back off; naming a setting at its current value is allowed) and the table functions that
+turn ``readonly`` back off; naming a setting at its current value is allowed, and a subquery's SETTINGS clause
+is accepted but not applied) and the table functions that
 reach files, the network or other servers (``file``, ``url``, ``s3``, ``remote``, ``mysql``, ``executable``…).
 Before running it, the statement is parsed by the engine (``EXPLAIN AST``) and refused when it names a table
 function that is not on a short list of local, harmless ones (``numbers``, ``values``, ``merge``…) or the

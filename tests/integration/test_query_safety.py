@@ -250,6 +250,8 @@ def test_format_clause_gives_the_engines_raw_output(wh: EmbeddedWarehouse) -> No
     assert query_raw(wh, "SELECT x, at, toUInt64(18446744073709551615) AS big FROM t ORDER BY x LIMIT 1") == (
         b'{"x":1,"at":"2025-03-01T10:00:00Z","big":18446744073709551615}\n'
     )
+    zoned = "SELECT toDateTime('2025-01-02 03:04:05', 'America/New_York') AS a"
+    assert run_query(wh, zoned) == [{"a": "2025-01-02T08:04:05Z"}]  # whatever the column's zone: UTC
     with pytest.raises(QueryError, match="leave FORMAT out"):
         run_query(wh, "SELECT 1 FORMAT CSV")
 
