@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Annotated
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -16,10 +20,59 @@ from bucketer.cli import (
     open_configured_warehouse,
 )
 
+T = TypeVar("T")
+
+
+def existing_warehouse(data_dir: Path):  # noqa: ANN201 - EmbeddedWarehouse | ServerWarehouse
+    """For the read-only commands: the configured warehouse, refusing (one line, nothing created) a
+    ``--data-dir`` that holds no embedded warehouse, such as a typo. A warehouse is a directory in which chdb
+    has laid out its engine (``<data dir>/chdb/metadata``); a ClickHouse server URL skips the check."""
+    from connectors.warehouse import ENGINE_DIR
+
+    if not os.environ.get("BUCKETER_CLICKHOUSE_URL") and not (data_dir / ENGINE_DIR / "metadata").is_dir():
+        raise fail(
+            f"no warehouse in {data_dir} (no {ENGINE_DIR}/ inside): check --data-dir / BUCKETER_DATA_DIR; "
+            f"`bucketer run`, `load`, `bootstrap` or `enrich` create one"
+        )
+    return open_configured_warehouse(data_dir)
+
+
+def _wait_interruptibly(work: Callable[[], T]) -> T:
+    """Run ``work`` in a daemon thread and wait for it; Ctrl-C ends the process at once, with one line.
+    A running engine query cannot be interrupted from Python, so os._exit stops it; a query writes nothing,
+    and the data dir's lock is a flock, which the kernel drops with the process."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:  # handed to the main thread
+            error.append(exc)
+
+    worker = threading.Thread(target=run, name="bucketer-query", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        sys.stderr.write("bucketer: query cancelled (Ctrl-C)\n")
+        sys.stderr.flush()
+        os._exit(130)
+    if error:
+        raise error[0]
+    return result[0]
+
 
 @app.command("query")
 def query_cmd(
-    sql: Annotated[str, typer.Argument(help="One SELECT. With --project: {bucket} and {segmentId:String} etc.")],
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help="One read-only statement: SELECT, SHOW, DESCRIBE, EXPLAIN or EXISTS; FORMAT X picks the output "
+            "format. With --project: {bucket} and {segmentId:String} etc."
+        ),
+    ],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     project: Annotated[
         str | None,
@@ -27,21 +80,42 @@ def query_cmd(
             "--project", envvar="BUCKETER_PROJECT", help="Project slug; resolves its bucket via project_buckets."
         ),
     ] = None,
+    max_seconds: Annotated[
+        float,
+        typer.Option("--max-seconds", min=0.001, envvar="BUCKETER_QUERY_MAX_SECONDS", help="Time limit of the query."),
+    ] = 30.0,
+    max_rows: Annotated[
+        int,
+        typer.Option("--max-rows", min=1, envvar="BUCKETER_QUERY_MAX_ROWS", help="Most result rows; more is an error."),
+    ] = 1_000_000,
+    max_memory_mb: Annotated[
+        int,
+        typer.Option("--max-memory-mb", min=1, envvar="BUCKETER_QUERY_MAX_MEMORY_MB", help="Memory limit, MiB."),
+    ] = 4096,
 ) -> None:
-    """Read-only SQL on the warehouse; one JSON object per line."""
+    """Read-only SQL on the warehouse; one JSON object per line unless the SQL says FORMAT.
+
+    Runs with the engine's readonly = 1 and the limits below set first (the SQL cannot change them:
+    a SETTINGS clause or SET is refused); writes, INTO OUTFILE and functions that reach files, the
+    network or other servers (file, url, s3, remote, mysql, executable, ...) are refused. Ctrl-C cancels."""
     from connectors.warehouse import WarehouseError
-    from stream.query import QueryError, json_lines, read_only, run_query
+    from stream.query import QueryError, QueryLimits, QueryTimeout, query_raw, read_only
+
+    limits = QueryLimits(timeout_s=max_seconds, max_result_rows=max_rows, max_memory_bytes=max_memory_mb << 20)
+
+    def work() -> bytes:
+        with existing_warehouse(data_dir) as wh:
+            return query_raw(wh, sql, project=project, limits=limits)
 
     try:
         read_only(sql)
-        with open_configured_warehouse(data_dir) as wh:
-            rows = run_query(wh, sql, project=project)
+        out = _wait_interruptibly(work)
+    except QueryTimeout as exc:
+        raise fail(f"{exc} (--max-seconds {max_seconds:g})") from None
     except (QueryError, WarehouseError) as exc:
         raise fail(str(exc)) from None
-    out = sys.stdout.buffer
-    for line in json_lines(rows):
-        out.write(line + b"\n")
-    out.flush()
+    sys.stdout.buffer.write(out)
+    sys.stdout.buffer.flush()
 
 
 @app.command("status")
@@ -68,7 +142,7 @@ def status_cmd(
     from stream.status import collect
 
     try:
-        with open_configured_warehouse(data_dir) as wh:
+        with existing_warehouse(data_dir) as wh:
             st = collect(wh, bootstrap=bootstrap, topics=TopicNames(topic_prefix), router_group=router_group)
     except (WarehouseError, LookupError) as exc:
         raise fail(str(exc)) from None

@@ -1,32 +1,48 @@
-"""Read-only SQL on the warehouse, one JSON object per row.
+"""Read-only SQL on the warehouse: the engine's own output, one JSON object per row unless the SQL says ``FORMAT``.
 
-``read_only(sql)`` accepts one SELECT (or WITH … SELECT) statement and rejects anything else with
-``QueryError``: other statements, several statements, ``INTO OUTFILE``. The query also runs with the
-ClickHouse settings of ``QueryLimits`` (``readonly = 1``: the engine refuses writes and table functions that
-reach files, the network or other servers; a time limit, a result-rows and a memory limit). Engine errors map
-by ClickHouse code to ``QueryForbidden`` (403), ``QueryTimeout`` (408), ``QueryTooLarge`` (413).
+What a user may run (``read_only(sql)`` checks the statement's kind, the engine checks the rest):
 
-``run_query(wh, sql, project=None)`` with a project slug resolves its bucket through ``project_buckets`` (an
-unknown, disabled or deleted project is a ``QueryError``), then offers the query:
+- one statement: ``SELECT`` / ``WITH … SELECT``, ``SHOW …``, ``DESCRIBE``/``DESC``, ``EXPLAIN …`` (AST, SYNTAX,
+  PLAN, PIPELINE, ESTIMATE…), ``EXISTS``; anything else (INSERT, CREATE, DROP, ALTER, SYSTEM, KILL, SET, USE…),
+  several statements or ``INTO OUTFILE`` (which the engine would write on the host even in readonly mode) is a
+  ``QueryForbidden``;
+- a ``FORMAT X`` clause picks the engine's output format (CSV, JSONEachRow, Pretty…); without one the output is
+  ``JSONEachRow`` with ISO-8601 UTC timestamps and unquoted 64-bit integers.
+
+How it is enforced. Each query runs on a session of its own (for chdb its own connection handle to the engine,
+whose ``SET`` state is per handle): the output settings and the ``QueryLimits`` (time limit, result rows,
+memory) are set on that session first and ``readonly = 1`` last. From then on the engine refuses every write,
+every setting change (``SET`` or a ``SETTINGS`` clause in the query: the user can neither raise a limit nor
+turn ``readonly`` back off; naming a setting at its current value is allowed, and a subquery's SETTINGS clause
+is accepted but not applied) and the table functions that
+reach files, the network or other servers (``file``, ``url``, ``s3``, ``remote``, ``mysql``, ``executable``…).
+Before running it, the statement is parsed by the engine (``EXPLAIN AST``) and refused when it names a table
+function that is not on a short list of local, harmless ones (``numbers``, ``values``, ``merge``…) or the
+scalar ``file()``, which reads host files even under ``readonly = 1``. Engine errors map by ClickHouse code to
+``QueryForbidden`` (403), ``QueryTimeout`` (408), ``QueryTooLarge`` (413); every message is one line.
+
+``query_raw(wh, sql, project=None, limits=None) -> bytes`` is the engine's output; ``run_query`` the same as a
+list of dicts (no ``FORMAT`` then). With a project slug the bucket is resolved through ``project_buckets`` (an
+unknown, disabled or deleted project is a ``QueryError``), and the query is offered:
 
 - ``{bucket}``: replaced by the project's cleaned bucket table (what ``activityRelations_bucket_routing(bucketId
   = n)`` reads, without the view's per-query check: the id comes from ``project_buckets`` and is valid);
 - the query parameters ``{bucketId:UInt32}``, ``{segmentId:String}`` and ``{project:String}``.
 
 So ``SELECT count() FROM {bucket} WHERE segmentId = {segmentId:String}`` counts one project's activities
-reading one bucket only. ``json_lines(rows)`` turns rows into JSON text lines (timestamps ISO-8601 UTC).
+reading one bucket only.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from connectors.warehouse import Warehouse, WarehouseError
+from connectors.warehouse import EmbeddedWarehouse, ServerWarehouse, Warehouse, WarehouseError, one_line
 from stream.buckets import cleaned_table
 from stream.schema import PROJECT_VIEW
 
@@ -38,7 +54,7 @@ class QueryError(ValueError):
 
 
 class QueryForbidden(QueryError):
-    """A write, several statements, INTO OUTFILE, or a table function that reaches files/network/servers."""
+    """A write, several statements, INTO OUTFILE, a setting change, or a function that reaches outside."""
 
     status = 403
 
@@ -57,20 +73,41 @@ class QueryTooLarge(QueryError):
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """Per-query engine limits, applied as SETTINGS next to ``readonly = 1``."""
+    """Per-query engine limits, set on the query's session before ``readonly = 1``."""
 
     timeout_s: float = 30.0
     max_result_rows: int = 1_000_000
     max_memory_bytes: int = 4 << 30
 
-    def settings(self) -> str:
-        # readonly = 1 (not 2): the engine then also refuses every table function that reaches files, the
-        # network or other servers (file, url, remote, s3, ...) and any SETTINGS change inside the query.
-        return (
-            f"readonly = 1, max_execution_time = {self.timeout_s:g}, timeout_overflow_mode = 'throw', "
-            f"max_result_rows = {self.max_result_rows}, result_overflow_mode = 'throw', "
-            f"max_memory_usage = {self.max_memory_bytes}"
-        )
+    def __post_init__(self) -> None:
+        # 0 means "no limit" to ClickHouse: never let a typo switch a limit off.
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, not {self.timeout_s}")
+        if self.max_result_rows < 1 or self.max_memory_bytes < 1:
+            raise ValueError("max_result_rows and max_memory_bytes must be >= 1")
+
+    def settings(self) -> dict[str, str]:
+        return {
+            "max_execution_time": f"{self.timeout_s:g}",
+            "timeout_overflow_mode": "throw",
+            "max_result_rows": str(self.max_result_rows),
+            "result_overflow_mode": "throw",
+            "max_memory_usage": str(self.max_memory_bytes),
+        }
+
+
+# The default output (JSONEachRow): timestamps as ISO-8601 UTC, 64-bit integers as JSON numbers.
+_OUTPUT_SETTINGS = {"date_time_output_format": "iso", "output_format_json_quote_64bit_integers": "0"}
+DEFAULT_FORMAT = "JSONEachRow"
+
+
+def session_settings(limits: QueryLimits, check: bool = False) -> dict[str, str]:
+    """Everything a query session sets, in order: ``readonly`` comes last, so it locks the others in. A
+    ``check`` session (the engine parsing the statement) has no result-rows limit: its rows are ours."""
+    settings = {**_OUTPUT_SETTINGS, **limits.settings(), "readonly": "1"}
+    if check:
+        del settings["max_result_rows"], settings["result_overflow_mode"]
+    return settings
 
 
 _BY_CODE: dict[str, type[QueryError]] = {
@@ -80,33 +117,165 @@ _BY_CODE: dict[str, type[QueryError]] = {
     "241": QueryTooLarge,  # MEMORY_LIMIT_EXCEEDED
 }
 _CODE = re.compile(r"Code: (\d+)")
+_CODE_PREFIX = re.compile(r"(Code: \d+\. DB::Exception: )+")
+_VERSION = re.compile(r"\s*\(version [^)]*\)\.?")
+_REPEATED_NAME = re.compile(r"(\([A-Z_]+\))(?:\s*\1)+")
 
 
 def engine_error(message: str) -> QueryError:
-    """The QueryError subclass for an engine error message (by its ClickHouse ``Code: N``)."""
-    m = _CODE.search(message)
-    return _BY_CODE.get(m.group(1) if m else "", QueryError)(message)
+    """The QueryError subclass for an engine error message (by its ClickHouse ``Code: N``), on one line."""
+    text = one_line(Exception(message))
+    start = text.find("Code: ")
+    if start > 0:
+        text = text[start:]
+    # chdb repeats the code prefix and the error name around a version trailer: say each once.
+    text = _REPEATED_NAME.sub(r"\1", _VERSION.sub("", _CODE_PREFIX.sub(lambda m: m.group(1), text)))
+    m = _CODE.search(text)
+    return _BY_CODE.get(m.group(1) if m else "", QueryError)(text)
 
 
-_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
-_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`", re.S)
+# Left to right, so a quote inside a comment or a comment marker inside a string is taken for what it is.
+_TOKENS = re.compile(r"""--[^\n]*|/\*.*?(?:\*/|$)|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|`(?:[^`\\]|\\.)*`""", re.S)
 _FIRST_WORD = re.compile(r"\s*\(*\s*([A-Za-z]+)")
+ALLOWED_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z_][A-Za-z0-9_]*)\s*(?:\bSETTINGS\b.*)?$", re.I | re.S)
+
+
+def _code_only(sql: str) -> str:
+    """``sql`` with comments blanked and string literals / quoted names emptied: only the SQL's own words."""
+    return _TOKENS.sub(lambda m: " " if m.group(0)[0] in "-/" else "''", sql)
 
 
 def read_only(sql: str) -> str:
-    """The statement without a trailing ``;`` when it is a single read-only SELECT, else ``QueryError``."""
-    code = _STRINGS.sub("''", _COMMENTS.sub(" ", sql))
-    body = code.strip().rstrip(";").strip()
+    """The statement without a trailing ``;`` when it is one read-only statement, else ``QueryError``."""
+    body = _code_only(sql).strip().rstrip(";").strip()
     if not body:
         raise QueryError("empty query")
     if ";" in body:
         raise QueryForbidden("one statement only")
     m = _FIRST_WORD.match(body)
-    if not m or m.group(1).upper() not in ("SELECT", "WITH"):
-        raise QueryForbidden(f"read-only: only SELECT queries are allowed, not {(m.group(1) if m else body[:20])!r}")
+    word = m.group(1).upper() if m else ""
+    if word not in ALLOWED_STATEMENTS:
+        raise QueryForbidden(
+            f"read-only: only SELECT, SHOW, DESCRIBE, EXPLAIN and EXISTS are allowed, not {(word or body[:20])!r}"
+        )
     if re.search(r"\bINTO\s+OUTFILE\b", body, re.I):
         raise QueryForbidden("read-only: INTO OUTFILE is not allowed")
     return sql.strip().rstrip(";").rstrip()
+
+
+def user_format(sql: str) -> str | None:
+    """The output format a trailing ``FORMAT X`` clause asks for, if any."""
+    m = _FORMAT.search(_code_only(sql).strip().rstrip(";").rstrip())
+    return m.group(1) if m else None
+
+
+# Table functions that only read the warehouse itself or generate data; every other one (file, url, s3, remote,
+# mysql, executable, python… and any added by a later engine version) is refused before the engine sees it.
+LOCAL_TABLE_FUNCTIONS = frozenset(
+    name.lower()
+    for name in (
+        "numbers numbers_mt zeros zeros_mt primes generate_series generateSeries generateRandom values "
+        "SQLStandardValues null view viewIfPermitted viewExplain merge loop format fuzzJSON fuzzQuery "
+        "mergeTreeIndex mergeTreeProjection mergeTreeAnalyzeIndexes mergeTreeAnalyzeIndexesUUID "
+        "mergeTreeCodecBlockCounts mergeTreeTextIndex timeSeriesData timeSeriesMetrics timeSeriesTags "
+        "timeSeriesSamples timeSeriesSelector timeSeriesMetricFamilies"
+    ).split()
+)
+# Scalar functions that reach outside the warehouse; readonly does not stop them.
+OUTSIDE_SCALAR_FUNCTIONS = frozenset({"file"})
+_AST_FUNCTION = re.compile(r"\bFunction ([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class _Session(Protocol):
+    def raw(self, sql: str, params: Mapping[str, Any], fmt: str | None) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class _EmbeddedSession:
+    """A chdb connection handle of its own on the process's engine: its SET state is not shared."""
+
+    def __init__(self, wh: EmbeddedWarehouse, settings: Mapping[str, str]) -> None:
+        import chdb
+
+        self._conn: Any = chdb.connect(wh.dsn.removeprefix("chdb://"))
+        try:
+            self._conn.query(f"USE `{wh.database}`")
+            for key, value in settings.items():
+                self._conn.query(f"SET {key} = {_literal(value)}")
+        except Exception as exc:
+            self.close()
+            raise engine_error(str(exc)) from exc
+
+    def raw(self, sql: str, params: Mapping[str, Any], fmt: str | None) -> bytes:
+        # The engine's format argument is the default: a FORMAT clause in the SQL wins.
+        try:
+            return bytes(
+                self._conn.query(sql, fmt or DEFAULT_FORMAT, params={k: str(v) for k, v in params.items()}).bytes()
+            )
+        except Exception as exc:
+            raise engine_error(str(exc)) from exc
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _ServerSession:
+    """A ClickHouse server: the settings ride along with each request (HTTP parameters, readonly last).
+    Not exercised by the tests (they have no server); the embedded session is the one tested."""
+
+    def __init__(self, wh: ServerWarehouse, settings: Mapping[str, str]) -> None:
+        self._client = wh._c()
+        self._settings = dict(settings)
+
+    def raw(self, sql: str, params: Mapping[str, Any], fmt: str | None) -> bytes:
+        try:
+            # The format goes in as a FORMAT clause: never a second one after the SQL's own.
+            fmt = None if user_format(sql) else fmt
+            out = self._client.raw_query(sql, parameters=dict(params) or None, settings=self._settings, fmt=fmt)
+        except Exception as exc:
+            raise engine_error(str(exc)) from exc
+        return bytes(out)
+
+    def close(self) -> None:
+        return None
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def open_session(wh: Warehouse, limits: QueryLimits, check: bool = False) -> _Session:
+    """A session of its own for user SQL: output settings and ``limits`` set, then ``readonly = 1``."""
+    settings = session_settings(limits, check)
+    if isinstance(wh, EmbeddedWarehouse):
+        return _EmbeddedSession(wh, settings)
+    if isinstance(wh, ServerWarehouse):
+        return _ServerSession(wh, settings)
+    raise QueryError(f"no read-only query session for {type(wh).__name__}")
+
+
+def check_functions(session: _Session, statement: str, params: Mapping[str, Any]) -> None:
+    """Refuse a statement that names a function reaching outside the warehouse, as the engine parses it."""
+    prefix = "EXPLAIN AST "
+    try:
+        ast = session.raw(prefix + statement, params, "TabSeparatedRaw").decode(errors="replace")
+    except QueryError as exc:  # a syntax error: point at the user's text, not at ours
+        shifted = re.sub(
+            r"(position |line 1, col )(\d+)", lambda m: f"{m.group(1)}{max(int(m.group(2)) - len(prefix), 0)}", str(exc)
+        )
+        raise type(exc)(shifted) from exc
+    table_functions = {
+        line.strip().lower()
+        for line in session.raw("SELECT name FROM system.table_functions", {}, "TabSeparatedRaw").decode().split()
+    }
+    for name in _AST_FUNCTION.findall(ast):
+        low = name.lower()
+        if name in OUTSIDE_SCALAR_FUNCTIONS or (low in table_functions and low not in LOCAL_TABLE_FUNCTIONS):
+            raise QueryForbidden(f"read-only: {name}() reaches outside the warehouse and is not allowed")
 
 
 @dataclass(frozen=True)
@@ -129,30 +298,44 @@ def project_bucket(wh: Warehouse, slug: str) -> ProjectBucket:
     return ProjectBucket(project, pid, seg, int(bucket))
 
 
+def prepare(wh: Warehouse, sql: str, project: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The statement to run and its query parameters (``{bucket}`` resolved with a project)."""
+    statement = read_only(sql)
+    if project is None:
+        if "{bucket}" in statement:
+            raise QueryError("{bucket} needs --project")
+        return statement, {}
+    try:
+        pb = project_bucket(wh, project)
+    except WarehouseError as exc:
+        raise engine_error(str(exc)) from exc
+    # The bucket id comes from project_buckets, so it is valid: name the table itself rather than the
+    # routing view, whose per-query check and table pruning cost more than the query (bench_enrich.py).
+    statement = statement.replace("{bucket}", cleaned_table(pb.bucket))
+    return statement, {"bucketId": pb.bucket, "segmentId": pb.segment_id, "project": pb.project}
+
+
+def query_raw(wh: Warehouse, sql: str, project: str | None = None, limits: QueryLimits | None = None) -> bytes:
+    """The engine's output for one read-only statement: JSONEachRow, or the format its FORMAT clause names."""
+    statement, params = prepare(wh, sql, project)
+    limits = limits or QueryLimits()
+    checker = open_session(wh, limits, check=True)
+    try:
+        check_functions(checker, statement, params)
+    finally:
+        checker.close()
+    session = open_session(wh, limits)
+    try:
+        return session.raw(statement, params, DEFAULT_FORMAT)
+    finally:
+        session.close()
+
+
 def run_query(
     wh: Warehouse, sql: str, project: str | None = None, limits: QueryLimits | None = None
 ) -> list[dict[str, Any]]:
-    statement = read_only(sql)
-    params: dict[str, Any] = {}
-    if project is not None:
-        pb = project_bucket(wh, project)
-        # The bucket id comes from project_buckets, so it is valid: name the table itself rather than the
-        # routing view, whose per-query check and table pruning cost more than the query (bench_enrich.py).
-        statement = statement.replace("{bucket}", cleaned_table(pb.bucket))
-        params = {"bucketId": pb.bucket, "segmentId": pb.segment_id, "project": pb.project}
-    elif "{bucket}" in statement:
-        raise QueryError("{bucket} needs --project")
-    try:
-        return wh.dicts(f"{statement}\nSETTINGS {(limits or QueryLimits()).settings()}", params or None)
-    except WarehouseError as exc:
-        raise engine_error(str(exc)) from exc
-
-
-def _default(value: Any) -> Any:
-    return str(value)
-
-
-def json_lines(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
-    opts = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
-    for row in rows:
-        yield orjson.dumps(row, default=_default, option=opts)
+    """``query_raw`` as rows (dicts); a FORMAT clause has no place here."""
+    fmt = user_format(read_only(sql))
+    if fmt is not None:
+        raise QueryError(f"FORMAT {fmt}: rows come back as JSON objects here; leave FORMAT out")
+    return [orjson.loads(line) for line in query_raw(wh, sql, project, limits).splitlines() if line]
