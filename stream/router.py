@@ -50,6 +50,7 @@ from connectors.kafka import (
     check_reachable,
     classify,
     consumer_config,
+    group_lag,
 )
 from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
@@ -283,9 +284,15 @@ class Router:
     def _caught_up(self, consumer: Consumer, running: float) -> bool:
         """Idle means caught up: committed offsets at the end of every assigned partition (or, with no
         partitions at all, none assigned for a long while: more routers than partitions)."""
-        if not consumer.assignment():
+        assigned = consumer.assignment()
+        if not assigned:
             return running >= max(30.0, self.config.until_idle or 0.0)
-        return _lag_estimate(consumer) == 0
+        if _lag_estimate(consumer) == 0:
+            return True
+        # The offset estimate counts transaction markers (a source topic written transactionally, e.g. by
+        # ``bucketer dlq redrive``, ends each partition with one): read what is really left, once per idle spell.
+        lag = group_lag(self.config.bootstrap, self.config.group, sorted({tp.topic for tp in assigned}))
+        return lag.exact and lag.messages == 0
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = self._clock()
