@@ -55,13 +55,16 @@ class WarehouseError(RuntimeError):
 
     def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
-        if code is None:
-            m = _CODE.search(message)
-            code = int(m.group(1)) if m else None
-        self.code = code
+        self.code = code if code is not None else error_code(message)
 
 
 _CODE = re.compile(r"\bCode: (\d+)")
+
+
+def error_code(message: str) -> int | None:
+    """ClickHouse's numeric error code in an engine message (``Code: N. DB::Exception: …``), else None."""
+    m = _CODE.search(message)
+    return int(m.group(1)) if m else None
 
 
 def _wrap(exc: Exception) -> WarehouseError:

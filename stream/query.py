@@ -42,7 +42,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from connectors.warehouse import EmbeddedWarehouse, ServerWarehouse, Warehouse, WarehouseError, one_line
+from connectors.warehouse import (
+    EmbeddedWarehouse,
+    ServerWarehouse,
+    Warehouse,
+    WarehouseError,
+    error_code,
+    one_line,
+)
 from stream.buckets import cleaned_table
 from stream.schema import PROJECT_VIEW
 
@@ -116,7 +123,6 @@ _BY_CODE: dict[str, type[QueryError]] = {
     "396": QueryTooLarge,  # TOO_MANY_ROWS_OR_BYTES
     "241": QueryTooLarge,  # MEMORY_LIMIT_EXCEEDED
 }
-_CODE = re.compile(r"Code: (\d+)")
 _CODE_PREFIX = re.compile(r"(Code: \d+\. DB::Exception: )+")
 _VERSION = re.compile(r"\s*\(version [^)]*\)\.?")
 _REPEATED_NAME = re.compile(r"(\([A-Z_]+\))(?:\s*\1)+")
@@ -130,8 +136,7 @@ def engine_error(message: str) -> QueryError:
         text = text[start:]
     # chdb repeats the code prefix and the error name around a version trailer: say each once.
     text = _REPEATED_NAME.sub(r"\1", _VERSION.sub("", _CODE_PREFIX.sub(lambda m: m.group(1), text)))
-    m = _CODE.search(text)
-    return _BY_CODE.get(m.group(1) if m else "", QueryError)(text)
+    return _BY_CODE.get(str(error_code(text)), QueryError)(text)
 
 
 # Left to right, so a quote inside a comment or a comment marker inside a string is taken for what it is.
