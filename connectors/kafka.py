@@ -97,6 +97,22 @@ def classify(err: KafkaError, context: str = "") -> BucketerKafkaError:
     return KafkaRetryError(text, err)
 
 
+def consumer_error(err: KafkaError, context: str, *, missing_ok: bool = False) -> BucketerKafkaError | None:
+    """The one reading of an error event a consumer's ``consume``/``poll`` hands back (router, loader, replay):
+    None when there is nothing to report (the end of a partition; with ``missing_ok``, a topic or partition
+    that does not exist yet, which librdkafka keeps asking about); raises ``KafkaFatalError`` when the client
+    is unusable; else returns the classified error for the caller to report (librdkafka retries it itself)."""
+    code = err.code()
+    if code == KafkaError._PARTITION_EOF:
+        return None
+    exc = classify(err, context)
+    if err.fatal() or isinstance(exc, KafkaFatalError):
+        raise exc
+    if missing_ok and code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):
+        return None
+    return exc
+
+
 def from_exception(exc: KafkaException, context: str = "") -> BucketerKafkaError:
     err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
     if err is None:

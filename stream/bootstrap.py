@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from connectors.kafka import consumer_config
+from connectors.kafka import consumer_config, consumer_error
 from connectors.model import bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse, WarehouseError
@@ -156,7 +156,13 @@ def read_topic(
     idle_deadline = time.monotonic() + timeout
     try:
         while remaining:
-            msgs = [m for m in consumer.consume(batch, timeout=0.5) if m.error() is None]
+            msgs = []
+            for m in consumer.consume(batch, timeout=0.5):
+                err = m.error()
+                if err is None:
+                    msgs.append(m)
+                elif (exc := consumer_error(err, f"replay {topic} [{m.partition()}]")) is not None:
+                    log.warning("%s", exc)  # librdkafka retries; the idle deadline bounds the wait
             if not msgs:
                 # Transaction markers and aborted records take offsets but yield no message; ask for positions.
                 for tp in consumer.position([TopicPartition(topic, p) for p in list(remaining)]):

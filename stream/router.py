@@ -41,15 +41,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from connectors.kafka import (
     BrokerUnreachable,
     BucketerKafkaError,
     KafkaFatalError,
     check_reachable,
-    classify,
     consumer_config,
+    consumer_error,
     group_lag,
 )
 from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
@@ -190,10 +190,7 @@ class Router:
         for m in msgs:
             err = m.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    exc = classify(err, f"consume {m.topic()} [{m.partition()}]")
-                    if isinstance(exc, KafkaFatalError):
-                        raise exc
+                if (exc := consumer_error(err, f"consume {m.topic()} [{m.partition()}]")) is not None:
                     log.warning("%s", exc)
                 continue
             last[(m.topic(), m.partition())] = m.offset()  # type: ignore[index,assignment]

@@ -62,3 +62,22 @@ def test_dlq_headers_name_the_contract() -> None:
         "bucketer-source-partition": b"2",
         "bucketer-source-offset": b"41",
     }
+
+
+def test_one_reading_of_consumer_errors() -> None:
+    """Router, loader and replay share consumer_error: nothing to report at a partition's end; a missing
+    topic only when asked to care; a fatal error raises; anything else comes back to be reported."""
+    from confluent_kafka import KafkaError
+
+    from connectors.kafka import KafkaFatalError, KafkaRetryError, consumer_error
+
+    assert consumer_error(KafkaError(KafkaError._PARTITION_EOF), "c") is None
+    missing = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+    assert consumer_error(missing, "c", missing_ok=True) is None
+    assert consumer_error(missing, "c") is not None
+    transport = consumer_error(KafkaError(KafkaError._TRANSPORT), "consume t [0]")
+    assert isinstance(transport, KafkaRetryError) and "consume t [0]" in str(transport)
+    with pytest.raises(KafkaFatalError):
+        consumer_error(KafkaError(KafkaError._FENCED, fatal=True), "c")
+    with pytest.raises(KafkaFatalError):
+        consumer_error(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED), "c")
