@@ -161,7 +161,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def browser() -> Iterator[webdriver.Chrome]:
     chromium, driver = _browser_paths()
     opts = Options()
     opts.binary_location = chromium
@@ -245,7 +245,7 @@ def open_page(drv: WebDriver, url: str) -> None:
     wait_for(drv, lambda d: int(body_data(d, "fetches") or 0) >= 1)
 
 
-def test_page_draws_the_buckets_of_v0_status_and_follows_new_rows(served: Served, browser: WebDriver) -> None:
+def test_page_draws_the_buckets_of_v0_status_and_follows_new_rows(served: Served, browser: webdriver.Chrome) -> None:
     open_page(browser, f"{served.base}/?token={TOKEN}&refresh=1")
     assert body_data(browser, "generatedAt")  # rendered a status
     st = served.status()
