@@ -26,11 +26,12 @@ import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from connectors.warehouse import Warehouse, open_warehouse
@@ -76,9 +77,10 @@ def put_cleaned(wh: Warehouse, bucket: int, rows: int) -> None:
     )
 
 
-def _status_app(data: Path) -> tuple[Starlette, Callable[[], None]]:
+def _status_app(data: Path, down: threading.Event) -> tuple[Starlette, Callable[[], None]]:
     """The page at "/" and /v0/status (token required) from collect() on the warehouse, on a handle of its own;
-    and under /nulls/ the same page against a status with nulls, missing and extra fields."""
+    under /nulls/ the same page against a status with nulls, missing and extra fields; under /flaky/ against
+    the real status, or a 503 that is not JSON while ``down`` is set."""
     wh = open_warehouse(data).__enter__()
     lock = threading.Lock()  # one query at a time on the server's handle
 
@@ -105,12 +107,19 @@ def _status_app(data: Path) -> tuple[Starlette, Callable[[], None]]:
             }
         )
 
+    def flaky(request: Request) -> Response:
+        if down.is_set():
+            return PlainTextResponse("upstream gone", status_code=503)
+        return status(request)
+
     app = Starlette(
         routes=[
             status_page_route(),
             Route("/v0/status", status),
             status_page_route("/nulls/"),
             Route("/nulls/v0/status", sparse),
+            status_page_route("/flaky/"),
+            Route("/flaky/v0/status", flaky),
         ]
     )
     return app, lambda: wh.__exit__(None, None, None)
@@ -121,6 +130,7 @@ class Served:
     base: str
     data: Path
     tmp: Path
+    down: threading.Event
 
     def status(self) -> dict[str, Any]:
         resp = httpx.get(f"{self.base}/v0/status", params={"token": TOKEN}, timeout=60)
@@ -141,7 +151,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             put_cleaned(wh, b, n)
     results = Enricher(lambda: open_warehouse(data), lock_dir=tmp).rebuild_many([3])
     assert [r.status for r in results] == ["ok"]
-    app, close = _status_app(data)
+    down = threading.Event()
+    app, close = _status_app(data, down)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
@@ -152,7 +163,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", data, tmp)
+        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", data, tmp, down)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -297,6 +308,24 @@ def test_a_refused_fetch_shows_an_error_banner(served: Served, browser: WebDrive
         page = shown(browser)
         assert page["error"] and "HTTP 401" in page["error"] and "invalid token" in page["error"], page["error"]
         assert page["bars"] == [] and not body_data(browser, "generatedAt")  # nothing made up
+
+
+def test_a_failing_status_keeps_the_last_figures_under_a_banner_until_it_answers(
+    served: Served, browser: WebDriver
+) -> None:
+    open_page(browser, f"{served.base}/flaky/?token={TOKEN}&refresh=0.5")
+    before = shown(browser)
+    assert before["error"] is None and len(before["bars"]) == N
+    served.down.set()
+    try:
+        page = wait_for(browser, lambda d: (p := shown(d))["error"] and p)
+        assert "HTTP 503" in page["error"] and "upstream gone" in page["error"] and "last figures" in page["error"]
+        assert page["bars"] == before["bars"] and page["raw_total"] == before["raw_total"]  # kept, not blanked
+        assert "stale" in (browser.find_element(By.TAG_NAME, "body").get_attribute("class") or "")
+    finally:
+        served.down.clear()
+    page = wait_for(browser, lambda d: (p := shown(d))["error"] is None and p)
+    assert_matches(page, served.status())
 
 
 def test_nulls_and_missing_fields_render_as_dashes(served: Served, browser: WebDriver) -> None:
