@@ -5,10 +5,24 @@ PY     := $(VENV)/bin/python
 BUCKETER := $(VENV)/bin/bucketer
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-integration bench lint clean broker-start broker-stop
+.PHONY: setup browser demo test test-unit test-integration bench lint clean broker-start broker-stop
 
-setup: $(STAMP)
+# The status page's browser test drives the system's Chromium (Debian: chromium + chromium-driver). Point
+# BUCKETER_CHROMIUM / BUCKETER_CHROMEDRIVER elsewhere to use another build; the tests read both.
+BUCKETER_CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+BUCKETER_CHROMEDRIVER ?= $(shell command -v chromedriver)
+export BUCKETER_CHROMIUM BUCKETER_CHROMEDRIVER
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+setup: $(STAMP) browser
 	@$(BUCKETER) local fetch >/dev/null
+
+browser:
+	@if [ -x "$(BUCKETER_CHROMIUM)" ] && [ -x "$(BUCKETER_CHROMEDRIVER)" ]; then exit 0; fi; \
+	command -v apt-get >/dev/null || { echo "bucketer: install Chromium and ChromeDriver (or set"\
+	  "BUCKETER_CHROMIUM and BUCKETER_CHROMEDRIVER): the status page's browser test needs them"; exit 1; }; \
+	echo "bucketer: installing chromium and chromium-driver (the status page's browser test)"; \
+	$(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "bucketer: $(PYTHON) is required"; exit 1; }
