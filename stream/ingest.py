@@ -158,39 +158,51 @@ def _bad_number(value: Any, ctype: str) -> bool:
     return not lo <= value <= hi
 
 
+# Dead-letter classes only the loader gives (the others are the router's, connectors/sequin.py ERROR_CLASSES).
+LOADER_ONLY_CLASSES = ("no_version", "warehouse_rejected")
+
+
 def problem(value: bytes | None, table: str) -> str | None:
     """Why this message cannot become a row of ``table``, or None when it can."""
+    found = classify_problem(value, table)
+    return found[1] if found else None
+
+
+def classify_problem(value: bytes | None, table: str) -> tuple[str, str] | None:
+    """(error class, detail) of a message that cannot become a row of ``table``, or None when it can. The
+    classes are the router's (connectors/sequin.py ERROR_CLASSES) where the cause is the same, plus
+    ``no_version`` (docs/CONTRACTS.md, "Dead letters")."""
     if not value:
-        return "empty value (tombstone)"
+        return "tombstone", "empty value (tombstone)"
     try:
         msg = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        return f"not JSON: {exc}"
+        return "not_json", f"not JSON: {exc}"
     if not isinstance(msg, dict):
-        return "not a JSON object"
+        return "not_object", "not a JSON object"
     if msg.get("action") not in ACTIONS:
-        return f"unknown action {msg.get('action')!r}"
+        return "unknown_action", f"unknown action {msg.get('action')!r}"
     record = msg.get("record")
     if not isinstance(record, dict):
-        return "no record object"
+        return "no_record", "no record object"
     required = ACTIVITY_REQUIRED if table == SOURCE else (REFERENCE_KEY,)
     for name in required:
         if record.get(name) in (None, ""):
-            return f"required field {name} is missing or null"
+            return "missing_column", f"required field {name} is missing or null"
     for name, ctype, _, _ in target_columns(table):
         v = record.get(name)
         if v is None or name.startswith("_") or name == MEMBER_ATTRIBUTES:
             continue
         if is_timestamp(ctype):
             if _bad_ts(v):
-                return f"field {name} is not a timestamp: {str(v)[:40]!r}"
+                return "bad_timestamp", f"field {name} is not a timestamp: {str(v)[:40]!r}"
         elif "String" in ctype:
             if isinstance(v, (dict, list)):
-                return f"field {name} is not a scalar"
+                return "bad_column", f"field {name} is not a scalar"
         elif _bad_number(v, ctype):
-            return f"field {name} is not a {ctype}: {str(v)[:40]!r}"
+            return "bad_column", f"field {name} is not a {ctype}: {str(v)[:40]!r}"
     if record.get(VERSION_SOURCE) is None:
         meta = msg.get("metadata")
         if not isinstance(meta, dict) or meta.get("commit_timestamp") is None or _bad_ts(meta["commit_timestamp"]):
-            return "no updatedAt and no metadata.commit_timestamp to version the row"
+            return "no_version", "no updatedAt and no metadata.commit_timestamp to version the row"
     return None

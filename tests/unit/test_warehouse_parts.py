@@ -249,3 +249,25 @@ def test_exchange_swaps_two_tables_with_or_without_exchange_tables(tmp_path: Pat
         assert wh.rows("SELECT sum(new) FROM live") == [(5,)]
         wh.exchange("live", "live__next")  # and back: no leftover name in the way
         assert tables_and_columns(wh) == {"live": ["old"], "live__next": ["new"]}
+
+
+def test_loader_problem_classes_are_the_routers_vocabulary() -> None:
+    """One DLQ vocabulary (docs/CONTRACTS.md): the loader's classes are the router's where the cause is the same."""
+    from connectors.sequin import ERROR_CLASSES
+    from stream.ingest import LOADER_ONLY_CLASSES, classify_problem
+
+    cases = {
+        b"": "tombstone",
+        b"{nope": "not_json",
+        b"[1]": "not_object",
+        orjson.dumps({"action": "upsert", "record": {}}): "unknown_action",
+        orjson.dumps({"action": "insert", "record": None}): "no_record",
+        orjson.dumps({"action": "insert", "record": {"id": ""}}): "missing_column",
+        orjson.dumps({"action": "insert", "record": {"id": "r1", "enabled": "maybe"}}): "bad_column",
+        orjson.dumps({"action": "insert", "record": {"id": "r1", "updatedAt": "yesterday"}}): "bad_timestamp",
+        orjson.dumps({"action": "delete", "record": {"id": "r1"}}): "no_version",
+    }
+    for value, want in cases.items():
+        found = classify_problem(value, "repositories")
+        assert found is not None and found[0] == want, (value, found)
+        assert found[0] in ERROR_CLASSES or found[0] in LOADER_ONLY_CLASSES
