@@ -1,0 +1,588 @@
+"""The HTTP query API: Tinybird-compatible endpoints over the warehouse (an ASGI app, FastAPI + uvicorn).
+
+``create_app(connect, config)`` builds the app; ``serve_in_thread(app, host, port)`` runs it on a uvicorn server
+in a background thread (``bucketer run --http-port``), ``bucketer serve`` runs it in the foreground.
+
+Endpoints (``token`` = a bearer token from ``BUCKETER_API_TOKEN``, as ``Authorization: Bearer T`` or ``?token=T``):
+
+- ``GET|POST /v0/sql?q=SQL`` (token): one read-only statement (``stream.query.read_only``), ClickHouse
+  ``FORMAT JSON`` by default (``meta``, ``data``, ``rows``, ``statistics``: the engine's own output, passed
+  through untouched); a trailing ``FORMAT CSV|CSVWithNames|TSV|TSVWithNames|JSONEachRow|JSONCompact`` picks
+  another. ``{name:Type}`` parameters in the SQL are bound by the engine from query parameters of that name.
+- ``GET /v0/pipes/{pipe}.json`` (token): ``activityRelations_deduplicated_cleaned_bucket_union``,
+  ``activityRelations_bucket_routing`` (``bucketId``, or ``project=SLUG`` resolved to it), ``project_buckets``
+  (``project``); each with optional ``segmentId``, ``limit``, ``offset``. Values are bound by the engine.
+- ``GET /v0/status`` (token): the JSON of ``bucketer status --json``; ``GET /healthz``, ``GET /readyz``
+  (no token); ``GET /openapi.json``; ``GET /metrics`` when the app serves a pipeline.
+
+Errors are ``{"error": "..."}``: 400 bad SQL / missing or ill-typed parameter / invalid bucketId, 401 no or
+wrong token, 403 a write, several statements, INTO OUTFILE or a table function reaching outside (the engine's
+``readonly = 1`` refuses them; ``read_only`` turns away what is not a SELECT before the engine sees it), 404
+unknown pipe or unknown/disabled project, 408 past the time limit, 413 past the row or memory limit, 503 the
+warehouse cannot be reached. An unexpected failure is a 500 with a generic message (and a log line).
+
+Concurrency with the pipeline (measured, chdb 4.4 / clickhouse-connect 1.12): each warehouse handle is its own
+chdb connection to the process's one engine. A query on a second handle runs while another handle executes a
+long query (``SELECT 1`` took 1-3 ms while an 18 s scan ran on the other handle), but two queries on the SAME
+handle serialise (the same ``SELECT 1`` waited 24 s). So the API keeps a small pool of its own handles (one per
+request in flight, ``pool_size``) next to the loader's and the enricher's, with no lock shared with them: a slow
+API query never holds up a load, and a long rebuild never blocks the API.
+
+Not here yet: user pipes (``--pipes DIR``), the HTML status page, the CLI going through a running server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from connectors.warehouse import WarehouseError, one_line
+from stream.buckets import cleaned_table
+from stream.query import QueryError, QueryLimits, engine_error, read_only
+from stream.schema import PROJECT_VIEW, ROUTING_VIEW, UNION_VIEW
+
+log = logging.getLogger("bucketer.api")
+
+
+class ServeError(RuntimeError):
+    """The API cannot be served (port in use or out of range, no token on a public address); one line."""
+
+
+class ApiError(Exception):
+    """An answer other than 200: ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    tokens: tuple[str, ...] = ()  # empty: no auth (only allowed on a loopback address, see check_bind)
+    limits: QueryLimits = field(default_factory=QueryLimits)
+    pool_size: int = 4
+    pool_wait_s: float = 30.0
+    # For /v0/status: Kafka figures (DLQ count, router lag) when a bootstrap is known.
+    bootstrap: str | None = None
+    topic_prefix: str = ""
+    router_group: str = "bucketer-router"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where ``bucketer run --http-port`` serves the API, and how (the Kafka fields come from the pipeline)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+
+def check_bind(host: str, tokens: Sequence[str]) -> None:
+    """Refuse to serve without a token on an address other machines can reach."""
+    if not tokens and host not in ("127.0.0.1", "::1", "localhost"):
+        raise ServeError(f"--http-host {host} is reachable from other machines: set BUCKETER_API_TOKEN")
+
+
+# --- warehouse handles --------------------------------------------------------------------------------------
+
+
+class HandlePool:
+    """Opened warehouse handles, one per request in flight (at most ``size``), opened on first need."""
+
+    def __init__(self, connect: Callable[[], Any], size: int = 4, wait_s: float = 30.0) -> None:
+        self._connect = connect
+        self._slots = threading.BoundedSemaphore(max(1, size))
+        self._wait_s = wait_s
+        self._lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._all: list[Any] = []
+        self._closed = False
+
+    @contextmanager
+    def handle(self) -> Iterator[Any]:
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise ApiError(503, "busy: every warehouse handle is in use, try again")
+        try:
+            with self._lock:
+                if self._closed:
+                    raise ApiError(503, "the server is stopping")
+                wh = self._idle.pop() if self._idle else None
+            if wh is None:
+                try:
+                    wh = self._connect().__enter__()
+                except WarehouseError as exc:
+                    raise ApiError(503, f"warehouse unavailable: {exc}") from None
+                with self._lock:
+                    self._all.append(wh)
+            try:
+                yield wh
+            finally:
+                with self._lock:
+                    self._idle.append(wh)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            handles, self._all, self._idle = self._all, [], []
+        for wh in handles:
+            try:
+                wh.__exit__(None, None, None)
+            except Exception as exc:  # closing is best effort
+                log.warning("api: closing a warehouse handle failed: %s", one_line(exc))
+
+
+# --- executing SQL ------------------------------------------------------------------------------------------
+
+FORMATS = {
+    "JSON": "application/json",
+    "JSONCompact": "application/json",
+    "JSONEachRow": "application/x-ndjson",
+    "CSV": "text/csv",
+    "CSVWithNames": "text/csv",
+    "TabSeparated": "text/tab-separated-values",
+    "TabSeparatedWithNames": "text/tab-separated-values",
+}
+_FORMAT_ALIASES = {f.lower(): f for f in FORMATS} | {
+    "tsv": "TabSeparated",
+    "tsvwithnames": "TabSeparatedWithNames",
+    "ndjson": "JSONEachRow",
+}
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z]+)\s*$", re.I)
+_PARAM = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*[^{}]+\}")
+
+
+def split_format(statement: str) -> tuple[str, str]:
+    """(statement without a trailing ``FORMAT name``, the output format); JSON when none is given."""
+    m = _TRAILING_FORMAT.search(statement)
+    if not m:
+        return statement, "JSON"
+    fmt = _FORMAT_ALIASES.get(m.group(1).lower())
+    if fmt is None:
+        raise ApiError(400, f"FORMAT {m.group(1)} is not served; use one of {', '.join(FORMATS)}")
+    return statement[: m.start()].rstrip(), fmt
+
+
+def sql_params(statement: str) -> list[str]:
+    """The names of the ``{name:Type}`` query parameters in a statement, in order, once each."""
+    return list(dict.fromkeys(_PARAM.findall(statement)))
+
+
+def execute(wh: Any, statement: str, params: Mapping[str, Any], limits: QueryLimits, fmt: str = "JSON") -> bytes:
+    """The engine's output of ``statement`` in ``fmt``, run with ``readonly = 1`` and the limits.
+
+    Goes through the warehouse's clickhouse-connect client (``raw_query``) so the engine formats the answer
+    itself; the ``Warehouse`` protocol has no raw-format call yet."""
+    sql = f"{statement}\nSETTINGS {limits.settings()}"
+    try:
+        return bytes(wh._c().raw_query(sql, parameters=dict(params) or None, fmt=fmt))
+    except WarehouseError as exc:
+        raise ApiError(503, f"warehouse unavailable: {exc}") from None
+    except Exception as exc:
+        msg = one_line(exc)
+        if "Code: " in msg:  # the engine refused or failed the query: its reason, its class
+            raise engine_error(msg) from None
+        raise ApiError(503, f"warehouse unavailable: {msg}") from None
+
+
+# --- project -> bucket, cached ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Project:
+    slug: str
+    project_id: str
+    segment_id: str
+    bucket: int
+
+
+class ProjectCache:
+    """``project_buckets`` lookups, kept until insightsProjects changes.
+
+    The fingerprint (row count and an XOR of every row's (id, _version, _deleted) hash, parts not merged
+    included) changes with any insert into insightsProjects and does not need FINAL, so each lookup costs
+    one small aggregate instead of the view's FINAL scan; a merge also changes it (harmless: one refill)."""
+
+    FINGERPRINT = "SELECT count(), groupBitXor(cityHash64(id, _version, _deleted)) FROM insightsProjects"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fingerprint: tuple[Any, ...] | None = None
+        self._known: dict[str, Project | None] = {}
+        self.lookups = 0  # view queries run (for tests and metrics)
+
+    def resolve(self, wh: Any, slug: str) -> Project:
+        fp = tuple(wh.rows(self.FINGERPRINT)[0])
+        with self._lock:
+            if fp != self._fingerprint:
+                self._fingerprint, self._known = fp, {}
+            if slug in self._known:
+                found = self._known[slug]
+            else:
+                found = self._lookup(wh, slug)
+                self._known[slug] = found
+        if found is None:
+            raise ApiError(404, f"unknown or disabled project {slug!r}")
+        return found
+
+    def _lookup(self, wh: Any, slug: str) -> Project | None:
+        self.lookups += 1
+        rows = wh.rows(
+            f"SELECT project, projectId, segmentId, bucketId FROM {PROJECT_VIEW}(project = {{p:String}})", {"p": slug}
+        )
+        if len(rows) > 1:
+            raise ApiError(400, f"slug {slug!r} names {len(rows)} enabled projects")
+        if not rows:
+            return None
+        project, pid, seg, bucket = rows[0]
+        return Project(str(project), str(pid), str(seg), int(bucket))
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="A token from BUCKETER_API_TOKEN")
+_query_token = APIKeyQuery(name="token", auto_error=False, description="The same token as a query parameter")
+
+Limit = Annotated[int | None, Query(ge=0, le=1_000_000_000, description="At most this many rows.")]
+Offset = Annotated[int | None, Query(ge=0, le=1_000_000_000_000, description="Skip this many rows first.")]
+SegmentId = Annotated[str | None, Query(max_length=1000, description="Only the rows of this segment.")]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _engine_reason(message: str) -> str:
+    """An engine message without its trace of the expression that failed (``: while executing 'FUNCTION …'``)."""
+    cut = message.find(": while executing")
+    if cut < 0:
+        return message
+    code = re.search(r"\s\(([A-Z_]+)\)\s*$", message)
+    return message[:cut] + (f" ({code.group(1)})" if code else "")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "path"))
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+    return "invalid parameters: " + "; ".join(parts) if parts else "invalid request"
+
+
+def _tail(segment_id: str | None, limit: int | None, offset: int | None) -> tuple[str, dict[str, Any]]:
+    """WHERE/LIMIT/OFFSET for the optional pipe parameters (clauses only for the values given; bound)."""
+    sql = ""
+    params: dict[str, Any] = {}
+    if segment_id is not None:
+        sql += "\nWHERE segmentId = {segmentId:String}"
+        params["segmentId"] = segment_id
+    if limit is not None:
+        sql += "\nLIMIT {limit:UInt64}"
+        params["limit"] = limit
+        if offset is not None:
+            sql += " OFFSET {offset:UInt64}"
+            params["offset"] = offset
+    elif offset is not None:
+        sql += "\nLIMIT {offset:UInt64}, 18446744073709551615"
+        params["offset"] = offset
+    return sql, params
+
+
+def create_app(
+    connect: Callable[[], Any],
+    config: ApiConfig | None = None,
+    ready: Callable[[], str | None] | None = None,
+    metrics_app: Any = None,
+) -> FastAPI:
+    """The API over the warehouses ``connect()`` opens (unopened handles, as ``open_warehouse`` returns them).
+
+    ``ready()`` returns why the process is not ready (or None) for /readyz; ``metrics_app`` (an ASGI app, e.g.
+    prometheus-client's) is mounted at /metrics."""
+    cfg = config or ApiConfig()
+    pool = HandlePool(connect, cfg.pool_size, cfg.pool_wait_s)
+    projects = ProjectCache()
+    tokens = tuple(t.encode() for t in cfg.tokens)
+
+    def authorize(
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+        token: Annotated[str | None, Security(_query_token)],
+    ) -> None:
+        if not tokens:
+            return
+        given = bearer.credentials if bearer is not None else token
+        if not given:
+            raise ApiError(401, "a token is required: Authorization: Bearer TOKEN or ?token=TOKEN")
+        if not any(hmac.compare_digest(given.encode(), t) for t in tokens):
+            raise ApiError(401, "invalid token")
+
+    app = FastAPI(
+        title="bucketer",
+        version="0.1.0",
+        description="Tinybird-compatible query API over the bucketer warehouse.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.pool = pool
+    app.state.projects = projects
+    auth = [Depends(authorize)]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(QueryError)
+    async def _query_error(_: Request, exc: QueryError) -> JSONResponse:
+        return _error(exc.status, _engine_reason(str(exc)))
+
+    @app.exception_handler(WarehouseError)
+    async def _warehouse_error(_: Request, exc: WarehouseError) -> JSONResponse:
+        msg = str(exc)
+        if "Code: " in msg:
+            err = engine_error(msg)
+            return _error(err.status, _engine_reason(str(err)))
+        return _error(503, f"warehouse unavailable: {msg}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("api: %s %s failed: %s", request.method, request.url.path, one_line(exc), exc_info=exc)
+        return _error(500, "internal error (logged)")
+
+    def run(statement: str, params: Mapping[str, Any], fmt: str = "JSON") -> Response:
+        with pool.handle() as wh:
+            body = execute(wh, statement, params, cfg.limits, fmt)
+        return Response(body, media_type=FORMATS[fmt])
+
+    def sql_answer(q: str | None, query: Mapping[str, str]) -> Response:
+        if q is None or not q.strip():
+            raise ApiError(400, "the q parameter (one SQL statement) is required")
+        statement, fmt = split_format(read_only(q))
+        params: dict[str, Any] = {}
+        for name in sql_params(statement):
+            if name not in query:
+                raise ApiError(400, f"missing parameter {name!r} (used as {{{name}:Type}} in the query)")
+            params[name] = query[name]
+        return run(statement, params, fmt)
+
+    @app.get("/v0/sql", dependencies=auth, summary="Read-only SQL (FORMAT JSON by default)")
+    def sql_get(
+        request: Request,
+        q: Annotated[str | None, Query(description="One SELECT; a trailing FORMAT picks the output.")] = None,
+    ) -> Response:
+        return sql_answer(q, request.query_params)
+
+    @app.post("/v0/sql", dependencies=auth, summary="Read-only SQL, the query in the body (form field q or text)")
+    async def sql_post(request: Request) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        q = request.query_params.get("q")
+        if q is None:
+            if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+                form = await request.form()
+                value = form.get("q")
+                q = value if isinstance(value, str) else None
+            else:
+                q = (await request.body()).decode("utf-8", errors="replace")
+        return await run_in_threadpool(sql_answer, q, request.query_params)
+
+    @app.get(f"/v0/pipes/{UNION_VIEW}.json", dependencies=auth, summary="Every cleaned bucket")
+    def union_pipe(segmentId: SegmentId = None, limit: Limit = None, offset: Offset = None) -> Response:  # noqa: N803
+        tail, params = _tail(segmentId, limit, offset)
+        return run(f"SELECT * FROM {UNION_VIEW}{tail}", params)
+
+    @app.get(f"/v0/pipes/{ROUTING_VIEW}.json", dependencies=auth, summary="One cleaned bucket, by id or project")
+    def routing_pipe(
+        bucketId: Annotated[int | None, Query(ge=0, le=1_000_000, description="The bucket (0..N-1).")] = None,  # noqa: N803
+        project: Annotated[
+            str | None, Query(max_length=1000, description="A project slug: its bucket is used.")
+        ] = None,
+        segmentId: SegmentId = None,  # noqa: N803
+        limit: Limit = None,
+        offset: Offset = None,
+    ) -> Response:
+        tail, params = _tail(segmentId, limit, offset)
+        if project is not None:
+            with pool.handle() as wh:
+                found = projects.resolve(wh, project)
+            if bucketId is not None and bucketId != found.bucket:
+                raise ApiError(400, f"bucketId {bucketId} is not the bucket of project {project!r} ({found.bucket})")
+            # The id comes from project_buckets, so it is valid: read the table itself, without the view's check.
+            return run(f"SELECT * FROM {cleaned_table(found.bucket)}{tail}", params)
+        if bucketId is None:
+            raise ApiError(400, "missing parameter bucketId (or project)")
+        params["bucketId"] = bucketId
+        return run(f"SELECT * FROM {ROUTING_VIEW}(bucketId = {{bucketId:Int64}}){tail}", params)
+
+    @app.get(f"/v0/pipes/{PROJECT_VIEW}.json", dependencies=auth, summary="The bucket of a project")
+    def project_pipe(
+        project: Annotated[str, Query(max_length=1000, description="The project's slug.")],
+    ) -> Response:
+        with pool.handle() as wh:
+            projects.resolve(wh, project)  # 404 for an unknown or disabled project
+        return run(
+            f"SELECT project, projectId, segmentId, bucketId FROM {PROJECT_VIEW}(project = {{project:String}})",
+            {"project": project},
+        )
+
+    @app.get("/v0/pipes/{name}.json", dependencies=auth, include_in_schema=False)
+    def unknown_pipe(name: str) -> Response:
+        raise ApiError(404, f"no pipe {name!r}")
+
+    @app.get("/v0/status", dependencies=auth, summary="The JSON of `bucketer status --json`")
+    def status() -> JSONResponse:
+        from connectors.topics import TopicNames
+        from stream.status import collect
+
+        with pool.handle() as wh:
+            try:
+                st = collect(
+                    wh, bootstrap=cfg.bootstrap, topics=TopicNames(cfg.topic_prefix), router_group=cfg.router_group
+                )
+            except LookupError as exc:
+                raise ApiError(503, str(exc)) from None
+            except WarehouseError as exc:
+                raise ApiError(503, f"warehouse unavailable: {exc}") from None
+        return JSONResponse(st.as_json())
+
+    @app.get("/healthz", summary="The process is alive")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The warehouse answers (and, in `bucketer run`, the consumers are assigned)")
+    def readyz() -> JSONResponse:
+        try:
+            with pool.handle() as wh:
+                wh.rows("SELECT 1")
+        except (ApiError, WarehouseError) as exc:
+            return _error(503, f"warehouse unavailable: {exc}")
+        reason = ready() if ready is not None else None
+        if reason:
+            return _error(503, reason)
+        return JSONResponse({"status": "ready"})
+
+    if metrics_app is not None:
+        app.mount("/metrics", metrics_app)
+    return app
+
+
+# --- serving ------------------------------------------------------------------------------------------------
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or ServeError with a one-line reason (in use, out of range...)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"HTTP port {port} is out of range (1-65535)")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except (OSError, OverflowError) as exc:
+        raise ServeError(f"cannot serve HTTP on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """A uvicorn server on a bound socket; ``run()`` in the foreground, or ``start()``/``stop()`` in a thread."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+        import uvicorn
+
+        # access_log off: the access log prints the query string, and ?token= is a secret.
+        self._uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self._sock = sock
+        self._app = app
+        self._thread: threading.Thread | None = None
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    def run(self) -> None:
+        try:
+            self._uv.run(sockets=[self._sock])
+        finally:
+            self._app.state.pool.close()
+
+    def start(self) -> Server:
+        self._thread = threading.Thread(target=self.run, name="bucketer-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._uv.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._uv.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+
+
+def pipeline_ready(pipeline: Any) -> Callable[[], str | None]:
+    """/readyz of ``bucketer run``: the router and the loader run and have partitions assigned."""
+
+    def check() -> str | None:
+        router, loader = getattr(pipeline, "router", None), getattr(pipeline, "loader", None)
+        if router is None or loader is None:
+            return "the pipeline is starting"
+        consumer = getattr(loader, "_consumer", None)
+        if consumer is None:
+            return "the loader has no consumer yet"
+        try:
+            if not consumer.assignment():
+                return "the loader has no partitions assigned yet"
+        except Exception as exc:  # the consumer closed under us (stopping)
+            return f"the loader's consumer is not usable: {one_line(exc)}"
+        if not getattr(router, "_assigned_at", 0.0):
+            return "the router has no partitions assigned yet"
+        return None
+
+    return check
+
+
+def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
+    """Start the API for a running ``Pipeline`` (its warehouse, its Kafka figures, its metrics)."""
+    from dataclasses import replace
+
+    from prometheus_client import make_asgi_app
+
+    from stream.metrics import registry_for
+
+    cfg = pipeline.config
+    check_bind(http.host, http.api.tokens)
+    sock = bind(http.host, http.port)
+    api = replace(http.api, bootstrap=cfg.bootstrap, topic_prefix=cfg.topic_prefix, router_group=cfg.router_group)
+    app = create_app(
+        pipeline.connect,
+        api,
+        ready=pipeline_ready(pipeline),
+        metrics_app=make_asgi_app(
+            registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds)
+        ),
+    )
+    server = Server(app, sock).start()
+    log.info("api: serving on %s", server.url)
+    return server
