@@ -131,9 +131,15 @@ class HandlePool:
                     self._all.append(wh)
             try:
                 yield wh
-            finally:
+            except BaseException:
+                # A handle that saw a failure is not reused: after a query timeout, chdb hands the timed-out
+                # query's output to the NEXT query on the same handle (measured, chdb 4.4); closing drops it.
                 with self._lock:
-                    self._idle.append(wh)
+                    self._all.remove(wh)
+                _close(wh)
+                raise
+            with self._lock:
+                self._idle.append(wh)
         finally:
             self._slots.release()
 
@@ -142,10 +148,14 @@ class HandlePool:
             self._closed = True
             handles, self._all, self._idle = self._all, [], []
         for wh in handles:
-            try:
-                wh.__exit__(None, None, None)
-            except Exception as exc:  # closing is best effort
-                log.warning("api: closing a warehouse handle failed: %s", one_line(exc))
+            _close(wh)
+
+
+def _close(wh: Any) -> None:
+    try:
+        wh.__exit__(None, None, None)
+    except Exception as exc:  # closing is best effort
+        log.warning("api: closing a warehouse handle failed: %s", one_line(exc))
 
 
 # --- executing SQL ------------------------------------------------------------------------------------------
@@ -308,12 +318,12 @@ def create_app(
     connect: Callable[[], Any],
     config: ApiConfig | None = None,
     ready: Callable[[], str | None] | None = None,
-    metrics_app: Any = None,
+    metrics: Any = None,
 ) -> FastAPI:
     """The API over the warehouses ``connect()`` opens (unopened handles, as ``open_warehouse`` returns them).
 
-    ``ready()`` returns why the process is not ready (or None) for /readyz; ``metrics_app`` (an ASGI app, e.g.
-    prometheus-client's) is mounted at /metrics."""
+    ``ready()`` returns why the process is not ready (or None) for /readyz; ``metrics`` (a prometheus-client
+    registry) is served at /metrics."""
     cfg = config or ApiConfig()
     pool = HandlePool(connect, cfg.pool_size, cfg.pool_wait_s)
     projects = ProjectCache()
@@ -483,8 +493,13 @@ def create_app(
             return _error(503, reason)
         return JSONResponse({"status": "ready"})
 
-    if metrics_app is not None:
-        app.mount("/metrics", metrics_app)
+    if metrics is not None:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        @app.get("/metrics", summary="Prometheus metrics of the workers")
+        def metrics_endpoint() -> Response:
+            return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
     return app
 
 
@@ -541,23 +556,39 @@ class Server:
             self._thread.join(15)
 
 
-def pipeline_ready(pipeline: Any) -> Callable[[], str | None]:
-    """/readyz of ``bucketer run``: the router and the loader run and have partitions assigned."""
+def pipeline_ready(pipeline: Any, timeout: float = 5.0) -> Callable[[], str | None]:
+    """/readyz of ``bucketer run``: the router's and the loader's consumer groups have partitions assigned.
+
+    Asked of the broker (describe the groups) with the API's own admin client: the workers' consumers are
+    not touched from the API's threads (``assignment()`` on the loader's consumer blocked while it polled).
+    Once both groups were seen assigned, later checks only ask that the pipeline is not stopping."""
+    state: dict[str, Any] = {"ready": False, "admin": None}
+    lock = threading.Lock()
 
     def check() -> str | None:
-        router, loader = getattr(pipeline, "router", None), getattr(pipeline, "loader", None)
-        if router is None or loader is None:
+        cfg = pipeline.config
+        if pipeline.router is None or pipeline.loader is None:
             return "the pipeline is starting"
-        consumer = getattr(loader, "_consumer", None)
-        if consumer is None:
-            return "the loader has no consumer yet"
-        try:
-            if not consumer.assignment():
-                return "the loader has no partitions assigned yet"
-        except Exception as exc:  # the consumer closed under us (stopping)
-            return f"the loader's consumer is not usable: {one_line(exc)}"
-        if not getattr(router, "_assigned_at", 0.0):
-            return "the router has no partitions assigned yet"
+        stopping = getattr(pipeline, "_stopping", None)
+        if stopping is not None and stopping.is_set():
+            return "the pipeline is stopping"
+        if state["ready"]:
+            return None
+        with lock:
+            from connectors.kafka import admin
+
+            if state["admin"] is None:
+                state["admin"] = admin(cfg.bootstrap, quiet=True)
+            groups = [cfg.router_group, cfg.loader_group]
+            try:
+                futures = state["admin"].describe_consumer_groups(groups, request_timeout=timeout)
+                for group, fut in futures.items():
+                    members = fut.result(timeout=timeout + 1).members
+                    if not any(m.assignment.topic_partitions for m in members):
+                        return f"consumer group {group} has no partitions assigned yet"
+            except Exception as exc:
+                return f"cannot describe the consumer groups: {one_line(exc)}"
+            state["ready"] = True
         return None
 
     return check
@@ -566,8 +597,6 @@ def pipeline_ready(pipeline: Any) -> Callable[[], str | None]:
 def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
     """Start the API for a running ``Pipeline`` (its warehouse, its Kafka figures, its metrics)."""
     from dataclasses import replace
-
-    from prometheus_client import make_asgi_app
 
     from stream.metrics import registry_for
 
@@ -579,9 +608,7 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
         pipeline.connect,
         api,
         ready=pipeline_ready(pipeline),
-        metrics_app=make_asgi_app(
-            registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds)
-        ),
+        metrics=registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds),
     )
     server = Server(app, sock).start()
     log.info("api: serving on %s", server.url)
