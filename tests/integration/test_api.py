@@ -419,3 +419,21 @@ def test_second_process_cannot_take_the_data_dir(served: Served, tmp_path: Path)
     assert res.returncode != 0 and "in use" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert sql(served, "SELECT 1 AS x").status_code == 200
+
+
+def test_a_timed_out_handle_is_not_reused(tmp_path: Path) -> None:
+    """chdb gives a timed-out query's output to the next query on the same handle; the pool drops such handles
+    (without that, the SELECT after the timeout fails to parse the stale JSON)."""
+    from connectors.warehouse import EmbeddedWarehouse
+    from stream.api import HandlePool, execute
+    from stream.query import QueryLimits, QueryTimeout
+
+    pool = HandlePool(lambda: EmbeddedWarehouse(tmp_path / "wh"), size=1)
+    try:
+        with pytest.raises(QueryTimeout), pool.handle() as wh:
+            execute(wh, "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) = 1", {}, QueryLimits(1))
+        with pool.handle() as wh:
+            assert wh.rows("SELECT 42") == [(42,)]
+            assert orjson.loads(execute(wh, "SELECT 43 AS x", {}, QueryLimits()))["data"] == [{"x": 43}]
+    finally:
+        pool.close()
