@@ -48,6 +48,7 @@ from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from connectors.warehouse import WarehouseError, one_line
@@ -266,11 +267,89 @@ class ProjectCache:
 
 # --- the app ------------------------------------------------------------------------------------------------
 
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    why = {
+        400: "Bad SQL, a missing or ill-typed parameter, an invalid bucketId",
+        401: "No or wrong token",
+        403: "A write, several statements, INTO OUTFILE, or a table function reaching outside",
+        404: "Unknown pipe, or unknown or disabled project",
+        408: "Past the query time limit",
+        413: "Past the result-rows or memory limit",
+        503: "The warehouse cannot be reached, or every handle is busy",
+    }
+    return {c: {"model": ErrorBody, "description": why[c]} for c in codes}
+
+
+_QUERY_ERRORS = _errors(400, 401, 403, 404, 408, 413, 503)
+_JSON_RESULT: dict[str, Any] = {
+    "type": "object",
+    "required": ["meta", "data", "rows", "statistics"],
+    "properties": {
+        "meta": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "type": {"type": "string"}},
+                "required": ["name", "type"],
+            },
+        },
+        "data": {"type": "array", "items": {"type": "object"}},
+        "rows": {"type": "integer"},
+        "rows_before_limit_at_least": {"type": "integer"},
+        "statistics": {"type": "object"},
+    },
+}
+_PIPE_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "ClickHouse FORMAT JSON", "content": {"application/json": {"schema": _JSON_RESULT}}}
+}
+_SQL_OK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "FORMAT JSON by default; a trailing FORMAT clause picks another",
+        "content": {
+            "application/json": {"schema": {}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+            "text/csv": {"schema": {"type": "string"}},
+            "text/tab-separated-values": {"schema": {"type": "string"}},
+        },
+    }
+}
+_SQL_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"q": {"type": "string", "minLength": 1}},
+                    "required": ["q"],
+                }
+            },
+            "text/plain": {"schema": {"type": "string", "minLength": 1}},
+        },
+    }
+}
+
+MAX_BODY = 1 << 20  # POST /v0/sql
+
 _bearer = HTTPBearer(auto_error=False, description="A token from BUCKETER_API_TOKEN")
 _query_token = APIKeyQuery(name="token", auto_error=False, description="The same token as a query parameter")
 
-Limit = Annotated[int | None, Query(ge=0, le=1_000_000_000, description="At most this many rows.")]
-Offset = Annotated[int | None, Query(ge=0, le=1_000_000_000_000, description="Skip this many rows first.")]
+
+def _digits(value: Any) -> Any:
+    """Integers in a query string as plain decimal digits only (pydantic alone takes "1.0", "+1", " 1", "1_0")."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("expected a non-negative integer written in decimal digits")
+    return value
+
+
+Digits = BeforeValidator(_digits)
+Limit = Annotated[int | None, Digits, Query(ge=0, le=1_000_000_000, description="At most this many rows.")]
+Offset = Annotated[int | None, Digits, Query(ge=0, le=1_000_000_000_000, description="Skip this many rows first.")]
 SegmentId = Annotated[str | None, Query(max_length=1000, description="Only the rows of this segment.")]
 
 
@@ -397,35 +476,62 @@ def create_app(
             params[name] = query[name]
         return run(statement, params, fmt)
 
-    @app.get("/v0/sql", dependencies=auth, summary="Read-only SQL (FORMAT JSON by default)")
+    @app.get(
+        "/v0/sql",
+        dependencies=auth,
+        responses=_SQL_OK | _QUERY_ERRORS,
+        summary="Read-only SQL (FORMAT JSON by default)",
+    )
     def sql_get(
         request: Request,
-        q: Annotated[str | None, Query(description="One SELECT; a trailing FORMAT picks the output.")] = None,
+        q: Annotated[str, Query(min_length=1, description="One SELECT; a trailing FORMAT picks the output.")],
     ) -> Response:
         return sql_answer(q, request.query_params)
 
-    @app.post("/v0/sql", dependencies=auth, summary="Read-only SQL, the query in the body (form field q or text)")
+    @app.post(
+        "/v0/sql",
+        dependencies=auth,
+        responses=_SQL_OK | _QUERY_ERRORS,
+        openapi_extra=_SQL_BODY,
+        summary="Read-only SQL, the query in the body (form field q or text)",
+    )
     async def sql_post(request: Request) -> Response:
+        from urllib.parse import parse_qs
+
         from starlette.concurrency import run_in_threadpool
 
         q = request.query_params.get("q")
         if q is None:
+            body = await request.body()
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+            text = body.decode("utf-8", errors="replace")
             if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-                form = await request.form()
-                value = form.get("q")
-                q = value if isinstance(value, str) else None
+                # Parsed here (no python-multipart): a form field q, like Tinybird's POST /v0/sql.
+                values = parse_qs(text, keep_blank_values=True).get("q")
+                q = values[0] if values else None
             else:
-                q = (await request.body()).decode("utf-8", errors="replace")
+                q = text
         return await run_in_threadpool(sql_answer, q, request.query_params)
 
-    @app.get(f"/v0/pipes/{UNION_VIEW}.json", dependencies=auth, summary="Every cleaned bucket")
+    @app.get(
+        f"/v0/pipes/{UNION_VIEW}.json",
+        dependencies=auth,
+        responses=_PIPE_OK | _QUERY_ERRORS,
+        summary="Every cleaned bucket",
+    )
     def union_pipe(segmentId: SegmentId = None, limit: Limit = None, offset: Offset = None) -> Response:  # noqa: N803
         tail, params = _tail(segmentId, limit, offset)
         return run(f"SELECT * FROM {UNION_VIEW}{tail}", params)
 
-    @app.get(f"/v0/pipes/{ROUTING_VIEW}.json", dependencies=auth, summary="One cleaned bucket, by id or project")
+    @app.get(
+        f"/v0/pipes/{ROUTING_VIEW}.json",
+        dependencies=auth,
+        responses=_PIPE_OK | _QUERY_ERRORS,
+        summary="One cleaned bucket, by id or project",
+    )
     def routing_pipe(
-        bucketId: Annotated[int | None, Query(ge=0, le=1_000_000, description="The bucket (0..N-1).")] = None,  # noqa: N803
+        bucketId: Annotated[int | None, Digits, Query(ge=0, le=1_000_000, description="The bucket (0..N-1).")] = None,  # noqa: N803
         project: Annotated[
             str | None, Query(max_length=1000, description="A project slug: its bucket is used.")
         ] = None,
@@ -446,7 +552,12 @@ def create_app(
         params["bucketId"] = bucketId
         return run(f"SELECT * FROM {ROUTING_VIEW}(bucketId = {{bucketId:Int64}}){tail}", params)
 
-    @app.get(f"/v0/pipes/{PROJECT_VIEW}.json", dependencies=auth, summary="The bucket of a project")
+    @app.get(
+        f"/v0/pipes/{PROJECT_VIEW}.json",
+        dependencies=auth,
+        responses=_PIPE_OK | _QUERY_ERRORS,
+        summary="The bucket of a project",
+    )
     def project_pipe(
         project: Annotated[str, Query(max_length=1000, description="The project's slug.")],
     ) -> Response:
@@ -461,7 +572,12 @@ def create_app(
     def unknown_pipe(name: str) -> Response:
         raise ApiError(404, f"no pipe {name!r}")
 
-    @app.get("/v0/status", dependencies=auth, summary="The JSON of `bucketer status --json`")
+    @app.get(
+        "/v0/status",
+        dependencies=auth,
+        responses=_errors(400, 401, 503),
+        summary="The JSON of `bucketer status --json`",
+    )
     def status() -> JSONResponse:
         from connectors.topics import TopicNames
         from stream.status import collect
@@ -481,7 +597,11 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The warehouse answers (and, in `bucketer run`, the consumers are assigned)")
+    @app.get(
+        "/readyz",
+        responses=_errors(503),
+        summary="The warehouse answers (and, in `bucketer run`, the consumers are assigned)",
+    )
     def readyz() -> JSONResponse:
         try:
             with pool.handle() as wh:
@@ -496,7 +616,11 @@ def create_app(
     if metrics is not None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        @app.get("/metrics", summary="Prometheus metrics of the workers")
+        @app.get(
+            "/metrics",
+            summary="Prometheus metrics of the workers",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        )
         def metrics_endpoint() -> Response:
             return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 

@@ -437,3 +437,39 @@ def test_a_timed_out_handle_is_not_reused(tmp_path: Path) -> None:
             assert orjson.loads(execute(wh, "SELECT 43 AS x", {}, QueryLimits()))["data"] == [{"x": 43}]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzz_from_the_openapi_document(served: Served, mode: str) -> None:
+    """Schemathesis generates requests for every operation of /openapi.json (valid ones, then invalid ones):
+    no answer is a 5xx, and every answer matches the document (status code, content type, body schema)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(served.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 9
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    seen: dict[int, int] = {}
+    no_inputs = {"/healthz", "/readyz", "/v0/status", "/metrics"}  # nothing to make invalid
+    for op in operations:
+        if mode == "negative" and op.path in no_inputs:
+            continue
+        strategy = op.as_strategy(
+            generation_mode=GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
+        )
+
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def check(case) -> None:  # noqa: ANN001 - a schemathesis Case
+            # positive_data_acceptance is left out: a random string is a schema-valid q, and 400 is its answer.
+            response = case.call_and_validate(
+                base_url=served.url, headers=auth, timeout=30, excluded_checks=[positive_data_acceptance]
+            )
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            assert response.status_code < 500, response.text
+
+        check()
+    assert seen.get(200) if mode == "positive" else seen.get(400), seen

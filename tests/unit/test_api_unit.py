@@ -69,3 +69,27 @@ def test_bind_in_use_and_out_of_range_are_one_line() -> None:
         sock.close()
     with pytest.raises(ServeError, match="out of range"):
         bind("127.0.0.1", 70000)
+
+
+@pytest.mark.parametrize("value", ["", "1.0", "+1", " 1", "1_0", "-1", "0x1", "１", "true"])
+def test_integers_are_plain_digits_and_refused_before_the_warehouse(value: str) -> None:
+    import warnings
+
+    from stream.api import create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    def connect() -> None:
+        raise AssertionError("a bad parameter reached the warehouse")
+
+    client = TestClient(create_app(connect))
+    for path, name in (
+        ("/v0/pipes/activityRelations_bucket_routing.json", "bucketId"),
+        ("/v0/pipes/activityRelations_deduplicated_cleaned_bucket_union.json", "limit"),
+        ("/v0/pipes/activityRelations_deduplicated_cleaned_bucket_union.json", "offset"),
+    ):
+        r = client.get(path, params={name: value})
+        assert r.status_code == 400, (name, value, r.text)
+        assert name in r.json()["error"]
