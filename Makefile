@@ -11,6 +11,10 @@ setup: $(STAMP)
 	@$(BUCKETER) local fetch >/dev/null
 
 $(STAMP): pyproject.toml
+	@# The status page's browser test drives the system's Chromium (tests/integration/test_api.py).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
+		{ echo "bucketer: the browser test needs chromium and chromium-driver (apt-get install)"; exit 1; }
 	@command -v $(PYTHON) >/dev/null || { echo "bucketer: $(PYTHON) is required"; exit 1; }
 	@command -v java >/dev/null || { echo "bucketer: Java 17+ is required (the local Kafka broker)"; exit 1; }
 	@command -v mvn >/dev/null || { echo "bucketer: Maven is required (fetches the Kafka jars once)"; exit 1; }

@@ -46,7 +46,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -265,6 +265,99 @@ class ProjectCache:
         return Project(str(project), str(pid), str(seg), int(bucket))
 
 
+# --- the status page ----------------------------------------------------------------------------------------
+
+SKEW = 1.5  # a bucket with at least this many times the mean raw rows is flagged
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 3600:.1f}h" if seconds >= 5400 else f"{seconds / 60:.0f}m"
+
+
+def status_page(
+    st: dict[str, Any],
+    rebuilds: Sequence[Sequence[Any]],
+    dlq_by_class: Mapping[str, int] | None,
+    refresh_s: int = 5,
+) -> str:
+    """The HTML status page for ``st`` (the JSON of /v0/status): one bar per bucket (its share of the raw rows,
+    flagged when skewed), freshness, Kafka figures, recent rebuilds. Reloads itself every ``refresh_s``."""
+    from html import escape
+
+    buckets = st["buckets"]
+    mean = st["raw_total"] / len(buckets) if buckets else 0
+    widest = max((b["raw_rows"] for b in buckets), default=0) or 1
+    rows = []
+    for b in buckets:
+        skewed = mean > 0 and b["raw_rows"] >= SKEW * mean
+        width = 100 * b["raw_rows"] / widest
+        took = f" ({b['rebuild_seconds']:.2f}s)" if b["rebuild_seconds"] is not None else ""
+        nxt = str(b["next_rebuild"] or "")[11:16] or "-"
+        rows.append(
+            f'<tr data-bucket="{b["bucket"]}"{" class=skewed" if skewed else ""}>'
+            f'<td class="num">{b["bucket"]}</td>'
+            f'<td class="chart"><div class="bar{" skew" if skewed else ""}" data-bucket="{b["bucket"]}" '
+            f'data-rows="{b["raw_rows"]}" style="width:{width:.2f}%"></div></td>'
+            f'<td class="num raw">{b["raw_rows"]:,}</td>'
+            f'<td class="num share">{b["share"]:.1%}</td>'
+            f'<td class="flag">{"skewed (&ge; 1.5&times; mean)" if skewed else ""}</td>'
+            f'<td class="num cleaned">{b["cleaned_rows"]:,}</td>'
+            f'<td class="num">{_age(b["snapshot_age_s"])}</td>'
+            f'<td class="num">{_age(b["rebuilt_age_s"])}{took}</td>'
+            f'<td class="num">{escape(nxt)}</td></tr>'
+        )
+
+    def figure(v: Any) -> str:
+        return "-" if v is None else f"{v:,}"
+
+    kafka = (
+        f'<p class="kafka">router lag <b id="router-lag">{figure(st["router_lag"])}</b> &middot; DLQ messages '
+        f'<b id="dlq">{figure(st["dlq_messages"])}</b>'
+        + (f' &middot; <span class="error">kafka: {escape(st["kafka_error"])}</span>' if st["kafka_error"] else "")
+        + "</p>"
+    )
+    classes = ""
+    if dlq_by_class is not None:
+        items = "".join(
+            f'<li data-class="{escape(k)}">{escape(k)}: {v:,}</li>' for k, v in sorted(dlq_by_class.items())
+        )
+        classes = f'<h2>Dead-lettered by class (this process)</h2><ul id="dlq-classes">{items or "<li>none</li>"}</ul>'
+    recent = "".join(
+        f"<tr><td class=num>{int(b)}</td><td>{escape(str(at))[:19]}</td><td class=num>{int(n):,}</td>"
+        f"<td class=num>{float(sec):.2f}s</td></tr>"
+        for b, at, n, sec in rebuilds
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh_s}">
+<title>bucketer status</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 3px 8px; border-bottom: 1px solid #eee; }}
+th {{ text-align: left; font-weight: 600; }} .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.chart {{ width: 320px; }} .bar {{ height: 14px; background: #4a7bd0; min-width: 1px; }}
+.bar.skew {{ background: #d0574a; }} .flag {{ color: #d0574a; }} .error {{ color: #d0574a; }}
+</style></head>
+<body>
+<h1>bucketer status</h1>
+<p>{len(buckets)} buckets &middot; raw rows <b id="raw-total">{st["raw_total"]:,}</b> &middot; cleaned rows
+<b id="cleaned-total">{st["cleaned_total"]:,}</b> &middot;
+generated <span id="generated">{escape(st["generated_at"])}</span> &middot; refreshes every {refresh_s}s</p>
+{kafka}
+<table id="buckets"><thead><tr><th>bucket</th><th>raw rows (share)</th><th class=num>raw rows</th><th>share</th>
+<th></th><th class=num>cleaned rows</th><th>snapshot age</th><th>rebuilt</th><th>next (UTC)</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+{classes}
+<h2>Recent rebuilds</h2>
+<table id="rebuilds"><thead><tr><th>bucket</th><th>finished (UTC)</th><th>rows</th><th>took</th></tr></thead>
+<tbody>{recent or '<tr><td colspan="4">none yet</td></tr>'}</tbody></table>
+</body></html>
+"""
+
+
 # --- the app ------------------------------------------------------------------------------------------------
 
 
@@ -318,6 +411,7 @@ _SQL_OK: dict[int | str, dict[str, Any]] = {
         },
     }
 }
+_HTML_OK: dict[int | str, dict[str, Any]] = {200: {"content": {"text/html": {"schema": {"type": "string"}}}}}
 _SQL_BODY = {
     "requestBody": {
         "required": True,
@@ -398,11 +492,12 @@ def create_app(
     config: ApiConfig | None = None,
     ready: Callable[[], str | None] | None = None,
     metrics: Any = None,
+    dlq_by_class: Callable[[], Mapping[str, int]] | None = None,
 ) -> FastAPI:
     """The API over the warehouses ``connect()`` opens (unopened handles, as ``open_warehouse`` returns them).
 
     ``ready()`` returns why the process is not ready (or None) for /readyz; ``metrics`` (a prometheus-client
-    registry) is served at /metrics."""
+    registry) is served at /metrics; ``dlq_by_class()`` (the router's dead-letter counts) goes on the status page."""
     cfg = config or ApiConfig()
     pool = HandlePool(connect, cfg.pool_size, cfg.pool_wait_s)
     projects = ProjectCache()
@@ -572,6 +667,18 @@ def create_app(
     def unknown_pipe(name: str) -> Response:
         raise ApiError(404, f"no pipe {name!r}")
 
+    def collect_status(wh: Any) -> dict[str, Any]:
+        from connectors.topics import TopicNames
+        from stream.status import collect
+
+        try:
+            st = collect(
+                wh, bootstrap=cfg.bootstrap, topics=TopicNames(cfg.topic_prefix), router_group=cfg.router_group
+            )
+        except LookupError as exc:
+            raise ApiError(503, str(exc)) from None
+        return st.as_json()
+
     @app.get(
         "/v0/status",
         dependencies=auth,
@@ -579,19 +686,32 @@ def create_app(
         summary="The JSON of `bucketer status --json`",
     )
     def status() -> JSONResponse:
-        from connectors.topics import TopicNames
-        from stream.status import collect
+        with pool.handle() as wh:
+            return JSONResponse(collect_status(wh))
+
+    @app.get(
+        "/",
+        dependencies=auth,
+        responses=_HTML_OK | _errors(400, 401, 503),
+        summary="The status page (HTML; reloads itself)",
+    )
+    def page() -> HTMLResponse:
+        from stream.enrich import REBUILD_LOG
 
         with pool.handle() as wh:
-            try:
-                st = collect(
-                    wh, bootstrap=cfg.bootstrap, topics=TopicNames(cfg.topic_prefix), router_group=cfg.router_group
+            st = collect_status(wh)
+            logged = wh.rows(
+                "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+                {"t": REBUILD_LOG},
+            )[0][0]
+            recent = (
+                wh.rows(
+                    f"SELECT bucket, finishedAt, rows, seconds FROM {REBUILD_LOG} ORDER BY finishedAt DESC LIMIT 10"
                 )
-            except LookupError as exc:
-                raise ApiError(503, str(exc)) from None
-            except WarehouseError as exc:
-                raise ApiError(503, f"warehouse unavailable: {exc}") from None
-        return JSONResponse(st.as_json())
+                if logged
+                else []
+            )
+        return HTMLResponse(status_page(st, recent, dlq_by_class() if dlq_by_class is not None else None))
 
     @app.get("/healthz", summary="The process is alive")
     def healthz() -> dict[str, str]:
@@ -733,6 +853,7 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
         api,
         ready=pipeline_ready(pipeline),
         metrics=registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds),
+        dlq_by_class=lambda: dict(pipeline.router.stats.dlq) if pipeline.router is not None else {},
     )
     server = Server(app, sock).start()
     log.info("api: serving on %s", server.url)

@@ -387,6 +387,59 @@ def test_status_is_bucketer_status_json(served: Served) -> None:
     assert abs(sum(b["share"] for b in st["buckets"]) - 1) < 1e-9
 
 
+def test_status_page_in_a_headless_browser(served: Served, tmp_path: Path) -> None:
+    """Chromium (system package) through Selenium: one bar per bucket, the numbers of /v0/status, skew flagged."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "make setup installs chromium and chromium-driver"
+    assert get(served, "/", token=None).status_code == 401
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        for _ in range(20):  # the loader may still be writing: take a page between two equal statuses
+            before = get(served, "/v0/status").json()
+            driver.get(f"{served.url}/?token={TOKEN}")
+            after = get(served, "/v0/status").json()
+            if [b["raw_rows"] for b in before["buckets"]] == [b["raw_rows"] for b in after["buckets"]]:
+                break
+            time.sleep(1)
+        assert driver.title == "bucketer status"
+        bars = driver.find_elements(By.CSS_SELECTOR, "div.bar")
+        assert len(bars) == BUCKETS
+        raw = [b["raw_rows"] for b in after["buckets"]]
+        assert [int(b.get_attribute("data-rows") or -1) for b in bars] == raw
+        cells = driver.find_elements(By.CSS_SELECTOR, "#buckets tbody tr")
+        assert [c.find_element(By.CSS_SELECTOR, "td.raw").text for c in cells] == [f"{n:,}" for n in raw]
+        assert [c.find_element(By.CSS_SELECTOR, "td.cleaned").text for c in cells] == [
+            f"{b['cleaned_rows']:,}" for b in after["buckets"]
+        ]
+        assert driver.find_element(By.ID, "raw-total").text == f"{after['raw_total']:,}"
+        # Rendered widths follow the rows: the fullest bucket has the widest bar, in proportion (to 2 px).
+        widths = [b.size["width"] for b in bars]
+        top = max(widths)
+        assert widths.index(top) == raw.index(max(raw))
+        for w, n in zip(widths, raw, strict=True):
+            assert abs(w - top * n / max(raw)) <= 2
+        mean = sum(raw) / len(raw)
+        flagged = ["skew" in (b.get_attribute("class") or "") for b in bars]
+        assert flagged == [n >= 1.5 * mean for n in raw]
+        assert driver.find_elements(By.CSS_SELECTOR, "#rebuilds tbody tr td.num")  # phase 1's rebuilds
+        assert driver.find_elements(By.CSS_SELECTOR, "#dlq-classes li")
+        shot = tmp_path / "status-page.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    finally:
+        driver.quit()
+
+
 def test_metrics_on_the_same_port(served: Served) -> None:
     text = httpx.get(served.url + "/metrics", timeout=10).text
     assert "bucketer_loader_messages_total" in text and "bucketer_routed_total" in text
