@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bucketer.cli import DEFAULT_DATA_DIR, DataDirOpt, app, fail, log_to_stderr, open_configured_warehouse
+from bucketer.cli import (
+    DEFAULT_DATA_DIR,
+    DataDirOpt,
+    app,
+    fail,
+    install_stop,
+    log_to_stderr,
+    open_configured_warehouse,
+)
 
 HttpHostOpt = Annotated[
     str,
@@ -46,7 +55,18 @@ def http_config(port: int, host: str):  # noqa: ANN201 - stream.api.HttpConfig (
         int(_env_number("BUCKETER_QUERY_MAX_ROWS", d.max_result_rows)),
         int(_env_number("BUCKETER_QUERY_MAX_MEMORY", d.max_memory_bytes)),
     )
-    return HttpConfig(port=port, host=host, api=ApiConfig(tokens=api_tokens(), limits=limits))
+    pipes_dir = os.environ.get("BUCKETER_PIPES_DIR")
+    pipes = user_pipes(Path(pipes_dir)) if pipes_dir else ()
+    return HttpConfig(port=port, host=host, api=ApiConfig(tokens=api_tokens(), limits=limits, pipes=pipes))
+
+
+def user_pipes(folder: Path):  # noqa: ANN201 - tuple[stream.api.UserPipe, ...]
+    from stream.api import ServeError, load_pipes
+
+    try:
+        return load_pipes(folder)
+    except ServeError as exc:
+        raise fail(str(exc), 2) from None
 
 
 @app.command("serve")
@@ -66,6 +86,12 @@ def serve_cmd(
     max_result_rows: Annotated[
         int, typer.Option("--max-result-rows", envvar="BUCKETER_QUERY_MAX_ROWS", min=1, help="Rows per answer.")
     ] = 1_000_000,
+    pipes: Annotated[
+        Path | None,
+        typer.Option(
+            "--pipes", envvar="BUCKETER_PIPES_DIR", help="Folder of NAME.sql user pipes ({param:Type} parameters)."
+        ),
+    ] = None,
     max_memory: Annotated[
         int, typer.Option("--max-memory", envvar="BUCKETER_QUERY_MAX_MEMORY", min=1, help="Bytes per query.")
     ] = 4 << 30,
@@ -75,8 +101,9 @@ def serve_cmd(
     from stream.api import ApiConfig, ServeError, Server, bind, check_bind, create_app
     from stream.query import QueryLimits
 
-    log_to_stderr()
     tokens = api_tokens()
+    user = user_pipes(pipes) if pipes else ()
+    log_to_stderr()
     try:
         check_bind(http_host, tokens)
         # Open (and hold) the warehouse first: a data dir held by another process is refused here, in one line.
@@ -88,10 +115,12 @@ def serve_cmd(
                 bootstrap=bootstrap,
                 topic_prefix=topic_prefix,
                 router_group=router_group,
+                pipes=user,
             )
             server = Server(create_app(lambda: open_configured_warehouse(data_dir), config), sock)
             typer.echo(f"serving on {server.url}" + ("" if tokens else " (no BUCKETER_API_TOKEN: no auth)"), err=True)
             wh.rows("SELECT 1")
-            server.run()  # uvicorn handles SIGINT/SIGTERM: a clean stop
+            install_stop(server.stop_soon)  # SIGINT/SIGTERM: finish the requests in flight, exit 0
+            server.run()
     except (ServeError, WarehouseError) as exc:
         raise fail(str(exc), 2 if isinstance(exc, ServeError) else 1) from None

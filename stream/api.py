@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Security
@@ -82,6 +83,54 @@ class ApiConfig:
     bootstrap: str | None = None
     topic_prefix: str = ""
     router_group: str = "bucketer-router"
+    pipes: tuple[UserPipe, ...] = ()  # user pipes (load_pipes)
+
+
+@dataclass(frozen=True)
+class UserPipe:
+    """A pipe from a SQL file: ``NAME.sql`` serves ``/v0/pipes/NAME.json``; its ``{param:Type}`` are required."""
+
+    name: str
+    sql: str
+    params: tuple[tuple[str, str], ...]  # (name, ClickHouse type)
+
+
+_PIPE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TYPED_PARAM = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*([^{}]+?)\s*\}")
+BUILTIN_PIPES = ("activityRelations_deduplicated_cleaned_bucket_union", "activityRelations_bucket_routing")
+
+
+def load_pipes(folder: Path) -> tuple[UserPipe, ...]:
+    """The user pipes of ``folder`` (every ``*.sql``), each checked to be one read-only statement; a bad file is
+    a ServeError naming it."""
+    if not folder.is_dir():
+        raise ServeError(f"--pipes {folder}: not a directory")
+    out = []
+    for path in sorted(folder.glob("*.sql")):
+        name = path.stem
+        if not _PIPE_NAME.match(name) or name in (*BUILTIN_PIPES, "project_buckets"):
+            raise ServeError(f"pipe file {path}: {name!r} is not a usable pipe name")
+        try:
+            statement = read_only(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, QueryError) as exc:
+            raise ServeError(f"pipe file {path}: {one_line(exc)}") from None
+        if _TRAILING_FORMAT.search(statement):
+            raise ServeError(f"pipe file {path}: no FORMAT clause (pipes answer in FORMAT JSON)")
+        params = tuple(dict.fromkeys((n, t) for n, t in _TYPED_PARAM.findall(statement)))
+        names = [n for n, _ in params]
+        if len(set(names)) != len(names):
+            raise ServeError(f"pipe file {path}: a parameter is declared with two types")
+        out.append(UserPipe(name, statement, params))
+    return tuple(out)
+
+
+def _param_schema(ch_type: str) -> dict[str, Any]:
+    t = ch_type.strip()
+    if re.fullmatch(r"U?Int(8|16|32|64|128|256)", t):
+        return {"type": "integer", **({"minimum": 0} if t.startswith("U") else {})}
+    if re.fullmatch(r"Float(32|64)", t):
+        return {"type": "number"}
+    return {"type": "string"}
 
 
 @dataclass(frozen=True)
@@ -663,6 +712,42 @@ def create_app(
             {"project": project},
         )
 
+    def user_pipe(pipe: UserPipe) -> Callable[[Request], Response]:
+        def answer(request: Request) -> Response:
+            query = request.query_params
+            params: dict[str, Any] = {}
+            for name, _ in pipe.params:
+                if name in query:
+                    params[name] = query[name]
+            if "bucketId" in dict(pipe.params) and query.get("project") is not None:
+                with pool.handle() as wh:
+                    found = projects.resolve(wh, query["project"])
+                if "bucketId" in params and params["bucketId"] != str(found.bucket):
+                    raise ApiError(400, f"bucketId {params['bucketId']} is not the bucket of the project")
+                params["bucketId"] = found.bucket
+            missing = [n for n, _ in pipe.params if n not in params]
+            if missing:
+                raise ApiError(400, f"missing parameter(s) {', '.join(missing)} of pipe {pipe.name!r}")
+            return run(pipe.sql, params)
+
+        return answer
+
+    for pipe in cfg.pipes:
+        parameters = [
+            {"name": n, "in": "query", "required": n != "bucketId", "schema": _param_schema(t)} for n, t in pipe.params
+        ]
+        if "bucketId" in dict(pipe.params):
+            parameters.append({"name": "project", "in": "query", "required": False, "schema": {"type": "string"}})
+        app.add_api_route(
+            f"/v0/pipes/{pipe.name}.json",
+            user_pipe(pipe),
+            methods=["GET"],
+            dependencies=auth,
+            responses=_PIPE_OK | _QUERY_ERRORS,
+            summary=f"User pipe {pipe.name}",
+            openapi_extra={"parameters": parameters},
+        )
+
     @app.get("/v0/pipes/{name}.json", dependencies=auth, include_in_schema=False)
     def unknown_pipe(name: str) -> Response:
         raise ApiError(404, f"no pipe {name!r}")
@@ -772,8 +857,15 @@ class Server:
     def __init__(self, app: FastAPI, sock: socket.socket) -> None:
         import uvicorn
 
+        class _Uvicorn(uvicorn.Server):
+            # The caller owns the signals (bucketer.cli.install_stop -> stop()): uvicorn's own handlers would
+            # re-raise SIGTERM after a graceful shutdown, so a clean stop would not exit 0.
+            @contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
         # access_log off: the access log prints the query string, and ?token= is a secret.
-        self._uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self._uv = _Uvicorn(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
         self._sock = sock
         self._app = app
         self._thread: threading.Thread | None = None
@@ -793,6 +885,10 @@ class Server:
         while not self._uv.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         return self
+
+    def stop_soon(self) -> None:
+        """Ask the server to finish the requests in flight and return from run() (safe in a signal handler)."""
+        self._uv.should_exit = True
 
     def stop(self) -> None:
         self._uv.should_exit = True
