@@ -1,9 +1,10 @@
 """The HTTP query API: Tinybird-compatible endpoints over the warehouse (an ASGI app, FastAPI + uvicorn).
 
-``create_app(connect, config)`` builds the app; ``serve_in_thread(app, host, port)`` runs it on a uvicorn server
-in a background thread (``bucketer run --http-port``), ``bucketer serve`` runs it in the foreground.
+``create_app(connect, config)`` builds the app; ``Server(app, bind(host, port))`` runs it on uvicorn, in the
+foreground (``bucketer serve``, ``run()``) or in a thread (``bucketer run --http-port``, ``serve_pipeline``).
 
-Endpoints (``token`` = a bearer token from ``BUCKETER_API_TOKEN``, as ``Authorization: Bearer T`` or ``?token=T``):
+Endpoints (token = one of ``BUCKETER_API_TOKEN``'s comma-separated tokens, as ``Authorization: Bearer T`` or
+``?token=T``, as Tinybird accepts; with no token configured there is no auth, allowed on loopback only):
 
 - ``GET|POST /v0/sql?q=SQL`` (token): one read-only statement (``stream.query.read_only``), ClickHouse
   ``FORMAT JSON`` by default (``meta``, ``data``, ``rows``, ``statistics``: the engine's own output, passed
@@ -11,24 +12,30 @@ Endpoints (``token`` = a bearer token from ``BUCKETER_API_TOKEN``, as ``Authoriz
   another. ``{name:Type}`` parameters in the SQL are bound by the engine from query parameters of that name.
 - ``GET /v0/pipes/{pipe}.json`` (token): ``activityRelations_deduplicated_cleaned_bucket_union``,
   ``activityRelations_bucket_routing`` (``bucketId``, or ``project=SLUG`` resolved to it), ``project_buckets``
-  (``project``); each with optional ``segmentId``, ``limit``, ``offset``. Values are bound by the engine.
-- ``GET /v0/status`` (token): the JSON of ``bucketer status --json``; ``GET /healthz``, ``GET /readyz``
-  (no token); ``GET /openapi.json``; ``GET /metrics`` when the app serves a pipeline.
+  (``project``); the first two with optional ``segmentId``, ``limit``, ``offset``. User pipes: ``NAME.sql`` files
+  of a folder (``load_pipes``), every ``{param:Type}`` required, ``project=`` resolved into a ``bucketId``
+  parameter. Values are always bound by the engine, never pasted into SQL. project -> bucket lookups are cached
+  until insightsProjects changes (``ProjectCache``).
+- ``GET /v0/status`` (token): the JSON of ``bucketer status --json``; ``GET /`` (token): the HTML status page
+  (reloads itself); ``GET /healthz``, ``GET /readyz`` (no token); ``GET /openapi.json``; ``GET /metrics`` when
+  serving a pipeline.
 
 Errors are ``{"error": "..."}``: 400 bad SQL / missing or ill-typed parameter / invalid bucketId, 401 no or
 wrong token, 403 a write, several statements, INTO OUTFILE or a table function reaching outside (the engine's
 ``readonly = 1`` refuses them; ``read_only`` turns away what is not a SELECT before the engine sees it), 404
 unknown pipe or unknown/disabled project, 408 past the time limit, 413 past the row or memory limit, 503 the
-warehouse cannot be reached. An unexpected failure is a 500 with a generic message (and a log line).
+warehouse cannot be reached. An unexpected failure is a 500 with a generic message (and a log line). The
+access log is off: it would print ``?token=``.
 
 Concurrency with the pipeline (measured, chdb 4.4 / clickhouse-connect 1.12): each warehouse handle is its own
 chdb connection to the process's one engine. A query on a second handle runs while another handle executes a
 long query (``SELECT 1`` took 1-3 ms while an 18 s scan ran on the other handle), but two queries on the SAME
 handle serialise (the same ``SELECT 1`` waited 24 s). So the API keeps a small pool of its own handles (one per
 request in flight, ``pool_size``) next to the loader's and the enricher's, with no lock shared with them: a slow
-API query never holds up a load, and a long rebuild never blocks the API.
+API query never holds up a load, and a long rebuild never blocks the API. A handle whose query failed is closed,
+not reused: after a timeout chdb hands the timed-out query's output to the next query on that handle.
 
-Not here yet: user pipes (``--pipes DIR``), the HTML status page, the CLI going through a running server.
+Not here yet: ``bucketer status``/``query`` going through a running server's API.
 """
 
 from __future__ import annotations
