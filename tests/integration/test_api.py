@@ -269,6 +269,31 @@ def test_project_cache_sees_a_project_disabled_while_running(served: Served) -> 
     served.live.pop(slug)
 
 
+def test_a_slow_query_does_not_hold_up_the_others(served: Served) -> None:
+    """Each request in flight has its own engine handle: quick queries answer while a slow one still runs (on
+    one shared handle they would wait for it). The slow one sleeps, so it leaves the CPU to the others."""
+    warm = [threading.Thread(target=sql, args=(served, "SELECT 1")) for _ in range(3)]
+    for w in warm:  # open a few handles first, so the quick queries below do not pay for opening one
+        w.start()
+    for w in warm:
+        w.join()
+    done: dict[str, float] = {}
+
+    def slow() -> None:
+        r = sql(served, "SELECT sleep(0.9) AS s")
+        done["slow"] = time.monotonic()
+        done["slow_status"] = r.status_code
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.1)
+    assert rows_of(sql(served, "SELECT 1 AS x")) == [{"x": 1}]
+    assert rows_of(get(served, f"/v0/pipes/{ROUTING}.json", bucketId=0, limit=1))
+    done["quick"] = time.monotonic()
+    t.join(30)
+    assert done["slow_status"] == 200 and done["quick"] < done["slow"]
+
+
 # --- every error with its status code -----------------------------------------------------------------------
 
 
@@ -593,3 +618,23 @@ def test_serve_with_user_pipes(tmp_path: Path) -> None:
     (pipes / "bad.sql").write_text("DROP TABLE insightsProjects")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "bad.sql" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_its_http_port_taken_says_so(bootstrap: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETER_")}
+        res = subprocess.run(
+            [*BUCKETER, "run", "--bootstrap", bootstrap, "--data-dir", str(tmp_path / "wh"), "--buckets", "2"]
+            + ["--topic-prefix", unique("apiport") + ".", "--http-port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 1
+    assert f"bucketer: cannot serve HTTP on 127.0.0.1:{port}" in res.stderr.strip().splitlines()[-1]
