@@ -178,7 +178,7 @@ def log_to_stderr(verbose: bool = False) -> None:
 
 
 # The commands of the other areas register themselves on ``app`` (imported last: they import this module).
-from bucketer import cli_dlq, cli_ops, cli_pipeline, cli_tinybird, cli_warehouse  # noqa: E402,F401
+from bucketer import cli_dlq, cli_ops, cli_pipeline, cli_serve, cli_tinybird, cli_warehouse  # noqa: E402,F401
 
 
 def main() -> None:

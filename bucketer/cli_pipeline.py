@@ -17,6 +17,7 @@ from bucketer.cli import (
     log_to_stderr,
     open_configured_warehouse,
 )
+from bucketer.cli_serve import HttpHostOpt, http_config
 
 # --partitions of route and run: per bucket topic, when they create the topics.
 BucketPartitionsOpt = Annotated[
@@ -228,12 +229,17 @@ def run_cmd(
             "--metrics-port", envvar="BUCKETER_METRICS_PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT."
         ),
     ] = None,
+    http_port: Annotated[
+        int | None, typer.Option("--http-port", envvar="BUCKETER_HTTP_PORT", help="Serve the HTTP query API.")
+    ] = None,
+    http_host: HttpHostOpt = "127.0.0.1",
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
 
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.warehouse import WarehouseError
+    from stream.api import ServeError
     from stream.metrics import MetricsError
     from stream.pipeline import Pipeline, PipelineConfig
     from stream.schema import BucketCountMismatch
@@ -255,6 +261,7 @@ def run_cmd(
             enrich_on_exit=enrich_on_exit,
             partitions=partitions,
             metrics_port=metrics_port,
+            http=http_config(http_port, http_host) if http_port is not None else None,
         )
     )
     install_stop(pipeline.stop)
@@ -263,7 +270,7 @@ def run_cmd(
         pipeline.run()
     except BucketCountMismatch as exc:
         raise fail(str(exc), 2) from None
-    except (BucketerKafkaError, WarehouseError, MetricsError) as exc:
+    except (BucketerKafkaError, WarehouseError, MetricsError, ServeError) as exc:
         raise fail(str(exc)) from None
     router, loader = pipeline.router, pipeline.loader
     if router is not None and loader is not None:

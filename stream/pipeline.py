@@ -58,6 +58,7 @@ class PipelineConfig:
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
+    http: Any = None  # stream.api.HttpConfig: serve the HTTP query API from this process (--http-port)
 
 
 class Pipeline:
@@ -121,6 +122,10 @@ class Pipeline:
 
             if cfg.metrics_port is not None:
                 serve(cfg.metrics_port, router=self.router, loader=self.loader, rebuilds=self.rebuilds)
+            if cfg.http is not None:  # the API's handles share this process's engine (see stream/api.py)
+                from stream.api import serve_pipeline
+
+                api = serve_pipeline(self, cfg.http)
             threads = [
                 self._spawn("router", self.router.run),
                 self._spawn("loader", self.loader.run),
@@ -137,6 +142,8 @@ class Pipeline:
                 self.scheduler.stop()
                 for t in threads[1:]:
                     t.join()
+                if cfg.http is not None:
+                    api.stop()
         if self._errors:
             raise self._errors[0]
 
