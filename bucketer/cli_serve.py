@@ -97,8 +97,10 @@ def serve_cmd(
     ] = 4 << 30,
 ) -> None:
     """Serve the Tinybird-compatible HTTP API (/v0/sql, /v0/pipes/..., /v0/status) on a warehouse."""
+    from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
     from stream.api import ApiConfig, ServeError, Server, bind, check_bind, create_app
+    from stream.dlq import ClassCounts
     from stream.query import QueryLimits
 
     tokens = api_tokens()
@@ -117,7 +119,9 @@ def serve_cmd(
                 router_group=router_group,
                 pipes=user,
             )
-            server = Server(create_app(lambda: open_configured_warehouse(data_dir), config), sock)
+            counts = ClassCounts(bootstrap, TopicNames(topic_prefix)) if bootstrap else None
+            app = create_app(lambda: open_configured_warehouse(data_dir), config, dlq_by_class=counts)
+            server = Server(app, sock)
             typer.echo(f"serving on {server.url}" + ("" if tokens else " (no BUCKETER_API_TOKEN: no auth)"), err=True)
             wh.rows("SELECT 1")
             install_stop(server.stop_soon)  # SIGINT/SIGTERM: finish the requests in flight, exit 0

@@ -62,7 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from connectors.warehouse import WarehouseError, one_line
 from stream.buckets import cleaned_table
-from stream.query import QueryError, QueryLimits, engine_error, read_only
+from stream.query import QueryError, QueryLimits, engine_error, read_only, run_statement
 from stream.schema import PROJECT_VIEW, ROUTING_VIEW, UNION_VIEW
 
 log = logging.getLogger("bucketer.api")
@@ -253,20 +253,15 @@ def sql_params(statement: str) -> list[str]:
 
 
 def execute(wh: Any, statement: str, params: Mapping[str, Any], limits: QueryLimits, fmt: str = "JSON") -> bytes:
-    """The engine's output of ``statement`` in ``fmt``, run with ``readonly = 1`` and the limits.
-
-    Goes through the warehouse's clickhouse-connect client (``raw_query``) so the engine formats the answer
-    itself; the ``Warehouse`` protocol has no raw-format call yet."""
-    sql = f"{statement}\nSETTINGS {limits.settings()}"
+    """The engine's output of ``statement`` in ``fmt``, through the query path of ``bucketer query``
+    (stream.query.run_statement: functions reaching outside refused as the engine parses them, the limits and
+    ``readonly = 1`` on a session of its own)."""
     try:
-        return bytes(wh._c().raw_query(sql, parameters=dict(params) or None, fmt=fmt))
+        return run_statement(wh, statement, params, limits, fmt)
+    except QueryError:
+        raise
     except WarehouseError as exc:
         raise ApiError(503, f"warehouse unavailable: {exc}") from None
-    except Exception as exc:
-        msg = one_line(exc)
-        if "Code: " in msg:  # the engine refused or failed the query: its reason, its class
-            raise engine_error(msg) from None
-        raise ApiError(503, f"warehouse unavailable: {msg}") from None
 
 
 # --- project -> bucket, cached ------------------------------------------------------------------------------
@@ -474,7 +469,8 @@ def create_app(
     """The API over the warehouses ``connect()`` opens (unopened handles, as ``open_warehouse`` returns them).
 
     ``ready()`` returns why the process is not ready (or None) for /readyz; ``metrics`` (a prometheus-client
-    registry) is served at /metrics; ``dlq_by_class()`` (the router's dead-letter counts) goes on the status page."""
+    registry) is served at /metrics; ``dlq_by_class()`` (dead letters per class, e.g. stream.dlq.ClassCounts)
+    goes in /v0/status."""
     cfg = config or ApiConfig()
     pool = HandlePool(connect, cfg.pool_size, cfg.pool_wait_s)
     projects = ProjectCache()
@@ -869,6 +865,8 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
     """Start the API for a running ``Pipeline`` (its warehouse, its Kafka figures, its metrics)."""
     from dataclasses import replace
 
+    from connectors.topics import TopicNames
+    from stream.dlq import ClassCounts
     from stream.metrics import registry_for
 
     cfg = pipeline.config
@@ -880,7 +878,7 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
         api,
         ready=pipeline_ready(pipeline),
         metrics=registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds),
-        dlq_by_class=lambda: dict(pipeline.router.stats.dlq) if pipeline.router is not None else {},
+        dlq_by_class=ClassCounts(cfg.bootstrap, TopicNames(cfg.topic_prefix)),
     )
     server = Server(app, sock).start()
     log.info("api: serving on %s", server.url)

@@ -21,6 +21,8 @@ Dead letters without their original bytes cannot be redriven and are counted as 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -284,3 +286,28 @@ def redrive(
         report.sent.update(d.source_topic for d in chunk)
         log.info("dlq: redrove %d dead letters (%d in all)", len(chunk), report.total_sent)
     return report
+
+
+class ClassCounts:
+    """Dead letters per error class in the DLQ topic, read again at most every ``ttl`` seconds (the status page
+    asks every few seconds; a large DLQ is not re-read each time). A failed read keeps the last counts."""
+
+    def __init__(self, bootstrap: str, topics: TopicNames, ttl: float = 30.0, timeout: float = 10.0) -> None:
+        self._bootstrap, self._topics, self._ttl, self._timeout = bootstrap, topics, ttl, timeout
+        self._at: float | None = None
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, int]:
+        with self._lock:
+            now = time.monotonic()
+            if self._at is None or now - self._at >= self._ttl:
+                self._at = now
+                try:
+                    letters = read_dead_letters(self._bootstrap, self._topics, self._timeout)
+                    self._counts = dict(Counter(d.error_class for d in letters))
+                except LookupError:
+                    self._counts = {}
+                except Exception as exc:  # noqa: BLE001 - informational: keep the last counts
+                    log.warning("dlq: could not count the dead letters: %s", exc)
+            return dict(self._counts)

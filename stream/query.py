@@ -323,7 +323,16 @@ def prepare(wh: Warehouse, sql: str, project: str | None = None) -> tuple[str, d
 def query_raw(wh: Warehouse, sql: str, project: str | None = None, limits: QueryLimits | None = None) -> bytes:
     """The engine's output for one read-only statement: JSONEachRow, or the format its FORMAT clause names."""
     statement, params = prepare(wh, sql, project)
-    limits = limits or QueryLimits()
+    return run_statement(wh, statement, params, limits or QueryLimits(), DEFAULT_FORMAT)
+
+
+def run_statement(
+    wh: Warehouse, statement: str, params: Mapping[str, Any], limits: QueryLimits, fmt: str | None
+) -> bytes:
+    """Run one statement already passed by ``read_only``: the engine parses it first (``check_functions``),
+    then it runs on a session of its own with the limits set and ``readonly = 1`` last; ``fmt`` is the output
+    format unless the statement has a FORMAT clause. A fresh session each time, closed after: a handle whose
+    query failed (a timeout) is never used again (chdb may hand its output to the next query)."""
     checker = open_session(wh, limits, check=True)
     try:
         check_functions(checker, statement, params)
@@ -331,7 +340,7 @@ def query_raw(wh: Warehouse, sql: str, project: str | None = None, limits: Query
         checker.close()
     session = open_session(wh, limits)
     try:
-        return session.raw(statement, params, DEFAULT_FORMAT)
+        return session.raw(statement, params, fmt)
     finally:
         session.close()
 

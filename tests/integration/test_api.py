@@ -420,7 +420,6 @@ def test_status_page_in_a_headless_browser(served: Served, tmp_path: Path) -> No
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver_path, "make setup installs chromium and chromium-driver"
@@ -431,22 +430,21 @@ def test_status_page_in_a_headless_browser(served: Served, tmp_path: Path) -> No
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        for _ in range(20):  # the loader may still be writing: take a page between two equal statuses
-            before = get(served, "/v0/status").json()
-            driver.get(f"{served.url}/?token={TOKEN}")
-            after = get(served, "/v0/status").json()
-            if [b["raw_rows"] for b in before["buckets"]] == [b["raw_rows"] for b in after["buckets"]]:
-                break
-            time.sleep(1)
+        # The page draws /v0/status every second; the loader may still be writing: wait for a drawing of the
+        # figures /v0/status gives right after it.
+        driver.get(f"{served.url}/?token={TOKEN}&refresh=1")
         assert driver.title == "bucketer status"
-        WebDriverWait(driver, 20).until(
-            lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-fetches") or 0) > 0
-        )
-        after = get(served, "/v0/status").json()
-        bars = driver.find_elements(By.CSS_SELECTOR, "#bars div.bar")
+        deadline = time.monotonic() + 90
+        while True:
+            bars = driver.find_elements(By.CSS_SELECTOR, "#bars div.bar")
+            drawn = [int(b.get_attribute("data-rows") or -1) for b in bars]
+            after = get(served, "/v0/status").json()
+            raw = [b["raw_rows"] for b in after["buckets"]]
+            if drawn == raw or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert len(bars) == BUCKETS
-        raw = [b["raw_rows"] for b in after["buckets"]]
-        assert [int(b.get_attribute("data-rows") or -1) for b in bars] == raw
+        assert drawn == raw
         cells = driver.find_elements(By.CSS_SELECTOR, "#bucket-rows tr")
         assert [c.find_element(By.CSS_SELECTOR, "td.raw").text for c in cells] == [f"{n:,}" for n in raw]
         assert [c.find_element(By.CSS_SELECTOR, "td.cleaned").text for c in cells] == [
