@@ -226,12 +226,22 @@ def run_cmd(
             "--metrics-port", envvar="BUCKETER_METRICS_PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT."
         ),
     ] = None,
+    outage_deadline: Annotated[
+        float,
+        typer.Option(
+            "--outage-deadline",
+            envvar="BUCKETER_OUTAGE_DEADLINE",
+            min=1,
+            help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
+        ),
+    ] = 300.0,
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
 
     from connectors.kafka import BucketerKafkaError
     from connectors.warehouse import WarehouseError
+    from stream.loader import LoaderError
     from stream.metrics import MetricsError
     from stream.pipeline import Pipeline, PipelineConfig
 
@@ -252,12 +262,13 @@ def run_cmd(
             enrich_on_exit=enrich_on_exit,
             partitions=partitions,
             metrics_port=metrics_port,
+            outage_deadline=outage_deadline,
         )
     )
     install_stop(pipeline.stop)
     try:
         pipeline.run()
-    except (BucketerKafkaError, WarehouseError, MetricsError) as exc:
+    except (BucketerKafkaError, WarehouseError, MetricsError, LoaderError) as exc:
         raise fail(str(exc)) from None
     router, loader = pipeline.router, pipeline.loader
     if router is not None and loader is not None:
@@ -278,6 +289,15 @@ def load_cmd(
     group: Annotated[str, typer.Option("--group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
     until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    outage_deadline: Annotated[
+        float,
+        typer.Option(
+            "--outage-deadline",
+            envvar="BUCKETER_OUTAGE_DEADLINE",
+            min=1,
+            help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
+        ),
+    ] = 300.0,
 ) -> None:
     """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""
     from connectors.kafka import BucketerKafkaError, check_reachable
@@ -292,7 +312,14 @@ def load_cmd(
         with open_configured_warehouse(data_dir) as wh:
             ensure_schema(wh, buckets)
             loader = Loader(
-                LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group, topics=TopicNames(topic_prefix)), wh
+                LoaderConfig(
+                    bootstrap=bootstrap,
+                    buckets=buckets,
+                    group=group,
+                    topics=TopicNames(topic_prefix),
+                    outage_deadline=outage_deadline,
+                ),
+                wh,
             )
             install_stop(loader.stop)
             stats = loader.run(until_idle=until_idle)

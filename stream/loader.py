@@ -20,8 +20,20 @@ refused message goes to the DLQ topic with the reason (headers of CONTRACTS.md) 
 ``stats.dead_lettered``; DLQ deliveries are confirmed before the commit. If the warehouse itself is down (a
 probe query fails) the loader raises without committing.
 
-``stop()`` only sets a flag; ``run()`` then flushes,
-commits and closes. ``run(until_idle=S)`` returns after S seconds without new messages (batch use, tests).
+A broker outage (a commit refused as retriable, a retriable consumer error) is ridden out: the inserted batch's
+offsets are kept and their commit retried with ``commit_backoff`` while reading goes on, one line is logged
+when the broker becomes unreachable and one when it is back, and while failing with nothing to commit the
+broker is probed every ``probe_interval`` so a quiet but healthy broker ends the outage too (any success
+resets the failure clock). Only ``outage_deadline`` seconds of failure without a success raise LoaderError,
+with the real Kafka error. Time spent failing never counts as idle.
+
+Every ``progress_interval`` a line reports messages/s, the group's read_committed lag (``group_lag``, also
+``stats.lag`` for the metrics), messages loaded and rows inserted. On start, a warehouse without raw rows
+whose group already committed bucket offsets gets a one-line hint to run ``bucketer bootstrap``.
+
+``stop()`` only sets a flag; ``run()`` then flushes, commits (a refused commit is retried for ``stop_grace``
+seconds, then left: the rows are in) and closes. ``run(until_idle=S)`` returns after S seconds without new
+messages (batch use, tests).
 """
 
 from __future__ import annotations
@@ -75,9 +87,13 @@ class LoaderConfig:
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
     # Waits before retrying an insert that failed for a reason other than its data (then: give up, no commit).
     retry_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    # A broker outage (failed commits, retriable consumer errors) is ridden out this long, then run() raises.
+    # A broker outage (failed commits, retriable consumer errors, failed probes) is ridden out this long, then
+    # run() raises LoaderError. The failure clock starts at the first failure and is reset by any success.
     outage_deadline: float = 300.0
     commit_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
+    probe_interval: float = 2.0  # while failing with nothing to commit, ask the broker this often if it is back
+    stop_grace: float = 10.0  # after stop(), a commit the broker refuses is retried this long, then left
+    progress_interval: float = 10.0  # seconds between progress lines (and lag updates)
 
 
 @dataclass
@@ -87,6 +103,15 @@ class LoaderStats:
     inserted: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
     flushes: int = 0
+    lag: int | None = None  # read_committed lag of the group on its assigned partitions (last progress line)
+    outages: int = 0  # times the broker became unreachable and the loader rode it out
+
+    def progress(self, seconds: float, read_before: int) -> str:
+        rate = (self.messages - read_before) / seconds if seconds > 0 else 0.0
+        return (
+            f"load: {rate:.0f} msg/s lag={'?' if self.lag is None else self.lag} loaded={self.committed} "
+            f"rows={sum(self.inserted.values())} dlq={self.dead_lettered} flushes={self.flushes}"
+        )
 
 
 @dataclass(frozen=True)
@@ -132,11 +157,14 @@ class Loader:
         clock: Callable[[], float] = time.monotonic,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes)."""
+        """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes);
+        ``clock``/``sleep`` drive the batch timers, backoffs and the outage deadline."""
         self.config = config
         self.warehouse = warehouse
         self.clock = clock
+        self._sleep = sleep
         self._consumer_factory, self._producer_factory = consumer_factory, producer_factory
         self.stats = LoaderStats()
         self._stop = False
@@ -164,13 +192,19 @@ class Loader:
         self._uncommitted_messages = 0
         self._failing_since: float | None = None
         self._next_commit = 0.0
+        self._next_probe = 0.0
         self._commit_attempts = 0
-        self._error_state: str | None = None
+        self._last_error: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         self._stop = True
+
+    @property
+    def failing(self) -> bool:
+        """Kafka is failing right now (an outage being ridden out)."""
+        return self._failing_since is not None
 
     def run(self, until_idle: float | None = None) -> LoaderStats:
         cfg = self.config
@@ -181,12 +215,18 @@ class Loader:
             **cfg.consumer_overrides,
         }
         self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
-        self._producer = self._producer_factory(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
+        # A dead letter may wait out a broker outage as long as the loader does.
+        dlq_settings: dict[str, Any] = {"message.timeout.ms": int(max(60.0, cfg.outage_deadline) * 1000)}
+        self._producer = self._producer_factory(
+            producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery, **dlq_settings)
+        )
         # One insert runs in the background while the next batch is read; its offsets wait with it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
             self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
-            last_busy = self.clock()
+            self._history_hint()
+            last_busy = last_progress = self.clock()
+            read_before = 0
             backlog = False
             while not self._stop:
                 # While a batch waits, poll briefly: an empty poll means the input is drained. While an insert
@@ -208,10 +248,21 @@ class Loader:
                 if self._uncommitted and self.clock() >= self._next_commit:
                     self._commit_pending()
                     last_busy = self.clock()
+                elif self._failing_since is not None and not self._uncommitted and self.clock() >= self._next_probe:
+                    self._probe_kafka()
                 # Hand over a full or old batch, and one as soon as the input is drained (caught up).
                 if self._due() or drained:
                     self._dispatch()  # may first wait for the previous insert
                     last_busy = self.clock()
+                now = self.clock()
+                if self._failing_since is not None:
+                    # An outage is not idleness: the input may be waiting on the broker that is away.
+                    last_busy = now
+                if now - last_progress >= cfg.progress_interval:
+                    if self._failing_since is None:
+                        self.stats.lag = group_lag(self._consumer)
+                    log.info("%s", self.stats.progress(now - last_progress, read_before))
+                    last_progress, read_before = now, self.stats.messages
                 # Idle means S seconds of empty polls with everything written and committed, never time spent
                 # waiting for an insert (a slow insert must not end the run while input is still coming).
                 if (
@@ -219,11 +270,13 @@ class Loader:
                     and not self._offsets
                     and self._inflight is None
                     and not self._uncommitted
-                    and self.clock() - last_busy >= until_idle
+                    and now - last_busy >= until_idle
                 ):
                     break
             self.flush()
             self._drain_commits()
+            if self._failing_since is None and self._consumer is not None:
+                self.stats.lag = group_lag(self._consumer)
         except BaseException:
             self._close()
             raise
@@ -322,12 +375,28 @@ class Loader:
             return
         self._reap(wait=True)
         pending, self._pending = self._pending, {}
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+        offsets = self._commit_offsets()
         self._offsets = {}
         self._bytes = self._count = 0
         self._batch_started = None
         self._inflight = (self._executor.submit(self._write, pending), offsets, self._batch_messages)
         self._batch_messages = 0
+
+    def _commit_offsets(self) -> list[TopicPartition]:
+        """The offsets to commit for the current batch: after its last message, or the consumer's position when
+        that is further. Every message before the position was handed to this loader and is in this batch or an
+        earlier one; the position also steps over the transaction marker that ends a routed batch, so a drained
+        loader's committed offset is the end of the partition (its read_committed lag 0, not 1 per partition)."""
+        offsets = {tp: o for tp, o in self._offsets.items()}
+        try:
+            positions = self._consumer.position([TopicPartition(t, p) for t, p in offsets]) if self._consumer else []
+        except KafkaException:  # no position known: the offsets after the messages
+            positions = []
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            if tp.error is None and key in offsets and tp.offset > offsets[key]:
+                offsets[key] = tp.offset
+        return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 
     def _write(self, pending: dict[str, _Pending]) -> None:
         todo = [(table, p) for table, p in pending.items() if p.values]
@@ -413,27 +482,100 @@ class Loader:
         return True
 
     def _drain_commits(self) -> None:
-        """At the end of run(): keep retrying the pending commit (bounded by ``outage_deadline``)."""
+        """At the end of run(): keep retrying the pending commit, bounded by ``outage_deadline`` (and after a
+        stop() by ``stop_grace``: the rows are in the warehouse, so leaving the offsets uncommitted only means
+        those messages are read and inserted again by the next loader, which changes nothing under FINAL)."""
+        give_up = self.clock() + self.config.stop_grace if self._stop else None
         while self._uncommitted and not self._commit_pending():
-            time.sleep(max(0.0, min(1.0, self._next_commit - self.clock())))
+            if give_up is not None and self.clock() >= give_up:
+                log.warning(
+                    "loader: stopping with %d loaded messages not committed (broker away); they will be read "
+                    "again and their rows written again, which changes nothing",
+                    self._uncommitted_messages,
+                )
+                return
+            self._sleep(max(0.0, min(1.0, self._next_commit - self.clock())))
 
     def _outage(self, reason: str) -> None:
-        """Log a failure once per state change; raise past the outage deadline."""
+        """A retriable Kafka failure: one line when the loader starts failing (the later reasons at debug
+        level), LoaderError once it has been failing for ``outage_deadline`` without a success in between."""
         now = self.clock()
+        self._last_error = reason
         if self._failing_since is None:
             self._failing_since = now
-        state = reason.split("[")[-1]
-        if state != self._error_state:
-            self._error_state = state
-            log.warning("loader: %s; retrying (gives up after %.0fs)", reason, self.config.outage_deadline)
+            self._next_probe = now + self.config.probe_interval
+            self.stats.outages += 1
+            log.warning(
+                "loader: broker unreachable, retrying (%s); gives up after %.0fs",
+                reason,
+                self.config.outage_deadline,
+            )
+        else:
+            log.debug("loader: still failing: %s", reason)
         if now - self._failing_since >= self.config.outage_deadline:
-            raise LoaderError(f"Kafka unavailable for {now - self._failing_since:.0f}s: {reason}")
+            waiting = (
+                f"; {self._uncommitted_messages} loaded messages not committed (their rows are in the warehouse; "
+                "a restart reads them again, harmlessly)"
+                if self._uncommitted
+                else ""
+            )
+            raise LoaderError(f"Kafka unreachable for {now - self._failing_since:.0f}s (last error: {reason}){waiting}")
 
     def _recovered(self) -> None:
+        """Any success (a commit, messages, an answered probe) ends the outage and resets the failure clock."""
         if self._failing_since is not None:
-            log.warning("loader: Kafka is back after %.0fs", self.clock() - self._failing_since)
+            log.warning("loader: broker back after %.0fs", self.clock() - self._failing_since)
         self._failing_since = None
-        self._error_state = None
+        self._last_error = None
+
+    def _probe_kafka(self) -> None:
+        """While failing with nothing to commit, the broker may be back but quiet (no input, no commit to
+        retry): ask the group coordinator (or, before any assignment, any broker) whether it answers."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        self._next_probe = self.clock() + self.config.probe_interval
+        try:
+            assigned = consumer.assignment()
+            if assigned:
+                answers = consumer.committed(assigned, timeout=min(2.0, self.config.probe_interval))
+                failed = next((tp.error for tp in answers if tp.error is not None), None)
+                if failed is not None:
+                    raise KafkaException(failed)
+            else:
+                consumer.list_topics(timeout=min(2.0, self.config.probe_interval))
+        except KafkaException as exc:
+            err = from_exception(exc, "loader probe")
+            if not isinstance(err, KafkaRetryError):
+                raise LoaderError(str(err)) from None
+            self._outage(str(err))
+            return
+        self._recovered()
+
+    def _history_hint(self) -> None:
+        """One line when this data dir holds no raw rows but the group already committed offsets on the bucket
+        topics: the loader resumes there, so the history before them is not read into this warehouse (a new or
+        wiped data dir); ``bucketer bootstrap`` replays it."""
+        consumer = self._consumer
+        buckets = [t for t, (_, kind) in self._targets.items() if kind == ACTIVITY]
+        try:
+            counts = " + ".join(f"(SELECT count() FROM {self._targets[t][0]})" for t in buckets)
+            if int(self.warehouse.rows(f"SELECT {counts}")[0][0]) > 0:
+                return
+            md = consumer.list_topics(timeout=5).topics  # type: ignore[union-attr]
+            parts = [TopicPartition(t, p) for t in buckets if t in md for p in md[t].partitions]
+            committed = consumer.committed(parts, timeout=5) if parts else []  # type: ignore[union-attr]
+            done = sum(1 for tp in committed if tp.offset > 0)
+        except (KafkaException, WarehouseError, IndexError, ValueError) as exc:
+            log.debug("loader: cannot check the group's history (%s)", exc)
+            return
+        if done > 0:
+            log.warning(
+                "loader: this data dir holds no rows, but group %r already committed offsets on %d bucket partitions, "
+                "so the messages before them are not read again: run `bucketer bootstrap` to load the history",
+                self.config.group,
+                done,
+            )
 
     def _kind(self, table: str) -> str:
         return ACTIVITY if table.startswith("activityRelations_bucket_") else table
@@ -518,10 +660,31 @@ class Loader:
     def _confirm_dlq(self) -> None:
         if self._producer is None:
             return
-        left = self._producer.flush(30)
+        # Delivery waits out a broker outage (the producer's message timeout is as long as the outage deadline).
+        left = self._producer.flush(max(30.0, self.config.outage_deadline))
         if left or self._dlq_errors:
             errors, self._dlq_errors = self._dlq_errors, []
             raise DeadLetterFailed(
                 f"could not deliver {left or len(errors)} dead letter(s) "
                 f"({'; '.join(errors[:3]) or 'timeout'}); nothing committed"
             )
+
+
+def group_lag(consumer: Any, partitions: list[TopicPartition] | None = None) -> int | None:
+    """The group's lag on ``partitions`` (default: the consumer's assignment) as a read_committed consumer sees
+    it: per partition, the end a read_committed reader can reach (the last stable offset, which the broker
+    reports to a read_committed client) minus the group's committed offset (the start of the partition when it
+    has none). Open transactions are not counted; the loader commits its position, which steps over the marker
+    that ends each routed transaction, so a drained loader shows 0. None when the broker cannot tell now.
+    (One small function on purpose: stream/status.py's group-lag code may replace it.)"""
+    try:
+        parts = consumer.assignment() if partitions is None else partitions
+        total = 0
+        for tp in consumer.committed(parts, timeout=5) if parts else []:
+            if tp.error is not None:
+                return None
+            low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+            total += max(0, high - (tp.offset if tp.offset >= 0 else low))
+        return total
+    except (KafkaException, AttributeError):  # informational: a broker away (or a test's consumer) means unknown
+        return None

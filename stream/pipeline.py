@@ -58,6 +58,7 @@ class PipelineConfig:
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
+    outage_deadline: float = 300.0  # the loader rides out a broker outage this long (LoaderConfig)
 
 
 class Pipeline:
@@ -106,7 +107,13 @@ class Pipeline:
                 )
             )
             self.loader = Loader(
-                LoaderConfig(bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.loader_group, topics=self.topics),
+                LoaderConfig(
+                    bootstrap=cfg.bootstrap,
+                    buckets=cfg.buckets,
+                    group=cfg.loader_group,
+                    topics=self.topics,
+                    outage_deadline=cfg.outage_deadline,
+                ),
                 wh,
             )
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
@@ -169,7 +176,8 @@ class Pipeline:
         # On a plain stop (no until-idle) the loader still catches up, bounded by a grace period.
         deadline = time.monotonic() + (3600 if self.config.until_idle is not None else 60)
         while loader_thread.is_alive() and time.monotonic() < deadline and not self._errors:
-            if stats.messages != last_seen:
+            # A broker outage is not idleness: what the router committed may still be waiting to be read.
+            if stats.messages != last_seen or self.loader.failing:
                 last_seen, last_change = stats.messages, time.monotonic()
             elif stats.committed >= stats.messages and time.monotonic() - last_change >= idle_for:
                 break
