@@ -195,6 +195,9 @@ class Loader:
         self._next_probe = 0.0
         self._commit_attempts = 0
         self._last_error: str | None = None
+        self._client_errors: list[KafkaError] = []
+        self._last_busy = self._assignment_changed = 0.0
+        self._assigned: set[tuple[str, int]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -212,6 +215,8 @@ class Loader:
             "topic.metadata.refresh.interval.ms": 2000,
             "max.partition.fetch.bytes": 16 << 20,
             "fetch.max.bytes": 64 << 20,
+            # Client-level errors (all brokers down) come here, not through consume(): the loop handles them.
+            "error_cb": self._client_errors.append,
             **cfg.consumer_overrides,
         }
         self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
@@ -223,9 +228,9 @@ class Loader:
         # One insert runs in the background while the next batch is read; its offsets wait with it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
-            self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
+            self._consumer.subscribe(list(self._targets), on_assign=self._on_assign, on_revoke=self._on_revoke)
             self._history_hint()
-            last_busy = last_progress = self.clock()
+            self._last_busy = self._assignment_changed = last_progress = self.clock()
             read_before = 0
             backlog = False
             while not self._stop:
@@ -234,44 +239,35 @@ class Loader:
                 busy = self._offsets or self._inflight is not None
                 timeout = min(cfg.poll_timeout, cfg.drained_after) if busy else cfg.poll_timeout
                 msgs = self._consumer.consume(num_messages=_CONSUME_MAX, timeout=timeout)
+                if self._client_errors:
+                    self._client_error()
                 drained = False
                 if msgs:
                     self._take(msgs)
-                    last_busy = self.clock()
+                    self._busy()
                     # A full consume means a backlog: then one empty poll is more likely a fetch still in
                     # flight than the end of the input, and handing over there would split the batch.
                     backlog = len(msgs) >= _CONSUME_MAX
                 elif self._offsets:
                     drained, backlog = not backlog, False
                 if self._reap(wait=False):
-                    last_busy = self.clock()
+                    self._busy()
                 if self._uncommitted and self.clock() >= self._next_commit:
                     self._commit_pending()
-                    last_busy = self.clock()
+                    self._busy()
                 elif self._failing_since is not None and not self._uncommitted and self.clock() >= self._next_probe:
                     self._probe_kafka()
                 # Hand over a full or old batch, and one as soon as the input is drained (caught up).
                 if self._due() or drained:
                     self._dispatch()  # may first wait for the previous insert
-                    last_busy = self.clock()
+                    self._busy()
                 now = self.clock()
-                if self._failing_since is not None:
-                    # An outage is not idleness: the input may be waiting on the broker that is away.
-                    last_busy = now
                 if now - last_progress >= cfg.progress_interval:
                     if self._failing_since is None:
                         self.stats.lag = group_lag(self._consumer)
                     log.info("%s", self.stats.progress(now - last_progress, read_before))
                     last_progress, read_before = now, self.stats.messages
-                # Idle means S seconds of empty polls with everything written and committed, never time spent
-                # waiting for an insert (a slow insert must not end the run while input is still coming).
-                if (
-                    until_idle is not None
-                    and not self._offsets
-                    and self._inflight is None
-                    and not self._uncommitted
-                    and now - last_busy >= until_idle
-                ):
+                if until_idle is not None and self.idle(until_idle):
                     break
             self.flush()
             self._drain_commits()
@@ -295,7 +291,28 @@ class Loader:
         if consumer is not None:
             consumer.close()
 
+    def _busy(self) -> None:
+        self._last_busy = self.clock()
+
+    def idle(self, seconds: float) -> bool:
+        """Idle for ``seconds``: everything read is written and committed, and for that long no message came,
+        no batch ended, the assignment did not change and Kafka did not fail (an outage is not idleness: the
+        input may be waiting on the broker that is away; nor is the wait for a rejoin after it). Without any
+        partition assigned (more loaders than partitions, or a rebalance that does not end) it takes
+        ``max(30, seconds)``. Never time spent waiting for an insert: a slow insert must not end a run while
+        input is still coming."""
+        if self._offsets or self._inflight is not None or self._uncommitted or self._failing_since is not None:
+            return False
+        quiet = self.clock() - max(self._last_busy, self._assignment_changed)
+        return quiet >= (seconds if self._assigned else max(30.0, seconds))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self._assignment_changed = self.clock()
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._assignment_changed = self.clock()
         # Before partitions go to another loader, write and commit what was read from them. While closing
         # (the executor is gone) nothing more can be written: what is left is replayed, which is harmless.
         if self._executor is None:
@@ -353,6 +370,18 @@ class Loader:
         if err.fatal():
             raise exc
         self._outage(str(exc))
+
+    def _client_error(self) -> None:
+        """Errors of the client as a whole (error_cb): all brokers down starts an outage (the probe then sees it
+        through), a fatal error stops the loader; the rest (one connection closed, ...) librdkafka retries."""
+        errors, self._client_errors = self._client_errors, []
+        for err in errors:
+            if err.fatal():
+                raise classify(err, "loader")
+            if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                self._outage(str(classify(err, "loader")))
+            else:
+                log.debug("loader: %s", err.str())
 
     def _due(self) -> bool:
         if not self._offsets:
@@ -512,6 +541,7 @@ class Loader:
             )
         else:
             log.debug("loader: still failing: %s", reason)
+        self._busy()
         if now - self._failing_since >= self.config.outage_deadline:
             waiting = (
                 f"; {self._uncommitted_messages} loaded messages not committed (their rows are in the warehouse; "
@@ -525,6 +555,7 @@ class Loader:
         """Any success (a commit, messages, an answered probe) ends the outage and resets the failure clock."""
         if self._failing_since is not None:
             log.warning("loader: broker back after %.0fs", self.clock() - self._failing_since)
+            self._busy()  # idleness counts from here, not from before the outage
         self._failing_since = None
         self._last_error = None
 
@@ -679,8 +710,10 @@ def group_lag(consumer: Any, partitions: list[TopicPartition] | None = None) -> 
     (One small function on purpose: stream/status.py's group-lag code may replace it.)"""
     try:
         parts = consumer.assignment() if partitions is None else partitions
+        if not parts:
+            return None  # nothing assigned (yet): no lag to tell
         total = 0
-        for tp in consumer.committed(parts, timeout=5) if parts else []:
+        for tp in consumer.committed(parts, timeout=5):
             if tp.error is not None:
                 return None
             low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)

@@ -176,10 +176,15 @@ class Pipeline:
         # On a plain stop (no until-idle) the loader still catches up, bounded by a grace period.
         deadline = time.monotonic() + (3600 if self.config.until_idle is not None else 60)
         while loader_thread.is_alive() and time.monotonic() < deadline and not self._errors:
-            # A broker outage is not idleness: what the router committed may still be waiting to be read.
-            if stats.messages != last_seen or self.loader.failing:
+            # The loader's own idleness too: a broker outage, or the rejoin after it, is not idle (what the
+            # router committed may still be waiting to be read).
+            if stats.messages != last_seen:
                 last_seen, last_change = stats.messages, time.monotonic()
-            elif stats.committed >= stats.messages and time.monotonic() - last_change >= idle_for:
+            elif (
+                stats.committed >= stats.messages
+                and time.monotonic() - last_change >= idle_for
+                and self.loader.idle(idle_for)
+            ):
                 break
             time.sleep(0.1)
         self.loader.stop()

@@ -147,7 +147,7 @@ class Router:
                 last_input = now
                 self._batch(msgs, consumer, sink)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
-                if self._caught_up(consumer, now - started):
+                if self._caught_up(consumer, now - max(started, self._assigned_at)):
                     log.info("no input for %.1fs and nothing left to read: stopping", now - last_input)
                     break
                 last_input = now  # input is pending (a slow first fetch, a loading coordinator): wait on
@@ -258,6 +258,7 @@ class Router:
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_at = self._clock()  # unassigned from now: "none assigned for a long while" restarts
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
 

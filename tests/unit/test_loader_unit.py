@@ -66,8 +66,10 @@ class FakeConsumer:
     def __init__(self, log: Log, batches: list[list[Msg]]) -> None:
         self.log, self.batches = log, list(batches)
 
-    def subscribe(self, topics: list[str], on_revoke: Any = None) -> None:
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None) -> None:
         self.log.events.append(("subscribe", tuple(sorted(topics))))
+        if on_assign is not None:
+            on_assign(self, [TopicPartition(t, p) for t in topics for p in range(3)])
 
     def consume(self, num_messages: int, timeout: float) -> list[Msg]:
         return self.batches.pop(0) if self.batches else []
