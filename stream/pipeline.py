@@ -15,7 +15,9 @@ once it has written everything the router committed, then the scheduler — so a
 routed but unloaded. With ``until_idle=S`` the router exits after S idle seconds, the loader after it has been
 idle for S seconds *after the router finished* (its own idle timer would fire while the router starts up),
 then, with ``enrich_on_exit``, every bucket is rebuilt once before the scheduler stops. If any worker fails,
-the others are stopped and the first error is raised from ``run()``.
+the others are stopped and the first error is raised from ``run()``. A broker outage is ridden out by each
+worker (the loader up to ``outage_deadline``, stream/loader.py); the loader is only called idle when it is
+itself (no outage, no rejoin after one, nothing uncommitted), so a bounce never ends a run with input unread.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def test_run_survives_a_broker_restart_mid_load(own_broker: LocalKafka, tmp_path
     activity = produce(bootstrap, topics, 12_000, seed=8)
     data = tmp_path / "wh"
     common = ["--bootstrap", bootstrap, "--topic-prefix", topics.prefix, "--buckets", str(BUCKETS)]
-    run = Child(tmp_path / "run.log", "run", *common, "--data-dir", str(data), "--until-idle", "12")
+    run = Child(tmp_path / "run.log", "run", *common, "--data-dir", str(data), "--until-idle", "8")
     assert bounce(own_broker, topics, "committed") >= OUTAGE
     # More traffic after the restart: routed and loaded by the same process, on the same groups.
     activity += produce(bootstrap, topics, 2_000, seed=9)
@@ -164,7 +164,7 @@ def test_load_survives_a_broker_restart_mid_load(own_broker: LocalKafka, tmp_pat
     # routed, which the same `load` must pick up (an outage is not idleness).
     Child(tmp_path / "route1.log", "route", *common, "--until-idle", "3").finish(timeout=120)
     data = tmp_path / "wh"
-    load = Child(tmp_path / "load.log", "load", *common, "--data-dir", str(data), "--until-idle", "12")
+    load = Child(tmp_path / "load.log", "load", *common, "--data-dir", str(data), "--until-idle", "8")
     assert bounce(own_broker, topics, "joined") >= OUTAGE
     activity += produce(bootstrap, topics, 2_000, seed=19)
     Child(tmp_path / "route2.log", "route", *common, "--until-idle", "3").finish(timeout=120)
