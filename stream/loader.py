@@ -194,7 +194,6 @@ class Loader:
         self._next_commit = 0.0
         self._next_probe = 0.0
         self._commit_attempts = 0
-        self._last_error: str | None = None
         self._client_errors: list[KafkaError] = []
         self._last_busy = self._assignment_changed = 0.0
         self._assigned: set[tuple[str, int]] = set()
@@ -229,7 +228,7 @@ class Loader:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
             self._consumer.subscribe(list(self._targets), on_assign=self._on_assign, on_revoke=self._on_revoke)
-            self._history_hint()
+            self._history_hint(self._consumer)
             self._last_busy = self._assignment_changed = last_progress = self.clock()
             read_before = 0
             backlog = False
@@ -416,7 +415,7 @@ class Loader:
         that is further. Every message before the position was handed to this loader and is in this batch or an
         earlier one; the position also steps over the transaction marker that ends a routed batch, so a drained
         loader's committed offset is the end of the partition (its read_committed lag 0, not 1 per partition)."""
-        offsets = {tp: o for tp, o in self._offsets.items()}
+        offsets = dict(self._offsets)
         try:
             positions = self._consumer.position([TopicPartition(t, p) for t, p in offsets]) if self._consumer else []
         except KafkaException:  # no position known: the offsets after the messages
@@ -529,7 +528,6 @@ class Loader:
         """A retriable Kafka failure: one line when the loader starts failing (the later reasons at debug
         level), LoaderError once it has been failing for ``outage_deadline`` without a success in between."""
         now = self.clock()
-        self._last_error = reason
         if self._failing_since is None:
             self._failing_since = now
             self._next_probe = now + self.config.probe_interval
@@ -557,7 +555,6 @@ class Loader:
             log.warning("loader: broker back after %.0fs", self.clock() - self._failing_since)
             self._busy()  # idleness counts from here, not from before the outage
         self._failing_since = None
-        self._last_error = None
 
     def _probe_kafka(self) -> None:
         """While failing with nothing to commit, the broker may be back but quiet (no input, no commit to
@@ -583,19 +580,18 @@ class Loader:
             return
         self._recovered()
 
-    def _history_hint(self) -> None:
+    def _history_hint(self, consumer: Consumer) -> None:
         """One line when this data dir holds no raw rows but the group already committed offsets on the bucket
         topics: the loader resumes there, so the history before them is not read into this warehouse (a new or
         wiped data dir); ``bucketer bootstrap`` replays it."""
-        consumer = self._consumer
         buckets = [t for t, (_, kind) in self._targets.items() if kind == ACTIVITY]
         try:
             counts = " + ".join(f"(SELECT count() FROM {self._targets[t][0]})" for t in buckets)
             if int(self.warehouse.rows(f"SELECT {counts}")[0][0]) > 0:
                 return
-            md = consumer.list_topics(timeout=5).topics  # type: ignore[union-attr]
+            md = consumer.list_topics(timeout=5).topics
             parts = [TopicPartition(t, p) for t in buckets if t in md for p in md[t].partitions]
-            committed = consumer.committed(parts, timeout=5) if parts else []  # type: ignore[union-attr]
+            committed = consumer.committed(parts, timeout=5) if parts else []
             done = sum(1 for tp in committed if tp.offset > 0)
         except (KafkaException, WarehouseError, IndexError, ValueError) as exc:
             log.debug("loader: cannot check the group's history (%s)", exc)
