@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, ConsumerGroupState, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from kafkatools import create_topics, unique, wait_until
 from test_pipeline import expected_live, live_rows
@@ -96,7 +96,10 @@ def committed_offsets(bootstrap: str, topics: list[str], group: str) -> list[Top
 
 def loader_joined(bootstrap: str, group: str) -> bool:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+    try:
+        desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+    except KafkaException:  # the coordinator is still loading: not yet
+        return False
     return desc.state == ConsumerGroupState.STABLE and bool(desc.members)
 
 
@@ -208,3 +211,27 @@ def test_drained_loader_lag_is_zero_and_a_fresh_data_dir_gets_a_bootstrap_hint(
     with open_warehouse(tmp_path / "first") as wh:
         Loader(LoaderConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topics=topics), wh).run(until_idle=1)
     assert not [r for r in caplog.records if "bucketer bootstrap" in r.getMessage()]
+
+
+def test_a_broker_away_past_the_outage_deadline_is_a_one_line_error(own_broker: LocalKafka, tmp_path: Path) -> None:
+    bootstrap = own_broker.bootstrap
+    topics = setup_topics(bootstrap)
+    common = ["--bootstrap", bootstrap, "--topic-prefix", topics.prefix, "--buckets", str(BUCKETS)]
+    load = Child(tmp_path / "load.log", "load", *common, "--data-dir", str(tmp_path / "wh"), "--outage-deadline", "6")
+    wait_until(lambda: loader_joined(bootstrap, "bucketer-loader"), 90, "the loader group joined", 0.2)
+    gone = time.monotonic()
+    own_broker.stop(grace=20)
+    try:
+        load.proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        load.proc.send_signal(signal.SIGABRT)
+        load.proc.wait(timeout=10)
+        raise AssertionError(f"still running 90 s into the outage:\n{load.errors()}") from None
+    took = time.monotonic() - gone
+    err = load.log.read_text()
+    assert load.proc.returncode == 1, load.errors()
+    assert "Traceback" not in err and "AssertionError" not in err, load.errors()
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("bucketer: Kafka unreachable for ") and "last error" in last, last
+    assert 6 <= took < 60
+    own_broker.start()  # the fixture stops it
