@@ -214,6 +214,9 @@ class Loader:
             "topic.metadata.refresh.interval.ms": 2000,
             "max.partition.fetch.bytes": 16 << 20,
             "fetch.max.bytes": 64 << 20,
+            # A synchronous commit waits this long for a missing coordinator: bounded, so an outage blocks the
+            # loop (progress lines, probes, the deadline) for seconds, not the default minute per attempt.
+            "socket.timeout.ms": 10_000,
             # Client-level errors (all brokers down) come here, not through consume(): the loop handles them.
             "error_cb": self._client_errors.append,
             **cfg.consumer_overrides,
