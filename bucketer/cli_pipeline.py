@@ -233,6 +233,15 @@ def run_cmd(
         int | None, typer.Option("--http-port", envvar="BUCKETER_HTTP_PORT", help="Serve the HTTP query API.")
     ] = None,
     http_host: HttpHostOpt = "127.0.0.1",
+    outage_deadline: Annotated[
+        float,
+        typer.Option(
+            "--outage-deadline",
+            envvar="BUCKETER_OUTAGE_DEADLINE",
+            min=1,
+            help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
+        ),
+    ] = 300.0,
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
@@ -240,6 +249,7 @@ def run_cmd(
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.warehouse import WarehouseError
     from stream.api import ServeError
+    from stream.loader import LoaderError
     from stream.metrics import MetricsError
     from stream.pipeline import Pipeline, PipelineConfig
     from stream.schema import BucketCountMismatch
@@ -262,6 +272,7 @@ def run_cmd(
             partitions=partitions,
             metrics_port=metrics_port,
             http=http_config(http_port, http_host) if http_port is not None else None,
+            outage_deadline=outage_deadline,
         )
     )
     install_stop(pipeline.stop)
@@ -270,7 +281,7 @@ def run_cmd(
         pipeline.run()
     except BucketCountMismatch as exc:
         raise fail(str(exc), 2) from None
-    except (BucketerKafkaError, WarehouseError, MetricsError, ServeError) as exc:
+    except (BucketerKafkaError, WarehouseError, MetricsError, ServeError, LoaderError) as exc:
         raise fail(str(exc)) from None
     router, loader = pipeline.router, pipeline.loader
     if router is not None and loader is not None:
@@ -291,6 +302,15 @@ def load_cmd(
     group: Annotated[str, typer.Option("--group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
     until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    outage_deadline: Annotated[
+        float,
+        typer.Option(
+            "--outage-deadline",
+            envvar="BUCKETER_OUTAGE_DEADLINE",
+            min=1,
+            help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
+        ),
+    ] = 300.0,
 ) -> None:
     """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""
     from connectors.kafka import BucketerKafkaError, check_reachable
@@ -305,7 +325,14 @@ def load_cmd(
         with open_configured_warehouse(data_dir) as wh:
             n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
             loader = Loader(
-                LoaderConfig(bootstrap=bootstrap, buckets=n, group=group, topics=TopicNames(topic_prefix)), wh
+                LoaderConfig(
+                    bootstrap=bootstrap,
+                    buckets=n,
+                    group=group,
+                    topics=TopicNames(topic_prefix),
+                    outage_deadline=outage_deadline,
+                ),
+                wh,
             )
             install_stop(loader.stop)
             stats = loader.run(until_idle=until_idle)

@@ -248,6 +248,32 @@ class Lag:
         return self.messages + self.pending
 
 
+def lag_estimate(consumer: Any, partitions: list[TopicPartition] | None = None) -> int | None:
+    """A cheap estimate of the messages a group has not committed on ``partitions`` (default: the consumer's
+    assignment), from the worker's own consumer: per partition, the end its client can read to (the last stable
+    offset for a read_committed client) minus the committed offset (the start of the partition when there is
+    none). None when nothing is assigned or the broker cannot tell now.
+
+    An estimate, not ``group_lag``'s count: on a topic written in transactions it counts the commit markers in
+    the backlog, and one per partition whose last offset is a marker when the group committed last offset + 1
+    (a worker that commits its position steps over it, as the loader does). It runs at every progress line
+    and idle poll; an exact count opens two more clients and reads the backlog (0.25-0.5 s against a local
+    broker even with nothing to read, measured for 3 and 30 partitions)."""
+    try:
+        parts = consumer.assignment() if partitions is None else partitions
+        if not parts:
+            return None
+        total = 0
+        for tp in consumer.committed(parts, timeout=5):
+            if tp.error is not None:
+                return None
+            low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+            total += max(0, high - (tp.offset if tp.offset >= 0 else low))
+        return total
+    except (KafkaException, AttributeError):  # informational: a broker away (or a test's fake) means unknown
+        return None
+
+
 def group_lag(bootstrap: str, group: str | None, topics: Sequence[str], timeout: float = 10.0) -> Lag:
     """Messages on ``topics`` that a ``read_committed`` consumer of ``group`` still has to read: per partition,
     the committed messages from the group's committed offset (the low watermark when it has none, or for every

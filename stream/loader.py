@@ -13,15 +13,27 @@ bucket table used to dominate a flush). A crash before the commit replays the ba
 are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
 
 Bad messages never stop the loader and are never dropped silently: when an insert fails on its data (a
-ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``ingest.problem`` names the bad messages, the rest is
-inserted again, and if the warehouse still refuses, the batch is split in halves until the refused message is
-alone. Any other failure is retried (``retry_backoff``) and then raised, never blamed on a message. Each
+ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``ingest.classify_problem`` names the bad messages and
+their DLQ class, the rest is inserted again, and if the warehouse still refuses, the batch is split in halves
+until the refused message is alone. Any other failure is retried (``retry_backoff``) and then raised, never blamed on a message. Each
 refused message goes to the DLQ topic with the reason (headers of CONTRACTS.md) and is counted in
 ``stats.dead_lettered``; DLQ deliveries are confirmed before the commit. If the warehouse itself is down (a
 probe query fails) the loader raises without committing.
 
-``stop()`` only sets a flag; ``run()`` then flushes,
-commits and closes. ``run(until_idle=S)`` returns after S seconds without new messages (batch use, tests).
+A broker outage (a commit refused as retriable, a retriable consumer error) is ridden out: the inserted batch's
+offsets are kept and their commit retried with ``commit_backoff`` while reading goes on, one line is logged
+when the broker becomes unreachable and one when it is back, and while failing with nothing to commit the
+broker is probed every ``probe_interval`` so a quiet but healthy broker ends the outage too (any success
+resets the failure clock). Only ``outage_deadline`` seconds of failure without a success raise LoaderError,
+with the real Kafka error. Time spent failing never counts as idle.
+
+Every ``progress_interval`` a line reports messages/s, the group's read_committed lag
+(``connectors.kafka.lag_estimate``, also ``stats.lag`` for the metrics), messages loaded and rows inserted. On
+start, a warehouse without raw rows whose group already committed bucket offsets gets a one-line hint to run ``bucketer bootstrap``.
+
+``stop()`` only sets a flag; ``run()`` then flushes, commits (a refused commit is retried for ``stop_grace``
+seconds, then left: the rows are in) and closes. ``run(until_idle=S)`` returns after S seconds without new
+messages (batch use, tests).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import logging
 import time
 import uuid
 from array import array
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,11 +50,20 @@ from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from connectors.kafka import KafkaRetryError, classify, consumer_config, dlq_headers, from_exception, producer_config
+from connectors.kafka import (
+    KafkaRetryError,
+    classify,
+    consumer_config,
+    consumer_error,
+    dlq_headers,
+    from_exception,
+    lag_estimate,
+    producer_config,
+)
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
 from stream.buckets import raw_table
-from stream.ingest import insert_sql, problem
+from stream.ingest import classify_problem, insert_sql
 from stream.schema import stage_columns
 
 log = logging.getLogger("bucketer.loader")
@@ -72,9 +94,13 @@ class LoaderConfig:
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
     # Waits before retrying an insert that failed for a reason other than its data (then: give up, no commit).
     retry_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    # A broker outage (failed commits, retriable consumer errors) is ridden out this long, then run() raises.
+    # A broker outage (failed commits, retriable consumer errors, failed probes) is ridden out this long, then
+    # run() raises LoaderError. The failure clock starts at the first failure and is reset by any success.
     outage_deadline: float = 300.0
     commit_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
+    probe_interval: float = 2.0  # while failing with nothing to commit, ask the broker this often if it is back
+    stop_grace: float = 10.0  # after stop(), a commit the broker refuses is retried this long, then left
+    progress_interval: float = 10.0  # seconds between progress lines (and lag updates)
 
 
 @dataclass
@@ -83,7 +109,17 @@ class LoaderStats:
     committed: int = 0  # read, inserted or dead-lettered, and their offsets committed
     inserted: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
+    dlq: Counter[str] = field(default_factory=Counter)  # dead letters by class (docs/CONTRACTS.md)
     flushes: int = 0
+    lag: int | None = None  # read_committed lag of the group on its assigned partitions (last progress line)
+    outages: int = 0  # times the broker became unreachable and the loader rode it out
+
+    def progress(self, seconds: float, read_before: int) -> str:
+        rate = (self.messages - read_before) / seconds if seconds > 0 else 0.0
+        return (
+            f"load: {rate:.0f} msg/s lag={'?' if self.lag is None else self.lag} loaded={self.committed} "
+            f"rows={sum(self.inserted.values())} dlq={self.dead_lettered} flushes={self.flushes}"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,11 +165,14 @@ class Loader:
         clock: Callable[[], float] = time.monotonic,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes)."""
+        """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes);
+        ``clock``/``sleep`` drive the batch timers, backoffs and the outage deadline."""
         self.config = config
         self.warehouse = warehouse
         self.clock = clock
+        self._sleep = sleep
         self._consumer_factory, self._producer_factory = consumer_factory, producer_factory
         self.stats = LoaderStats()
         self._stop = False
@@ -161,13 +200,21 @@ class Loader:
         self._uncommitted_messages = 0
         self._failing_since: float | None = None
         self._next_commit = 0.0
+        self._next_probe = 0.0
         self._commit_attempts = 0
-        self._error_state: str | None = None
+        self._client_errors: list[KafkaError] = []
+        self._last_busy = self._assignment_changed = 0.0
+        self._assigned: set[tuple[str, int]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         self._stop = True
+
+    @property
+    def failing(self) -> bool:
+        """Kafka is failing right now (an outage being ridden out)."""
+        return self._failing_since is not None
 
     def run(self, until_idle: float | None = None) -> LoaderStats:
         cfg = self.config
@@ -175,15 +222,26 @@ class Loader:
             "topic.metadata.refresh.interval.ms": 2000,
             "max.partition.fetch.bytes": 16 << 20,
             "fetch.max.bytes": 64 << 20,
+            # A synchronous commit waits this long for a missing coordinator: bounded, so an outage blocks the
+            # loop (progress lines, probes, the deadline) for seconds, not the default minute per attempt.
+            "socket.timeout.ms": 10_000,
+            # Client-level errors (all brokers down) come here, not through consume(): the loop handles them.
+            "error_cb": self._client_errors.append,
             **cfg.consumer_overrides,
         }
         self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
-        self._producer = self._producer_factory(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
+        # A dead letter may wait out a broker outage as long as the loader does.
+        dlq_settings: dict[str, Any] = {"message.timeout.ms": int(max(60.0, cfg.outage_deadline) * 1000)}
+        self._producer = self._producer_factory(
+            producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery, **dlq_settings)
+        )
         # One insert runs in the background while the next batch is read; its offsets wait with it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
-            self._consumer.subscribe(list(self._targets), on_revoke=self._on_revoke)
-            last_busy = self.clock()
+            self._consumer.subscribe(list(self._targets), on_assign=self._on_assign, on_revoke=self._on_revoke)
+            self._history_hint(self._consumer)
+            self._last_busy = self._assignment_changed = last_progress = self.clock()
+            read_before = 0
             backlog = False
             while not self._stop:
                 # While a batch waits, poll briefly: an empty poll means the input is drained. While an insert
@@ -191,36 +249,40 @@ class Loader:
                 busy = self._offsets or self._inflight is not None
                 timeout = min(cfg.poll_timeout, cfg.drained_after) if busy else cfg.poll_timeout
                 msgs = self._consumer.consume(num_messages=_CONSUME_MAX, timeout=timeout)
+                if self._client_errors:
+                    self._client_error()
                 drained = False
                 if msgs:
                     self._take(msgs)
-                    last_busy = self.clock()
+                    self._busy()
                     # A full consume means a backlog: then one empty poll is more likely a fetch still in
                     # flight than the end of the input, and handing over there would split the batch.
                     backlog = len(msgs) >= _CONSUME_MAX
                 elif self._offsets:
                     drained, backlog = not backlog, False
                 if self._reap(wait=False):
-                    last_busy = self.clock()
+                    self._busy()
                 if self._uncommitted and self.clock() >= self._next_commit:
                     self._commit_pending()
-                    last_busy = self.clock()
+                    self._busy()
+                elif self._failing_since is not None and not self._uncommitted and self.clock() >= self._next_probe:
+                    self._probe_kafka()
                 # Hand over a full or old batch, and one as soon as the input is drained (caught up).
                 if self._due() or drained:
                     self._dispatch()  # may first wait for the previous insert
-                    last_busy = self.clock()
-                # Idle means S seconds of empty polls with everything written and committed, never time spent
-                # waiting for an insert (a slow insert must not end the run while input is still coming).
-                if (
-                    until_idle is not None
-                    and not self._offsets
-                    and self._inflight is None
-                    and not self._uncommitted
-                    and self.clock() - last_busy >= until_idle
-                ):
+                    self._busy()
+                now = self.clock()
+                if now - last_progress >= cfg.progress_interval:
+                    if self._failing_since is None:
+                        self.stats.lag = lag_estimate(self._consumer)
+                    log.info("%s", self.stats.progress(now - last_progress, read_before))
+                    last_progress, read_before = now, self.stats.messages
+                if until_idle is not None and self.idle(until_idle):
                     break
             self.flush()
             self._drain_commits()
+            if self._failing_since is None and self._consumer is not None:
+                self.stats.lag = lag_estimate(self._consumer)
         except BaseException:
             self._close()
             raise
@@ -239,7 +301,28 @@ class Loader:
         if consumer is not None:
             consumer.close()
 
+    def _busy(self) -> None:
+        self._last_busy = self.clock()
+
+    def idle(self, seconds: float) -> bool:
+        """Idle for ``seconds``: everything read is written and committed, and for that long no message came,
+        no batch ended, the assignment did not change and Kafka did not fail (an outage is not idleness: the
+        input may be waiting on the broker that is away; nor is the wait for a rejoin after it). Without any
+        partition assigned (more loaders than partitions, or a rebalance that does not end) it takes
+        ``max(30, seconds)``. Never time spent waiting for an insert: a slow insert must not end a run while
+        input is still coming."""
+        if self._offsets or self._inflight is not None or self._uncommitted or self._failing_since is not None:
+            return False
+        quiet = self.clock() - max(self._last_busy, self._assignment_changed)
+        return quiet >= (seconds if self._assigned else max(30.0, seconds))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self._assignment_changed = self.clock()
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._assignment_changed = self.clock()
         # Before partitions go to another loader, write and commit what was read from them. While closing
         # (the executor is gone) nothing more can be written: what is left is replayed, which is harmless.
         if self._executor is None:
@@ -270,7 +353,7 @@ class Loader:
             value = m.value()
             if not value:
                 self._dead_letter(
-                    "invalid-message", "empty value (tombstone)", Origin(topic, partition, offset, m.key()), b""
+                    "tombstone", "empty value (tombstone)", Origin(topic, partition, offset, m.key()), b""
                 )
                 continue
             table = targets[topic][0]
@@ -290,13 +373,22 @@ class Loader:
         self._count = sum(len(p.values) for p in pending.values())
 
     def _consumer_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):
-            log.debug("loader: %s", err.str())
-            return
-        exc = classify(err, "loader consume")
-        if err.fatal():
-            raise exc
-        self._outage(str(exc))
+        # A bucket topic not created yet is not an outage: the router creates it with its first message.
+        exc = consumer_error(err, "loader consume", missing_ok=True)
+        if exc is not None:
+            self._outage(str(exc))
+
+    def _client_error(self) -> None:
+        """Errors of the client as a whole (error_cb): all brokers down starts an outage (the probe then sees it
+        through), a fatal error stops the loader; the rest (one connection closed, ...) librdkafka retries."""
+        errors, self._client_errors = self._client_errors, []
+        for err in errors:
+            if err.fatal():
+                raise classify(err, "loader")
+            if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                self._outage(str(classify(err, "loader")))
+            else:
+                log.debug("loader: %s", err.str())
 
     def _due(self) -> bool:
         if not self._offsets:
@@ -319,12 +411,28 @@ class Loader:
             return
         self._reap(wait=True)
         pending, self._pending = self._pending, {}
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+        offsets = self._commit_offsets()
         self._offsets = {}
         self._bytes = self._count = 0
         self._batch_started = None
         self._inflight = (self._executor.submit(self._write, pending), offsets, self._batch_messages)
         self._batch_messages = 0
+
+    def _commit_offsets(self) -> list[TopicPartition]:
+        """The offsets to commit for the current batch: after its last message, or the consumer's position when
+        that is further. Every message before the position was handed to this loader and is in this batch or an
+        earlier one; the position also steps over the transaction marker that ends a routed batch, so a drained
+        loader's committed offset is the end of the partition (its read_committed lag 0, not 1 per partition)."""
+        offsets = dict(self._offsets)
+        try:
+            positions = self._consumer.position([TopicPartition(t, p) for t, p in offsets]) if self._consumer else []
+        except KafkaException:  # no position known: the offsets after the messages
+            positions = []
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            if tp.error is None and key in offsets and tp.offset > offsets[key]:
+                offsets[key] = tp.offset
+        return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 
     def _write(self, pending: dict[str, _Pending]) -> None:
         todo = [(table, p) for table, p in pending.items() if p.values]
@@ -410,27 +518,99 @@ class Loader:
         return True
 
     def _drain_commits(self) -> None:
-        """At the end of run(): keep retrying the pending commit (bounded by ``outage_deadline``)."""
+        """At the end of run(): keep retrying the pending commit, bounded by ``outage_deadline`` (and after a
+        stop() by ``stop_grace``: the rows are in the warehouse, so leaving the offsets uncommitted only means
+        those messages are read and inserted again by the next loader, which changes nothing under FINAL)."""
+        give_up = self.clock() + self.config.stop_grace if self._stop else None
         while self._uncommitted and not self._commit_pending():
-            time.sleep(max(0.0, min(1.0, self._next_commit - self.clock())))
+            if give_up is not None and self.clock() >= give_up:
+                log.warning(
+                    "loader: stopping with %d loaded messages not committed (broker away); they will be read "
+                    "again and their rows written again, which changes nothing",
+                    self._uncommitted_messages,
+                )
+                return
+            self._sleep(max(0.0, min(1.0, self._next_commit - self.clock())))
 
     def _outage(self, reason: str) -> None:
-        """Log a failure once per state change; raise past the outage deadline."""
+        """A retriable Kafka failure: one line when the loader starts failing (the later reasons at debug
+        level), LoaderError once it has been failing for ``outage_deadline`` without a success in between."""
         now = self.clock()
         if self._failing_since is None:
             self._failing_since = now
-        state = reason.split("[")[-1]
-        if state != self._error_state:
-            self._error_state = state
-            log.warning("loader: %s; retrying (gives up after %.0fs)", reason, self.config.outage_deadline)
+            self._next_probe = now + self.config.probe_interval
+            self.stats.outages += 1
+            log.warning(
+                "loader: broker unreachable, retrying (%s); gives up after %.0fs",
+                reason,
+                self.config.outage_deadline,
+            )
+        else:
+            log.debug("loader: still failing: %s", reason)
+        self._busy()
         if now - self._failing_since >= self.config.outage_deadline:
-            raise LoaderError(f"Kafka unavailable for {now - self._failing_since:.0f}s: {reason}")
+            waiting = (
+                f"; {self._uncommitted_messages} loaded messages not committed (their rows are in the warehouse; "
+                "a restart reads them again, harmlessly)"
+                if self._uncommitted
+                else ""
+            )
+            raise LoaderError(f"Kafka unreachable for {now - self._failing_since:.0f}s (last error: {reason}){waiting}")
 
     def _recovered(self) -> None:
+        """Any success (a commit, messages, an answered probe) ends the outage and resets the failure clock."""
         if self._failing_since is not None:
-            log.warning("loader: Kafka is back after %.0fs", self.clock() - self._failing_since)
+            log.warning("loader: broker back after %.0fs", self.clock() - self._failing_since)
+            self._busy()  # idleness counts from here, not from before the outage
         self._failing_since = None
-        self._error_state = None
+
+    def _probe_kafka(self) -> None:
+        """While failing with nothing to commit, the broker may be back but quiet (no input, no commit to
+        retry): ask the group coordinator (or, before any assignment, any broker) whether it answers."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        self._next_probe = self.clock() + self.config.probe_interval
+        try:
+            assigned = consumer.assignment()
+            if assigned:
+                answers = consumer.committed(assigned, timeout=min(2.0, self.config.probe_interval))
+                failed = next((tp.error for tp in answers if tp.error is not None), None)
+                if failed is not None:
+                    raise KafkaException(failed)
+            else:
+                consumer.list_topics(timeout=min(2.0, self.config.probe_interval))
+        except KafkaException as exc:
+            err = from_exception(exc, "loader probe")
+            if not isinstance(err, KafkaRetryError):
+                raise LoaderError(str(err)) from None
+            self._outage(str(err))
+            return
+        self._recovered()
+
+    def _history_hint(self, consumer: Consumer) -> None:
+        """One line when this data dir holds no raw rows but the group already committed offsets on the bucket
+        topics: the loader resumes there, so the history before them is not read into this warehouse (a new or
+        wiped data dir); ``bucketer bootstrap`` replays it."""
+        buckets = [t for t, (_, kind) in self._targets.items() if kind == ACTIVITY]
+        try:
+            counts = " + ".join(f"(SELECT count() FROM {self._targets[t][0]})" for t in buckets)
+            if int(self.warehouse.rows(f"SELECT {counts}")[0][0]) > 0:
+                return
+            md = consumer.list_topics(timeout=5).topics
+            parts = [TopicPartition(t, p) for t in buckets if t in md for p in md[t].partitions]
+            committed = consumer.committed(parts, timeout=5) if parts else []
+            done = sum(1 for tp in committed if tp.offset > 0)
+        except (KafkaException, WarehouseError, IndexError, ValueError) as exc:
+            log.debug("loader: cannot check the group's history (%s)", exc)
+            return
+        if done > 0:
+            log.warning(
+                "loader: this data dir holds no rows, but group %r already committed offsets on %d bucket partitions, "
+                "so the messages before them are not read again: run `bucketer bootstrap` to load the history",
+                self.config.group,
+                done,
+            )
 
     def _kind(self, table: str) -> str:
         return ACTIVITY if table.startswith("activityRelations_bucket_") else table
@@ -464,12 +644,12 @@ class Loader:
         good_v: list[bytes] = []
         good_o: list[Origin] = []
         for i, v in enumerate(p.values):
-            reason = problem(v, kind)
-            if reason is None:
+            found = classify_problem(v, kind)
+            if found is None:
                 good_v.append(v)
                 good_o.append(p.origin(i))
             else:
-                self._dead_letter("invalid-message", reason, p.origin(i), v)
+                self._dead_letter(found[0], found[1], p.origin(i), v)
         self._bisect(table, good_v, good_o)
 
     def _bisect(self, table: str, values: list[bytes], origins: list[Origin]) -> None:
@@ -481,7 +661,7 @@ class Loader:
         if not is_data_error(err):
             raise WarehouseUnavailable(f"insert into {table} failed ({err}); nothing committed")
         if len(values) == 1:
-            self._dead_letter("warehouse-rejected", str(err), origins[0], values[0])
+            self._dead_letter("warehouse_rejected", str(err), origins[0], values[0])
             return
         mid = len(values) // 2
         self._bisect(table, values[:mid], origins[:mid])
@@ -507,6 +687,7 @@ class Loader:
         )
         self._producer.poll(0)
         self.stats.dead_lettered += 1
+        self.stats.dlq[error_class] += 1
 
     def _on_dlq_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -515,7 +696,8 @@ class Loader:
     def _confirm_dlq(self) -> None:
         if self._producer is None:
             return
-        left = self._producer.flush(30)
+        # Delivery waits out a broker outage (the producer's message timeout is as long as the outage deadline).
+        left = self._producer.flush(max(30.0, self.config.outage_deadline))
         if left or self._dlq_errors:
             errors, self._dlq_errors = self._dlq_errors, []
             raise DeadLetterFailed(

@@ -11,6 +11,8 @@ Metrics (all prefixed ``bucketer_``):
 - ``dead_letter_total{stage, error_class}``: bad input sent to the DLQ by the router (per class) and the loader;
 - ``router_lag_messages``: the router group's lag on the source topic at its last progress line;
 - ``loaded_total{table}``, ``loader_messages_total``, ``loader_committed_total``;
+- ``loader_lag_messages``: the loader group's read_committed lag on its partitions at its last progress line;
+- ``loader_outages_total``: broker outages the loader rode out (or is riding out);
 - ``rebuilds_total{bucket, status}``, ``rebuild_rows{bucket}``, ``rebuild_seconds{bucket}`` (last rebuild).
 """
 
@@ -67,7 +69,13 @@ class WorkerCollector(Collector):
         yield loaded
         yield CounterMetricFamily("bucketer_loader_messages", "Messages read by the loader", value=stats.messages)
         yield CounterMetricFamily("bucketer_loader_committed", "Messages loaded and committed", value=stats.committed)
-        dlq.add_metric(["loader", "warehouse"], stats.dead_lettered)
+        for error_class, n in sorted(stats.dlq.items()):
+            dlq.add_metric(["loader", error_class], n)
+        yield CounterMetricFamily("bucketer_loader_outages", "Broker outages the loader rode out", value=stats.outages)
+        if stats.lag is not None:
+            yield GaugeMetricFamily(
+                "bucketer_loader_lag_messages", "Loader group lag (read_committed) on its partitions", value=stats.lag
+            )
 
     @staticmethod
     def _rebuilds(results: list[Any]) -> Iterator[Any]:

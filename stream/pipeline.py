@@ -15,7 +15,9 @@ once it has written everything the router committed, then the scheduler — so a
 routed but unloaded. With ``until_idle=S`` the router exits after S idle seconds, the loader after it has been
 idle for S seconds *after the router finished* (its own idle timer would fire while the router starts up),
 then, with ``enrich_on_exit``, every bucket is rebuilt once before the scheduler stops. If any worker fails,
-the others are stopped and the first error is raised from ``run()``.
+the others are stopped and the first error is raised from ``run()``. A broker outage is ridden out by each
+worker (the loader up to ``outage_deadline``, stream/loader.py); the loader is only called idle when it is
+itself (no outage, no rejoin after one, nothing uncommitted), so a bounce never ends a run with input unread.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class PipelineConfig:
     router_overrides: dict[str, Any] = field(default_factory=dict)
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
     http: Any = None  # stream.api.HttpConfig: serve the HTTP query API from this process (--http-port)
+    outage_deadline: float = 300.0  # the loader rides out a broker outage this long (LoaderConfig)
 
 
 class Pipeline:
@@ -109,7 +112,13 @@ class Pipeline:
                 )
             )
             self.loader = Loader(
-                LoaderConfig(bootstrap=cfg.bootstrap, buckets=n, group=cfg.loader_group, topics=self.topics),
+                LoaderConfig(
+                    bootstrap=cfg.bootstrap,
+                    buckets=n,
+                    group=cfg.loader_group,
+                    topics=self.topics,
+                    outage_deadline=cfg.outage_deadline,
+                ),
                 wh,
             )
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
@@ -176,9 +185,15 @@ class Pipeline:
         # On a plain stop (no until-idle) the loader still catches up, bounded by a grace period.
         deadline = time.monotonic() + (3600 if self.config.until_idle is not None else 60)
         while loader_thread.is_alive() and time.monotonic() < deadline and not self._errors:
+            # The loader's own idleness too: a broker outage, or the rejoin after it, is not idle (what the
+            # router committed may still be waiting to be read).
             if stats.messages != last_seen:
                 last_seen, last_change = stats.messages, time.monotonic()
-            elif stats.committed >= stats.messages and time.monotonic() - last_change >= idle_for:
+            elif (
+                stats.committed >= stats.messages
+                and time.monotonic() - last_change >= idle_for
+                and self.loader.idle(idle_for)
+            ):
                 break
             time.sleep(0.1)
         self.loader.stop()

@@ -51,6 +51,7 @@ from connectors.kafka import (
     consumer_config,
     consumer_error,
     group_lag,
+    lag_estimate,
 )
 from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
@@ -174,12 +175,12 @@ class Router:
                 last_input = now
                 self._batch(msgs, consumer, sink)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
-                if self._caught_up(consumer, now - started):
+                if self._caught_up(consumer, now - max(started, self._assigned_at)):
                     log.info("no input for %.1fs and nothing left to read: stopping", now - last_input)
                     break
                 last_input = now  # input is pending (a slow first fetch, a loading coordinator): wait on
             if now - last_progress >= cfg.progress_interval:
-                self.stats.lag = _lag_estimate(consumer)
+                self.stats.lag = lag_estimate(consumer)
                 log.info("%s", self.stats.progress(now - last_progress))
                 last_progress = now
 
@@ -284,7 +285,7 @@ class Router:
         assigned = consumer.assignment()
         if not assigned:
             return running >= max(30.0, self.config.until_idle or 0.0)
-        if _lag_estimate(consumer) == 0:
+        if lag_estimate(consumer) == 0:
             return True
         # The offset estimate counts transaction markers (a source topic written transactionally, e.g. by
         # ``bucketer dlq redrive``, ends each partition with one): read what is really left, once per idle spell.
@@ -296,26 +297,5 @@ class Router:
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_at = self._clock()  # unassigned from now: "none assigned for a long while" restarts
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
-
-
-def _lag_estimate(consumer: Consumer) -> int | None:
-    """An estimate of the messages not yet committed on the assigned partitions: high watermark - committed
-    offset, from the router's own consumer; None when the broker cannot tell now.
-
-    An estimate, not ``connectors.kafka.group_lag``'s count: on a topic written in transactions it over-counts
-    by one per partition whose last offset is a commit marker (plus markers and aborted records in the
-    backlog). The router's source is written by Sequin without transactions, where the two agree. It stays
-    cheap on purpose: it runs at every progress line and at every idle poll of ``--until-idle`` (every
-    ``batch_time``), and an exact count opens two more clients and reads the backlog (0.25-0.5 s against a
-    local broker even with nothing to read, measured for 3 and 30 partitions)."""
-    try:
-        total = 0
-        for tp in consumer.committed(consumer.assignment(), timeout=5):
-            if tp.error is not None:
-                return None
-            low, high = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-            total += max(0, high - (tp.offset if tp.offset >= 0 else low))
-        return total
-    except Exception:  # noqa: BLE001 - lag is informational
-        return None

@@ -26,7 +26,13 @@ def test_router_loader_and_rebuild_metrics() -> None:
     stats = RouterStats(3)
     stats.add(BatchCounts([5, 0, 2], retirements=1, old_values_unknown=4, dlq=Counter(not_json=2, tombstone=1)))
     stats.lag = 17
-    loader = LoaderStats(messages=9, committed=8, inserted={"activityRelations_bucket_MV_ds_0": 5}, dead_lettered=1)
+    loader = LoaderStats(
+        messages=9,
+        committed=8,
+        inserted={"activityRelations_bucket_MV_ds_0": 5},
+        dead_lettered=1,
+        dlq=Counter(warehouse_rejected=1),
+    )
     rebuilds = [
         RebuildResult(0, "ok", rows=10, seconds=0.5),
         RebuildResult(0, "busy"),
@@ -39,7 +45,7 @@ def test_router_loader_and_rebuild_metrics() -> None:
     assert m["bucketer_retirements_total"] == 1 and m["bucketer_updates_without_old_values_total"] == 4
     assert m['bucketer_dead_letter_total{error_class="not_json",stage="router"}'] == 2
     assert m['bucketer_dead_letter_total{error_class="tombstone",stage="router"}'] == 1
-    assert m['bucketer_dead_letter_total{error_class="warehouse",stage="loader"}'] == 1
+    assert m['bucketer_dead_letter_total{error_class="warehouse_rejected",stage="loader"}'] == 1
     assert m["bucketer_router_lag_messages"] == 17
     assert m['bucketer_loaded_total{table="activityRelations_bucket_MV_ds_0"}'] == 5
     assert m["bucketer_loader_committed_total"] == 8
