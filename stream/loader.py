@@ -15,7 +15,8 @@ are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL``
 Bad messages never stop the loader and are never dropped silently: when an insert fails on its data (a
 ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``ingest.classify_problem`` names the bad messages and
 their DLQ class, the rest is inserted again, and if the warehouse still refuses, the batch is split in halves
-until the refused message is alone. Any other failure is retried (``retry_backoff``) and then raised, never blamed on a message. Each
+until the refused message is alone. Any other failure is retried (``retry_backoff``) and then raised, never
+blamed on a message. Each
 refused message goes to the DLQ topic with the reason (headers of CONTRACTS.md) and is counted in
 ``stats.dead_lettered``; DLQ deliveries are confirmed before the commit. If the warehouse itself is down (a
 probe query fails) the loader raises without committing.
@@ -29,7 +30,8 @@ with the real Kafka error. Time spent failing never counts as idle.
 
 Every ``progress_interval`` a line reports messages/s, the group's read_committed lag
 (``connectors.kafka.lag_estimate``, also ``stats.lag`` for the metrics), messages loaded and rows inserted. On
-start, a warehouse without raw rows whose group already committed bucket offsets gets a one-line hint to run ``bucketer bootstrap``.
+start, a warehouse without raw rows whose group already committed bucket offsets gets a one-line hint to run
+``bucketer bootstrap``.
 
 ``stop()`` only sets a flag; ``run()`` then flushes, commits (a refused commit is retried for ``stop_grace``
 seconds, then left: the rows are in) and closes. ``run(until_idle=S)`` returns after S seconds without new
