@@ -207,7 +207,7 @@ def test_drained_loader_lag_is_zero_and_a_fresh_data_dir_gets_a_bootstrap_hint(
     hints = [line for line in err.splitlines() if "bucketer bootstrap" in line]
     assert len(hints) == 1 and "holds no rows" in hints[0] and group in hints[0], err[-2000:]
     # The data dir that holds the rows gets no hint.
-    caplog.set_level(logging.INFO, logger="stream.loader")
+    caplog.set_level(logging.INFO, logger="bucketer.loader")
     with open_warehouse(tmp_path / "first") as wh:
         Loader(LoaderConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topics=topics), wh).run(until_idle=1)
     assert not [r for r in caplog.records if "bucketer bootstrap" in r.getMessage()]

@@ -296,7 +296,7 @@ def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage().split(" (")[0].split(" after")[0]
         for r in caplog.records
-        if r.name == "stream.loader" and r.levelno >= logging.WARNING and "loader: broker" in r.getMessage()
+        if r.name == "bucketer.loader" and r.levelno >= logging.WARNING and "loader: broker" in r.getMessage()
     ]
 
 
@@ -305,7 +305,7 @@ def test_a_quiet_healthy_broker_resets_the_failure_clock(caplog: pytest.LogCaptu
     # 90 s, then a second short outage, again only seen as a consumer error. Only the probe can tell the broker
     # came back in between: a failure clock left running since the first outage would give up at once on the
     # second one (100 s > the 30 s deadline).
-    caplog.set_level(logging.INFO, logger="stream.loader")
+    caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
     down_msg = [ErrorMsg(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))]
@@ -328,7 +328,7 @@ def test_a_quiet_healthy_broker_resets_the_failure_clock(caplog: pytest.LogCaptu
 def test_an_outage_keeps_the_batch_and_commits_it_when_the_broker_is_back(caplog: pytest.LogCaptureFixture) -> None:
     # Batches keep coming while commits fail for 20 s (< the 30 s deadline): the offsets of every inserted batch
     # are kept, merged and committed once; one line when the broker goes, one when it is back.
-    caplog.set_level(logging.INFO, logger="stream.loader")
+    caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0, b1 = TOPICS.bucket(0), TOPICS.bucket(1)
     script = {i * 3: [Msg(b0, 0, i, GOOD), Msg(b1, 2, 10 + i, GOOD)] for i in range(8)}
@@ -346,7 +346,7 @@ def test_an_outage_keeps_the_batch_and_commits_it_when_the_broker_is_back(caplog
 def test_past_the_deadline_the_real_kafka_error_is_raised_and_nothing_committed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="stream.loader")
+    caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
     loader, _ = flaky_loader(log, clock, {0: [Msg(b0, 0, 0, GOOD)]}, lambda t: t >= 1, outage_deadline=30.0)
@@ -374,7 +374,7 @@ def test_no_input_during_an_outage_is_not_idleness() -> None:
 
 
 def test_a_stop_during_an_outage_leaves_the_commit_after_the_grace(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="stream.loader")
+    caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
     loader, consumer = flaky_loader(
@@ -408,7 +408,7 @@ class LaggingConsumer(FlakyConsumer):
 
 
 def test_progress_line_and_lag_metric(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="stream.loader")
+    caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
     consumer = LaggingConsumer(log, clock, {0: [Msg(b0, 0, 0, GOOD), Msg(b0, 1, 0, GOOD)]}, lambda t: False)
