@@ -203,8 +203,9 @@ def _toml_string(value: str) -> str:
 
 def client_config_toml(settings: Mapping[str, str], directory: Path) -> str:
     """A bucketer config file with one ``[kafka]`` table; keys are quoted, so ``bootstrap.servers`` is one key."""
+    where = "".join(ch if ch.isprintable() else "?" for ch in str(directory))  # a comment is one line
     lines = [
-        f"# Client settings for the local SASL_SSL broker in {directory}",
+        f"# Client settings for the local SASL_SSL broker in {where}",
         "# (written by `bucketer local start --security sasl_ssl`; it holds a password: keep it 0600).",
         "[kafka]",
         *(f"{_toml_string(k)} = {_toml_string(v)}" for k, v in settings.items()),
@@ -608,14 +609,13 @@ class LocalKafka:
         from confluent_kafka.admin import AdminClient
 
         deadline = time.monotonic() + timeout
-        admin = AdminClient(
-            {
-                **self.client_config(),
-                "socket.connection.setup.timeout.ms": 1000,
-                "log_level": 0,
-                "logger": _SilentLogger(),
-            }
-        )
+        conf: dict[str, Any] = {
+            **self.client_config(),
+            "socket.connection.setup.timeout.ms": 1000,
+            "log_level": 0,
+            "logger": _SilentLogger(),
+        }
+        admin = AdminClient(conf)
         while time.monotonic() < deadline:
             if pid is not None and not _pid_alive(pid):
                 raise LocalKafkaError(f"the broker exited during start-up; see {self.directory / 'broker.log'}")

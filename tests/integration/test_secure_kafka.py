@@ -126,13 +126,13 @@ def consume_all(kafka: dict[str, str], topic: str, expect: int, **extra: Any) ->
             if msg is None:
                 continue
             assert msg.error() is None, msg.error()
-            got.append(msg.value())
+            got.append(msg.value() or b"")
         # Nothing beyond what was expected arrives either.
         end = time.monotonic() + 2
         while time.monotonic() < end:
             msg = consumer.poll(0.2)
             if msg is not None and msg.error() is None:
-                got.append(msg.value())
+                got.append(msg.value() or b"")
     finally:
         consumer.close()
     return got
