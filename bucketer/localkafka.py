@@ -546,7 +546,10 @@ class LocalKafka:
         finally:
             argfile.unlink(missing_ok=True)
         if proc.returncode != 0:
-            raise LocalKafkaError(f"kafka storage tool failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+            reason = (proc.stderr or proc.stdout).strip()
+            for hidden in (secret.password, secret.broker_password) if secret is not None else ():
+                reason = reason.replace(hidden, "***")
+            raise LocalKafkaError(f"kafka storage tool failed: {reason[-500:]}")
 
     # -- sasl_ssl ------------------------------------------------------------------------------------
     def _prepare_security(self) -> Secrets:
