@@ -308,3 +308,32 @@ def test_restart_keeps_certificates_users_and_config_and_start_is_idempotent(sec
     assert (secure.directory / "tls" / "broker.p12").read_bytes() == store
     # The same user and password still authenticate, and the data is there.
     assert consume_all(secure.kafka(), topic, 1) == [b"before"]
+
+
+def test_no_secret_on_the_command_line_of_keytool_or_the_storage_tool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The set-up steps run the real keytool and storage tool; every command line they get is recorded."""
+    from bucketer import localkafka
+
+    seen: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording_run(cmd: list[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        seen.append([str(c) for c in cmd])
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    broker = localkafka.LocalKafka(tmp_path / "k", port=free_port_pair(), security="sasl_ssl")
+    broker.directory.mkdir(parents=True)
+    secret = broker._prepare_security()
+    props = broker._write_config(secret)
+    java = localkafka._require_java()
+    broker._format(java, f"{localkafka.fetch_jars()}/*", props, secret)
+    assert (broker.directory / "data" / "meta.properties").exists()
+    assert sum("keytool" in cmd[0] for cmd in seen) >= 5
+    assert any(cmd[0] == java for cmd in seen)
+    for cmd in seen:
+        line = " ".join(cmd)
+        for value in (secret.password, secret.broker_password, secret.store_password):
+            assert value not in line, cmd
