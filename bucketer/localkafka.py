@@ -417,9 +417,19 @@ class LocalKafka:
 
     def status(self) -> BrokerStatus:
         state = self._read_state()
-        if state and _pid_alive(state["pid"]):
+        if state and _pid_alive(state["pid"]) and self._is_our_broker(state["pid"]):
             return BrokerStatus(True, state["pid"], state["port"], state["controller_port"], self.directory)
         return BrokerStatus(False, None, self.port, self.controller_port, self.directory)
+
+    def _is_our_broker(self, pid: int) -> bool:
+        """Whether ``pid`` is this directory's broker, not a process that got a dead broker's pid (where /proc
+        tells; elsewhere a live pid is taken as ours)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            return True
+        return b"kafka.Kafka" in args and os.fsencode(self.directory / "server.properties") in args
 
     # -- start ---------------------------------------------------------------------------------------
     def start(self, timeout: float = 90.0) -> str:
@@ -487,6 +497,13 @@ class LocalKafka:
         )
         try:
             self._wait_ready(proc.pid, timeout)
+        except LocalKafkaError as exc:
+            self._kill_group(proc)
+            code = proc.returncode
+            if code is None:
+                raise
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            raise LocalKafkaError(f"{exc} ({how})") from None
         except BaseException:  # not up (or interrupted): never leave a broker behind
             self._kill_group(proc)
             raise

@@ -1,4 +1,6 @@
 import base64
+import json
+import os
 import string
 import tomllib
 from pathlib import Path
@@ -172,3 +174,11 @@ def test_client_config_of_a_sasl_ssl_directory(tmp_path: Path) -> None:
     broker = LocalKafka(tmp_path, port=9400, controller_port=9401, security=SASL_SSL)
     assert broker.client_config() == client_settings("127.0.0.1:9400", SECRET, tmp_path / "tls" / "ca.pem")
     assert LocalKafka(tmp_path / "p", port=9400).client_config() == {"bootstrap.servers": "127.0.0.1:9400"}
+
+
+def test_a_live_pid_that_is_not_this_directorys_broker_is_not_running(tmp_path: Path) -> None:
+    """A dead broker's pid taken by another process (here: this test) is never stopped as if it were ours."""
+    (tmp_path / "broker.json").write_text(json.dumps({"pid": os.getpid(), "port": 5, "controller_port": 6}))
+    broker = LocalKafka(tmp_path, port=5)
+    assert broker.status().running is False
+    assert broker.stop() is False
