@@ -27,6 +27,7 @@ browser:
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "bucketer: $(PYTHON) is required"; exit 1; }
 	@command -v java >/dev/null || { echo "bucketer: Java 17+ is required (the local Kafka broker)"; exit 1; }
+	@command -v keytool >/dev/null || { echo "bucketer: keytool (from the JDK) is required (certificates of the SASL_SSL broker)"; exit 1; }
 	@command -v mvn >/dev/null || { echo "bucketer: Maven is required (fetches the Kafka jars once)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from bucketer.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, check_ports, fetch_jars
+from bucketer.localkafka import (
+    DEFAULT_PORT,
+    PLAINTEXT,
+    SASL_SSL,
+    SECURITY_MODES,
+    LocalKafka,
+    LocalKafkaError,
+    check_ports,
+    fetch_jars,
+)
 
 app = typer.Typer(
     help="Kafka-fed streaming bucketer: Sequin changes -> cityHash64 buckets -> ClickHouse.",
@@ -75,10 +84,31 @@ FixedBucketsOpt = Annotated[
 ]
 
 
+def _check_security(value: str) -> str:
+    value = value.lower()
+    if value not in SECURITY_MODES:
+        raise fail(f"--security {value} is not supported: use {' or '.join(SECURITY_MODES)}", 2)
+    return value
+
+
+SecurityOpt = Annotated[
+    str,
+    typer.Option(
+        "--security",
+        envvar="BUCKETER_LOCAL_SECURITY",
+        callback=_check_security,
+        help=f"Client listener: {PLAINTEXT}, or {SASL_SSL} (SCRAM-SHA-512 over TLS; also prints config=PATH, a "
+        "config file whose [kafka] table holds the client settings). A directory keeps the one it started with.",
+    ),
+]
+
+
 @local_app.command("start")
-def local_start(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -> None:
+def local_start(
+    port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR, security: SecurityOpt = PLAINTEXT
+) -> None:
     """Start the broker (idempotent); the last line printed is bootstrap=127.0.0.1:PORT."""
-    broker = LocalKafka(dir, port=port)
+    broker = LocalKafka(dir, port=port, security=security)
     try:
         check_ports(broker.port, broker.controller_port)
     except LocalKafkaError as exc:
@@ -89,6 +119,8 @@ def local_start(port: PortOpt = DEFAULT_PORT, dir: DirOpt = DEFAULT_LOCAL_DIR) -
     except LocalKafkaError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"kafka {'already running' if was_running else 'started'} in {broker.directory}")
+    if security == SASL_SSL:
+        typer.echo(f"config={broker.config_file}")
     typer.echo(f"bootstrap={bootstrap}")
 
 
