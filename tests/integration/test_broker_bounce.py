@@ -23,10 +23,10 @@ from kafkatools import create_topics, unique, wait_until
 from test_pipeline import expected_live, live_rows
 
 from bucketer.localkafka import LocalKafka
-from connectors.kafka import consumer_config
+from connectors.kafka import consumer_config, lag_estimate
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
-from stream.loader import Loader, LoaderConfig, group_lag
+from stream.loader import Loader, LoaderConfig
 from stream.loadgen import LoadgenConfig, generate
 from stream.schema import ensure_schema
 
@@ -197,7 +197,7 @@ def test_drained_loader_lag_is_zero_and_a_fresh_data_dir_gets_a_bootstrap_hint(
     assert buckets and all(tp.offset > 0 for tp in buckets)
     probe = Consumer(consumer_config(bootstrap, group))
     try:
-        assert group_lag(probe, [TopicPartition(tp.topic, tp.partition) for tp in buckets]) == 0
+        assert lag_estimate(probe, [TopicPartition(tp.topic, tp.partition) for tp in buckets]) == 0
     finally:
         probe.close()
     # A fresh data dir on the same group: nothing is read again, and the loader says why, in one line.
