@@ -38,6 +38,7 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from connectors.kafka import KafkaRetryError, classify, consumer_config, dlq_headers, from_exception, producer_config
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
 from stream.buckets import raw_table
@@ -60,7 +61,7 @@ _CONSUME_MAX = 10_000  # messages per consume() call
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    bootstrap: str
+    kafka: KafkaConnection
     buckets: int
     group: str = "bucketer-loader"
     topics: TopicNames = field(default_factory=TopicNames)
@@ -177,8 +178,8 @@ class Loader:
             "fetch.max.bytes": 64 << 20,
             **cfg.consumer_overrides,
         }
-        self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
-        self._producer = self._producer_factory(producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery))
+        self._consumer = self._consumer_factory(consumer_config(cfg.kafka, cfg.group, **overrides))
+        self._producer = self._producer_factory(producer_config(cfg.kafka, on_delivery=self._on_dlq_delivery))
         # One insert runs in the background while the next batch is read; its offsets wait with it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
         try:
