@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import WarehouseError
 from stream.loader import _CONSUME_MAX, Loader, LoaderConfig, WarehouseUnavailable
@@ -108,7 +109,9 @@ class FakeWarehouse:
 
 
 def loader_with(log: Log, batches: list[list[Msg]], wh: FakeWarehouse, **cfg: Any) -> Loader:
-    config = LoaderConfig(bootstrap="unused:9092", buckets=2, topics=TOPICS, poll_timeout=0.01, **cfg)
+    config = LoaderConfig(
+        kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, poll_timeout=0.01, **cfg
+    )
     return Loader(
         config,
         wh,  # type: ignore[arg-type]
