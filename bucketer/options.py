@@ -273,7 +273,7 @@ def kafka_settings(
     short = env.get(BOOTSTRAP_ENV) or None
     if short is not None:
         other = env_layer.get("bootstrap.servers")
-        if other is not None and other != short:
+        if other is not None and other != short and not bootstrap:  # the flag would settle it
             raise fail(
                 f"{BOOTSTRAP_ENV} ({short}) and {KAFKA_ENV_PREFIX}BOOTSTRAP_SERVERS ({other}) disagree; set one", 2
             )

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import typer
 
 from bucketer.options import kafka_settings
 from connectors.kafka import BrokerUnreachable, admin, check_reachable, consumer_config, producer_config
@@ -193,6 +194,10 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
     got = kafka_settings("flag:1", path, ["client.id=flag"], env=env | {"BUCKETER_BOOTSTRAP": "env:1"})
     assert got == {"bootstrap.servers": "flag:1", "client.id": "flag", "socket.timeout.ms": "2"}
     assert kafka_settings(None, path, None, env={"BUCKETER_BOOTSTRAP": "env:1"})["bootstrap.servers"] == "env:1"
+    both = {"BUCKETER_BOOTSTRAP": "a:1", "BUCKETER_KAFKA_BOOTSTRAP_SERVERS": "b:1"}
+    with pytest.raises(typer.Exit):  # two variables for one key that disagree: which one was meant?
+        kafka_settings(None, None, None, env=both)
+    assert kafka_settings("flag:1", None, None, env=both)["bootstrap.servers"] == "flag:1"
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
