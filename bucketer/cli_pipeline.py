@@ -139,7 +139,7 @@ def route_cmd(
     ] = 180.0,
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
-    from connectors.kafka import BrokerUnreachable, BucketerKafkaError
+    from connectors.kafka import BrokerUnreachable, BucketerKafkaError, KafkaAuthenticationFailed
     from connectors.sink_errors import SinkError
     from stream.router import Router, RouterConfig
 
@@ -182,7 +182,7 @@ def route_cmd(
     install_stop(router.stop)
     try:
         router.run()
-    except (BrokerUnreachable, SinkError) as exc:
+    except (BrokerUnreachable, KafkaAuthenticationFailed, SinkError) as exc:
         raise fail(str(exc)) from None
     except BucketerKafkaError as exc:
         raise fail(f"router stopped on a Kafka error: {exc}") from None

@@ -89,6 +89,10 @@ class BrokerUnreachable(KafkaFatalError):
     """No broker answered at the bootstrap address."""
 
 
+class KafkaAuthenticationFailed(KafkaFatalError):
+    """The broker refused the connection's SASL credentials."""
+
+
 def classify(err: KafkaError, context: str = "") -> BucketerKafkaError:
     """The typed exception for a librdkafka error (returned, so the caller decides to raise)."""
     text = f"{context}: {err.str()} [{err.name()}]" if context else f"{err.str()} [{err.name()}]"
@@ -166,20 +170,35 @@ def ensure_bucket_topics(
     ensure_topics(kafka, [names.dlq, *others], partitions or OTHER_PARTITIONS, replication, timeout)
 
 
-def admin(kafka: KafkaConnection, quiet: bool = False) -> AdminClient:
-    conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOG, **kafka.client_config()}
+def admin(kafka: KafkaConnection, quiet: bool = False, **overrides: Any) -> AdminClient:
+    conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOG, **kafka.client_config(), **overrides}
     if quiet:
         conf["log_level"] = 0  # the caller reports the failure in one line
     return AdminClient(conf)
 
 
+# Client errors that only say no broker answered; any other one (TLS, SASL) is the better reason to report.
+_NO_ANSWER = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT, KafkaError._RESOLVE}
+_AUTHENTICATION = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
+
+
 def check_reachable(kafka: KafkaConnection, timeout: float = 5.0) -> None:
+    """Raise ``KafkaAuthenticationFailed`` when the broker refuses the credentials, else ``BrokerUnreachable``
+    when no broker answers within ``timeout`` (naming a TLS or other client error when there was one)."""
+    seen: list[KafkaError] = []
+    client = admin(kafka, quiet=True, error_cb=seen.append)
     try:
-        admin(kafka, quiet=True).list_topics(timeout=timeout)
+        client.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise BrokerUnreachable(
-            f"cannot reach Kafka at {kafka} within {timeout:g}s ({kafka.redact(str(exc))})"
-        ) from None
+        client.poll(0)  # serves the client errors queued meanwhile to error_cb
+        auth = next((e for e in seen if e.code() in _AUTHENTICATION), None)
+        if auth is not None:
+            raise KafkaAuthenticationFailed(
+                f"Kafka at {kafka} refused the credentials ({kafka.redact(auth.str())})", auth
+            ) from None
+        other = next((e for e in seen if e.code() not in _NO_ANSWER), None)
+        reason = f"{other.str()} [{other.name()}]" if other is not None else str(exc)
+        raise BrokerUnreachable(f"cannot reach Kafka at {kafka} within {timeout:g}s ({kafka.redact(reason)})") from None
 
 
 def ensure_topics(
