@@ -196,7 +196,10 @@ def check_reachable(kafka: KafkaConnection, timeout: float = 5.0) -> None:
             raise KafkaAuthenticationFailed(
                 f"Kafka at {kafka} refused the credentials ({kafka.redact(auth.str())})", auth
             ) from None
-        other = next((e for e in seen if e.code() not in _NO_ANSWER), None)
+        # A TLS or other client error, else the first transport error (it says why: refused, handshake failed).
+        other = next((e for e in seen if e.code() not in _NO_ANSWER), None) or next(
+            (e for e in seen if e.code() == KafkaError._TRANSPORT), None
+        )
         reason = f"{other.str()} [{other.name()}]" if other is not None else str(exc)
         raise BrokerUnreachable(f"cannot reach Kafka at {kafka} within {timeout:g}s ({kafka.redact(reason)})") from None
 

@@ -2,7 +2,7 @@
 
 Its ``repr`` and ``str`` (and so f-strings, ``%s`` in log calls and a dataclass's repr) are ``***``; only
 ``reveal()`` gives the value, for the one place that hands it to a client library. ``redact(text)`` masks the
-value inside a text such as an error message from that library.
+value inside a text such as an error message from that library (a value of 4 characters or more).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ class Secret:
         return self._value
 
     def redact(self, text: str) -> str:
-        return text.replace(self._value, "***") if self._value else text
+        """``text`` with the value masked. A value shorter than 4 characters is left alone: masking every "p" of
+        a text would damage it and show where the value occurs, i.e. what it is."""
+        return text.replace(self._value, "***") if len(self._value) >= 4 else text
 
     def __bool__(self) -> bool:
         return bool(self._value)

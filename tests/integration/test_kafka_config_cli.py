@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from kafkatools import drain, unique
 
 from bucketer.localkafka import free_port
-from connectors.kafka import group_lag
+from connectors.kafka import BrokerUnreachable, KafkaAuthenticationFailed, check_reachable, group_lag
 from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 
@@ -62,3 +63,31 @@ def test_route_and_dlq_list_take_their_connection_from_the_config_file_alone(boo
     # The router read all of the source through the file's connection and committed it; its output is there.
     assert group_lag(KafkaConnection.plain(bootstrap), "bucketer-router", [names.source]).messages == 0
     assert len(in_buckets) > 0
+
+
+def test_a_wrong_security_setting_is_named_in_one_line(bootstrap: str) -> None:
+    """Against the plaintext listener: a TLS client names the failed handshake; a SASL client is refused as an
+    authentication failure (the error class a wrong password gets), and no secret is in either message."""
+    import certifi
+
+    tls = KafkaConnection.from_settings(
+        {"bootstrap.servers": bootstrap, "security.protocol": "SSL", "ssl.ca.location": certifi.where()}
+    )
+    with pytest.raises(BrokerUnreachable) as unreachable:
+        check_reachable(tls, timeout=3.0)
+    assert "SSL handshake failed" in str(unreachable.value) and "\n" not in str(unreachable.value)
+    secret = "pw-never-in-a-message-7c1e"
+    sasl = KafkaConnection.from_settings(
+        {
+            "bootstrap.servers": bootstrap,
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "PLAIN",
+            "sasl.username": "bucketer",
+            "sasl.password": secret,
+        }
+    )
+    with pytest.raises(KafkaAuthenticationFailed) as refused:
+        check_reachable(sasl, timeout=3.0)
+    assert str(refused.value).startswith(f"Kafka at {bootstrap} (SASL_PLAINTEXT) refused the credentials")
+    assert secret not in str(refused.value) and "\n" not in str(refused.value)
+    check_reachable(KafkaConnection.from_settings({"bootstrap.servers": bootstrap, "client.id": "ok"}), timeout=10.0)

@@ -253,3 +253,10 @@ def test_cli_kafka_errors_are_one_line_exit_2(args: list[str], toml: str | None,
     reason = one_line(cli(*[a.replace("{path}", str(path)) for a in args], env={"BUCKETER_DATA_DIR": str(data)}))
     assert says in reason, reason
     assert not data.exists()  # refused before anything was opened
+
+
+def test_redaction_masks_a_secret_but_leaves_a_very_short_one_alone() -> None:
+    assert Secret(PASSWORD).redact(f"auth with {PASSWORD} failed") == "auth with *** failed"
+    # Masking every "p" would garble the text and, by where the *** fall, tell the value.
+    assert Secret("p").redact("sasl_plaintext://h:1/bootstrap") == "sasl_plaintext://h:1/bootstrap"
+    assert Secret("").redact("text") == "text" and not Secret("")
