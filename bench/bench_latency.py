@@ -99,6 +99,7 @@ def measure(
     max_wait: float | None = None,
 ) -> dict:
     from connectors.kafka import ensure_topics
+    from connectors.kafka_conn import KafkaConnection
     from connectors.topics import TopicNames
     from connectors.warehouse import open_warehouse
     from stream.loader import Loader, LoaderConfig
@@ -109,7 +110,7 @@ def measure(
     topics = TopicNames(prefix)
     # Bucket topics stamped by the broker on append: where the router's share of the latency ends.
     create_topics(bootstrap, topics.buckets(buckets), config=LOG_APPEND)
-    ensure_topics(bootstrap, [topics.dlq, *topics.references().values(), topics.source], 3, 1)
+    ensure_topics(KafkaConnection.plain(bootstrap), [topics.dlq, *topics.references().values(), topics.source], 3, 1)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     errors: list[BaseException] = []
 
@@ -129,7 +130,7 @@ def measure(
         clock = InsertClock(wh)
         router = Router(
             RouterConfig(
-                bootstrap=bootstrap,
+                kafka=KafkaConnection.plain(bootstrap),
                 buckets=buckets,
                 group=f"{prefix}router",
                 topic_prefix=prefix,
@@ -148,7 +149,7 @@ def measure(
 
         loader = StampingLoader(
             LoaderConfig(
-                bootstrap=bootstrap,
+                kafka=KafkaConnection.plain(bootstrap),
                 buckets=buckets,
                 group=f"{prefix}loader",
                 topics=topics,

@@ -28,6 +28,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import WORK_DIR, Report, broker, messages, spread, unique_prefix
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse
 from stream.buckets import raw_table
@@ -89,7 +90,11 @@ def loader_once(
     """(seconds first message → last commit, seconds from start, CPU seconds of that window, live rows)."""
     wh.command(f"TRUNCATE TABLE {raw_table(0)}")
     cfg = LoaderConfig(
-        bootstrap=bootstrap, buckets=1, group=f"bench-{uuid.uuid4().hex[:8]}", topics=names, max_rows=max_rows
+        kafka=KafkaConnection.plain(bootstrap),
+        buckets=1,
+        group=f"bench-{uuid.uuid4().hex[:8]}",
+        topics=names,
+        max_rows=max_rows,
     )
     loader = TimedLoader(cfg, wh)
     start = time.perf_counter()
@@ -107,7 +112,7 @@ def consume_once(bootstrap: str, names: TopicNames, count: int) -> tuple[float, 
 
     consumer = Consumer(
         consumer_config(
-            bootstrap,
+            KafkaConnection.plain(bootstrap),
             f"bench-{uuid.uuid4().hex[:8]}",
             **{"max.partition.fetch.bytes": 16 << 20, "fetch.max.bytes": 64 << 20},
         )

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from connectors.kafka import consumer_config, ensure_topics, producer_config  # noqa: E402
+from connectors.kafka_conn import KafkaConnection  # noqa: E402
 from connectors.topics import TopicNames  # noqa: E402
 from stream.router import Router, RouterConfig  # noqa: E402
 
@@ -74,7 +75,7 @@ def sequin_value(rng: random.Random, segments: list[str], i: int) -> bytes:
 
 
 def load(bootstrap: str, topic: str, count: int) -> int:
-    ensure_topics(bootstrap, [topic], 3, 1)
+    ensure_topics(KafkaConnection.plain(bootstrap), [topic], 3, 1)
     rng = random.Random(1)
     segments = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(300)]
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "compression.type": "lz4"})
@@ -97,10 +98,10 @@ def passthrough(
     bootstrap: str, source: str, out: str, count: int, eos: bool, partitions: int = 3
 ) -> tuple[float, float]:
     """The baseline: consume a batch, produce every message unchanged to one topic, commit."""
-    ensure_topics(bootstrap, [out], partitions, 1)
+    ensure_topics(KafkaConnection.plain(bootstrap), [out], partitions, 1)
     group = f"pt-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(consumer_config(bootstrap, group))
-    producer = Producer(producer_config(bootstrap, f"pt-{group}" if eos else None))
+    consumer = Consumer(consumer_config(KafkaConnection.plain(bootstrap), group))
+    producer = Producer(producer_config(KafkaConnection.plain(bootstrap), f"pt-{group}" if eos else None))
     if eos:
         producer.init_transactions(30)
     consumer.subscribe([source])
@@ -131,7 +132,7 @@ def passthrough(
 
 def route(bootstrap: str, source_prefix: str, count: int, eos: bool) -> tuple[float, float]:
     cfg = RouterConfig(
-        bootstrap=bootstrap,
+        kafka=KafkaConnection.plain(bootstrap),
         buckets=10,
         group=f"rt-{uuid.uuid4().hex[:8]}",
         topic_prefix=source_prefix,
@@ -236,7 +237,12 @@ def run(args: argparse.Namespace) -> None:
     avg = load(args.bootstrap, names.source, args.messages)
     # Output topics exist before any timed run, for the router as for the passthrough (whose topic is
     # created before it consumes): a fresh topic's first produce waits for its metadata.
-    ensure_topics(args.bootstrap, [*names.buckets(10), names.dlq], int(os.environ.get("BENCH_PARTITIONS", "3")), 1)
+    ensure_topics(
+        KafkaConnection.plain(args.bootstrap),
+        [*names.buckets(10), names.dlq],
+        int(os.environ.get("BENCH_PARTITIONS", "3")),
+        1,
+    )
     print(f"loaded {args.messages} messages of ~{avg} bytes into {names.source}", flush=True)
     rows = []
     for mode in ("eos", "alo"):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from bench.bench_loader import TimedLoader, produce
 from bench.common import WORK_DIR, broker, messages, unique_prefix
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse, write_all
 from stream.buckets import raw_table
@@ -49,7 +50,11 @@ class Timeline(TimedLoader):
 def timeline(wh: EmbeddedWarehouse, bootstrap: str, names: TopicNames, max_bytes: int) -> str:
     wh.command(f"TRUNCATE TABLE {raw_table(0)}")
     cfg = LoaderConfig(
-        bootstrap=bootstrap, buckets=1, group=f"prof-{uuid.uuid4().hex[:8]}", topics=names, max_bytes=max_bytes
+        kafka=KafkaConnection.plain(bootstrap),
+        buckets=1,
+        group=f"prof-{uuid.uuid4().hex[:8]}",
+        topics=names,
+        max_bytes=max_bytes,
     )
     loader = Timeline(cfg, wh)
     loader.run(until_idle=3.0)

@@ -1,4 +1,5 @@
-"""The ``bucketer`` console script. The only place that reads the environment and installs signal handlers."""
+"""The ``bucketer`` console script: imports the command modules onto ``app`` (bucketer/app.py) and runs it.
+Here too: ``local`` (the development broker) and ``bucket-of``. Shared options and helpers: bucketer/options.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Annotated
 
 import typer
 
+# The command modules register themselves on ``app`` when imported.
+from bucketer import cli_dlq, cli_ops, cli_pipeline, cli_serve, cli_tinybird, cli_warehouse  # noqa: F401
+from bucketer.app import app
 from bucketer.localkafka import (
     DEFAULT_PORT,
     PLAINTEXT,
@@ -20,13 +24,8 @@ from bucketer.localkafka import (
     check_ports,
     fetch_jars,
 )
+from bucketer.options import FixedBucketsOpt, fail
 
-app = typer.Typer(
-    help="Kafka-fed streaming bucketer: Sequin changes -> cityHash64 buckets -> ClickHouse.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 local_app = typer.Typer(help="A single-node Apache Kafka 4.x broker (KRaft) on 127.0.0.1.", no_args_is_help=True)
 app.add_typer(local_app, name="local")
 
@@ -35,53 +34,6 @@ DirOpt = Annotated[
     Path, typer.Option("--dir", envvar="BUCKETER_LOCAL_DIR", help="Broker directory; its data survives stop/start.")
 ]
 DEFAULT_LOCAL_DIR = Path(".bucketer/kafka")
-
-
-def fail(reason: str, code: int = 1) -> typer.Exit:
-    """Print a one-line reason on stderr and return the exit to raise."""
-    typer.echo(f"bucketer: {reason}", err=True)
-    return typer.Exit(code)
-
-
-# --buckets, on every command that takes it. Each bucket is a Kafka topic (at least one partition) and two
-# warehouse tables, all created up front and all read by every loader: the bound keeps that within what one
-# broker and one warehouse handle well (``route --buckets 1000000`` timed out creating topics).
-MAX_BUCKETS = 1024
-
-
-def _check_buckets(value: int | None) -> int | None:
-    if value is not None and not 1 <= value <= MAX_BUCKETS:
-        raise fail(
-            f"--buckets {value} is out of range (1-{MAX_BUCKETS}: each bucket is a Kafka topic and two tables)", 2
-        )
-    return value
-
-
-_BUCKETS_RANGE = f"1-{MAX_BUCKETS}, each bucket a topic on the broker and two tables"
-# A command with a warehouse: N is the warehouse's (stream/schema.py ensure_schema); a different one is refused.
-BucketsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--buckets",
-        "-n",
-        envvar="BUCKETER_BUCKETS",
-        callback=_check_buckets,
-        show_default=False,
-        help=f"Bucket count ({_BUCKETS_RANGE}); default: the warehouse's recorded count, 10 for a new warehouse. "
-        "Only `bucketer rebucket` changes it.",
-    ),
-]
-# A command without a warehouse (route, bucket-of): it must be given the warehouse's N; nothing checks it here.
-FixedBucketsOpt = Annotated[
-    int,
-    typer.Option(
-        "--buckets",
-        "-n",
-        envvar="BUCKETER_BUCKETS",
-        callback=_check_buckets,
-        help=f"Bucket count ({_BUCKETS_RANGE}); must be the warehouse's (see `bucketer status`).",
-    ),
-]
 
 
 def _check_security(value: str) -> str:
@@ -171,54 +123,9 @@ def bucket_of_cmd(
     out.flush()
 
 
-# --- shared by the command modules ---------------------------------------------------------------------
-DataDirOpt = Annotated[
-    Path,
-    typer.Option(
-        "--data-dir",
-        envvar="BUCKETER_DATA_DIR",
-        help="Embedded warehouse directory (ignored with BUCKETER_CLICKHOUSE_URL).",
-    ),
-]
-DEFAULT_DATA_DIR = Path(".bucketer")
-
-
-def open_configured_warehouse(data_dir: Path):  # noqa: ANN201 - EmbeddedWarehouse | ServerWarehouse
-    """The warehouse the environment asks for: a ClickHouse server URL, else embedded chdb in ``data_dir``."""
-    import os
-
-    from connectors.warehouse import open_warehouse
-
-    return open_warehouse(data_dir, url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None)
-
-
-def install_stop(stop) -> None:  # noqa: ANN001 - any zero-argument callable
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop())
-
-
-def log_to_stderr(verbose: bool = False) -> None:
-    import logging
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-
-
-# The commands of the other areas register themselves on ``app`` (imported last: they import this module).
-from bucketer import cli_dlq, cli_ops, cli_pipeline, cli_serve, cli_tinybird, cli_warehouse  # noqa: E402,F401
-
-
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
-    # Run the importable module's app: the command modules register on that one, not on __main__'s.
-    from bucketer.cli import main as _main
-
-    _main()
+    main()

@@ -9,15 +9,14 @@ from typing import Annotated
 
 import typer
 
-from bucketer.cli import app, fail
+from bucketer.app import app
+from bucketer.options import BootstrapOpt, KafkaConfigOpt, KafkaOptionOpt, TopicPrefixOpt, fail, require_kafka
 
 dlq_app = typer.Typer(
     help="The dead-letter topic: what is in it, and sending it back once fixed.", no_args_is_help=True
 )
 app.add_typer(dlq_app, name="dlq")
 
-BootstrapOpt = Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap servers.")]
-PrefixOpt = Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")]
 ClassOpt = Annotated[
     list[str] | None, typer.Option("--class", help="Only dead letters of this error class (repeatable).")
 ]
@@ -52,8 +51,10 @@ def _selection(classes: list[str] | None, since: str | None):  # noqa: ANN202 - 
 
 @dlq_app.command("list")
 def dlq_list(
-    bootstrap: BootstrapOpt,
-    topic_prefix: PrefixOpt = "",
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
+    topic_prefix: TopicPrefixOpt = "",
     error_class: ClassOpt = None,
     since: SinceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document instead of the table.")] = False,
@@ -63,11 +64,12 @@ def dlq_list(
     from connectors.topics import TopicNames
     from stream.dlq import read_dead_letters, redriven_refs, summarize
 
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     topics = TopicNames(topic_prefix)
     select = _selection(error_class, since)
     try:
-        letters = list(read_dead_letters(bootstrap, topics))
-        sent = redriven_refs(bootstrap, topics)
+        letters = list(read_dead_letters(kafka, topics))
+        sent = redriven_refs(kafka, topics)
     except (LookupError, BucketerKafkaError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     summary = summarize(letters, select)
@@ -93,8 +95,10 @@ def dlq_list(
 
 @dlq_app.command("redrive")
 def dlq_redrive(
-    bootstrap: BootstrapOpt,
-    topic_prefix: PrefixOpt = "",
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
+    topic_prefix: TopicPrefixOpt = "",
     error_class: ClassOpt = None,
     since: SinceOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be sent; send nothing.")] = False,
@@ -105,8 +109,9 @@ def dlq_redrive(
     from connectors.topics import TopicNames
     from stream.dlq import redrive
 
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     try:
-        report = redrive(bootstrap, TopicNames(topic_prefix), _selection(error_class, since), dry_run=dry_run)
+        report = redrive(kafka, TopicNames(topic_prefix), _selection(error_class, since), dry_run=dry_run)
     except (LookupError, BucketerKafkaError, TimeoutError) as exc:
         raise fail(str(exc)) from None
     verb = "would send" if dry_run else "sent"

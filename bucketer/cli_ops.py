@@ -7,24 +7,35 @@ from typing import Annotated
 
 import typer
 
-from bucketer.cli import (
+from bucketer.app import app
+from bucketer.options import (
     DEFAULT_DATA_DIR,
+    DEFAULT_LOADER_GROUP,
     MAX_BUCKETS,
+    BootstrapOpt,
     BucketsOpt,
     DataDirOpt,
-    app,
+    KafkaConfigOpt,
+    KafkaOptionOpt,
+    OfLoaderGroupOpt,
+    TopicPrefixOpt,
+    bucket_range_error,
     fail,
+    kafka_connection,
     open_configured_warehouse,
+    require_kafka,
 )
 
 
 @app.command("bootstrap")
 def bootstrap_cmd(
-    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bucket: Annotated[list[int] | None, typer.Option("--bucket", "-b", help="Only these buckets (repeatable).")] = None,
     buckets: BucketsOpt = None,
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    topic_prefix: TopicPrefixOpt = "",
 ) -> None:
     """Replay activityRelations from its beginning into raw buckets (append; idempotent), then check the spread."""
     from rich.console import Console
@@ -36,6 +47,7 @@ def bootstrap_cmd(
     from stream.bootstrap import replay
     from stream.schema import BucketCountMismatch, ensure_schema
 
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     bars = Progress(
         TextColumn("{task.description:<32}"),
         BarColumn(),
@@ -53,11 +65,11 @@ def bootstrap_cmd(
         bars.update(tasks[topic], completed=read)  # type: ignore[arg-type]
 
     try:
-        check_reachable(bootstrap)
+        check_reachable(kafka)
         with open_configured_warehouse(data_dir) as wh:
             n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
             with bars:
-                report = replay(wh, bootstrap, n, only=bucket, topics=TopicNames(topic_prefix), progress=progress)
+                report = replay(wh, kafka, n, only=bucket, topics=TopicNames(topic_prefix), progress=progress)
     except BucketCountMismatch as exc:
         raise fail(str(exc), 2) from None
     except (BucketerKafkaError, WarehouseError, LookupError, ValueError, TimeoutError) as exc:
@@ -86,18 +98,16 @@ def rebucket_cmd(
     to: Annotated[int, typer.Option("--to", help=f"The new bucket count (1-{MAX_BUCKETS}, as --buckets).")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     strategy: Annotated[str, typer.Option("--strategy", help="cutover (gradual is not implemented).")] = "cutover",
-    bootstrap: Annotated[
-        str | None,
-        typer.Option(
-            "--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka, to check the loader has drained the buckets."
-        ),
-    ] = None,
-    loader_group: Annotated[str, typer.Option("--loader-group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
+    loader_group: OfLoaderGroupOpt = DEFAULT_LOADER_GROUP,
+    topic_prefix: TopicPrefixOpt = "",
     force: Annotated[bool, typer.Option("--force", help="Skip the loader-drained check.")] = False,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1)] = 1,
 ) -> None:
-    """Move the warehouse from N to M buckets: redistribute raw rows, swap, rebuild every cleaned bucket."""
+    """Move the warehouse from N to M buckets: redistribute raw rows, swap, rebuild every cleaned bucket.
+    Kafka (--bootstrap or --kafka-config) is read to check that the loader has drained the bucket topics."""
     from confluent_kafka import KafkaException
 
     from connectors.kafka import BucketerKafkaError, check_reachable
@@ -110,10 +120,11 @@ def rebucket_cmd(
     if strategy != "cutover":
         raise fail(f"strategy {strategy!r} is not implemented; use --strategy cutover", 2)
     if not 1 <= to <= MAX_BUCKETS:
-        raise fail(f"--to {to} is out of range (1-{MAX_BUCKETS}: each bucket is a Kafka topic and two tables)", 2)
-    if not force and bootstrap is None:
+        raise bucket_range_error("--to", to)
+    configured = kafka_connection(bootstrap, kafka_config, kafka_option, required=False)
+    if not force and configured is None:
         raise fail("--bootstrap is needed to check that the loader has drained the bucket topics (or --force)", 2)
-    kafka = None if force else bootstrap  # where the drained check reads the loader's lag
+    kafka = None if force else configured  # where the drained check reads the loader's lag
     try:
         if kafka is not None:
             check_reachable(kafka)  # a one-line error within 5 s, before the warehouse is opened
@@ -131,7 +142,7 @@ def rebucket_cmd(
     except (RebucketError, WarehouseError, BucketerKafkaError) as exc:
         raise fail(str(exc)) from None
     except KafkaException as exc:  # the broker went away between the reachability check and the lag
-        raise fail(f"cannot read the loader's lag from Kafka at {bootstrap}: {exc}") from None
+        raise fail(f"cannot read the loader's lag from Kafka at {kafka}: {exc}") from None
     typer.echo(f"rebucket: {report.old} -> {report.new} buckets, {report.rows:,} live raw rows redistributed")
     for m, n in enumerate(report.per_bucket):
         typer.echo(f"bucket {m:>3}: {n:>10,} live raw rows")

@@ -6,37 +6,35 @@ from typing import Annotated
 
 import typer
 
-from bucketer.cli import (
+from bucketer.app import app
+from bucketer.cli_serve import HttpHostOpt, http_config
+from bucketer.options import (
     DEFAULT_DATA_DIR,
+    DEFAULT_LOADER_GROUP,
+    DEFAULT_ROUTER_GROUP,
+    AtLeastOnceOpt,
+    BootstrapOpt,
+    BucketPartitionsOpt,
     BucketsOpt,
     DataDirOpt,
     FixedBucketsOpt,
-    app,
+    KafkaConfigOpt,
+    KafkaOptionOpt,
+    LoaderGroupOpt,
+    RouterGroupOpt,
+    TopicPrefixOpt,
+    UntilIdleOpt,
     fail,
     install_stop,
     log_to_stderr,
     open_configured_warehouse,
+    require_kafka,
 )
-from bucketer.cli_serve import HttpHostOpt, http_config
-
-# --partitions of route and run: per bucket topic, when they create the topics.
-BucketPartitionsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--partitions",
-        envvar="BUCKETER_BUCKET_PARTITIONS",
-        min=1,
-        help="Partitions per bucket topic created here (default: ceil(30 / N), about 30 in all).",
-    ),
-]
 
 
 # --- loadgen (stream/loadgen.py) -----------------------------------------------------------------------
 @app.command("loadgen")
 def loadgen_cmd(
-    bootstrap: Annotated[
-        str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap servers.")
-    ],
     count: Annotated[int, typer.Option("--count", min=0, help="Messages on activityRelations (bad ones included).")],
     rate: Annotated[
         float | None, typer.Option("--rate", min=0.001, help="Messages per second (default: unlimited).")
@@ -46,10 +44,13 @@ def loadgen_cmd(
     bad_fraction: Annotated[
         float, typer.Option("--bad-fraction", min=0.0, max=1.0, help="Share of bad activity messages.")
     ] = 0.01,
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    topic_prefix: TopicPrefixOpt = "",
     partitions: Annotated[int, typer.Option("--partitions", min=1, help="Partitions of topics created here.")] = 3,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the broker.")] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
 ) -> None:
     """Produce synthetic Sequin change messages for all six topics, deterministic for a seed."""
     from rich.console import Console
@@ -58,9 +59,10 @@ def loadgen_cmd(
     from stream.loadgen import LoadgenConfig
     from stream.loadgen_producer import LoadgenError, LoadProducer, ProducerSettings, ensure_topics, expected_total
 
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     config = LoadgenConfig(count=count, seed=seed, segments=segments, bad_fraction=bad_fraction)
     settings = ProducerSettings(
-        bootstrap=bootstrap, topic_prefix=topic_prefix, partitions=partitions, rate=rate, timeout=timeout
+        kafka=kafka, topic_prefix=topic_prefix, partitions=partitions, rate=rate, timeout=timeout
     )
     console = Console(stderr=True)
     try:
@@ -95,23 +97,15 @@ def loadgen_cmd(
 # --- route (stream/router.py) -------------------------------------------------------------------------
 @app.command("route")
 def route_cmd(
-    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
     buckets: FixedBucketsOpt = 10,
     sink: Annotated[str, typer.Option("--sink", envvar="BUCKETER_SINK", help="kafka (default) or tinybird.")] = "kafka",
-    group: Annotated[str, typer.Option("--group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
-    until_idle: Annotated[
-        float | None,
-        typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE", help="Exit 0 after S seconds without input."),
-    ] = None,
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
-    at_least_once: Annotated[
-        bool,
-        typer.Option(
-            "--at-least-once",
-            envvar="BUCKETER_AT_LEAST_ONCE",
-            help="Faster: idempotent producer, offsets committed after delivery; a crash may duplicate.",
-        ),
-    ] = False,
+    group: RouterGroupOpt = DEFAULT_ROUTER_GROUP,
+    until_idle: UntilIdleOpt = None,
+    topic_prefix: TopicPrefixOpt = "",
+    at_least_once: AtLeastOnceOpt = False,
     partitions: BucketPartitionsOpt = None,
     replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
@@ -146,20 +140,21 @@ def route_cmd(
     ] = 180.0,
 ) -> None:
     """Route Sequin changes on activityRelations to activityRelations_bucket_{cityHash64(segmentId) % N}."""
-    from connectors.kafka import BrokerUnreachable, BucketerKafkaError
+    from connectors.kafka import BrokerUnreachable, BucketerKafkaError, KafkaAuthenticationFailed
     from connectors.sink_errors import SinkError
     from stream.router import Router, RouterConfig
 
     if sink not in ("kafka", "tinybird"):
         raise fail(f"unknown sink {sink!r}; expected kafka or tinybird", 2)
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     log_to_stderr()
     extra: dict[str, object] = {"instance_id": instance_id} if instance_id else {}
     tinybird = None
     if sink == "tinybird":
         import os
 
+        from connectors.secret import Secret
         from connectors.tinybird import TinybirdSettings
-        from connectors.tinybird_api import Secret
 
         token = os.environ.get("BUCKETER_TINYBIRD_TOKEN")
         if not tinybird_url or not token:
@@ -169,7 +164,7 @@ def route_cmd(
         except ValueError as exc:
             raise fail(str(exc), 2) from None
     config = RouterConfig(
-        bootstrap=bootstrap,
+        kafka=kafka,
         buckets=buckets,
         group=group,
         topic_prefix=topic_prefix,
@@ -188,7 +183,7 @@ def route_cmd(
     install_stop(router.stop)
     try:
         router.run()
-    except (BrokerUnreachable, SinkError) as exc:
+    except (BrokerUnreachable, KafkaAuthenticationFailed, SinkError) as exc:
         raise fail(str(exc)) from None
     except BucketerKafkaError as exc:
         raise fail(f"router stopped on a Kafka error: {exc}") from None
@@ -199,16 +194,13 @@ def route_cmd(
 
 @app.command("run")
 def run_cmd(
-    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     buckets: BucketsOpt = None,
-    until_idle: Annotated[
-        float | None,
-        typer.Option(
-            "--until-idle", envvar="BUCKETER_UNTIL_IDLE", help="Exit 0 once S seconds pass without new input."
-        ),
-    ] = None,
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    until_idle: UntilIdleOpt = None,
+    topic_prefix: TopicPrefixOpt = "",
     parallel: Annotated[
         int, typer.Option("--parallel", envvar="BUCKETER_PARALLEL", min=1, help="Cleaned buckets rebuilt at once.")
     ] = 1,
@@ -221,7 +213,7 @@ def run_cmd(
     enrich_on_exit: Annotated[
         bool, typer.Option("--enrich-on-exit", help="Rebuild every bucket before exiting.")
     ] = False,
-    at_least_once: Annotated[bool, typer.Option("--at-least-once", envvar="BUCKETER_AT_LEAST_ONCE")] = False,
+    at_least_once: AtLeastOnceOpt = False,
     partitions: BucketPartitionsOpt = None,
     metrics_port: Annotated[
         int | None,
@@ -256,10 +248,11 @@ def run_cmd(
 
     if metrics_port is not None and not 1 <= metrics_port <= 65535:
         raise fail(f"--metrics-port {metrics_port} is out of range (1-65535)", 2)
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     log_to_stderr()
     pipeline = Pipeline(
         PipelineConfig(
-            bootstrap=bootstrap,
+            kafka=kafka,
             data_dir=data_dir,
             clickhouse_url=os.environ.get("BUCKETER_CLICKHOUSE_URL") or None,
             buckets=buckets,
@@ -277,7 +270,7 @@ def run_cmd(
     )
     install_stop(pipeline.stop)
     try:
-        check_reachable(bootstrap)  # in 5 s, like load and bootstrap (creating the topics would wait 30 s)
+        check_reachable(kafka)  # in 5 s, like load and bootstrap (creating the topics would wait 30 s)
         pipeline.run()
     except BucketCountMismatch as exc:
         raise fail(str(exc), 2) from None
@@ -296,12 +289,14 @@ def run_cmd(
 
 @app.command("load")
 def load_cmd(
-    bootstrap: Annotated[str, typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka bootstrap.")],
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     buckets: BucketsOpt = None,
-    group: Annotated[str, typer.Option("--group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
-    until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE")] = None,
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    group: LoaderGroupOpt = DEFAULT_LOADER_GROUP,
+    until_idle: UntilIdleOpt = None,
+    topic_prefix: TopicPrefixOpt = "",
     outage_deadline: Annotated[
         float,
         typer.Option(
@@ -319,14 +314,15 @@ def load_cmd(
     from stream.loader import Loader, LoaderConfig, LoaderError
     from stream.schema import BucketCountMismatch, ensure_schema
 
+    kafka = require_kafka(bootstrap, kafka_config, kafka_option)
     log_to_stderr()
     try:
-        check_reachable(bootstrap)
+        check_reachable(kafka)
         with open_configured_warehouse(data_dir) as wh:
             n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
             loader = Loader(
                 LoaderConfig(
-                    bootstrap=bootstrap,
+                    kafka=kafka,
                     buckets=n,
                     group=group,
                     topics=TopicNames(topic_prefix),

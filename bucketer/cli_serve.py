@@ -8,12 +8,19 @@ from typing import Annotated
 
 import typer
 
-from bucketer.cli import (
+from bucketer.app import app
+from bucketer.options import (
     DEFAULT_DATA_DIR,
+    DEFAULT_ROUTER_GROUP,
+    BootstrapOpt,
     DataDirOpt,
-    app,
+    KafkaConfigOpt,
+    KafkaOptionOpt,
+    RouterGroupOpt,
+    TopicPrefixOpt,
     fail,
     install_stop,
+    kafka_connection,
     log_to_stderr,
     open_configured_warehouse,
 )
@@ -74,12 +81,11 @@ def serve_cmd(
     port: Annotated[int, typer.Option("--port", envvar="BUCKETER_HTTP_PORT", help="HTTP port.")],
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     http_host: HttpHostOpt = "127.0.0.1",
-    bootstrap: Annotated[
-        str | None,
-        typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka, for /v0/status's DLQ count and lag."),
-    ] = None,
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
-    router_group: Annotated[str, typer.Option("--router-group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
+    topic_prefix: TopicPrefixOpt = "",
+    router_group: RouterGroupOpt = DEFAULT_ROUTER_GROUP,
     query_timeout: Annotated[
         float, typer.Option("--query-timeout", envvar="BUCKETER_QUERY_TIMEOUT", min=0.1, help="Seconds per query.")
     ] = 30.0,
@@ -103,6 +109,7 @@ def serve_cmd(
     from stream.dlq import ClassCounts
     from stream.query import QueryLimits
 
+    kafka = kafka_connection(bootstrap, kafka_config, kafka_option, required=False)  # for /v0/status's figures
     tokens = api_tokens()
     user = user_pipes(pipes) if pipes else ()
     log_to_stderr()
@@ -114,12 +121,12 @@ def serve_cmd(
             config = ApiConfig(
                 tokens=tokens,
                 limits=QueryLimits(query_timeout, max_result_rows, max_memory),
-                bootstrap=bootstrap,
+                kafka=kafka,
                 topic_prefix=topic_prefix,
                 router_group=router_group,
                 pipes=user,
             )
-            counts = ClassCounts(bootstrap, TopicNames(topic_prefix)) if bootstrap else None
+            counts = ClassCounts(kafka, TopicNames(topic_prefix)) if kafka is not None else None
             app = create_app(lambda: open_configured_warehouse(data_dir), config, dlq_by_class=counts)
             server = Server(app, sock)
             typer.echo(f"serving on {server.url}" + ("" if tokens else " (no BUCKETER_API_TOKEN: no auth)"), err=True)

@@ -7,10 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bucketer.cli import (
-    app,
-    fail,
-)
+from bucketer.app import app
+from bucketer.options import DEFAULT_BUCKETS, ProjectBucketsOpt, TinybirdBucketsOpt, fail
 
 # --- tinybird (connectors/tinybird*.py, stream/tinybird_project.py, stream/tinybird_copy.py) -----------------------
 tinybird_app = typer.Typer(
@@ -24,7 +22,7 @@ def tinybird_token() -> object:
     """The API token from BUCKETER_TINYBIRD_TOKEN, as a Secret (never an option: it must not show in --help)."""
     import os
 
-    from connectors.tinybird_api import Secret
+    from connectors.secret import Secret
 
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
@@ -45,16 +43,7 @@ TinybirdUrlOpt = Annotated[
 
 @tinybird_app.command("generate")
 def tinybird_generate(
-    buckets: Annotated[
-        int | None,
-        typer.Option(
-            "--buckets",
-            "-n",
-            envvar="BUCKETER_BUCKETS",
-            min=1,
-            help="N; default: the project's own N in --out, else 10. Another N than the project's needs --rebucket.",
-        ),
-    ] = None,
+    buckets: ProjectBucketsOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Project folder (datasources/, pipes/).")] = Path("tinybird"),
     rebucket: Annotated[
         bool, typer.Option("--rebucket", help="Change the N of an existing project to --buckets (rewrites it).")
@@ -66,7 +55,7 @@ def tinybird_generate(
     try:
         if rebucket and buckets is None:
             raise fail("--rebucket needs --buckets N (the new number of buckets)", 2)
-        n = buckets if buckets is not None else project_buckets(out) or 10
+        n = buckets if buckets is not None else project_buckets(out) or DEFAULT_BUCKETS
         paths = write_project(n, out, rebucket=rebucket)
     except ProjectBucketsError as exc:
         raise fail(str(exc)) from None
@@ -78,7 +67,7 @@ def tinybird_copy(
     url: TinybirdUrlOpt,
     bucket: Annotated[list[int] | None, typer.Option("--bucket", help="Bucket to rebuild (repeatable).")] = None,
     all_buckets: Annotated[bool, typer.Option("--all", help="Every bucket 0..N-1.")] = False,
-    buckets: Annotated[int, typer.Option("--buckets", "-n", envvar="BUCKETER_BUCKETS", min=1)] = 10,
+    buckets: TinybirdBucketsOpt = DEFAULT_BUCKETS,
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Copy jobs at once (the account allows 12).")] = 12,
     poll: Annotated[float, typer.Option("--poll", min=0.01, help="Seconds between job polls.")] = 2.0,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one job may take.")] = 3600.0,
@@ -87,7 +76,8 @@ def tinybird_copy(
     ] = False,
 ) -> None:
     """Run the cleaning copy pipes now through the API and wait for each job; exit 1 if any failed."""
-    from connectors.tinybird_api import Secret, TinybirdClient
+    from connectors.secret import Secret
+    from connectors.tinybird_api import TinybirdClient
     from stream.tinybird_copy import CopyRunner
 
     if all_buckets == bool(bucket):
@@ -133,7 +123,8 @@ def tinybird_countries(
     url: TinybirdUrlOpt,
 ) -> None:
     """Resolve the organizations' new (country, location) pairs into organization_country_codes."""
-    from connectors.tinybird_api import Secret, TinybirdClient
+    from connectors.secret import Secret
+    from connectors.tinybird_api import TinybirdClient
 
     token = tinybird_token()
     assert isinstance(token, Secret)

@@ -11,12 +11,19 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from bucketer.cli import (
+from bucketer.app import app
+from bucketer.options import (
     DEFAULT_DATA_DIR,
+    DEFAULT_ROUTER_GROUP,
+    BootstrapOpt,
     BucketsOpt,
     DataDirOpt,
-    app,
+    KafkaConfigOpt,
+    KafkaOptionOpt,
+    OfRouterGroupOpt,
+    TopicPrefixOpt,
     fail,
+    kafka_connection,
     open_configured_warehouse,
 )
 
@@ -122,28 +129,28 @@ def query_cmd(
 def status_cmd(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    bootstrap: Annotated[
-        str | None,
-        typer.Option("--bootstrap", envvar="BUCKETER_BOOTSTRAP", help="Kafka, for the DLQ count and router lag."),
-    ] = None,
-    router_group: Annotated[str, typer.Option("--router-group", envvar="BUCKETER_ROUTER_GROUP")] = "bucketer-router",
-    topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    bootstrap: BootstrapOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    kafka_option: KafkaOptionOpt = None,
+    router_group: OfRouterGroupOpt = DEFAULT_ROUTER_GROUP,
+    topic_prefix: TopicPrefixOpt = "",
     allow_partial: Annotated[
         bool, typer.Option("--allow-partial", help="Exit 0 even when Kafka's figures could not be had.")
     ] = False,
 ) -> None:
     """Per bucket: raw rows, cleaned rows, share, snapshotId, last and next rebuild; DLQ count and router lag.
-    With --bootstrap and Kafka unreachable, the warehouse part is still shown, and the exit is 1 (or 0 with
-    --allow-partial)."""
+    With Kafka (--bootstrap or --kafka-config) and Kafka unreachable, the warehouse part is still shown, and the
+    exit is 1 (or 0 with --allow-partial)."""
     import json
 
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
     from stream.status import collect
 
+    kafka = kafka_connection(bootstrap, kafka_config, kafka_option, required=False)
     try:
         with existing_warehouse(data_dir) as wh:
-            st = collect(wh, bootstrap=bootstrap, topics=TopicNames(topic_prefix), router_group=router_group)
+            st = collect(wh, kafka=kafka, topics=TopicNames(topic_prefix), router_group=router_group)
     except (WarehouseError, LookupError) as exc:
         raise fail(str(exc)) from None
     if as_json:
@@ -195,7 +202,7 @@ def status_cmd(
         console.print(f"kafka: {st.kafka_error}")
         if not allow_partial:
             raise fail(f"kafka figures missing (DLQ count, router lag): {st.kafka_error}")
-    elif bootstrap:
+    elif kafka is not None:
         console.print(
             f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "
             f"router lag: {st.router_lag if st.router_lag is not None else 'no source topic'}"

@@ -1,6 +1,8 @@
 """The one place that talks to confluent-kafka about configuration, topics and errors.
 
-- ``consumer_config`` / ``producer_config`` build every client config (no network in them).
+- ``consumer_config`` / ``producer_config`` / ``admin`` build every client from a ``KafkaConnection``
+  (connectors/kafka_conn.py: bootstrap servers, security, extra librdkafka keys; no network in them). Its
+  settings override the product's tuning defaults; the call's overrides (the product's own keys) come last.
 - ``ensure_topics`` creates topics with the given partitions and replication (brokers here run with
   ``auto.create.topics.enable=false``) and tolerates topics that already exist.
 - ``check_reachable`` raises ``BrokerUnreachable`` with a one-line reason when no broker answers.
@@ -24,6 +26,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.lograte import RepeatFilter
 from connectors.topics import OTHER_PARTITIONS, TopicNames, bucket_partitions
 
@@ -86,6 +89,10 @@ class BrokerUnreachable(KafkaFatalError):
     """No broker answered at the bootstrap address."""
 
 
+class KafkaAuthenticationFailed(KafkaFatalError):
+    """The broker refused the connection's SASL credentials."""
+
+
 def classify(err: KafkaError, context: str = "") -> BucketerKafkaError:
     """The typed exception for a librdkafka error (returned, so the caller decides to raise)."""
     text = f"{context}: {err.str()} [{err.name()}]" if context else f"{err.str()} [{err.name()}]"
@@ -120,9 +127,8 @@ def from_exception(exc: KafkaException, context: str = "") -> BucketerKafkaError
     return classify(err, context)
 
 
-def consumer_config(bootstrap: str, group: str, **overrides: Any) -> dict[str, Any]:
+def consumer_config(kafka: KafkaConnection, group: str, **overrides: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
         "logger": LIBRDKAFKA_LOG,
         "group.id": group,
         "enable.auto.commit": False,
@@ -136,15 +142,15 @@ def consumer_config(bootstrap: str, group: str, **overrides: Any) -> dict[str, A
         "fetch.min.bytes": 262_144,
         "queued.max.messages.kbytes": 65_536,
     }
+    conf.update(kafka.client_config())
     conf.update(overrides)
     return conf
 
 
-def producer_config(bootstrap: str, transactional_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+def producer_config(kafka: KafkaConnection, transactional_id: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Idempotent producer; transactional when ``transactional_id`` is given. Keys are hashed with
     murmur2 (the Java client's partitioner), so one key always lands on one partition of a topic."""
     conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
         "logger": LIBRDKAFKA_LOG,
         "enable.idempotence": True,
         "acks": "all",
@@ -157,6 +163,7 @@ def producer_config(bootstrap: str, transactional_id: str | None = None, **overr
         "queue.buffering.max.kbytes": 262_144,
         "delivery.report.only.error": True,
     }
+    conf.update(kafka.client_config())
     if transactional_id:
         conf["transactional.id"] = transactional_id
         conf["transaction.timeout.ms"] = 60_000
@@ -165,7 +172,7 @@ def producer_config(bootstrap: str, transactional_id: str | None = None, **overr
 
 
 def ensure_bucket_topics(
-    bootstrap: str,
+    kafka: KafkaConnection,
     names: TopicNames,
     buckets: int,
     partitions: int | None,
@@ -175,26 +182,46 @@ def ensure_bucket_topics(
 ) -> None:
     """Create the missing bucket topics (``bucket_partitions(buckets, partitions)`` each) and the DLQ plus
     ``others`` (``partitions``, else OTHER_PARTITIONS each). Existing topics are left as they are."""
-    ensure_topics(bootstrap, names.buckets(buckets), bucket_partitions(buckets, partitions), replication, timeout)
-    ensure_topics(bootstrap, [names.dlq, *others], partitions or OTHER_PARTITIONS, replication, timeout)
+    ensure_topics(kafka, names.buckets(buckets), bucket_partitions(buckets, partitions), replication, timeout)
+    ensure_topics(kafka, [names.dlq, *others], partitions or OTHER_PARTITIONS, replication, timeout)
 
 
-def admin(bootstrap: str, quiet: bool = False) -> AdminClient:
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOG}
+def admin(kafka: KafkaConnection, quiet: bool = False, **overrides: Any) -> AdminClient:
+    conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOG, **kafka.client_config(), **overrides}
     if quiet:
         conf["log_level"] = 0  # the caller reports the failure in one line
     return AdminClient(conf)
 
 
-def check_reachable(bootstrap: str, timeout: float = 5.0) -> None:
+# Client errors that only say no broker answered; any other one (TLS, SASL) is the better reason to report.
+_NO_ANSWER = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT, KafkaError._RESOLVE}
+_AUTHENTICATION = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
+
+
+def check_reachable(kafka: KafkaConnection, timeout: float = 5.0) -> None:
+    """Raise ``KafkaAuthenticationFailed`` when the broker refuses the credentials, else ``BrokerUnreachable``
+    when no broker answers within ``timeout`` (naming a TLS or other client error when there was one)."""
+    seen: list[KafkaError] = []
+    client = admin(kafka, quiet=True, error_cb=seen.append)
     try:
-        admin(bootstrap, quiet=True).list_topics(timeout=timeout)
+        client.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap} within {timeout:g}s ({exc})") from None
+        client.poll(0)  # serves the client errors queued meanwhile to error_cb
+        auth = next((e for e in seen if e.code() in _AUTHENTICATION), None)
+        if auth is not None:
+            raise KafkaAuthenticationFailed(
+                f"Kafka at {kafka} refused the credentials ({kafka.redact(auth.str())})", auth
+            ) from None
+        # A TLS or other client error, else the first transport error (it says why: refused, handshake failed).
+        other = next((e for e in seen if e.code() not in _NO_ANSWER), None) or next(
+            (e for e in seen if e.code() == KafkaError._TRANSPORT), None
+        )
+        reason = f"{other.str()} [{other.name()}]" if other is not None else str(exc)
+        raise BrokerUnreachable(f"cannot reach Kafka at {kafka} within {timeout:g}s ({kafka.redact(reason)})") from None
 
 
 def ensure_topics(
-    bootstrap: str,
+    kafka: KafkaConnection,
     names: list[str],
     partitions: int,
     replication: int,
@@ -203,11 +230,13 @@ def ensure_topics(
 ) -> list[str]:
     """Create the missing topics (with topic ``config`` when given); returns the names created. Existing
     topics are left as they are."""
-    client = admin(bootstrap)
+    client = admin(kafka)
     try:
         existing = set(client.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap} within {timeout:g}s ({exc})") from None
+        raise BrokerUnreachable(
+            f"cannot reach Kafka at {kafka} within {timeout:g}s ({kafka.redact(str(exc))})"
+        ) from None
     missing = [n for n in names if n not in existing]
     if not missing:
         return []
@@ -274,7 +303,7 @@ def lag_estimate(consumer: Any, partitions: list[TopicPartition] | None = None) 
         return None
 
 
-def group_lag(bootstrap: str, group: str | None, topics: Sequence[str], timeout: float = 10.0) -> Lag:
+def group_lag(kafka: KafkaConnection, group: str | None, topics: Sequence[str], timeout: float = 10.0) -> Lag:
     """Messages on ``topics`` that a ``read_committed`` consumer of ``group`` still has to read: per partition,
     the committed messages from the group's committed offset (the low watermark when it has none, or for every
     partition when ``group`` is None: then it counts all the committed messages) up to the high watermark taken
@@ -290,9 +319,7 @@ def group_lag(bootstrap: str, group: str | None, topics: Sequence[str], timeout:
     its offset span (logged)."""
     # Offsets and committed positions through a read_uncommitted client: its high watermark is the log's end
     # (a read_committed one would report the last stable offset and hide open transactions).
-    meta = Consumer(
-        consumer_config(bootstrap, group or "bucketer-lag-unused", **{"isolation.level": "read_uncommitted"})
-    )
+    meta = Consumer(consumer_config(kafka, group or "bucketer-lag-unused", **{"isolation.level": "read_uncommitted"}))
     try:
         md = meta.list_topics(timeout=timeout).topics
         parts: list[TopicPartition] = []
@@ -317,7 +344,7 @@ def group_lag(bootstrap: str, group: str | None, topics: Sequence[str], timeout:
         return Lag(0, absent=tuple(absent))
     reader = Consumer(
         consumer_config(
-            bootstrap,
+            kafka,
             "bucketer-lag-unused",
             **{
                 "isolation.level": "read_committed",

@@ -23,31 +23,10 @@ from typing import Any
 import httpx
 import orjson
 
+from connectors.secret import Secret as Secret  # the one Secret type, re-exported for this API's callers
+
 log = logging.getLogger("bucketer.tinybird")
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-class Secret:
-    """A string that does not print itself."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def redact(self, text: str) -> str:
-        return text.replace(self._value, "***") if self._value else text
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
 
 
 class TinybirdError(RuntimeError):

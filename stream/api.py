@@ -60,6 +60,7 @@ from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBear
 from pydantic import BaseModel, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.warehouse import WarehouseError, one_line
 from stream.buckets import cleaned_table
 from stream.query import QueryError, QueryLimits, engine_error, read_only, run_statement
@@ -87,8 +88,8 @@ class ApiConfig:
     limits: QueryLimits = field(default_factory=QueryLimits)
     pool_size: int = 4
     pool_wait_s: float = 30.0
-    # For /v0/status: Kafka figures (DLQ count, router lag) when a bootstrap is known.
-    bootstrap: str | None = None
+    # For /v0/status: Kafka figures (DLQ count, router lag) when a connection is known.
+    kafka: KafkaConnection | None = None
     topic_prefix: str = ""
     router_group: str = "bucketer-router"
     pipes: tuple[UserPipe, ...] = ()  # user pipes (load_pipes)
@@ -682,9 +683,7 @@ def create_app(
         from stream.status import collect
 
         try:
-            st = collect(
-                wh, bootstrap=cfg.bootstrap, topics=TopicNames(cfg.topic_prefix), router_group=cfg.router_group
-            )
+            st = collect(wh, kafka=cfg.kafka, topics=TopicNames(cfg.topic_prefix), router_group=cfg.router_group)
         except LookupError as exc:
             raise ApiError(503, str(exc)) from None
         out = st.as_json()
@@ -845,7 +844,7 @@ def pipeline_ready(pipeline: Any, timeout: float = 5.0) -> Callable[[], str | No
             from connectors.kafka import admin
 
             if state["admin"] is None:
-                state["admin"] = admin(cfg.bootstrap, quiet=True)
+                state["admin"] = admin(cfg.kafka, quiet=True)
             groups = [cfg.router_group, cfg.loader_group]
             try:
                 futures = state["admin"].describe_consumer_groups(groups, request_timeout=timeout)
@@ -872,13 +871,13 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
     cfg = pipeline.config
     check_bind(http.host, http.api.tokens)
     sock = bind(http.host, http.port)
-    api = replace(http.api, bootstrap=cfg.bootstrap, topic_prefix=cfg.topic_prefix, router_group=cfg.router_group)
+    api = replace(http.api, kafka=cfg.kafka, topic_prefix=cfg.topic_prefix, router_group=cfg.router_group)
     app = create_app(
         pipeline.connect,
         api,
         ready=pipeline_ready(pipeline),
         metrics=registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds),
-        dlq_by_class=ClassCounts(cfg.bootstrap, TopicNames(cfg.topic_prefix)),
+        dlq_by_class=ClassCounts(cfg.kafka, TopicNames(cfg.topic_prefix)),
     )
     server = Server(app, sock).start()
     log.info("api: serving on %s", server.url)

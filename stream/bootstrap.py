@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from connectors.kafka import consumer_config, consumer_error
+from connectors.kafka_conn import KafkaConnection
 from connectors.model import bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse, WarehouseError
@@ -226,7 +227,7 @@ class ReferenceWriter:
 
 def replay(
     wh: Warehouse,
-    bootstrap: str,
+    kafka: KafkaConnection,
     buckets: int,
     only: list[int] | None = None,
     topics: TopicNames | None = None,
@@ -252,7 +253,7 @@ def replay(
         report.messages += len(msgs)
         report.dead_lettered.update(counts.dlq)
 
-    consumer = Consumer(consumer_config(bootstrap, "bucketer-bootstrap-unused", **{"enable.auto.commit": False}))
+    consumer = Consumer(consumer_config(kafka, "bucketer-bootstrap-unused", **{"enable.auto.commit": False}))
     try:
         for table, topic in topics.references().items():
             report.reference_messages[table] += 0

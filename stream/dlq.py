@@ -42,6 +42,7 @@ from connectors.kafka import (
     from_exception,
     producer_config,
 )
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import OTHER_PARTITIONS, TopicNames
 from stream.bootstrap import read_topic
 
@@ -118,14 +119,14 @@ def dead_letter_of(m: Message, topics: TopicNames) -> DeadLetter:
     )
 
 
-def _reader(bootstrap: str, group: str) -> Consumer:
-    return Consumer(consumer_config(bootstrap, group, **{"fetch.max.bytes": 64 << 20}))
+def _reader(kafka: KafkaConnection, group: str) -> Consumer:
+    return Consumer(consumer_config(kafka, group, **{"fetch.max.bytes": 64 << 20}))
 
 
-def read_dead_letters(bootstrap: str, topics: TopicNames, timeout: float = 30.0) -> Iterator[DeadLetter]:
+def read_dead_letters(kafka: KafkaConnection, topics: TopicNames, timeout: float = 30.0) -> Iterator[DeadLetter]:
     """Every committed dead letter, up to the end offsets seen at the start (nothing committed)."""
     out: list[DeadLetter] = []
-    consumer = _reader(bootstrap, "bucketer-dlq-reader")
+    consumer = _reader(kafka, "bucketer-dlq-reader")
     try:
         read_topic(consumer, topics.dlq, lambda ms: out.extend(dead_letter_of(m, topics) for m in ms), timeout=timeout)
     except LookupError:
@@ -135,7 +136,7 @@ def read_dead_letters(bootstrap: str, topics: TopicNames, timeout: float = 30.0)
     yield from out
 
 
-def redriven_refs(bootstrap: str, topics: TopicNames, timeout: float = 30.0) -> set[str]:
+def redriven_refs(kafka: KafkaConnection, topics: TopicNames, timeout: float = 30.0) -> set[str]:
     """The dead letters a committed redrive already sent (their ``partition:offset``)."""
     refs: set[str] = set()
 
@@ -145,7 +146,7 @@ def redriven_refs(bootstrap: str, topics: TopicNames, timeout: float = 30.0) -> 
             if key is not None and m.value() is not None:
                 refs.add(key.decode() if isinstance(key, bytes) else str(key))
 
-    consumer = _reader(bootstrap, "bucketer-dlq-reader")
+    consumer = _reader(kafka, "bucketer-dlq-reader")
     try:
         read_topic(consumer, redrive_topic(topics), take, timeout=timeout, required=False)
     finally:
@@ -226,7 +227,7 @@ ProducerFactory = Callable[[dict[str, Any]], Producer]
 
 
 def redrive(
-    bootstrap: str,
+    kafka: KafkaConnection,
     topics: TopicNames,
     select: Selection = Selection(),
     *,
@@ -238,15 +239,15 @@ def redrive(
     report = RedriveReport(dry_run=dry_run)
     producer: Producer | None = None
     if not dry_run:
-        ensure_topics(bootstrap, [redrive_topic(topics)], OTHER_PARTITIONS, 1, config={"cleanup.policy": "compact"})
-        producer = producer_factory(producer_config(bootstrap, transactional_id=f"bucketer-dlq-redrive.{topics.dlq}"))
+        ensure_topics(kafka, [redrive_topic(topics)], OTHER_PARTITIONS, 1, config={"cleanup.policy": "compact"})
+        producer = producer_factory(producer_config(kafka, transactional_id=f"bucketer-dlq-redrive.{topics.dlq}"))
         try:
             producer.init_transactions(timeout)  # fences a redrive still running, before we read what was sent
         except KafkaException as exc:
             raise from_exception(exc, "redrive: init transactions") from None
-    done = redriven_refs(bootstrap, topics, timeout)
+    done = redriven_refs(kafka, topics, timeout)
     todo: list[DeadLetter] = []
-    for d in read_dead_letters(bootstrap, topics, timeout):
+    for d in read_dead_letters(kafka, topics, timeout):
         if not select(d):
             continue
         report.selected += 1
@@ -292,8 +293,8 @@ class ClassCounts:
     """Dead letters per error class in the DLQ topic, read again at most every ``ttl`` seconds (the status page
     asks every few seconds; a large DLQ is not re-read each time). A failed read keeps the last counts."""
 
-    def __init__(self, bootstrap: str, topics: TopicNames, ttl: float = 30.0, timeout: float = 10.0) -> None:
-        self._bootstrap, self._topics, self._ttl, self._timeout = bootstrap, topics, ttl, timeout
+    def __init__(self, kafka: KafkaConnection, topics: TopicNames, ttl: float = 30.0, timeout: float = 10.0) -> None:
+        self._kafka, self._topics, self._ttl, self._timeout = kafka, topics, ttl, timeout
         self._at: float | None = None
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -304,7 +305,7 @@ class ClassCounts:
             if self._at is None or now - self._at >= self._ttl:
                 self._at = now
                 try:
-                    letters = read_dead_letters(self._bootstrap, self._topics, self._timeout)
+                    letters = read_dead_letters(self._kafka, self._topics, self._timeout)
                     self._counts = dict(Counter(d.error_class for d in letters))
                 except LookupError:
                     self._counts = {}

@@ -62,6 +62,7 @@ from connectors.kafka import (
     lag_estimate,
     producer_config,
 )
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
 from stream.buckets import raw_table
@@ -84,7 +85,7 @@ _CONSUME_MAX = 10_000  # messages per consume() call
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    bootstrap: str
+    kafka: KafkaConnection
     buckets: int
     group: str = "bucketer-loader"
     topics: TopicNames = field(default_factory=TopicNames)
@@ -231,11 +232,11 @@ class Loader:
             "error_cb": self._client_errors.append,
             **cfg.consumer_overrides,
         }
-        self._consumer = self._consumer_factory(consumer_config(cfg.bootstrap, cfg.group, **overrides))
+        self._consumer = self._consumer_factory(consumer_config(cfg.kafka, cfg.group, **overrides))
         # A dead letter may wait out a broker outage as long as the loader does.
         dlq_settings: dict[str, Any] = {"message.timeout.ms": int(max(60.0, cfg.outage_deadline) * 1000)}
         self._producer = self._producer_factory(
-            producer_config(cfg.bootstrap, on_delivery=self._on_dlq_delivery, **dlq_settings)
+            producer_config(cfg.kafka, on_delivery=self._on_dlq_delivery, **dlq_settings)
         )
         # One insert runs in the background while the next batch is read; its offsets wait with it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")

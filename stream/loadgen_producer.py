@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import REFERENCE_TABLES, SOURCE, TopicNames
 from stream.loadgen import LoadgenConfig, LoadGenerator, Summary
 
@@ -32,7 +33,7 @@ class LoadgenError(RuntimeError):
 
 @dataclass(frozen=True)
 class ProducerSettings:
-    bootstrap: str
+    kafka: KafkaConnection
     topic_prefix: str = ""
     partitions: int = 3
     replication_factor: int = 1
@@ -44,7 +45,7 @@ def ensure_topics(settings: ProducerSettings) -> list[str]:
     """Create the six topics if missing; return their names. Raises LoadgenError if the broker refuses."""
     names = TopicNames(settings.topic_prefix)
     topics = [names.source] + [names.reference(t) for t in REFERENCE_TABLES]
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap, "socket.timeout.ms": 10_000, "log_level": 2})
+    admin = AdminClient({**settings.kafka.client_config(), "socket.timeout.ms": 10_000, "log_level": 2})
     new = [NewTopic(t, settings.partitions, settings.replication_factor) for t in topics]
     futures = admin.create_topics(new, operation_timeout=settings.timeout, request_timeout=settings.timeout)
     for name, fut in futures.items():
@@ -52,7 +53,7 @@ def ensure_topics(settings: ProducerSettings) -> list[str]:
             fut.result(settings.timeout + 5)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise LoadgenError(f"cannot create topic {name} on {settings.bootstrap}: {exc}") from None
+                raise LoadgenError(f"cannot create topic {name} on {settings.kafka}: {exc}") from None
     return topics
 
 
@@ -97,7 +98,7 @@ class LoadProducer:
     def __enter__(self) -> LoadProducer:
         self._producer = Producer(
             {
-                "bootstrap.servers": self.settings.bootstrap,
+                **self.settings.kafka.client_config(),
                 "enable.idempotence": True,
                 "linger.ms": 20,
                 "compression.type": "lz4",
@@ -144,7 +145,7 @@ class LoadProducer:
             raise LoadgenError(f"delivery failed: {self.failures[0]}")
         if remaining:
             raise LoadgenError(
-                f"{remaining} messages not acknowledged by {self.settings.bootstrap} after {self.settings.timeout}s"
+                f"{remaining} messages not acknowledged by {self.settings.kafka} after {self.settings.timeout}s"
             )
         return gen.summary
 

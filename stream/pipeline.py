@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kafka import ensure_bucket_topics
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
@@ -45,7 +46,7 @@ log = logging.getLogger("bucketer.pipeline")
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    bootstrap: str
+    kafka: KafkaConnection
     data_dir: Path = Path(".bucketer")
     clickhouse_url: str | None = None
     buckets: int | None = None  # None: the warehouse's recorded count (10 for a new one); see ensure_schema
@@ -92,7 +93,7 @@ class Pipeline:
             # The warehouse owns N: a --buckets that differs is refused here, before any topic is created.
             n = self.buckets = ensure_schema(wh, cfg.buckets)
             ensure_bucket_topics(
-                cfg.bootstrap,
+                cfg.kafka,
                 self.topics,
                 n,
                 cfg.partitions,
@@ -101,7 +102,7 @@ class Pipeline:
             )
             self.router = Router(
                 RouterConfig(
-                    bootstrap=cfg.bootstrap,
+                    kafka=cfg.kafka,
                     buckets=n,
                     group=cfg.router_group,
                     topic_prefix=cfg.topic_prefix,
@@ -113,7 +114,7 @@ class Pipeline:
             )
             self.loader = Loader(
                 LoaderConfig(
-                    bootstrap=cfg.bootstrap,
+                    kafka=cfg.kafka,
                     buckets=n,
                     group=cfg.loader_group,
                     topics=self.topics,

@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass
 
 from connectors.kafka import group_lag
+from connectors.kafka_conn import KafkaConnection
 from connectors.model import SORT_KEY, bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
@@ -54,12 +55,12 @@ class RebucketReport:
     rebuilds: list[RebuildResult]
 
 
-def loader_lag(bootstrap: str, group: str, topics: TopicNames, buckets: int, timeout: float = 10.0) -> int:
+def loader_lag(kafka: KafkaConnection, group: str, topics: TopicNames, buckets: int, timeout: float = 10.0) -> int:
     """Messages on the N bucket topics the loader group has not committed yet, counted as its read_committed
     consumer sees them (``group_lag``: transaction markers are not messages, so a drained loader has 0; a topic
     never read counts whole; a missing topic counts nothing), plus what sits in transactions still open on
     them (a router still running: those may become messages routed under N)."""
-    lag = group_lag(bootstrap, group, topics.buckets(buckets), timeout)
+    lag = group_lag(kafka, group, topics.buckets(buckets), timeout)
     if lag.pending:
         log.info(
             "rebucket: %d offsets of the bucket topics are in open transactions (is a router running?)", lag.pending

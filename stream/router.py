@@ -53,6 +53,7 @@ from connectors.kafka import (
     group_lag,
     lag_estimate,
 )
+from connectors.kafka_conn import KafkaConnection
 from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
 from stream.routing import BatchRouter, RouterStats
@@ -66,7 +67,7 @@ log = logging.getLogger("bucketer.router")
 
 @dataclass(frozen=True)
 class RouterConfig:
-    bootstrap: str
+    kafka: KafkaConnection
     buckets: int = 10
     group: str = "bucketer-router"
     topic_prefix: str = ""
@@ -131,7 +132,7 @@ class Router:
     def run(self) -> None:
         cfg = self.config
         if self._consumer_factory is None:
-            check_reachable(cfg.bootstrap)
+            check_reachable(cfg.kafka)
         sink = self._sink = self._sink_factory(cfg)
         if self._stopping:
             interrupt_sink(sink)
@@ -142,7 +143,7 @@ class Router:
         }
         if cfg.static_membership:
             extra["group.instance.id"] = f"{self.topics.source}.{cfg.instance_id}"
-        conf = consumer_config(cfg.bootstrap, cfg.group, **extra)
+        conf = consumer_config(cfg.kafka, cfg.group, **extra)
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
             consumer.subscribe(
@@ -289,7 +290,7 @@ class Router:
             return True
         # The offset estimate counts transaction markers (a source topic written transactionally, e.g. by
         # ``bucketer dlq redrive``, ends each partition with one): read what is really left, once per idle spell.
-        lag = group_lag(self.config.bootstrap, self.config.group, sorted({tp.topic for tp in assigned}))
+        lag = group_lag(self.config.kafka, self.config.group, sorted({tp.topic for tp in assigned}))
         return lag.exact and lag.messages == 0
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

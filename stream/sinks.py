@@ -50,6 +50,7 @@ from connectors.kafka import (
     from_exception,
     producer_config,
 )
+from connectors.kafka_conn import KafkaConnection
 from connectors.sink_errors import SinkError, SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
 
@@ -99,7 +100,7 @@ class KafkaSink:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaConnection,
         topics: TopicNames,
         buckets: int,
         *,
@@ -110,9 +111,9 @@ class KafkaSink:
         producer_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.exactly_once = transactional_id is not None
-        self._bootstrap, self._names, self._buckets = bootstrap, topics, buckets
+        self._kafka, self._names, self._buckets = kafka, topics, buckets
         self._topics = topics.buckets(buckets)
-        self._conf = producer_config(bootstrap, transactional_id, **(producer_overrides or {}))
+        self._conf = producer_config(kafka, transactional_id, **(producer_overrides or {}))
         self._conf["error_cb"] = self._on_client_error
         if not self.exactly_once:
             self._conf["on_delivery"] = self._on_delivery_error
@@ -124,7 +125,7 @@ class KafkaSink:
         self._failed: list[KafkaError] = []
 
     def open(self) -> None:
-        ensure_bucket_topics(self._bootstrap, self._names, self._buckets, self._partitions, self._replication, 10.0)
+        ensure_bucket_topics(self._kafka, self._names, self._buckets, self._partitions, self._replication, 10.0)
         self._producer = Producer(self._conf)
         self._in_txn = False
         if self.exactly_once:
@@ -267,7 +268,7 @@ def make_sink(config: RouterConfig) -> Sink:
     if config.sink == "kafka":
         txn_id = f"bucketer-router.{config.topic_prefix}{config.group}.{config.instance_id}"
         return KafkaSink(
-            config.bootstrap,
+            config.kafka,
             names,
             config.buckets,
             transactional_id=txn_id if config.exactly_once else None,
@@ -281,7 +282,7 @@ def make_sink(config: RouterConfig) -> Sink:
         if config.tinybird is None:
             raise SinkFatalError("the tinybird sink needs --tinybird-url and BUCKETER_TINYBIRD_TOKEN")
         dlq = KafkaSink(
-            config.bootstrap,
+            config.kafka,
             names,
             0,
             transactional_id=None,

@@ -1,6 +1,6 @@
 """What ``bucketer status`` shows: per bucket the live raw rows (FINAL), the cleaned rows, the bucket's share of
 all raw rows, the cleaned snapshotId and its age; the DLQ's message count and the router's lag (when a Kafka
-bootstrap is given). ``collect()`` gathers it; rendering lives in the CLI.
+a Kafka connection is given). ``collect()`` gathers it; rendering lives in the CLI.
 
 Kafka figures count messages as a ``read_committed`` consumer sees them (``connectors.kafka.group_lag``): the
 DLQ count is every committed message of the DLQ; the router lag the committed messages of the source topic past
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
 from stream.buckets import cleaned_table, raw_table
@@ -115,31 +116,31 @@ def warehouse_status(
 
 
 def kafka_figures(
-    bootstrap: str, topics: TopicNames, router_group: str, timeout: float = 10.0
+    kafka: KafkaConnection, topics: TopicNames, router_group: str, timeout: float = 10.0
 ) -> tuple[int | None, int | None]:
     """(DLQ messages, router lag); None for a topic that does not exist. Both are counted as a read_committed
     reader sees them (connectors.kafka.group_lag): the DLQ is written inside the router's transactions, so its
     offset span would count commit markers and aborted records too."""
     from connectors.kafka import group_lag  # Kafka's client only when Kafka figures are asked for
 
-    dlq = group_lag(bootstrap, None, [topics.dlq], timeout)
-    lag = group_lag(bootstrap, router_group, [topics.source], timeout)
+    dlq = group_lag(kafka, None, [topics.dlq], timeout)
+    lag = group_lag(kafka, router_group, [topics.source], timeout)
     return (None if dlq.absent else dlq.messages), (None if lag.absent else lag.messages)
 
 
 def collect(
     wh: Warehouse,
     buckets: int | None = None,
-    bootstrap: str | None = None,
+    kafka: KafkaConnection | None = None,
     topics: TopicNames | None = None,
     router_group: str = "bucketer-router",
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Status:
     status = warehouse_status(wh, buckets, now)
-    if not bootstrap:
+    if kafka is None:
         return status
     try:
-        dlq, lag = kafka_figures(bootstrap, topics or TopicNames(), router_group)
+        dlq, lag = kafka_figures(kafka, topics or TopicNames(), router_group)
     except Exception as exc:  # status still shows the warehouse when Kafka is away
         return Status(
             status.buckets,

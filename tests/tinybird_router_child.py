@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from connectors.kafka_conn import KafkaConnection  # noqa: E402
 from connectors.tinybird import TinybirdSettings  # noqa: E402
 from connectors.tinybird_api import Secret, TinybirdClient  # noqa: E402
 from stream.router import Router, RouterConfig  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
     TinybirdClient.post_events = post_events  # type: ignore[method-assign]
     tb = TinybirdSettings(url=url, token=token, linger=0.05, max_batch_bytes=20_000)
     config = RouterConfig(
-        bootstrap=bootstrap,
+        kafka=KafkaConnection.plain(bootstrap),
         buckets=int(buckets),
         group=group,
         topic_prefix=prefix,

@@ -7,6 +7,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 from kafkatools import create_topics, unique
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import REFERENCE_TABLES, TopicNames
 from connectors.warehouse import open_warehouse
 from stream.bootstrap import replay
@@ -27,12 +28,14 @@ def test_replay_fills_reference_tables_and_twice_changes_nothing(bootstrap: str,
     seen: list[tuple[str, int, int]] = []
     with open_warehouse(data_dir=tmp_path / "wh") as wh:
         ensure_schema(wh, 10)
-        first = replay(wh, bootstrap, 10, topics=topics, progress=lambda t, d, n: seen.append((t, d, n)))
+        first = replay(
+            wh, KafkaConnection.plain(bootstrap), 10, topics=topics, progress=lambda t, d, n: seen.append((t, d, n))
+        )
         assert dict(first.reference_messages) == sent
         for table in REFERENCE_TABLES:
             assert sent[table] > 0 and first.reference_live[table] > 0, table
         assert first.ok and sum(first.written.values()) > 1000
-        again = replay(wh, bootstrap, 10, topics=topics)
+        again = replay(wh, KafkaConnection.plain(bootstrap), 10, topics=topics)
         assert again.reference_live == first.reference_live
         assert [c.live_rows for c in again.checks] == [c.live_rows for c in first.checks]
     assert {t for t, _, _ in seen} == {topics.source, *topics.references().values()}

@@ -16,6 +16,7 @@ from kafkatools import create_topics, unique
 
 from bucketer.localkafka import free_port
 from connectors.countries import organization_country_code
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.bootstrap import replay
@@ -44,7 +45,7 @@ def test_bootstrap_from_scratch_gives_the_cleaned_rows_of_the_model_and_of_a_nor
     fresh = tmp_path / "fresh"
     with open_warehouse(fresh) as wh:
         ensure_schema(wh, 10)
-        report = replay(wh, bootstrap, 10, topics=topics)
+        report = replay(wh, KafkaConnection.plain(bootstrap), 10, topics=topics)
         assert report.ok
     results = Enricher(lambda: open_warehouse(fresh), lock_dir=fresh / "locks").rebuild_many(range(10))
     assert [r.status for r in results] == ["ok"] * 10
@@ -80,7 +81,7 @@ def test_bootstrap_from_scratch_gives_the_cleaned_rows_of_the_model_and_of_a_nor
     loaded = tmp_path / "loaded"
     Pipeline(
         PipelineConfig(
-            bootstrap=bootstrap,
+            kafka=KafkaConnection.plain(bootstrap),
             data_dir=loaded,
             buckets=10,
             topic_prefix=topics.prefix,

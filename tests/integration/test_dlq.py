@@ -21,6 +21,7 @@ from kafkatools import create_topics, drain, unique
 from sequinmsgs import bad_messages, message, row
 
 from connectors.kafka import H_SOURCE_TOPIC, dlq_headers
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from stream.buckets import bucket_of
 from stream.dlq import H_REDRIVEN_FROM, Selection, read_dead_letters, redrive
@@ -37,7 +38,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def route(bootstrap: str, names: TopicNames, group: str) -> Router:
     router = Router(
-        RouterConfig(bootstrap=bootstrap, buckets=10, group=group, topic_prefix=names.prefix, until_idle=3.0)
+        RouterConfig(
+            kafka=KafkaConnection.plain(bootstrap), buckets=10, group=group, topic_prefix=names.prefix, until_idle=3.0
+        )
     )
     router.run()
     return router
@@ -74,7 +77,7 @@ def test_list_then_redrive_once(bootstrap: str, group: str) -> None:
     assert table.returncode == 0 and "not_json" in table.stdout and "bad_column" not in table.stdout
 
     # Dry run: says what it would send, sends nothing.
-    dry = redrive(bootstrap, names, Selection(frozenset({"bad_column"})), dry_run=True)
+    dry = redrive(KafkaConnection.plain(bootstrap), names, Selection(frozenset({"bad_column"})), dry_run=True)
     bad_column_bad = sum(1 for s in bad if s.dlq == "bad_column")
     assert dry.total_sent == len(wrongly) + bad_column_bad
     assert not any(m.topic() == names.source for m in drain(bootstrap, [names.source], idle=1) if m.headers())
@@ -98,15 +101,15 @@ def test_list_then_redrive_once(bootstrap: str, group: str) -> None:
         assert m.topic() == names.bucket(bucket_of(seg, 10))
 
     # A second redrive sends nothing it sent before (only the new dead letters of the second routing).
-    again = redrive(bootstrap, names, Selection(frozenset({"bad_column"})))
+    again = redrive(KafkaConnection.plain(bootstrap), names, Selection(frozenset({"bad_column"})))
     assert again.already == len(wrongly) + bad_column_bad and again.total_sent == bad_column_bad
-    third = redrive(bootstrap, names, Selection(frozenset({"bad_column"})))
+    third = redrive(KafkaConnection.plain(bootstrap), names, Selection(frozenset({"bad_column"})))
     assert third.total_sent == 0
 
     # Tombstones have no original bytes: skipped, never sent as empty values.
-    tomb = redrive(bootstrap, names, Selection(frozenset({"tombstone"})))
+    tomb = redrive(KafkaConnection.plain(bootstrap), names, Selection(frozenset({"tombstone"})))
     assert tomb.total_sent == 0 and tomb.skipped["tombstone"] == sum(1 for s in bad if s.dlq == "tombstone")
-    letters = list(read_dead_letters(bootstrap, names))
+    letters = list(read_dead_letters(KafkaConnection.plain(bootstrap), names))
     assert {d.source_topic for d in letters} == {names.source}
     assert all(dict((k, v) for k, v in [(H_SOURCE_TOPIC, d.source_topic)]) for d in letters)
 

@@ -20,6 +20,7 @@ from kafkatools import create_topics, drain, unique
 from sequinmsgs import Sent, scenario
 
 from connectors.kafka import group_lag
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse
 from stream.loader import Loader, LoaderConfig
@@ -77,7 +78,7 @@ def routed(bootstrap: str) -> tuple[TopicNames, list[Sent], str]:
     router_group = unique("router")
     Router(
         RouterConfig(
-            bootstrap=bootstrap,
+            kafka=KafkaConnection.plain(bootstrap),
             buckets=BUCKETS,
             group=router_group,
             topic_prefix=names.prefix,
@@ -102,9 +103,9 @@ def test_lag_counts_messages_not_transaction_markers(bootstrap: str, routed) -> 
 
     # A loader group that has read nothing: every message, and the markers are not among them.
     fresh = unique("loader")
-    lag = group_lag(bootstrap, fresh, topics)
+    lag = group_lag(KafkaConnection.plain(bootstrap), fresh, topics)
     assert (lag.messages, lag.pending, lag.exact, lag.absent) == (expected, 0, True, ())
-    assert loader_lag(bootstrap, fresh, names, BUCKETS) == expected
+    assert loader_lag(KafkaConnection.plain(bootstrap), fresh, names, BUCKETS) == expected
     assert offset_span(bootstrap, fresh, topics) > expected  # what high - committed said: markers included
 
     # A group part-way: committed at the 5th message of every partition. Its lag is the messages from there on.
@@ -115,7 +116,7 @@ def test_lag_counts_messages_not_transaction_markers(bootstrap: str, routed) -> 
     partway = unique("loader")
     commit(bootstrap, partway, [TopicPartition(t, p, sorted(offs)[4]) for (t, p), offs in by_partition.items()])
     rest = sum(len(offs) - 4 for offs in by_partition.values())
-    assert loader_lag(bootstrap, partway, names, BUCKETS) == rest
+    assert loader_lag(KafkaConnection.plain(bootstrap), partway, names, BUCKETS) == rest
     assert offset_span(bootstrap, partway, topics) > rest
 
     # A group committed right after its last message (what a plain consumer commits): drained, although the
@@ -123,12 +124,14 @@ def test_lag_counts_messages_not_transaction_markers(bootstrap: str, routed) -> 
     done = unique("loader")
     commit(bootstrap, done, [TopicPartition(t, p, max(offs) + 1) for (t, p), offs in by_partition.items()])
     assert offset_span(bootstrap, done, topics) == 3 * BUCKETS
-    assert loader_lag(bootstrap, done, names, BUCKETS) == 0
+    assert loader_lag(KafkaConnection.plain(bootstrap), done, names, BUCKETS) == 0
 
     # status: the DLQ holds the bad inputs (written in the router's transactions), the router has no lag.
-    dlq, router_lag = kafka_figures(bootstrap, names, router_group)
+    dlq, router_lag = kafka_figures(KafkaConnection.plain(bootstrap), names, router_group)
     assert (dlq, router_lag) == (sum(s.dlq is not None for s in sents), 0)
-    assert group_lag(bootstrap, None, [names.dlq, names.prefix + "missing"]).absent == (names.prefix + "missing",)
+    assert group_lag(KafkaConnection.plain(bootstrap), None, [names.dlq, names.prefix + "missing"]).absent == (
+        names.prefix + "missing",
+    )
 
 
 def test_drained_loader_lets_rebucket_through_without_force(bootstrap: str, routed, tmp_path: Path) -> None:
@@ -137,10 +140,15 @@ def test_drained_loader_lets_rebucket_through_without_force(bootstrap: str, rout
     group = unique("loader")
     with EmbeddedWarehouse(data) as wh:
         ensure_schema(wh, BUCKETS)
-        loader = Loader(LoaderConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topics=names, max_wait=0.3), wh)
+        loader = Loader(
+            LoaderConfig(
+                kafka=KafkaConnection.plain(bootstrap), buckets=BUCKETS, group=group, topics=names, max_wait=0.3
+            ),
+            wh,
+        )
         stats = loader.run(until_idle=3.0)
         assert stats.messages == bucket_messages(sents)
-    assert loader_lag(bootstrap, group, names, BUCKETS) == 0
+    assert loader_lag(KafkaConnection.plain(bootstrap), group, names, BUCKETS) == 0
 
     common = ["--data-dir", str(data), "--bootstrap", bootstrap, "--topic-prefix", names.prefix]
     # A loader group that has not drained is still refused, with the number of messages it has left.

@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Producer
 from kafkatools import create_topics, drain, unique, wait_until
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse, WarehouseError
 from stream.buckets import bucket_of, raw_table
@@ -127,7 +128,12 @@ def load(
 ) -> LoaderStats:
     """Run a loader in a thread until it has read and flushed ``expect_messages`` messages (deadline 60s)."""
     cfg = LoaderConfig(
-        bootstrap=bootstrap, buckets=N, group=group or unique("loader"), topics=topics, max_rows=max_rows, max_wait=0.3
+        kafka=KafkaConnection.plain(bootstrap),
+        buckets=N,
+        group=group or unique("loader"),
+        topics=topics,
+        max_rows=max_rows,
+        max_wait=0.3,
     )
     loader = Loader(cfg, wh)
     errors: list[BaseException] = []
@@ -504,7 +510,12 @@ def test_nothing_is_committed_when_the_warehouse_is_down(bootstrap, topics, ware
     group = unique("loader")
     down = DownWarehouse(warehouse)
     cfg = LoaderConfig(
-        bootstrap=bootstrap, buckets=N, group=group, topics=topics, max_wait=0.3, retry_backoff=(0.1, 0.1)
+        kafka=KafkaConnection.plain(bootstrap),
+        buckets=N,
+        group=group,
+        topics=topics,
+        max_wait=0.3,
+        retry_backoff=(0.1, 0.1),
     )
     with pytest.raises(WarehouseUnavailable):
         Loader(cfg, down).run(until_idle=30)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from kafkatools import drain, unique
 from typer.testing import CliRunner
 
 from bucketer.cli import app
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import REFERENCE_TABLES, SOURCE
 from stream.loadgen import LoadgenConfig, generate
 from stream.loadgen_producer import LoadProducer, ProducerSettings, ensure_topics
@@ -16,7 +17,7 @@ from stream.loadgen_producer import LoadProducer, ProducerSettings, ensure_topic
 def test_produced_messages_equal_the_generated_ones(bootstrap: str) -> None:
     prefix = unique("lg") + "."
     config = LoadgenConfig(count=1500, seed=5, segments=20, bad_fraction=0.03)
-    settings = ProducerSettings(bootstrap=bootstrap, topic_prefix=prefix, partitions=3)
+    settings = ProducerSettings(kafka=KafkaConnection.plain(bootstrap), topic_prefix=prefix, partitions=3)
     topics = ensure_topics(settings)
     assert ensure_topics(settings) == topics  # idempotent
     with LoadProducer(settings) as producer:

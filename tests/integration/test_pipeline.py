@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 from kafkatools import create_topics, unique
 
 from bucketer.localkafka import free_port
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import REFERENCE_TABLES, TopicNames
 from connectors.warehouse import open_warehouse
 from stream.bootstrap import replay
@@ -117,7 +118,7 @@ def test_run_bootstrap_rebucket(bootstrap: str, traffic, tmp_path: Path) -> None
     data = tmp_path / "wh"
     pipeline = Pipeline(
         PipelineConfig(
-            bootstrap=bootstrap,
+            kafka=KafkaConnection.plain(bootstrap),
             data_dir=data,
             buckets=10,
             topic_prefix=topics.prefix,
@@ -157,12 +158,12 @@ def test_run_bootstrap_rebucket(bootstrap: str, traffic, tmp_path: Path) -> None
     fresh = tmp_path / "fresh"
     with open_warehouse(fresh) as wh:
         ensure_schema(wh, 10)
-        report = replay(wh, bootstrap, 10, topics=topics)
+        report = replay(wh, KafkaConnection.plain(bootstrap), 10, topics=topics)
         assert report.ok and sum(c.misplaced for c in report.checks) == 0
         assert sum(report.dead_lettered.values()) == sum(pipeline.router.stats.dlq.values())
         assert set().union(*live_rows(wh, 10).values()) == expected
         # Replaying again appends only versions already there: nothing changes under FINAL.
-        replay(wh, bootstrap, 10, topics=topics)
+        replay(wh, KafkaConnection.plain(bootstrap), 10, topics=topics)
         assert set().union(*live_rows(wh, 10).values()) == expected
 
     # 3. Rebucket the pipeline's warehouse 10 -> 20: same live rows, each in its new bucket, same cleaned rows.

@@ -22,6 +22,7 @@ from kafkatools import create_topics, drain, unique, wait_until
 from sequinmsgs import Sent, scenario
 
 from bucketer.localkafka import LocalKafka
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from stream.router import Router, RouterConfig
 
@@ -92,7 +93,7 @@ def test_mixed_messages_land_exactly_once(bootstrap: str, group: str, buckets: i
     assert len(sents) > 3000
     router = Router(
         RouterConfig(
-            bootstrap=bootstrap,
+            kafka=KafkaConnection.plain(bootstrap),
             buckets=buckets,
             group=group,
             topic_prefix=names.prefix,
@@ -114,7 +115,7 @@ def test_at_least_once_mode_delivers_everything(bootstrap: str, group: str) -> N
     names, sents = setup(bootstrap, 5, 400, 10)
     router = Router(
         RouterConfig(
-            bootstrap=bootstrap,
+            kafka=KafkaConnection.plain(bootstrap),
             buckets=10,
             group=group,
             topic_prefix=names.prefix,
@@ -240,7 +241,7 @@ def test_broker_stop_start_mid_stream_router_recovers(own_broker: LocalKafka) ->
     produce(bootstrap, names.source, sents[:half])
     router = Router(
         RouterConfig(
-            bootstrap=bootstrap,
+            kafka=KafkaConnection.plain(bootstrap),
             buckets=10,
             group=group,
             topic_prefix=names.prefix,

@@ -16,6 +16,7 @@ from kafkatools import drain, unique
 from sequin_oracle import routable as good
 from tinybird_standin import Reply, Standin
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.tinybird import TinybirdSettings
 from connectors.tinybird_api import Secret
 from connectors.topics import TopicNames
@@ -31,7 +32,7 @@ CHILD = Path(__file__).resolve().parents[1] / "tinybird_router_child.py"
 
 def load(bootstrap: str, prefix: str, count: int, seed: int) -> list[tuple[bytes, bytes | None]]:
     config = LoadgenConfig(count=count, seed=seed, segments=15, bad_fraction=0.05)
-    settings = ProducerSettings(bootstrap=bootstrap, topic_prefix=prefix, partitions=3)
+    settings = ProducerSettings(kafka=KafkaConnection.plain(bootstrap), topic_prefix=prefix, partitions=3)
     ensure_topics(settings)
     with LoadProducer(settings) as producer:
         producer.run(config)
@@ -98,7 +99,7 @@ def router_config(
         backoff_cap=0.5,
     )
     return RouterConfig(
-        bootstrap=bootstrap,
+        kafka=KafkaConnection.plain(bootstrap),
         buckets=BUCKETS,
         group=group,
         topic_prefix=prefix,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.warehouse import EmbeddedWarehouse, WarehouseError
 from stream.buckets import bucket_of, cleaned_table, raw_table
 from stream.schema import ACTIVITY_NAMES, CLEANED_EXTRA, ensure_schema
@@ -195,9 +196,14 @@ def test_status_reads_dlq_count_and_router_lag_from_kafka_offsets(bootstrap: str
         committer.close()
     with EmbeddedWarehouse(tmp_path / "d") as wh:
         ensure_schema(wh, 2)
-        st = collect(wh, bootstrap=bootstrap, topics=topics, router_group=group)
+        st = collect(wh, kafka=KafkaConnection.plain(bootstrap), topics=topics, router_group=group)
         assert (st.dlq_messages, st.router_lag, st.kafka_error) == (3, 2 + 3, None)
-        missing = collect(wh, bootstrap=bootstrap, topics=TopicNames(prefix=unique("none") + "."), router_group=group)
+        missing = collect(
+            wh,
+            kafka=KafkaConnection.plain(bootstrap),
+            topics=TopicNames(prefix=unique("none") + "."),
+            router_group=group,
+        )
         assert (missing.dlq_messages, missing.router_lag) == (None, None)
 
 
@@ -226,7 +232,7 @@ def test_status_counts_committed_dlq_messages_not_transaction_markers(bootstrap:
     tx.abort_transaction(30)
     with EmbeddedWarehouse(tmp_path / "d") as wh:
         ensure_schema(wh, 2)
-        st = collect(wh, bootstrap=bootstrap, topics=topics, router_group=unique("g"))
+        st = collect(wh, kafka=KafkaConnection.plain(bootstrap), topics=topics, router_group=unique("g"))
     assert st.dlq_messages == 8
 
 

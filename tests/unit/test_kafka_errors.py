@@ -15,6 +15,7 @@ from connectors.kafka import (
     from_exception,
     producer_config,
 )
+from connectors.kafka_conn import KafkaConnection
 
 
 @pytest.mark.parametrize(
@@ -46,11 +47,11 @@ def test_fatal_flag_wins_unless_the_transaction_can_be_aborted() -> None:
 
 
 def test_configs() -> None:
-    c = consumer_config("b:1", "g", **{"session.timeout.ms": 6000})
+    c = consumer_config(KafkaConnection.plain("b:1"), "g", **{"session.timeout.ms": 6000})
     assert (c["isolation.level"], c["enable.auto.commit"], c["session.timeout.ms"]) == ("read_committed", False, 6000)
-    p = producer_config("b:1", "tx")
+    p = producer_config(KafkaConnection.plain("b:1"), "tx")
     assert (p["transactional.id"], p["enable.idempotence"], p["partitioner"]) == ("tx", True, "murmur2_random")
-    assert "transactional.id" not in producer_config("b:1")
+    assert "transactional.id" not in producer_config(KafkaConnection.plain("b:1"))
 
 
 def test_dlq_headers_name_the_contract() -> None:

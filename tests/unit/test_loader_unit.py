@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 from prometheus_client import generate_latest
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import WarehouseError
 from stream.loader import _CONSUME_MAX, Loader, LoaderConfig, LoaderError, LoaderStats, WarehouseUnavailable
@@ -122,7 +123,9 @@ class FakeWarehouse:
 
 
 def loader_with(log: Log, batches: list[list[Msg]], wh: FakeWarehouse, **cfg: Any) -> Loader:
-    config = LoaderConfig(bootstrap="unused:9092", buckets=2, topics=TOPICS, poll_timeout=0.01, **cfg)
+    config = LoaderConfig(
+        kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, poll_timeout=0.01, **cfg
+    )
     return Loader(
         config,
         wh,  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from confluent_kafka import Consumer
 
 from bucketer.localkafka import free_port
 from connectors.kafka import LIBRDKAFKA_LOG, consumer_config
+from connectors.kafka_conn import KafkaConnection
 from connectors.lograte import RepeatFilter
 
 
@@ -65,7 +66,7 @@ def test_memory_is_bounded() -> None:
 
 
 def _consume_nowhere(logger: logging.Logger, seconds: float) -> None:
-    conf = consumer_config(f"127.0.0.1:{free_port()}", "lograte", logger=logger, debug="broker")
+    conf = consumer_config(KafkaConnection.plain(f"127.0.0.1:{free_port()}"), "lograte", logger=logger, debug="broker")
     consumer = Consumer(conf)
     consumer.subscribe(["nothing"])
     end = time.monotonic() + seconds

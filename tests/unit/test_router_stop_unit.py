@@ -11,6 +11,7 @@ from confluent_kafka import TopicPartition
 from test_router_unit import FlakySink, MemoryConsumer, Msg
 
 from connectors.kafka import KafkaRetryError
+from connectors.kafka_conn import KafkaConnection
 from stream.router import Router, RouterConfig
 from stream.sinks import SinkFatalError
 
@@ -39,7 +40,7 @@ class FatalSink(FlakySink):
 
 
 def config() -> RouterConfig:
-    return RouterConfig(bootstrap="memory", buckets=10, batch_size=10, until_idle=30)
+    return RouterConfig(kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=10, until_idle=30)
 
 
 def test_stop_interrupts_a_waiting_sink_and_commits_nothing() -> None:

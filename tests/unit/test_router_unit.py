@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sequinmsgs import scenario  # noqa: E402
 
 from connectors.kafka import KafkaFatalError, KafkaRetryError  # noqa: E402
+from connectors.kafka_conn import KafkaConnection  # noqa: E402
 from stream.router import Router, RouterConfig  # noqa: E402
 
 TOPIC = "activityRelations"
@@ -158,7 +159,9 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
         expected[p].append(s)
     consumer = MemoryConsumer(logs)
     sink = FlakySink(list(plan))
-    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=100, until_idle=0.05, instance_id="u")
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, until_idle=0.05, instance_id="u"
+    )
     router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     router.run()
     want = Counter()
@@ -184,7 +187,9 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
 def test_too_many_fatal_sink_errors_stop_the_router() -> None:
     consumer = MemoryConsumer([[Msg(0, i, b"k", b"{}") for i in range(50)], []])
     sink = FlakySink(["fatal"] * 20)
-    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=10, until_idle=5, max_sink_restarts=3)
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=10, until_idle=5, max_sink_restarts=3
+    )
     router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     with pytest.raises(KafkaFatalError, match="4 times"):
         router.run()

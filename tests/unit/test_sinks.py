@@ -12,6 +12,7 @@ from confluent_kafka import TopicPartition
 from test_router_unit import FlakySink, MemoryConsumer, Msg
 
 from connectors.kafka import KafkaFatalError
+from connectors.kafka_conn import KafkaConnection
 from connectors.sink_errors import SinkFatalError, SinkRetryError
 from connectors.topics import TopicNames
 from stream.router import Router, RouterConfig
@@ -35,7 +36,7 @@ class FakeConsumer:
 
 
 def test_stuck_transactional_call_abandons_the_producer() -> None:
-    sink = KafkaSink("127.0.0.1:1", TopicNames("t."), 2, transactional_id="tx", timeout=1.0)
+    sink = KafkaSink(KafkaConnection.plain("127.0.0.1:1"), TopicNames("t."), 2, transactional_id="tx", timeout=1.0)
     hanging = HangingProducer()
     sink._producer = hanging  # type: ignore[assignment]
     start = time.monotonic()
@@ -83,7 +84,12 @@ def one_partition(n: int) -> ClosingConsumer:
 def test_a_sink_retry_error_is_aborted_and_replayed_with_backoff_without_reopening() -> None:
     consumer, sink = one_partition(10), RetryingSink(failures=3)
     cfg = RouterConfig(
-        bootstrap="memory", buckets=10, batch_size=100, until_idle=0.2, retry_backoff=0.3, retry_backoff_cap=0.6
+        kafka=KafkaConnection.plain("memory"),
+        buckets=10,
+        batch_size=100,
+        until_idle=0.2,
+        retry_backoff=0.3,
+        retry_backoff_cap=0.6,
     )
     Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer).run()  # type: ignore[arg-type,return-value]
     assert [o[2] for o in sink.out] == [f"k{i}".encode() for i in range(10)]  # each once, in order
@@ -97,7 +103,9 @@ def test_a_sink_retry_error_is_aborted_and_replayed_with_backoff_without_reopeni
 
 def test_a_sink_retry_error_backoff_ends_with_a_stop() -> None:
     consumer, sink = one_partition(10), RetryingSink(failures=1000)
-    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=100, retry_backoff=30, retry_backoff_cap=30)
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, retry_backoff=30, retry_backoff_cap=30
+    )
     router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     runner = threading.Thread(target=router.run, daemon=True)
     runner.start()
@@ -118,7 +126,7 @@ def test_a_sink_fatal_error_from_close_is_raised_and_the_consumer_still_closes()
             raise SinkFatalError("target went away: 5 rows not acknowledged")
 
     consumer, sink = one_partition(5), StoppedOnClose([])
-    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=100, until_idle=0.1)
+    cfg = RouterConfig(kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, until_idle=0.1)
     router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     with pytest.raises(SinkFatalError, match="not acknowledged"):
         router.run()
@@ -134,7 +142,9 @@ def test_a_failing_abort_of_a_non_kafka_sink_reopens_it_and_loses_nothing() -> N
             self.staged = []
 
     consumer, sink = one_partition(10), AbortFails(failures=1)
-    cfg = RouterConfig(bootstrap="memory", buckets=10, batch_size=100, until_idle=0.2, retry_backoff=0.01)
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, until_idle=0.2, retry_backoff=0.01
+    )
     Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer).run()  # type: ignore[arg-type,return-value]
     assert [o[2] for o in sink.out] == [f"k{i}".encode() for i in range(10)]
     assert sink.opens == 2 and consumer.committed_of[0] == 10

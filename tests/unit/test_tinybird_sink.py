@@ -14,6 +14,7 @@ from confluent_kafka import TopicPartition
 from kafkatools import wait_until
 from tinybird_standin import Reply, Standin
 
+from connectors.kafka_conn import KafkaConnection
 from connectors.tinybird import AckTracker, TinybirdSettings, TinybirdSink, TinybirdSinkError
 from connectors.tinybird_api import Secret, TinybirdClient
 
@@ -274,7 +275,9 @@ def test_router_config_with_tinybird_settings_goes_through_the_sink_seam() -> No
     from stream.router import RouterConfig
     from stream.sinks import KafkaSink, make_sink
 
-    base = RouterConfig(bootstrap="127.0.0.1:1", buckets=7, group="g", topic_prefix="p.", batch_size=123)
+    base = RouterConfig(
+        kafka=KafkaConnection.plain("127.0.0.1:1"), buckets=7, group="g", topic_prefix="p.", batch_size=123
+    )
     settings = TinybirdSettings(url="http://127.0.0.1:9", token=Secret(TOKEN), linger=0.2)
     config = replace(base, sink="tinybird", tinybird=settings)
     assert (config.sink, config.buckets, config.group, config.topic_prefix, config.batch_size) == (
@@ -295,9 +298,9 @@ def test_router_config_refuses_a_tinybird_sink_without_settings() -> None:
     from stream.router import RouterConfig
 
     with pytest.raises(ValueError, match="tinybird-url"):
-        RouterConfig(bootstrap="127.0.0.1:1", sink="tinybird")
+        RouterConfig(kafka=KafkaConnection.plain("127.0.0.1:1"), sink="tinybird")
     with pytest.raises(ValueError, match="unknown sink"):
-        RouterConfig(bootstrap="127.0.0.1:1", sink="s3")
+        RouterConfig(kafka=KafkaConnection.plain("127.0.0.1:1"), sink="s3")
 
 
 @pytest.mark.parametrize(
