@@ -24,6 +24,7 @@ from test_pipeline import expected_live, live_rows
 
 from bucketer.localkafka import LocalKafka
 from connectors.kafka import consumer_config, lag_estimate
+from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.loader import Loader, LoaderConfig
@@ -188,14 +189,16 @@ def test_drained_loader_lag_is_zero_and_a_fresh_data_dir_gets_a_bootstrap_hint(
     # The router writes in transactions: every routed batch ends with a marker on each partition it wrote.
     with open_warehouse(tmp_path / "first") as wh:
         ensure_schema(wh, BUCKETS)
-        loader = Loader(LoaderConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topics=topics), wh)
+        loader = Loader(
+            LoaderConfig(kafka=KafkaConnection.plain(bootstrap), buckets=BUCKETS, group=group, topics=topics), wh
+        )
         stats = loader.run(until_idle=3)
     assert stats.committed > 1000
     assert stats.lag == 0
     # The same read_committed view from outside the loader, over every partition it reads.
     buckets = committed_offsets(bootstrap, topics.buckets(BUCKETS), group)
     assert buckets and all(tp.offset > 0 for tp in buckets)
-    probe = Consumer(consumer_config(bootstrap, group))
+    probe = Consumer(consumer_config(KafkaConnection.plain(bootstrap), group))
     try:
         assert lag_estimate(probe, [TopicPartition(tp.topic, tp.partition) for tp in buckets]) == 0
     finally:
@@ -209,7 +212,9 @@ def test_drained_loader_lag_is_zero_and_a_fresh_data_dir_gets_a_bootstrap_hint(
     # The data dir that holds the rows gets no hint.
     caplog.set_level(logging.INFO, logger="bucketer.loader")
     with open_warehouse(tmp_path / "first") as wh:
-        Loader(LoaderConfig(bootstrap=bootstrap, buckets=BUCKETS, group=group, topics=topics), wh).run(until_idle=1)
+        Loader(
+            LoaderConfig(kafka=KafkaConnection.plain(bootstrap), buckets=BUCKETS, group=group, topics=topics), wh
+        ).run(until_idle=1)
     assert not [r for r in caplog.records if "bucketer bootstrap" in r.getMessage()]
 
 

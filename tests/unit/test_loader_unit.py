@@ -283,7 +283,9 @@ def flaky_loader(
     consumer = FlakyConsumer(log, clock, script, down)
     settings: dict[str, Any] = {"commit_backoff": (0.5, 1.0), "outage_deadline": 30.0, "probe_interval": 2.0}
     settings.update(cfg)
-    config = LoaderConfig(bootstrap="unused:9092", buckets=2, topics=TOPICS, poll_timeout=0.01, **settings)
+    config = LoaderConfig(
+        kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, poll_timeout=0.01, **settings
+    )
     loader = Loader(
         config,
         FakeWarehouse(log),  # type: ignore[arg-type]
@@ -415,7 +417,7 @@ def test_progress_line_and_lag_metric(caplog: pytest.LogCaptureFixture) -> None:
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
     consumer = LaggingConsumer(log, clock, {0: [Msg(b0, 0, 0, GOOD), Msg(b0, 1, 0, GOOD)]}, lambda t: False)
-    config = LoaderConfig(bootstrap="unused:9092", buckets=2, topics=TOPICS, progress_interval=5.0)
+    config = LoaderConfig(kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, progress_interval=5.0)
     loader = Loader(
         config,
         FakeWarehouse(log),  # type: ignore[arg-type]
