@@ -30,10 +30,14 @@ attributes; the three flags come from ``attributes.<flag>.default`` (0 when abse
 
 Cleaned bucket ``activityRelations_deduplicated_cleaned_bucket_{n}_ds``: the 23 columns + gitChangedLines
 UInt64, gitChangedLinesBucket String, organizationCountryCode LowCardinality(String), organizationName String,
-snapshotId DateTime('UTC'); MergeTree ORDER BY (segmentId, timestamp, type, platform, memberId, organizationId).
-``cleaned_columns_ddl()`` gives its column list for a table built aside.
+snapshotId DateTime('UTC') (``CLEANED_NAMES``), then ``_deleted UInt8`` and ``_version UInt64``;
+ReplacingMergeTree(_version, _deleted) ORDER BY the raw identity (segmentId, timestamp, type, platform,
+channel, sourceId): one cleaned row per raw row, corrected in place by stream/incremental.py (a newer
+``_version`` replaces, ``_deleted = 1`` retracts). Read it with ``FINAL`` (the views do). ``cleaned_columns_ddl()``
+gives its column list for a table built aside.
 
-Views: ``activityRelations_deduplicated_cleaned_bucket_union`` (all cleaned buckets),
+Views (each reads the cleaned buckets ``FINAL`` and shows the 28 ``CLEANED_NAMES`` columns):
+``activityRelations_deduplicated_cleaned_bucket_union`` (all cleaned buckets),
 ``activityRelations_bucket_routing(bucketId=n)`` (one cleaned bucket; an id outside 0..N-1 raises
 "invalid bucketId"), ``project_buckets(project='slug')`` → (project, projectId, segmentId, bucketId) for the
 enabled, not-deleted insightsProject; no rows otherwise. ``bucketer_settings`` records the bucket count.
@@ -87,7 +91,9 @@ CLEANED_EXTRA: tuple[tuple[str, str, str | None], ...] = (
     ("organizationName", "String", None),
     ("snapshotId", "DateTime('UTC')", None),
 )
-CLEANED_ORDER = ("segmentId", "timestamp", "type", "platform", "memberId", "organizationId")
+# The raw identity: a correction replaces exactly the cleaned row of one raw row (stream/incremental.py).
+CLEANED_ORDER = SORT_KEY
+CLEANED_NAMES = ACTIVITY_NAMES + tuple(c[0] for c in CLEANED_EXTRA)
 VERSION_COLUMNS: tuple[tuple[str, str, str | None], ...] = (("_deleted", "UInt8", None), ("_version", "UInt64", None))
 
 REFERENCE_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
@@ -180,19 +186,28 @@ def stage_columns() -> str:
 
 def cleaned_columns_ddl() -> str:
     """The column list (inside the parentheses) of a cleaned bucket table."""
-    return _cols(ACTIVITY_COLUMNS + CLEANED_EXTRA)
+    return _cols(ACTIVITY_COLUMNS + CLEANED_EXTRA + VERSION_COLUMNS)
+
+
+CLEANED_ENGINE = "ReplacingMergeTree(_version, _deleted)"
 
 
 def cleaned_table_ddl(n: int, name: str | None = None) -> str:
     """CREATE TABLE IF NOT EXISTS for cleaned bucket ``n`` (or the same layout under ``name``, built aside)."""
     return (
         f"CREATE TABLE IF NOT EXISTS {name or cleaned_table(n)} (\n    {cleaned_columns_ddl()}\n)\n"
-        f"ENGINE = MergeTree\nORDER BY ({', '.join(CLEANED_ORDER)})"
+        f"ENGINE = {CLEANED_ENGINE}\nORDER BY ({', '.join(CLEANED_ORDER)})"
     )
 
 
+def cleaned_select_list() -> str:
+    """The 28 reader-visible columns of a cleaned bucket (not ``_deleted``/``_version``)."""
+    return ", ".join(f"`{c}`" for c in CLEANED_NAMES)
+
+
 def union_view_ddl(buckets: int) -> str:
-    parts = "\nUNION ALL\n".join(f"SELECT * FROM {cleaned_table(n)}" for n in range(buckets))
+    cols = cleaned_select_list()
+    parts = "\nUNION ALL\n".join(f"SELECT {cols} FROM {cleaned_table(n)} FINAL" for n in range(buckets))
     return f"CREATE OR REPLACE VIEW {UNION_VIEW} AS\n{parts}"
 
 
@@ -211,7 +226,7 @@ def routing_view_ddl(buckets: int) -> str:
     table = cleaned_table(0).replace("_0_", "_', toString({bucketId:Int64}), '_")
     return (
         f"CREATE OR REPLACE VIEW {ROUTING_VIEW} AS\n"
-        f"SELECT * FROM merge(currentDatabase(), '^{pattern}$')\n"
+        f"SELECT {cleaned_select_list()} FROM merge(currentDatabase(), '^{pattern}$') FINAL\n"
         f"WHERE {check} = 0 AND _table = concat('{table}')"
     )
 

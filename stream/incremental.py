@@ -1,0 +1,493 @@
+"""Incremental maintenance of the cleaned buckets: every landed change corrects only the cleaned rows it affects.
+
+The cleaned bucket is a ReplacingMergeTree(_version, _deleted) keyed by the raw identity (stream/schema.py), so
+a **correction** of a set K of raw identities is one INSERT: the cleaning rules (``enrich.cleaning_select``,
+the same definition the full rebuild uses) over ``raw FINAL WHERE identity IN K`` with the CURRENT reference
+state, read through small filtered subqueries (the members, organizations and repositories of K's rows only),
+plus a tombstone (``_deleted = 1``) for each identity of K that is in the cleaned bucket but no longer passes
+(retired raw row, bot member, disabled repository …). ``_version`` is the engine's ``now64(9)`` of the
+correction's query, so a correction that read the state later always wins. The rows are computed into a small
+in-memory stage first (that gives the rows-written count) and then inserted as ONE block, i.e. one part:
+readers (FINAL) see a correction entirely or not at all.
+
+Finding K without scanning buckets — structures filled by materialized views, at landing time:
+
+- ``bucketer_cleaned_queue_{n}``: every row inserted into raw bucket n (its identity, updatedAt and
+  ``at`` = the engine clock in ns). Activities, retirements, replays: K = the queue entries after the
+  bucket's watermark.
+- ``bucketer_cleaned_index_{n}``: identity by ``(kind, key, key2)``: memberId (kind 1), organizationId
+  (kind 2) and, for git platforms, ``(lower(channel), segmentId)`` (kind 3); every version ever landed
+  (stale extra candidates are harmless: the correction re-reads the raw row FINAL).
+- ``bucketer_ref_changes``: every row inserted into a reference table (table, id, updatedAt, ``at``).
+  members → index kind 1; organizations → kind 2 (their country codes are resolved first); repositories,
+  insightsProjects, integrations → the affected repositories (by id, insightsProjectId, sourceIntegrationId),
+  both as they are now and as the cleaned buckets were last corrected with
+  (``bucketer_applied_repositories``, updated only AFTER the corrections, so a crash in between still knows
+  the old url), → their channels (lower(url), and the gerrit query-URL variant) → index kind 3.
+
+``bucketer_cleaned_state`` (ReplacingMergeTree by name): per bucket the activity watermark, the freshness
+(the newest applied change's updatedAt, which Sequin commits at; ``freshness_lag`` = now − that) and the
+snapshotId its corrections write (the hour of the bucket's last reconciliation); ``refs`` holds the
+reference-change watermark. Watermarks advance only after the corrections they cover are written, so a crash
+anywhere replays the corrections, which is harmless (a correction is a pure function of the current state).
+
+Reconciliation (``Maintainer.reconcile(n)``, the hourly job in incremental mode): the full rebuild is computed
+aside, compared with the maintained bucket FINAL on every column but snapshotId/_version (identity plus a
+hash of the row), and only the differing rows are applied — with the aside's own ``_version`` (its read time),
+so a correction that ran meanwhile, having read later, is never overwritten. Returns the number of differing
+rows (expected 0), logged and recorded in the state.
+
+Concurrency: one Maintainer per warehouse at a time (the embedded engine is one process anyway); the
+watermarks assume the queues are written by the same process that corrects them (see docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from connectors.warehouse import Warehouse
+from stream.buckets import cleaned_table, raw_table
+from stream.enrich import (
+    COUNTRY_TABLE,
+    GIT_PLATFORMS,
+    VERSION_NOW,
+    Lookups,
+    allowed_channels_sql,
+    cleaning_insert,
+    cleaning_select,
+    country_table_ddl,
+    gerrit_variant_sql,
+    organization_lookup_sql,
+    prepare_reference,
+    drop_reference,
+    real_members_sql,
+    refresh_country_codes,
+    snapshot_of,
+)
+from stream.schema import (
+    ACTIVITY_NAMES,
+    CLEANED_NAMES,
+    REFERENCE_COLUMNS,
+    SORT_KEY,
+    cleaned_columns_ddl,
+    cleaned_table_ddl,
+)
+
+log = logging.getLogger(__name__)
+
+IDENT = ", ".join(SORT_KEY)
+IDENT_DDL = (
+    "segmentId String, timestamp DateTime64(3, 'UTC'), type LowCardinality(String), "
+    "platform LowCardinality(String), channel String, sourceId String"
+)
+REF_CHANGES = "bucketer_ref_changes"
+APPLIED_REPOS = "bucketer_applied_repositories"
+STATE = "bucketer_cleaned_state"
+WORK_PREFIX = "bucketer_cleaned_work_"
+KIND_MEMBER, KIND_ORG, KIND_CHANNEL = 1, 2, 3
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def queue_table(n: int) -> str:
+    return f"bucketer_cleaned_queue_{n}"
+
+
+def index_table(n: int) -> str:
+    return f"bucketer_cleaned_index_{n}"
+
+
+def maintenance_ddl(buckets: int) -> list[str]:
+    """The tables and materialized views of the maintenance, idempotent (CREATE … IF NOT EXISTS)."""
+    git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+    out = [
+        f"CREATE TABLE IF NOT EXISTS {REF_CHANGES} (tbl LowCardinality(String), id String, "
+        f"updatedAt DateTime64(3, 'UTC'), at UInt64) ENGINE = MergeTree ORDER BY at "
+        f"TTL toDateTime(intDiv(at, 1000000000)) + INTERVAL 7 DAY",
+        f"CREATE TABLE IF NOT EXISTS {APPLIED_REPOS} (id String, url String, segmentId String, "
+        f"insightsProjectId String, sourceIntegrationId String, at UInt64) "
+        f"ENGINE = ReplacingMergeTree(at) ORDER BY id",
+        f"CREATE TABLE IF NOT EXISTS {STATE} (name String, watermark UInt64, freshness DateTime64(3, 'UTC'), "
+        f"snapshotId DateTime('UTC'), differing Int64 DEFAULT -1, at DateTime64(9, 'UTC') DEFAULT now64(9)) "
+        f"ENGINE = ReplacingMergeTree(at) ORDER BY name",
+        country_table_ddl(),
+    ]
+    for table in REFERENCE_COLUMNS:
+        out.append(
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS bucketer_ref_changes_mv_{table} TO {REF_CHANGES} AS "
+            f"SELECT '{table}' AS tbl, id, updatedAt, {VERSION_NOW} AS at FROM {table}"
+        )
+    for n in range(buckets):
+        out += [
+            f"CREATE TABLE IF NOT EXISTS {queue_table(n)} (at UInt64, {IDENT_DDL}, updatedAt DateTime64(3, 'UTC')) "
+            f"ENGINE = MergeTree ORDER BY at TTL toDateTime(intDiv(at, 1000000000)) + INTERVAL 7 DAY",
+            f"CREATE TABLE IF NOT EXISTS {index_table(n)} (kind UInt8, key String, key2 String, {IDENT_DDL}) "
+            f"ENGINE = ReplacingMergeTree ORDER BY (kind, key, key2, {IDENT})",
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {queue_table(n)}_mv TO {queue_table(n)} AS "
+            f"SELECT {VERSION_NOW} AS at, {IDENT}, updatedAt FROM {raw_table(n)}",
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {index_table(n)}_mv TO {index_table(n)} AS "
+            + index_select(raw_table(n), git),
+        ]
+    return out
+
+
+def index_select(source: str, git: str) -> str:
+    """Index rows (kind, key, key2, identity) of the rows of ``source``."""
+    return (
+        f"SELECT e.1 AS kind, e.2 AS key, e.3 AS key2, {IDENT} FROM {source} "
+        f"ARRAY JOIN arrayFilter(x -> x.2 != '', [tuple(toUInt8({KIND_MEMBER}), memberId, ''), "
+        f"tuple(toUInt8({KIND_ORG}), organizationId, ''), "
+        f"tuple(toUInt8({KIND_CHANNEL}), if(platform IN ({git}), lower(channel), ''), segmentId)]) AS e"
+    )
+
+
+@dataclass
+class BucketState:
+    watermark: int = 0
+    freshness: datetime = EPOCH
+    snapshot: datetime | None = None
+    differing: int = -1
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One bucket's correction: identities examined (each read from raw through its primary key), rows written
+    (live + tombstones)."""
+
+    bucket: int
+    candidates: int
+    written: int
+    tombstones: int
+
+
+@dataclass
+class MaintenanceStats:
+    corrections: int = 0
+    rows_read: int = 0  # candidate identities examined
+    rows_written: int = 0
+    tombstones: int = 0
+    last: list[Correction] = field(default_factory=list)
+    freshness: dict[int, datetime] = field(default_factory=dict)
+    differing: dict[int, int] = field(default_factory=dict)
+
+
+class Maintainer:
+    """Keeps the cleaned buckets of one warehouse current. ``setup(wh)`` once (creates the structures, and the
+    first time fills the index from the raw buckets and reconciles every bucket); then ``correct(wh)`` after
+    each landed batch (the loader's ``after_flush``) and ``reconcile(wh, n)`` hourly."""
+
+    def __init__(self, buckets: int, now: object = None) -> None:
+        self.buckets = buckets
+        self.stats = MaintenanceStats()
+        self._now = now  # a Clock (stream/schedule.py) for snapshotIds; None = the system clock
+        self._tag = uuid.uuid4().hex[:12]
+        self._lock = threading.Lock()
+        self._state: dict[str, BucketState] | None = None
+
+    @property
+    def work(self) -> str:
+        return f"{WORK_PREFIX}{self._tag}_k"
+
+    @property
+    def stage(self) -> str:
+        return f"{WORK_PREFIX}{self._tag}_rows"
+
+    def _hour(self) -> datetime:
+        now = self._now.now() if self._now is not None else datetime.now(UTC)  # type: ignore[attr-defined]
+        return snapshot_of(now)
+
+    # --- setup -----------------------------------------------------------------------------------------------
+
+    def setup(self, wh: Warehouse) -> None:
+        """Create what is missing; the first time (no ``refs`` state yet) backfill the index and the applied
+        repositories from what is already landed, and reconcile every bucket (a cleaned bucket of the old
+        MergeTree layout is rebuilt into the new one). Idempotent."""
+        with self._lock:
+            self._migrate_old_layout(wh)
+            for sql in maintenance_ddl(self.buckets):
+                wh.command(sql)
+            for n in range(self.buckets):
+                wh.command(cleaned_table_ddl(n))
+            stale = wh.rows(
+                "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
+                "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
+                {"p": WORK_PREFIX},
+            )
+            for (name,) in stale:
+                wh.command(f"DROP TABLE IF EXISTS `{name}`")
+            wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} ({IDENT_DDL}) ENGINE = Memory")
+            wh.command(f"CREATE TABLE IF NOT EXISTS {self.stage} ({cleaned_columns_ddl()}) ENGINE = Memory")
+            self._state = self._load_state(wh)
+            if "refs" in self._state:
+                return
+            start = self._clock_ns(wh)
+            git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+            for n in range(self.buckets):
+                wh.command(f"INSERT INTO {index_table(n)} {index_select(raw_table(n), git)}")
+            self._apply_repositories(wh, None)
+            refresh_country_codes(wh)
+            for n in range(self.buckets):
+                self._reconcile_locked(wh, n)
+                self._state[f"bucket/{n}"].watermark = start
+                self._save(wh, f"bucket/{n}")
+            self._state["refs"] = BucketState(watermark=start)
+            self._save(wh, "refs")
+
+    def close(self, wh: Warehouse) -> None:
+        for t in (self.work, self.stage):
+            wh.command(f"DROP TABLE IF EXISTS {t}")
+
+    def _migrate_old_layout(self, wh: Warehouse) -> None:
+        """A cleaned bucket made before the maintenance (plain MergeTree, no ``_version``) is dropped here; the
+        first reconciliation refills it (the views need the new layout: they read FINAL)."""
+        for n in range(self.buckets):
+            has = wh.rows(
+                "SELECT countIf(name = '_version'), count() FROM system.columns WHERE database = currentDatabase() "
+                "AND table = {t:String}",
+                {"t": cleaned_table(n)},
+            )
+            if has and int(has[0][1]) > 0 and int(has[0][0]) == 0:
+                log.warning("maintain: cleaned bucket %d has the old layout; it is rebuilt in the new one", n)
+                wh.command(f"DROP TABLE {cleaned_table(n)} SYNC")
+                wh.command(cleaned_table_ddl(n))
+
+    @staticmethod
+    def _clock_ns(wh: Warehouse) -> int:
+        return int(wh.rows(f"SELECT {VERSION_NOW}")[0][0])
+
+    def _load_state(self, wh: Warehouse) -> dict[str, BucketState]:
+        out: dict[str, BucketState] = {}
+        for name, wm, fresh, snap, diff in wh.rows(
+            f"SELECT name, watermark, freshness, snapshotId, differing FROM {STATE} FINAL"
+        ):
+            out[name] = BucketState(
+                int(wm),
+                fresh.replace(tzinfo=UTC) if fresh.tzinfo is None else fresh,
+                None if snap is None or snap.timestamp() <= 0 else snap.replace(tzinfo=UTC),
+                int(diff),
+            )
+        for n in range(self.buckets):
+            out.setdefault(f"bucket/{n}", BucketState())
+        return out
+
+    def _save(self, wh: Warehouse, name: str) -> None:
+        assert self._state is not None
+        s = self._state[name]
+        wh.command(
+            f"INSERT INTO {STATE} (name, watermark, freshness, snapshotId, differing) VALUES ({{n:String}}, "
+            f"{{w:UInt64}}, parseDateTime64BestEffort({{f:String}}, 3, 'UTC'), toDateTime({{s:String}}, 'UTC'), "
+            f"{{d:Int64}})",
+            {
+                "n": name,
+                "w": s.watermark,
+                "f": s.freshness.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+                "s": (s.snapshot or EPOCH).strftime("%Y-%m-%d %H:%M:%S"),
+                "d": s.differing,
+            },
+        )
+
+    def state(self, wh: Warehouse) -> dict[str, BucketState]:
+        """The recorded state (per ``bucket/<n>`` and ``refs``), read from the warehouse."""
+        return self._load_state(wh)
+
+    # --- corrections -----------------------------------------------------------------------------------------
+
+    def correct(self, wh: Warehouse) -> list[Correction]:
+        """Apply every change landed since the last correction to the cleaned buckets it affects."""
+        with self._lock:
+            if self._state is None:
+                raise RuntimeError("Maintainer.setup() first")
+            return self._correct_locked(wh)
+
+    def _correct_locked(self, wh: Warehouse) -> list[Correction]:
+        assert self._state is not None
+        refs = self._state["refs"]
+        lo = refs.watermark
+        got = wh.rows(f"SELECT max(at), max(updatedAt), count() FROM {REF_CHANGES} WHERE at > {lo}")
+        hi, ref_fresh = (int(got[0][0]), got[0][1]) if got and int(got[0][2]) else (lo, None)
+        tables: set[str] = set()
+        if hi > lo:
+            tables = {
+                str(t) for (t,) in wh.rows(f"SELECT DISTINCT tbl FROM {REF_CHANGES} WHERE at > {lo} AND at <= {hi}")
+            }
+
+        def changed(table: str) -> str:
+            return f"SELECT id FROM {REF_CHANGES} WHERE tbl = '{table}' AND at > {lo} AND at <= {hi}"
+
+        if "organizations" in tables:
+            refresh_country_codes(wh, f"id IN ({changed('organizations')})")
+        repo_tables = {"repositories", "insightsProjects", "integrations"} & tables
+        affected_repos = ""
+        if repo_tables:
+            conds = []
+            if "repositories" in tables:
+                conds.append(f"id IN ({changed('repositories')})")
+            if "insightsProjects" in tables:
+                conds.append(f"insightsProjectId IN ({changed('insightsProjects')})")
+            if "integrations" in tables:
+                conds.append(f"sourceIntegrationId IN ({changed('integrations')})")
+            cols = "id, url, segmentId, insightsProjectId, sourceIntegrationId"
+            affected_repos = (
+                f"SELECT id, lower(url) AS u, segmentId FROM (SELECT {cols} FROM repositories FINAL "
+                f"UNION ALL SELECT {cols} FROM {APPLIED_REPOS} FINAL) WHERE {' OR '.join(conds)}"
+            )
+        keys = []
+        if "members" in tables:
+            keys.append(f"kind = {KIND_MEMBER} AND key IN ({changed('members')})")
+        if "organizations" in tables:
+            keys.append(f"kind = {KIND_ORG} AND key IN ({changed('organizations')})")
+        if affected_repos:
+            keys.append(
+                f"kind = {KIND_CHANNEL} AND (key, key2) IN (SELECT u, segmentId FROM ({affected_repos}) "
+                f"UNION ALL SELECT {gerrit_variant_sql('u')}, segmentId FROM ({affected_repos}))"
+            )
+        done = []
+        for n in range(self.buckets):
+            st = self._state[f"bucket/{n}"]
+            q = wh.rows(
+                f"SELECT max(at), max(updatedAt), count() FROM {queue_table(n)} WHERE at > {st.watermark}"
+            )
+            qhi, qfresh = (int(q[0][0]), q[0][1]) if q and int(q[0][2]) else (st.watermark, None)
+            sources = []
+            if qhi > st.watermark:
+                sources.append(f"SELECT {IDENT} FROM {queue_table(n)} WHERE at > {st.watermark} AND at <= {qhi}")
+            if keys:
+                sources.append(f"SELECT {IDENT} FROM {index_table(n)} WHERE " + " OR ".join(f"({k})" for k in keys))
+            if sources:
+                done.append(self._correct_bucket(wh, n, " UNION ALL ".join(sources)))
+            fresh = [f for f in (qfresh, ref_fresh) if f is not None]
+            if qhi > st.watermark or fresh:
+                st.watermark = qhi
+                if fresh:
+                    newest = max(f.replace(tzinfo=UTC) if f.tzinfo is None else f for f in fresh)
+                    st.freshness = max(st.freshness, newest)
+                self.stats.freshness[n] = st.freshness
+                self._save(wh, f"bucket/{n}")
+        if hi > lo:
+            if affected_repos:
+                self._apply_repositories(wh, f"id IN (SELECT id FROM ({affected_repos}))")
+            refs.watermark = hi
+            self._save(wh, "refs")
+        self.stats.last = done
+        return done
+
+    def _apply_repositories(self, wh: Warehouse, where: str | None) -> None:
+        """Record the repositories (all, or those of ``where``) as the cleaned buckets are now corrected with."""
+        wh.command(
+            f"INSERT INTO {APPLIED_REPOS} SELECT id, url, segmentId, insightsProjectId, sourceIntegrationId, "
+            f"{VERSION_NOW} FROM repositories FINAL" + (f" WHERE {where}" if where else "")
+        )
+
+    def correction_select(self, n: int, snapshot: datetime) -> str:
+        """The rows (live and tombstones) correcting cleaned bucket ``n`` for the identities in the work table."""
+        raw, cleaned = raw_table(n), cleaned_table(n)
+        kf = f"({IDENT}) IN (SELECT {IDENT} FROM {self.work})"
+        of_k = f"FROM {raw} WHERE {kf}"  # every version of K's raw rows: a superset of what FINAL keeps
+        orgs = organization_lookup_sql(f"id IN (SELECT organizationId {of_k})")
+        look = Lookups(
+            member_ok=f"memberId IN ({real_members_sql(f'id IN (SELECT memberId {of_k})')})",
+            channel_ok=(
+                f"(lower(channel), segmentId) IN ({allowed_channels_sql(f'r.segmentId IN (SELECT segmentId {of_k})')})"
+            ),
+            org_name="transform(organizationId, _orgs.1, _orgs.2, '')",
+            org_code="transform(organizationId, _orgs.1, _orgs.3, '')",
+            with_=(
+                f"WITH (SELECT tuple(groupArray(id), groupArray(toString(name)), groupArray(toString(code))) "
+                f"FROM ({orgs})) AS _orgs\n"
+            ),
+        )
+        snap = f"toDateTime('{snapshot.strftime('%Y-%m-%d %H:%M:%S')}', 'UTC')"
+        live = cleaning_select(raw, look, where=kf, snapshot=snap)
+        cols = ", ".join(f"`{c}`" for c in CLEANED_NAMES)
+        tombstones = (
+            f"SELECT {cols}, toUInt8(1), {VERSION_NOW} FROM {cleaned} FINAL WHERE {kf} "
+            f"AND ({IDENT}) NOT IN (SELECT {IDENT} FROM ({live}))"
+        )
+        return f"SELECT * FROM ({live})\nUNION ALL\n{tombstones}"
+
+    def _correct_bucket(self, wh: Warehouse, n: int, candidates: str) -> Correction:
+        st = self._state[f"bucket/{n}"] if self._state else BucketState()
+        snapshot = st.snapshot or self._hour()
+        wh.command(f"TRUNCATE TABLE {self.work}")
+        wh.command(f"INSERT INTO {self.work} SELECT DISTINCT {IDENT} FROM ({candidates})")
+        k = int(wh.rows(f"SELECT count() FROM {self.work}")[0][0])
+        if k == 0:
+            return Correction(n, 0, 0, 0)
+        wh.command(f"TRUNCATE TABLE {self.stage}")
+        wh.command(f"INSERT INTO {self.stage} {self.correction_select(n, snapshot)}")
+        written, tomb = (int(x) for x in wh.rows(f"SELECT count(), countIf(_deleted = 1) FROM {self.stage}")[0])
+        if written:
+            # One block, so one part: readers see the whole correction or none of it.
+            wh.command(
+                f"INSERT INTO {cleaned_table(n)} SELECT * FROM {self.stage} SETTINGS max_threads = 1, "
+                f"max_insert_threads = 1, min_insert_block_size_rows = {max(written, 1 << 20)}, "
+                f"min_insert_block_size_bytes = 0"
+            )
+        wh.command(f"TRUNCATE TABLE {self.stage}")
+        c = Correction(n, k, written, tomb)
+        self.stats.corrections += 1
+        self.stats.rows_read += k
+        self.stats.rows_written += written
+        self.stats.tombstones += tomb
+        log.debug("maintain: bucket %d corrected: %d candidates, %d rows written (%d tombstones)", n, k, written, tomb)
+        return c
+
+    # --- reconciliation --------------------------------------------------------------------------------------
+
+    def reconcile(self, wh: Warehouse, n: int) -> int:
+        """Compare cleaned bucket ``n`` with a full rebuild of it and apply the difference; returns how many rows
+        differed (0 when the maintenance kept it exact)."""
+        with self._lock:
+            if self._state is None:
+                self._state = self._load_state(wh)
+            return self._reconcile_locked(wh, n)
+
+    def _reconcile_locked(self, wh: Warehouse, n: int) -> int:
+        assert self._state is not None
+        snapshot = self._hour()
+        aside = f"{WORK_PREFIX}{self._tag}_full"
+        cleaned = cleaned_table(n)
+        ref = prepare_reference(wh)
+        try:
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+            wh.command(cleaned_table_ddl(n, aside))
+            wh.command(
+                cleaning_insert(wh, aside, raw_table(n), ref), {"snapshot": snapshot.strftime("%Y-%m-%d %H:%M:%S")}
+            )
+        finally:
+            drop_reference(wh, ref)
+        try:
+            content = ", ".join(f"`{c}`" for c in ACTIVITY_NAMES + CLEANED_NAMES[len(ACTIVITY_NAMES) : -1])
+            h = f"cityHash64({content})"
+            changed = f"SELECT * FROM {aside} WHERE ({IDENT}, {h}) NOT IN (SELECT {IDENT}, {h} FROM {cleaned} FINAL)"
+            version = f"(SELECT ifNull(max(_version), {VERSION_NOW}) FROM {aside})"
+            cols = ", ".join(f"`{c}`" for c in CLEANED_NAMES)
+            extra = (
+                f"SELECT {cols}, toUInt8(1), {version} FROM {cleaned} FINAL "
+                f"WHERE ({IDENT}) NOT IN (SELECT {IDENT} FROM {aside})"
+            )
+            wh.command(f"TRUNCATE TABLE {self.stage}")
+            wh.command(f"INSERT INTO {self.stage} {changed} UNION ALL {extra}")
+            differing = int(wh.rows(f"SELECT count() FROM {self.stage}")[0][0])
+            if differing:
+                wh.command(
+                    f"INSERT INTO {cleaned} SELECT * FROM {self.stage} SETTINGS max_threads = 1, max_insert_threads = 1, "
+                    f"min_insert_block_size_rows = {max(differing, 1 << 20)}, min_insert_block_size_bytes = 0"
+                )
+            wh.command(f"TRUNCATE TABLE {self.stage}")
+        finally:
+            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
+        st = self._state.setdefault(f"bucket/{n}", BucketState())
+        st.snapshot, st.differing = snapshot, differing
+        self._save(wh, f"bucket/{n}")
+        self.stats.differing[n] = differing
+        (log.warning if differing else log.info)(
+            "maintain: bucket %d reconciled, %d rows differed from a full rebuild", n, differing
+        )
+        return differing
+
+
+__all__ = ["COUNTRY_TABLE", "Correction", "Maintainer", "MaintenanceStats", "maintenance_ddl"]
