@@ -226,6 +226,14 @@ def run_cmd(
             "--metrics-port", envvar="BUCKETER_METRICS_PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT."
         ),
     ] = None,
+    refresh: Annotated[
+        str,
+        typer.Option(
+            "--refresh",
+            envvar="BUCKETER_REFRESH",
+            help="incremental: keep cleaned buckets current per flush (default); hourly: replace-only rebuilds.",
+        ),
+    ] = "incremental",
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
@@ -237,6 +245,8 @@ def run_cmd(
 
     if metrics_port is not None and not 1 <= metrics_port <= 65535:
         raise fail(f"--metrics-port {metrics_port} is out of range (1-65535)", 2)
+    if refresh not in ("incremental", "hourly"):
+        raise fail(f"--refresh must be incremental or hourly, got {refresh!r}", 2)
     log_to_stderr()
     pipeline = Pipeline(
         PipelineConfig(
@@ -252,6 +262,7 @@ def run_cmd(
             enrich_on_exit=enrich_on_exit,
             partitions=partitions,
             metrics_port=metrics_port,
+            refresh=refresh,
         )
     )
     install_stop(pipeline.stop)
@@ -278,21 +289,37 @@ def load_cmd(
     group: Annotated[str, typer.Option("--group", envvar="BUCKETER_LOADER_GROUP")] = "bucketer-loader",
     until_idle: Annotated[float | None, typer.Option("--until-idle", envvar="BUCKETER_UNTIL_IDLE")] = None,
     topic_prefix: Annotated[str, typer.Option("--topic-prefix", envvar="BUCKETER_TOPIC_PREFIX")] = "",
+    refresh: Annotated[
+        str,
+        typer.Option(
+            "--refresh",
+            envvar="BUCKETER_REFRESH",
+            help="incremental: keep cleaned buckets current per flush (default); hourly: replace-only rebuilds.",
+        ),
+    ] = "incremental",
 ) -> None:
     """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
+    from stream.incremental import Maintainer
     from stream.loader import Loader, LoaderConfig, LoaderError
     from stream.schema import ensure_schema
 
+    if refresh not in ("incremental", "hourly"):
+        raise fail(f"--refresh must be incremental or hourly, got {refresh!r}", 2)
     log_to_stderr()
     try:
         check_reachable(bootstrap)
         with open_configured_warehouse(data_dir) as wh:
             ensure_schema(wh, buckets)
+            maintainer = Maintainer(buckets) if refresh == "incremental" else None
+            if maintainer is not None:
+                maintainer.setup(wh)
             loader = Loader(
-                LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group, topics=TopicNames(topic_prefix)), wh
+                LoaderConfig(bootstrap=bootstrap, buckets=buckets, group=group, topics=TopicNames(topic_prefix)),
+                wh,
+                after_flush=maintainer.correct if maintainer is not None else None,
             )
             install_stop(loader.stop)
             stats = loader.run(until_idle=until_idle)

@@ -96,6 +96,7 @@ class RebuildResult:
     seconds: float = 0.0
     snapshot_id: datetime | None = None
     error: str = ""
+    differing: int | None = None  # a reconciliation: rows that differed from the full rebuild (expected 0)
 
 
 def country_table_ddl() -> str:

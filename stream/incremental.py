@@ -45,25 +45,29 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from connectors.warehouse import Warehouse
+from connectors.warehouse import Warehouse, one_line
 from stream.buckets import cleaned_table, raw_table
 from stream.enrich import (
     COUNTRY_TABLE,
     GIT_PLATFORMS,
     VERSION_NOW,
     Lookups,
+    RebuildResult,
     allowed_channels_sql,
     cleaning_insert,
     cleaning_select,
     country_table_ddl,
+    drop_reference,
     gerrit_variant_sql,
     organization_lookup_sql,
     prepare_reference,
-    drop_reference,
     real_members_sql,
     refresh_country_codes,
     snapshot_of,
@@ -289,6 +293,9 @@ class Maintainer:
             },
         )
 
+    def bucket_state(self, n: int) -> BucketState:
+        return (self._state or {}).get(f"bucket/{n}", BucketState())
+
     def state(self, wh: Warehouse) -> dict[str, BucketState]:
         """The recorded state (per ``bucket/<n>`` and ``refs``), read from the warehouse."""
         return self._load_state(wh)
@@ -347,9 +354,7 @@ class Maintainer:
         done = []
         for n in range(self.buckets):
             st = self._state[f"bucket/{n}"]
-            q = wh.rows(
-                f"SELECT max(at), max(updatedAt), count() FROM {queue_table(n)} WHERE at > {st.watermark}"
-            )
+            q = wh.rows(f"SELECT max(at), max(updatedAt), count() FROM {queue_table(n)} WHERE at > {st.watermark}")
             qhi, qfresh = (int(q[0][0]), q[0][1]) if q and int(q[0][2]) else (st.watermark, None)
             sources = []
             if qhi > st.watermark:
@@ -420,12 +425,7 @@ class Maintainer:
         wh.command(f"INSERT INTO {self.stage} {self.correction_select(n, snapshot)}")
         written, tomb = (int(x) for x in wh.rows(f"SELECT count(), countIf(_deleted = 1) FROM {self.stage}")[0])
         if written:
-            # One block, so one part: readers see the whole correction or none of it.
-            wh.command(
-                f"INSERT INTO {cleaned_table(n)} SELECT * FROM {self.stage} SETTINGS max_threads = 1, "
-                f"max_insert_threads = 1, min_insert_block_size_rows = {max(written, 1 << 20)}, "
-                f"min_insert_block_size_bytes = 0"
-            )
+            self._publish(wh, cleaned_table(n), written)
         wh.command(f"TRUNCATE TABLE {self.stage}")
         c = Correction(n, k, written, tomb)
         self.stats.corrections += 1
@@ -434,6 +434,14 @@ class Maintainer:
         self.stats.tombstones += tomb
         log.debug("maintain: bucket %d corrected: %d candidates, %d rows written (%d tombstones)", n, k, written, tomb)
         return c
+
+    def _publish(self, wh: Warehouse, target: str, rows: int) -> None:
+        """Move the stage's ``rows`` rows into ``target`` as one block, so one part: readers (FINAL) see the whole
+        correction or none of it."""
+        wh.command(
+            f"INSERT INTO {target} SELECT * FROM {self.stage} SETTINGS max_threads = 1, max_insert_threads = 1, "
+            f"min_insert_block_size_rows = {max(rows, 1 << 20)}, min_insert_block_size_bytes = 0"
+        )
 
     # --- reconciliation --------------------------------------------------------------------------------------
 
@@ -473,10 +481,7 @@ class Maintainer:
             wh.command(f"INSERT INTO {self.stage} {changed} UNION ALL {extra}")
             differing = int(wh.rows(f"SELECT count() FROM {self.stage}")[0][0])
             if differing:
-                wh.command(
-                    f"INSERT INTO {cleaned} SELECT * FROM {self.stage} SETTINGS max_threads = 1, max_insert_threads = 1, "
-                    f"min_insert_block_size_rows = {max(differing, 1 << 20)}, min_insert_block_size_bytes = 0"
-                )
+                self._publish(wh, cleaned, differing)
             wh.command(f"TRUNCATE TABLE {self.stage}")
         finally:
             wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
@@ -490,4 +495,39 @@ class Maintainer:
         return differing
 
 
-__all__ = ["COUNTRY_TABLE", "Correction", "Maintainer", "MaintenanceStats", "maintenance_ddl"]
+REFRESH_MODES = ("incremental", "hourly")
+
+
+def reconcile_many(
+    connect: Callable[[], AbstractContextManager[Warehouse]], maintainer: Maintainer, buckets: Iterable[int]
+) -> list[RebuildResult]:
+    """Reconcile ``buckets`` one by one on a connection of their own; never raises for one bucket's failure."""
+    out = []
+    for b in dict.fromkeys(buckets):
+        started = time.monotonic()
+        try:
+            with connect() as wh:
+                differing = maintainer.reconcile(wh, b)
+                rows = int(wh.rows(f"SELECT count() FROM {cleaned_table(b)} FINAL")[0][0])
+        except Exception as exc:  # one bucket's failure must not stop the others
+            log.error("maintain: reconciliation of bucket %d failed: %s", b, one_line(exc))
+            out.append(RebuildResult(b, "failed", error=one_line(exc)))
+            continue
+        st = maintainer.bucket_state(b)
+        out.append(
+            RebuildResult(
+                b, "ok", rows=rows, seconds=time.monotonic() - started, snapshot_id=st.snapshot, differing=differing
+            )
+        )
+    return out
+
+
+__all__ = [
+    "COUNTRY_TABLE",
+    "REFRESH_MODES",
+    "Correction",
+    "Maintainer",
+    "MaintenanceStats",
+    "maintenance_ddl",
+    "reconcile_many",
+]

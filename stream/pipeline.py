@@ -4,8 +4,10 @@ Three workers, each a thread running its own ``run()``:
 
 - the router (stream/router.py): ``activityRelations`` -> bucket topics, exactly once by default;
 - the loader (stream/loader.py): bucket topics + reference topics -> raw and reference tables;
-- the scheduler (stream/schedule.py): rebuilds cleaned buckets on the staggered hourly pattern through the
-  Enricher (stream/enrich.py), ``parallel`` buckets at a time.
+- the scheduler (stream/schedule.py): on the staggered hourly pattern, reconciles each cleaned bucket with a
+  full rebuild (``refresh="incremental"``, the default: every loader flush already corrected the cleaned
+  buckets, stream/incremental.py), or rebuilds and swaps them through the Enricher (``refresh="hourly"``, the
+  anchor's replace-only mode), ``parallel`` buckets at a time.
 
 The embedded warehouse allows one process per data directory; inside this process every worker opens its own
 handle on the same engine (connectors/warehouse.py), so the loader inserts while a rebuild runs.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from connectors.kafka import ensure_bucket_topics
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
+from stream.incremental import REFRESH_MODES, Maintainer, reconcile_many
 from stream.loader import Loader, LoaderConfig
 from stream.metrics import serve
 from stream.router import Router, RouterConfig
@@ -58,6 +61,9 @@ class PipelineConfig:
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
+    # "incremental": every flush corrects the cleaned buckets (stream/incremental.py), the schedule reconciles;
+    # "hourly": the anchor's replace-only rebuilds on the schedule.
+    refresh: str = "incremental"
 
 
 class Pipeline:
@@ -71,6 +77,7 @@ class Pipeline:
         self.loader: Loader | None = None
         self.scheduler: Scheduler | None = None
         self.rebuilds: list[RebuildResult] = []
+        self.maintainer: Maintainer | None = None
 
     def connect(self) -> Any:
         """A new, unopened warehouse handle (the Enricher opens one per rebuild)."""
@@ -91,8 +98,14 @@ class Pipeline:
             1,
             others=[*self.topics.references().values(), self.topics.source],
         )
+        if cfg.refresh not in REFRESH_MODES:
+            raise ValueError(f"refresh must be one of {', '.join(REFRESH_MODES)}, got {cfg.refresh!r}")
         with self.connect() as wh:
             ensure_schema(wh, cfg.buckets)
+            maintainer = None
+            if cfg.refresh == "incremental":
+                self.maintainer = maintainer = Maintainer(cfg.buckets, now=self._clock)
+                maintainer.setup(wh)
             self.router = Router(
                 RouterConfig(
                     bootstrap=cfg.bootstrap,
@@ -108,14 +121,22 @@ class Pipeline:
             self.loader = Loader(
                 LoaderConfig(bootstrap=cfg.bootstrap, buckets=cfg.buckets, group=cfg.loader_group, topics=self.topics),
                 wh,
+                after_flush=maintainer.correct if maintainer is not None else None,
             )
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
+
+            def refresh(buckets: Iterable[int]) -> None:
+                if maintainer is not None:
+                    self.rebuilds.extend(reconcile_many(self.connect, maintainer, buckets))
+                else:
+                    self.rebuilds.extend(enricher.rebuild_many(buckets, parallel=cfg.parallel))
+
             schedule = (
                 ScheduleConfig.parse(cfg.schedule, cfg.buckets) if cfg.schedule else ScheduleConfig(buckets=cfg.buckets)
             )
             self.scheduler = Scheduler(
                 schedule,
-                lambda bs: self.rebuilds.extend(enricher.rebuild_many(bs, parallel=cfg.parallel)),
+                refresh,
                 clock=self._clock,
             )
 
@@ -133,7 +154,9 @@ class Pipeline:
                 threads[0].join()
                 self._drain_loader(threads[1])
                 if cfg.enrich_on_exit and not self._errors:
-                    self.rebuilds.extend(enricher.rebuild_many(range(cfg.buckets), parallel=cfg.parallel))
+                    refresh(range(cfg.buckets))
+                if maintainer is not None:
+                    maintainer.close(wh)
                 self.scheduler.stop()
                 for t in threads[1:]:
                     t.join()

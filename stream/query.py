@@ -66,8 +66,10 @@ class QueryLimits:
     def settings(self) -> str:
         # readonly = 1 (not 2): the engine then also refuses every table function that reaches files, the
         # network or other servers (file, url, remote, s3, ...) and any SETTINGS change inside the query.
+        # final = 1: the cleaned buckets are ReplacingMergeTrees corrected in place (stream/incremental.py); a
+        # query naming {bucket} reads it FINAL, like the views do.
         return (
-            f"readonly = 1, max_execution_time = {self.timeout_s:g}, timeout_overflow_mode = 'throw', "
+            f"final = 1, readonly = 1, max_execution_time = {self.timeout_s:g}, timeout_overflow_mode = 'throw', "
             f"max_result_rows = {self.max_result_rows}, result_overflow_mode = 'throw', "
             f"max_memory_usage = {self.max_memory_bytes}"
         )

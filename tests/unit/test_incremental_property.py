@@ -101,7 +101,9 @@ activity = st.fixed_dictionaries(
         "username": st.sampled_from(["u1", "u2"]),
     }
 )
-ACTIVITY_OP = st.tuples(st.just("activity"), st.sampled_from(["insert", "update", "read", "update", "delete"]), activity)
+ACTIVITY_OP = st.tuples(
+    st.just("activity"), st.sampled_from(["insert", "update", "read", "update", "delete"]), activity
+)
 MEMBER_OP = st.tuples(
     st.just("members"),
     st.sampled_from(MEMBERS),
@@ -276,7 +278,8 @@ def wh() -> Iterator[EmbeddedWarehouse]:
 def truncate_all(w: EmbeddedWarehouse) -> None:
     tables = w.rows(
         "SELECT name FROM system.tables WHERE database = currentDatabase() AND engine NOT IN "
-        "('View', 'MaterializedView') AND NOT startsWith(name, 'bucketer_cleaned_work_') AND name != 'bucketer_settings'"
+        "('View', 'MaterializedView') AND NOT startsWith(name, 'bucketer_cleaned_work_') "
+        "AND name != 'bucketer_settings'"
     )
     for (name,) in tables:
         w.command(f"TRUNCATE TABLE `{name}`")
@@ -315,7 +318,9 @@ def check(w: EmbeddedWarehouse) -> None:
             assert maintained(w, n) == full, f"bucket {n}"
     finally:
         drop_reference(w, ref)
-    union = w.rows(f"SELECT count(), uniqExact(segmentId, timestamp, type, platform, channel, sourceId) FROM {UNION_VIEW}")
+    union = w.rows(
+        f"SELECT count(), uniqExact(segmentId, timestamp, type, platform, channel, sourceId) FROM {UNION_VIEW}"
+    )
     assert union[0][0] == union[0][1] == sum(len(maintained(w, n)) for n in range(N))
 
 
@@ -347,7 +352,10 @@ def run(w: EmbeddedWarehouse, steps: list[tuple[Any, ...]]) -> list[int]:
 def base() -> list[tuple[Any, ...]]:
     """A populated start: real members, coded organizations, enabled projects and repositories (one gerrit)."""
     out: list[tuple[Any, ...]] = [("members", m, "insert", REAL) for m in MEMBERS]
-    out += [("organizations", "o0", "insert", "Acme", "Romania", ""), ("organizations", "o1", "insert", "Globex", "", "")]
+    out += [
+        ("organizations", "o0", "insert", "Acme", "Romania", ""),
+        ("organizations", "o1", "insert", "Globex", "", ""),
+    ]
     out += [("insightsProjects", p, "insert", True, False) for p in PROJECTS]
     out += [("integrations", "i0", "insert", "github"), ("integrations", "i1", "insert", "gerrit")]
     out += [
