@@ -225,20 +225,45 @@ class Maintainer:
             wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} ({IDENT_DDL}) ENGINE = Memory")
             wh.command(f"CREATE TABLE IF NOT EXISTS {self.stage} ({cleaned_columns_ddl()}) ENGINE = Memory")
             self._state = self._load_state(wh)
-            if "refs" in self._state:
-                return
+            layout = self._state.get("layout")
+            if layout is not None and layout.watermark != self.buckets:
+                # Rebucketed: every identity may have moved; index and queues start again from the raw rows.
+                log.warning(
+                    "maintain: %d buckets, was %d: the maintenance is set up anew", self.buckets, layout.watermark
+                )
+                self._reset(wh)
+                for sql in maintenance_ddl(self.buckets):
+                    wh.command(sql)
+                self._state = {}
             start = self._clock_ns(wh)
             git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+            new_refs = "refs" not in self._state
+            if new_refs:
+                self._apply_repositories(wh, None)
+                refresh_country_codes(wh)
             for n in range(self.buckets):
+                if f"bucket/{n}" in self._state:
+                    continue
+                # First maintained here: index what is already landed, then reconcile the bucket in full.
                 wh.command(f"INSERT INTO {index_table(n)} {index_select(raw_table(n), git)}")
-            self._apply_repositories(wh, None)
-            refresh_country_codes(wh)
-            for n in range(self.buckets):
                 self._reconcile_locked(wh, n)
                 self._state[f"bucket/{n}"].watermark = start
                 self._save(wh, f"bucket/{n}")
-            self._state["refs"] = BucketState(watermark=start)
-            self._save(wh, "refs")
+            if new_refs:
+                self._state["refs"] = BucketState(watermark=start)
+                self._save(wh, "refs")
+            if layout is None or layout.watermark != self.buckets:
+                self._state["layout"] = BucketState(watermark=self.buckets)
+                self._save(wh, "layout")
+
+    def _reset(self, wh: Warehouse) -> None:
+        names = wh.rows(
+            "SELECT name, engine FROM system.tables WHERE database = currentDatabase() AND "
+            "(startsWith(name, 'bucketer_cleaned_queue_') OR startsWith(name, 'bucketer_cleaned_index_'))"
+        )
+        for name, _engine in sorted(names, key=lambda r: r[1] != "MaterializedView"):
+            wh.command(f"DROP TABLE IF EXISTS `{name}` SYNC")
+        wh.command(f"TRUNCATE TABLE {STATE}")
 
     def close(self, wh: Warehouse) -> None:
         for t in (self.work, self.stage):
@@ -273,8 +298,6 @@ class Maintainer:
                 None if snap is None or snap.timestamp() <= 0 else snap.replace(tzinfo=UTC),
                 int(diff),
             )
-        for n in range(self.buckets):
-            out.setdefault(f"bucket/{n}", BucketState())
         return out
 
     def _save(self, wh: Warehouse, name: str) -> None:
