@@ -255,6 +255,10 @@ class Maintainer:
             if layout is None or layout.watermark != self.buckets:
                 self._state["layout"] = BucketState(watermark=self.buckets)
                 self._save(wh, "layout")
+            for n in range(self.buckets):
+                st = self._state[f"bucket/{n}"]
+                if st.freshness > EPOCH:
+                    self.stats.freshness[n] = st.freshness
 
     def _reset(self, wh: Warehouse) -> None:
         names = wh.rows(

@@ -141,7 +141,13 @@ class Pipeline:
             )
 
             if cfg.metrics_port is not None:
-                serve(cfg.metrics_port, router=self.router, loader=self.loader, rebuilds=self.rebuilds)
+                serve(
+                    cfg.metrics_port,
+                    router=self.router,
+                    loader=self.loader,
+                    rebuilds=self.rebuilds,
+                    maintainer=maintainer,
+                )
             threads = [
                 self._spawn("router", self.router.run),
                 self._spawn("loader", self.loader.run),

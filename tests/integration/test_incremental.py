@@ -17,10 +17,12 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 from kafkatools import create_topics, unique
+from prometheus_client import generate_latest
 
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.incremental import STATE, Maintainer
+from stream.metrics import registry_for
 from stream.pipeline import Pipeline, PipelineConfig
 
 N = 3
@@ -222,6 +224,10 @@ def test_cleaned_buckets_follow_every_topic_without_enrich(bootstrap: str, tmp_p
     pipeline = run_until_idle(bootstrap, topics, data, groups)
     assert pipeline.maintainer is not None
     assert cleaned(data) == world.expected()
+    stats = pipeline.maintainer.stats
+    assert stats.corrections > 0 and stats.rows_read >= 3 and stats.rows_written >= 3
+    metrics = generate_latest(registry_for(maintainer=pipeline.maintainer)).decode()
+    assert "bucketer_correction_rows_written_total" in metrics and 'bucketer_freshness_seconds{bucket="0"}' in metrics
 
     # The reconciliation (the hourly job) finds nothing to fix; freshness is recorded per bucket.
     with open_warehouse(data) as wh:
