@@ -1,5 +1,10 @@
 """Enrichment: rebuild a cleaned bucket from its raw bucket and the reference tables (CLEANED_BUCKETS.md).
 
+This is the replace-only path (``--refresh hourly``) and the full computation the incremental mode's
+reconciliation compares with (stream/incremental.py, which also corrects the cleaned buckets change by change
+with the same ``cleaning_select``: the rules are written once, the reference lookups come in two forms,
+``Lookups``).
+
 One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
 
 1. Country codes: ``refresh_country_codes`` resolves, in Python (connectors/countries.py), every distinct
@@ -23,7 +28,9 @@ One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
    previous snapshot is dropped (SYNC). A failure or a kill anywhere before the swap leaves the previous
    snapshot untouched and readable; the leftover ``__next`` is dropped by the next run.
 
-``cleaning_select(source, ref)`` — the rules, one SELECT over the raw rows and the reference state:
+``cleaning_select(source, ref | lookups, where=…, snapshot=…)`` — the rules, one SELECT over the raw rows and the
+reference state (also giving ``_deleted`` = 0 and ``_version`` = the query's now64 in ns, the cleaned layout's
+last two columns):
 - rows: ``source FINAL`` minus retired rows (``_deleted = 0``);
 - member: exists in ``members FINAL`` with isBot = isTeamMember = isOrganization = 0;
 - git platforms (exactly git, gerrit, github, gitlab): ``(lower(channel), segmentId)`` is in the allowed

@@ -413,9 +413,9 @@ class Maintainer:
             f"{VERSION_NOW} FROM repositories FINAL" + (f" WHERE {where}" if where else "")
         )
 
-    def correction_select(self, n: int, snapshot: datetime) -> str:
-        """The rows (live and tombstones) correcting cleaned bucket ``n`` for the identities in the work table."""
-        raw, cleaned = raw_table(n), cleaned_table(n)
+    def live_select(self, n: int, snapshot: datetime) -> str:
+        """The cleaned rows of the identities in the work table that pass the rules now (raw bucket ``n``)."""
+        raw = raw_table(n)
         kf = f"({IDENT}) IN (SELECT {IDENT} FROM {self.work})"
         of_k = f"FROM {raw} WHERE {kf}"  # every version of K's raw rows: a superset of what FINAL keeps
         orgs = organization_lookup_sql(f"id IN (SELECT organizationId {of_k})")
@@ -432,13 +432,17 @@ class Maintainer:
             ),
         )
         snap = f"toDateTime('{snapshot.strftime('%Y-%m-%d %H:%M:%S')}', 'UTC')"
-        live = cleaning_select(raw, look, where=kf, snapshot=snap)
+        return cleaning_select(raw, look, where=kf, snapshot=snap)
+
+    def tombstone_select(self, n: int) -> str:
+        """Tombstones for the identities in the work table that are in cleaned bucket ``n`` but not among the live
+        rows already in the stage (they no longer pass, or their raw row is retired)."""
         cols = ", ".join(f"`{c}`" for c in CLEANED_NAMES)
-        tombstones = (
-            f"SELECT {cols}, toUInt8(1), {VERSION_NOW} FROM {cleaned} FINAL WHERE {kf} "
-            f"AND ({IDENT}) NOT IN (SELECT {IDENT} FROM ({live}))"
+        return (
+            f"SELECT {cols}, toUInt8(1), {VERSION_NOW} FROM {cleaned_table(n)} FINAL "
+            f"WHERE ({IDENT}) IN (SELECT {IDENT} FROM {self.work}) "
+            f"AND ({IDENT}) NOT IN (SELECT {IDENT} FROM {self.stage})"
         )
-        return f"SELECT * FROM ({live})\nUNION ALL\n{tombstones}"
 
     def _correct_bucket(self, wh: Warehouse, n: int, candidates: str) -> Correction:
         st = self._state[f"bucket/{n}"] if self._state else BucketState()
@@ -449,7 +453,8 @@ class Maintainer:
         if k == 0:
             return Correction(n, 0, 0, 0)
         wh.command(f"TRUNCATE TABLE {self.stage}")
-        wh.command(f"INSERT INTO {self.stage} {self.correction_select(n, snapshot)}")
+        wh.command(f"INSERT INTO {self.stage} {self.live_select(n, snapshot)}")
+        wh.command(f"INSERT INTO {self.stage} {self.tombstone_select(n)}")
         written, tomb = (int(x) for x in wh.rows(f"SELECT count(), countIf(_deleted = 1) FROM {self.stage}")[0])
         if written:
             self._publish(wh, cleaned_table(n), written)

@@ -225,7 +225,7 @@ def test_cleaned_buckets_follow_every_topic_without_enrich(bootstrap: str, tmp_p
     assert pipeline.maintainer is not None
     assert cleaned(data) == world.expected()
     stats = pipeline.maintainer.stats
-    assert stats.corrections > 0 and stats.rows_read >= 3 and stats.rows_written >= 3
+    assert stats.corrections > 0 and stats.rows_read >= stats.rows_written > 0
     metrics = generate_latest(registry_for(maintainer=pipeline.maintainer)).decode()
     assert "bucketer_correction_rows_written_total" in metrics and 'bucketer_freshness_seconds{bucket="0"}' in metrics
 
