@@ -379,10 +379,21 @@ class Maintainer:
                 f"UNION ALL SELECT {gerrit_variant_sql('u')}, segmentId FROM ({affected_repos}))"
             )
         done = []
+        # Every bucket's new queue entries in one round trip (a flush usually touches a few buckets only).
+        heads = {
+            int(b): (int(top), newest)
+            for b, top, newest, count in wh.rows(
+                " UNION ALL ".join(
+                    f"SELECT toUInt32({n}), max(at), max(updatedAt), count() FROM {queue_table(n)} "
+                    f"WHERE at > {self._state[f'bucket/{n}'].watermark}"
+                    for n in range(self.buckets)
+                )
+            )
+            if int(count)
+        }
         for n in range(self.buckets):
             st = self._state[f"bucket/{n}"]
-            q = wh.rows(f"SELECT max(at), max(updatedAt), count() FROM {queue_table(n)} WHERE at > {st.watermark}")
-            qhi, qfresh = (int(q[0][0]), q[0][1]) if q and int(q[0][2]) else (st.watermark, None)
+            qhi, qfresh = heads.get(n, (st.watermark, None))
             sources = []
             if qhi > st.watermark:
                 sources.append(f"SELECT {IDENT} FROM {queue_table(n)} WHERE at > {st.watermark} AND at <= {qhi}")

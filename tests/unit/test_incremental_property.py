@@ -459,3 +459,51 @@ DIRECTED = {
 def test_directed_interleavings(wh: EmbeddedWarehouse, name: str) -> None:
     steps, counts = DIRECTED[name]
     assert run(wh, steps) == counts
+
+
+def test_a_correction_killed_halfway_converges_after_a_restart(
+    wh: EmbeddedWarehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reference changes land, the correction dies after bucket 0 (nothing recorded for bucket 1 or the
+    reference watermark): a restarted maintainer corrects everything, and the old url is still known."""
+    truncate_all(wh)
+    first = Maintainer(N)
+    first.setup(wh)
+    loader = Loader(LoaderConfig(bootstrap="localhost:1", buckets=N), wh)
+    scenario = Scenario()
+    for op in base():
+        scenario.apply(op)
+    for i, seg in enumerate(SEGMENTS):
+        for m in ("m0", "m1"):
+            scenario.apply(act(segmentId=seg, memberId=m, sourceId=f"{m}-{i}"))
+            scenario.apply(act(segmentId=seg, memberId=m, sourceId=f"{m}-{i}", platform="github", channel=GITHUB))
+    land(wh, loader, scenario.take())
+    first.correct(wh)
+    check(wh)
+    before = [len(maintained(wh, n)) for n in range(N)]
+    assert all(before)
+
+    scenario.apply(member("m0", flags=(True, False, False)))
+    scenario.apply(("repositories", "r0", "update", REPO_URLS[4], SEGMENTS[0], "p0", "i0", True, False))
+    land(wh, loader, scenario.take())
+    real = Maintainer._correct_bucket
+
+    def dies_at_bucket_1(self: Maintainer, w: Any, n: int, candidates: str) -> Any:
+        if n == 1:
+            raise RuntimeError("killed")
+        return real(self, w, n, candidates)
+
+    monkeypatch.setattr(Maintainer, "_correct_bucket", dies_at_bucket_1)
+    with pytest.raises(RuntimeError, match="killed"):
+        first.correct(wh)
+    monkeypatch.undo()
+    first.close(wh)
+
+    restarted = Maintainer(N)
+    restarted.setup(wh)
+    restarted.correct(wh)
+    check(wh)
+    after = [len(maintained(wh, n)) for n in range(N)]
+    assert all(0 < a < b for a, b in zip(after, before, strict=True))
+    assert [restarted.reconcile(wh, n) for n in range(N)] == [0] * N
+    restarted.close(wh)
