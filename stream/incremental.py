@@ -93,6 +93,9 @@ APPLIED_REPOS = "bucketer_applied_repositories"
 STATE = "bucketer_cleaned_state"
 WORK_PREFIX = "bucketer_cleaned_work_"
 KIND_MEMBER, KIND_ORG, KIND_CHANNEL = 1, 2, 3
+# Above this many queued raw rows a bucket is reconciled in full instead of corrected identity by identity
+# (a correction costs ~5x a rebuild per row: 300k rows took 6.3 s against 1.1 s for the full reconciliation).
+BULK_ROWS = 250_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -381,7 +384,7 @@ class Maintainer:
         done = []
         # Every bucket's new queue entries in one round trip (a flush usually touches a few buckets only).
         heads = {
-            int(b): (int(top), newest)
+            int(b): (int(top), newest, int(count))
             for b, top, newest, count in wh.rows(
                 " UNION ALL ".join(
                     f"SELECT toUInt32({n}), max(at), max(updatedAt), count() FROM {queue_table(n)} "
@@ -393,11 +396,15 @@ class Maintainer:
         }
         for n in range(self.buckets):
             st = self._state[f"bucket/{n}"]
-            qhi, qfresh = heads.get(n, (st.watermark, None))
+            qhi, qfresh, queued = heads.get(n, (st.watermark, None, 0))
             sources = []
-            if qhi > st.watermark:
+            if queued > BULK_ROWS:
+                # A bulk landing (a bootstrap replay, a long outage's backlog): one full reconciliation of the
+                # bucket is cheaper than a correction of that many identities, and gives the same rows.
+                self._reconcile_locked(wh, n)
+            elif qhi > st.watermark:
                 sources.append(f"SELECT {IDENT} FROM {queue_table(n)} WHERE at > {st.watermark} AND at <= {qhi}")
-            if keys:
+            if keys and queued <= BULK_ROWS:
                 sources.append(f"SELECT {IDENT} FROM {index_table(n)} WHERE " + " OR ".join(f"({k})" for k in keys))
             if sources:
                 done.append(self._correct_bucket(wh, n, " UNION ALL ".join(sources)))

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse
+from stream import incremental
 from stream.buckets import bucket_of, cleaned_table, raw_table
 from stream.enrich import cleaning_select, drop_reference, prepare_reference, refresh_country_codes
 from stream.incremental import Maintainer
@@ -507,3 +508,11 @@ def test_a_correction_killed_halfway_converges_after_a_restart(
     assert all(0 < a < b for a, b in zip(after, before, strict=True))
     assert [restarted.reconcile(wh, n) for n in range(N)] == [0] * N
     restarted.close(wh)
+
+
+def test_a_bulk_landing_is_reconciled_in_full(wh: EmbeddedWarehouse, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past BULK_ROWS queued rows a bucket is reconciled instead of corrected: the same rows either way."""
+    monkeypatch.setattr(incremental, "BULK_ROWS", 1)
+    for name in ("segment_moves", "member_flips"):
+        steps, counts = DIRECTED[name]
+        assert run(wh, steps) == counts
