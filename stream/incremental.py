@@ -521,7 +521,7 @@ class Maintainer:
             content = ", ".join(f"`{c}`" for c in ACTIVITY_NAMES + CLEANED_NAMES[len(ACTIVITY_NAMES) : -1])
             h = f"cityHash64({content})"
             changed = f"SELECT * FROM {aside} WHERE ({IDENT}, {h}) NOT IN (SELECT {IDENT}, {h} FROM {cleaned} FINAL)"
-            version = f"(SELECT ifNull(max(_version), {VERSION_NOW}) FROM {aside})"
+            version = f"(SELECT if(count() = 0, {VERSION_NOW}, max(_version)) FROM {aside})"
             cols = ", ".join(f"`{c}`" for c in CLEANED_NAMES)
             extra = (
                 f"SELECT {cols}, toUInt8(1), {version} FROM {cleaned} FINAL "
