@@ -79,6 +79,7 @@ from stream.schema import (
     SORT_KEY,
     cleaned_columns_ddl,
     cleaned_table_ddl,
+    migrate_cleaned_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -277,18 +278,8 @@ class Maintainer:
             wh.command(f"DROP TABLE IF EXISTS {t}")
 
     def _migrate_old_layout(self, wh: Warehouse) -> None:
-        """A cleaned bucket made before the maintenance (plain MergeTree, no ``_version``) is dropped here; the
-        first reconciliation refills it (the views need the new layout: they read FINAL)."""
-        for n in range(self.buckets):
-            has = wh.rows(
-                "SELECT countIf(name = '_version'), count() FROM system.columns WHERE database = currentDatabase() "
-                "AND table = {t:String}",
-                {"t": cleaned_table(n)},
-            )
-            if has and int(has[0][1]) > 0 and int(has[0][0]) == 0:
-                log.warning("maintain: cleaned bucket %d has the old layout; it is rebuilt in the new one", n)
-                wh.command(f"DROP TABLE {cleaned_table(n)} SYNC")
-                wh.command(cleaned_table_ddl(n))
+        for n in migrate_cleaned_layout(wh, self.buckets):
+            log.warning("maintain: cleaned bucket %d was in the old layout; copied into the new one", n)
 
     @staticmethod
     def _clock_ns(wh: Warehouse) -> int:

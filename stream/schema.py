@@ -200,6 +200,30 @@ def cleaned_table_ddl(n: int, name: str | None = None) -> str:
     )
 
 
+def migrate_cleaned_layout(wh: object, buckets: int) -> list[int]:
+    """Cleaned buckets still in the layout before incremental maintenance (plain MergeTree, no ``_version``)
+    are copied into the current layout aside and swapped in (their rows stay readable, with ``_version`` 0, until
+    the maintenance reconciles them). Returns the buckets migrated."""
+    done = []
+    for n in range(buckets):
+        table = cleaned_table(n)
+        cols = wh.rows(  # type: ignore[attr-defined]
+            "SELECT countIf(name = '_version'), count() FROM system.columns WHERE database = currentDatabase() "
+            "AND table = {t:String}",
+            {"t": table},
+        )
+        if not cols or int(cols[0][1]) == 0 or int(cols[0][0]) > 0:
+            continue
+        aside = f"{table}__layout"
+        wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")  # type: ignore[attr-defined]
+        wh.command(cleaned_table_ddl(n, aside))  # type: ignore[attr-defined]
+        wh.command(f"INSERT INTO {aside} SELECT {cleaned_select_list()}, 0, 0 FROM {table}")  # type: ignore[attr-defined]
+        wh.command(f"RENAME TABLE {table} TO {table}__old_layout, {aside} TO {table}")  # type: ignore[attr-defined]
+        wh.command(f"DROP TABLE IF EXISTS {table}__old_layout SYNC")  # type: ignore[attr-defined]
+        done.append(n)
+    return done
+
+
 def cleaned_select_list() -> str:
     """The 28 reader-visible columns of a cleaned bucket (not ``_deleted``/``_version``)."""
     return ", ".join(f"`{c}`" for c in CLEANED_NAMES)
@@ -262,6 +286,8 @@ def schema_statements(buckets: int) -> list[str]:
 
 def ensure_schema(wh: _Commands, buckets: int) -> None:
     """Create the tables for ``buckets`` buckets if missing and (re)define the views. Idempotent."""
+    if _has_settings(wh):  # an existing warehouse: cleaned buckets of an older layout move to the current one
+        migrate_cleaned_layout(wh, buckets)
     for sql in schema_statements(buckets):
         wh.command(sql)
     wh.command(f"INSERT INTO {SETTINGS_TABLE} (key, value) VALUES ('buckets', '{int(buckets)}')")

@@ -238,3 +238,26 @@ def test_cleaned_buckets_follow_every_topic_without_enrich(bootstrap: str, tmp_p
         assert len(fresh) == N and all(f.year == 2026 and f.month == 5 for _, f in fresh)
         maintainer.close(wh)
     assert cleaned(data) == world.expected()
+
+
+def test_a_cleaned_bucket_of_the_old_layout_moves_to_the_new_one(tmp_path: Path) -> None:
+    """A warehouse from before the maintenance (cleaned buckets plain MergeTree, ordered by member/org): its rows
+    stay readable through ensure_schema, now in the ReplacingMergeTree layout the views read FINAL."""
+    from stream.buckets import cleaned_table
+    from stream.schema import ACTIVITY_COLUMNS, CLEANED_EXTRA, ensure_schema, settings_ddl
+
+    cols = ", ".join(f"`{n}` {t}" for n, t, _ in ACTIVITY_COLUMNS + CLEANED_EXTRA)
+    with open_warehouse(tmp_path / "wh") as wh:
+        wh.command(settings_ddl())
+        wh.command(
+            f"CREATE TABLE {cleaned_table(0)} ({cols}) ENGINE = MergeTree "
+            f"ORDER BY (segmentId, timestamp, type, platform, memberId, organizationId)"
+        )
+        wh.command(f"INSERT INTO {cleaned_table(0)} (activityId, sourceId) VALUES ('x', '1'), ('y', '2')")
+        ensure_schema(wh, N)
+        assert wh.rows("SELECT activityId FROM activityRelations_deduplicated_cleaned_bucket_union ORDER BY 1") == [
+            ("x",),
+            ("y",),
+        ]
+        engine = wh.rows("SELECT engine FROM system.tables WHERE name = {t:String}", {"t": cleaned_table(0)})
+        assert engine == [("ReplacingMergeTree",)]
