@@ -336,6 +336,8 @@ class Maintainer:
         lo = refs.watermark
         got = wh.rows(f"SELECT max(at), max(updatedAt), count() FROM {REF_CHANGES} WHERE at > {lo}")
         hi, ref_fresh = (int(got[0][0]), got[0][1]) if got and int(got[0][2]) else (lo, None)
+        if got and int(got[0][2]) > BULK_ROWS:
+            return self._reconcile_everything(wh, hi, ref_fresh)
         tables: set[str] = set()
         if hi > lo:
             tables = {
@@ -414,6 +416,25 @@ class Maintainer:
             self._save(wh, "refs")
         self.stats.last = done
         return done
+
+    def _reconcile_everything(self, wh: Warehouse, hi: int, fresh: datetime | None) -> list[Correction]:
+        """A bulk of reference changes (a bootstrap replay of the reference topics): every bucket is reconciled in
+        full, which covers every queued change too."""
+        assert self._state is not None
+        start = self._clock_ns(wh)
+        refresh_country_codes(wh)
+        for n in range(self.buckets):
+            self._reconcile_locked(wh, n)
+            st = self._state[f"bucket/{n}"]
+            st.watermark = max(st.watermark, start)
+            if fresh is not None:
+                st.freshness = max(st.freshness, fresh.replace(tzinfo=UTC) if fresh.tzinfo is None else fresh)
+                self.stats.freshness[n] = st.freshness
+            self._save(wh, f"bucket/{n}")
+        self._apply_repositories(wh, None)
+        self._state["refs"].watermark = hi
+        self._save(wh, "refs")
+        return []
 
     def _apply_repositories(self, wh: Warehouse, where: str | None) -> None:
         """Record the repositories (all, or those of ``where``) as the cleaned buckets are now corrected with."""

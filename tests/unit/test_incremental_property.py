@@ -513,9 +513,13 @@ def test_a_correction_killed_halfway_converges_after_a_restart(
 def test_a_bulk_landing_is_reconciled_in_full(wh: EmbeddedWarehouse, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past BULK_ROWS queued rows a bucket is reconciled instead of corrected: the same rows either way."""
     monkeypatch.setattr(incremental, "BULK_ROWS", 1)
-    for name in ("segment_moves", "member_flips"):
+    calls = []
+    everything = Maintainer._reconcile_everything
+    monkeypatch.setattr(Maintainer, "_reconcile_everything", lambda self, *a: calls.append(a) or everything(self, *a))
+    for name in ("segment_moves", "member_flips", "gerrit_and_project", "repository_changes"):
         steps, counts = DIRECTED[name]
         assert run(wh, steps) == counts
+    assert calls  # a bulk of reference changes took the full path too
 
 
 def test_reconciliation_repairs_a_drifted_bucket(wh: EmbeddedWarehouse) -> None:
