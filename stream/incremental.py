@@ -560,6 +560,41 @@ class Maintainer:
 REFRESH_MODES = ("incremental", "hourly")
 
 
+@dataclass(frozen=True)
+class BucketFreshness:
+    """What ``status`` can show per bucket: the newest applied change, the lag behind it, the last
+    reconciliation's hour (the snapshotId new rows get) and how many rows it found different."""
+
+    bucket: int
+    freshness: datetime | None
+    lag_seconds: float | None
+    snapshot: datetime | None
+    differing: int | None
+
+
+def maintenance_status(wh: Warehouse, buckets: int, now: datetime | None = None) -> list[BucketFreshness]:
+    """Per bucket, from the recorded state; all None for a warehouse that is not maintained (hourly mode)."""
+    known = wh.rows(
+        "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {t:String}", {"t": STATE}
+    )
+    state = Maintainer(buckets)._load_state(wh) if known and int(known[0][0]) else {}
+    at = now or datetime.now(UTC)
+    out = []
+    for n in range(buckets):
+        st = state.get(f"bucket/{n}")
+        fresh = st.freshness if st is not None and st.freshness > EPOCH else None
+        out.append(
+            BucketFreshness(
+                n,
+                fresh,
+                None if fresh is None else max(0.0, (at - fresh).total_seconds()),
+                st.snapshot if st is not None else None,
+                st.differing if st is not None and st.differing >= 0 else None,
+            )
+        )
+    return out
+
+
 def reconcile_many(
     connect: Callable[[], AbstractContextManager[Warehouse]], maintainer: Maintainer, buckets: Iterable[int]
 ) -> list[RebuildResult]:
@@ -592,4 +627,5 @@ __all__ = [
     "MaintenanceStats",
     "maintenance_ddl",
     "reconcile_many",
+    "maintenance_status",
 ]

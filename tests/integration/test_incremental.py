@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
-from stream.incremental import STATE, Maintainer
+from stream.incremental import Maintainer, maintenance_status
 from stream.metrics import registry_for
 from stream.pipeline import Pipeline, PipelineConfig
 
@@ -234,8 +234,10 @@ def test_cleaned_buckets_follow_every_topic_without_enrich(bootstrap: str, tmp_p
         maintainer = Maintainer(N)
         maintainer.setup(wh)
         assert [maintainer.reconcile(wh, n) for n in range(N)] == [0] * N
-        fresh = wh.rows(f"SELECT name, freshness FROM {STATE} FINAL WHERE startsWith(name, 'bucket/')")
-        assert len(fresh) == N and all(f.year == 2026 and f.month == 5 for _, f in fresh)
+        fresh = maintenance_status(wh, N, now=datetime(2026, 5, 1, 12, tzinfo=UTC))
+        assert [f.differing for f in fresh] == [0] * N
+        assert all(f.freshness is not None and (f.freshness.year, f.freshness.month) == (2026, 5) for f in fresh)
+        assert all(f.lag_seconds is not None and 0 < f.lag_seconds < 86400 for f in fresh)
         maintainer.close(wh)
     assert cleaned(data) == world.expected()
 
