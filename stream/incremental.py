@@ -37,6 +37,9 @@ hash of the row), and only the differing rows are applied — with the aside's o
 so a correction that ran meanwhile, having read later, is never overwritten. Returns the number of differing
 rows (expected 0), logged and recorded in the state.
 
+Bulk: past ``BULK_ROWS`` queued rows in a bucket (or reference changes), e.g. after a bootstrap replay, the
+bucket (or every bucket) is reconciled in full instead: cheaper than a correction of that many identities.
+
 Concurrency: one Maintainer per warehouse at a time (the embedded engine is one process anyway); the
 watermarks assume the queues are written by the same process that corrects them (see docs/CONTRACTS.md).
 """
@@ -72,6 +75,7 @@ from stream.enrich import (
     refresh_country_codes,
     snapshot_of,
 )
+from stream.schedule import Clock
 from stream.schema import (
     ACTIVITY_NAMES,
     CLEANED_NAMES,
@@ -187,7 +191,7 @@ class Maintainer:
     first time fills the index from the raw buckets and reconciles every bucket); then ``correct(wh)`` after
     each landed batch (the loader's ``after_flush``) and ``reconcile(wh, n)`` hourly."""
 
-    def __init__(self, buckets: int, now: object = None) -> None:
+    def __init__(self, buckets: int, now: Clock | None = None) -> None:
         self.buckets = buckets
         self.stats = MaintenanceStats()
         self._now = now  # a Clock (stream/schedule.py) for snapshotIds; None = the system clock
@@ -204,7 +208,7 @@ class Maintainer:
         return f"{WORK_PREFIX}{self._tag}_rows"
 
     def _hour(self) -> datetime:
-        now = self._now.now() if self._now is not None else datetime.now(UTC)  # type: ignore[attr-defined]
+        now = self._now.now() if self._now is not None else datetime.now(UTC)
         return snapshot_of(now)
 
     # --- setup -----------------------------------------------------------------------------------------------
