@@ -21,6 +21,7 @@ from bucketer.options import (
     KafkaConfigOpt,
     KafkaOptionOpt,
     LoaderGroupOpt,
+    RefreshOpt,
     RouterGroupOpt,
     TopicPrefixOpt,
     UntilIdleOpt,
@@ -234,6 +235,7 @@ def run_cmd(
             help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
         ),
     ] = 300.0,
+    refresh: RefreshOpt = "incremental",
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
@@ -248,7 +250,11 @@ def run_cmd(
 
     if metrics_port is not None and not 1 <= metrics_port <= 65535:
         raise fail(f"--metrics-port {metrics_port} is out of range (1-65535)", 2)
+    from stream.incremental import REFRESH_MODES
+
     kafka = require_kafka(bootstrap, kafka_config, kafka_option)
+    if refresh not in REFRESH_MODES:
+        raise fail(f"--refresh must be one of {', '.join(REFRESH_MODES)}, got {refresh!r}", 2)
     log_to_stderr()
     pipeline = Pipeline(
         PipelineConfig(
@@ -266,6 +272,7 @@ def run_cmd(
             metrics_port=metrics_port,
             http=http_config(http_port, http_host) if http_port is not None else None,
             outage_deadline=outage_deadline,
+            refresh=refresh,
         )
     )
     install_stop(pipeline.stop)
@@ -306,20 +313,27 @@ def load_cmd(
             help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
         ),
     ] = 300.0,
+    refresh: RefreshOpt = "incremental",
 ) -> None:
     """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
+    from stream.incremental import REFRESH_MODES, Maintainer
     from stream.loader import Loader, LoaderConfig, LoaderError
     from stream.schema import BucketCountMismatch, ensure_schema
 
     kafka = require_kafka(bootstrap, kafka_config, kafka_option)
+    if refresh not in REFRESH_MODES:
+        raise fail(f"--refresh must be one of {', '.join(REFRESH_MODES)}, got {refresh!r}", 2)
     log_to_stderr()
     try:
         check_reachable(kafka)
         with open_configured_warehouse(data_dir) as wh:
             n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
+            maintainer = Maintainer(n) if refresh == "incremental" else None
+            if maintainer is not None:
+                maintainer.setup(wh)
             loader = Loader(
                 LoaderConfig(
                     kafka=kafka,
@@ -329,6 +343,7 @@ def load_cmd(
                     outage_deadline=outage_deadline,
                 ),
                 wh,
+                after_flush=maintainer.correct if maintainer is not None else None,
             )
             install_stop(loader.stop)
             stats = loader.run(until_idle=until_idle)

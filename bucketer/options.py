@@ -311,3 +311,14 @@ def require_kafka(
     kafka = kafka_connection(bootstrap, kafka_config, kafka_option)
     assert kafka is not None  # required: never None
     return kafka
+
+
+RefreshOpt = Annotated[
+    str,
+    typer.Option(
+        "--refresh",
+        envvar="BUCKETER_REFRESH",
+        help="incremental: keep the cleaned buckets current at every flush, the schedule reconciles (default); "
+        "hourly: the anchor's replace-only rebuilds on the schedule.",
+    ),
+]

@@ -94,7 +94,7 @@ VERSION_SOURCE = "updatedAt"  # _version = toUnixTimestamp64Milli(updatedAt) * 2
 
 VERSION_COLUMNS: tuple[Column, ...] = (Column("_deleted", "UInt8"), Column("_version", "UInt64"))
 
-# Cleaned buckets: the activity columns plus these, MergeTree ORDER BY CLEANED_ORDER.
+# Cleaned buckets: the activity columns plus these, ReplacingMergeTree(_version, _deleted) ORDER BY CLEANED_ORDER.
 CLEANED_EXTRA: tuple[Column, ...] = (
     Column("gitChangedLines", "UInt64"),
     Column("gitChangedLinesBucket", "String"),
@@ -102,7 +102,10 @@ CLEANED_EXTRA: tuple[Column, ...] = (
     Column("organizationName", "String"),
     Column("snapshotId", "DateTime('UTC')"),
 )
-CLEANED_ORDER = (BUCKET_KEY, "timestamp", "type", "platform", "memberId", "organizationId")
+# The raw identity: a correction replaces exactly the cleaned row of one raw row (stream/incremental.py).
+CLEANED_ORDER = SORT_KEY
+# The anchor's cleaned datasources (MergeTree, replaced whole by the hourly copy): the Tinybird target keeps it.
+ANCHOR_CLEANED_ORDER = (BUCKET_KEY, "timestamp", "type", "platform", "memberId", "organizationId")
 
 # Reference tables: ReplacingMergeTree(_version, _deleted) ORDER BY REFERENCE_KEY, which is required.
 REFERENCE_KEY = "id"

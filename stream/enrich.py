@@ -1,5 +1,10 @@
 """Enrichment: rebuild a cleaned bucket from its raw bucket and the reference tables (CLEANED_BUCKETS.md).
 
+This is the replace-only path (``--refresh hourly``) and the full computation the incremental mode's
+reconciliation compares with (stream/incremental.py, which also corrects the cleaned buckets change by change
+with the same ``cleaning_select``: the rules are written once, the reference lookups come in two forms,
+``Lookups``).
+
 One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
 
 1. Country codes: ``refresh_country_codes`` resolves, in Python (connectors/countries.py), every distinct
@@ -22,7 +27,9 @@ One rebuild of bucket ``n`` (``Enricher.rebuild(n)``):
    previous snapshot, now under the aside name, is dropped (SYNC). A failure or a kill anywhere before the
    swap leaves the previous snapshot untouched and readable; the leftover ``__next`` is dropped by the next run.
 
-``cleaning_select(source, ref)`` — the rules, one SELECT over the raw rows and the reference state:
+``cleaning_select(source, ref | lookups, where=…, snapshot=…)`` — the rules, one SELECT over the raw rows and the
+reference state (also giving ``_deleted`` = 0 and ``_version`` = the query's now64 in ns, the cleaned layout's
+last two columns):
 - rows: ``source FINAL`` minus retired rows (``_deleted = 0``);
 - member: exists in ``members FINAL`` with isBot = isTeamMember = isOrganization = 0;
 - git platforms (exactly git, gerrit, github, gitlab): ``(lower(channel), segmentId)`` is in the allowed
@@ -93,6 +100,7 @@ class RebuildResult:
     seconds: float = 0.0
     snapshot_id: datetime | None = None
     error: str = ""
+    differing: int | None = None  # a reconciliation: rows that differed from the full rebuild (expected 0)
 
 
 def country_table_ddl() -> str:
@@ -110,11 +118,13 @@ def rebuild_log_ddl() -> str:
     )
 
 
-def refresh_country_codes(wh: Warehouse) -> int:
-    """Resolve the organizations' (country, location) pairs not yet coded by this resolver; returns how many."""
+def refresh_country_codes(wh: Warehouse, org_filter: str = "") -> int:
+    """Resolve the organizations' (country, location) pairs not yet coded by this resolver; returns how many.
+    ``org_filter`` (a predicate on the organization, e.g. ``id IN (…)``) limits it to some organizations."""
     wh.command(country_table_ddl())
+    extra = f"({org_filter}) AND " if org_filter else ""
     pairs = wh.rows(
-        f"SELECT DISTINCT country, location FROM organizations FINAL WHERE (country, location) NOT IN "
+        f"SELECT DISTINCT country, location FROM organizations FINAL WHERE {extra}(country, location) NOT IN "
         f"(SELECT country, location FROM {COUNTRY_TABLE} FINAL WHERE resolverVersion = {{v:UInt32}})",
         {"v": RESOLVER_VERSION},
     )
@@ -123,19 +133,55 @@ def refresh_country_codes(wh: Warehouse) -> int:
     return len(rows)
 
 
-def allowed_channels_sql() -> str:
-    """(url, segmentId) pairs a git activity's (lower(channel), segmentId) must be one of."""
+def allowed_channels_sql(repo_filter: str = "") -> str:
+    """(url, segmentId) pairs a git activity's (lower(channel), segmentId) must be one of. ``repo_filter``, a
+    predicate on the repository (alias ``r``), narrows the repositories read (a correction's candidates); the
+    rule itself is the same."""
+    extra = f" AND ({repo_filter})" if repo_filter else ""
     repos = (
         "SELECT lower(r.url) AS url, r.segmentId AS segmentId, r.sourceIntegrationId AS integration "
         "FROM repositories AS r FINAL "
         "WHERE r.enabled = 1 AND r.deletedAt IS NULL AND r.insightsProjectId IN "
-        "(SELECT id FROM insightsProjects FINAL WHERE enabled = 1 AND deletedAt IS NULL)"
+        f"(SELECT id FROM insightsProjects FINAL WHERE enabled = 1 AND deletedAt IS NULL){extra}"
     )
     return (
         f"SELECT url, segmentId FROM ({repos}) "
         f"UNION ALL SELECT {gerrit_variant_sql('url')}, segmentId FROM ({repos}) "
         f"WHERE integration IN (SELECT id FROM integrations FINAL WHERE platform = '{GERRIT}')"
     )
+
+
+def real_members_sql(id_filter: str = "") -> str:
+    """The ids of real people: members FINAL that are not bots, team members or organizations (``id_filter``,
+    a predicate on ``id``, narrows the members read)."""
+    extra = f" AND ({id_filter})" if id_filter else ""
+    return f"SELECT id FROM members FINAL WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0{extra}"
+
+
+def organization_lookup_sql(id_filter: str = "") -> str:
+    """(id, name, code) of the organizations FINAL (``id_filter`` narrows them); code '' when not coded."""
+    extra = f" WHERE ({id_filter})" if id_filter else ""
+    return f"""SELECT org.id AS id, org.displayName AS name, c.code AS code
+            FROM (SELECT id, displayName, country, location FROM organizations FINAL{extra}) AS org
+            LEFT JOIN (SELECT country, location, code FROM {COUNTRY_TABLE} FINAL) AS c
+                ON c.country = org.country AND c.location = org.location"""
+
+
+@dataclass(frozen=True)
+class Lookups:
+    """How the cleaning rules look the reference state up: SQL over the raw row's columns.
+
+    ``member_ok``: the row's member is a real person; ``channel_ok``: its (lower(channel), segmentId) is an
+    allowed repository channel; ``org_name``/``org_code``: its organization's displayName / country code ('' when
+    none); ``with_``: a WITH clause the others may use. A rebuild probes the batch's ready-made Set/Join tables
+    (``ReferenceState.lookups``); a correction reads small filtered subqueries of the reference tables FINAL
+    (stream/incremental.py). Both feed the same ``cleaning_select``."""
+
+    member_ok: str
+    channel_ok: str
+    org_name: str
+    org_code: str
+    with_: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,6 +205,15 @@ class ReferenceState:
     def tables(self) -> tuple[str, str, str]:
         return self.members, self.channels, self.organizations
 
+    def lookups(self) -> Lookups:
+        org = self.organizations
+        return Lookups(
+            member_ok=f"memberId IN {self.members}",
+            channel_ok=f"(lower(channel), segmentId) IN {self.channels}",
+            org_name=f"joinGet('{org}', 'name', organizationId)",
+            org_code=f"joinGet('{org}', 'code', organizationId)",
+        )
+
 
 def prepare_reference(wh: Warehouse) -> ReferenceState:
     """Build this batch's member set, channel set and organization lookup (country codes must be refreshed)."""
@@ -173,22 +228,17 @@ def prepare_reference(wh: Warehouse) -> ReferenceState:
     ref = ReferenceState(uuid.uuid4().hex[:12])
     try:
         wh.command(f"CREATE TABLE {ref.members} (id String) ENGINE = Set SETTINGS persistent = 0")
-        wh.command(
-            f"INSERT INTO {ref.members} SELECT id FROM members FINAL "
-            f"WHERE isBot = 0 AND isTeamMember = 0 AND isOrganization = 0"
-        )
+        wh.command(f"INSERT INTO {ref.members} {real_members_sql()}")
         wh.command(f"CREATE TABLE {ref.channels} (url String, segmentId String) ENGINE = Set SETTINGS persistent = 0")
         wh.command(f"INSERT INTO {ref.channels} {allowed_channels_sql()}")
         wh.command(
             f"CREATE TABLE {ref.organizations} (id String, name String, code String) "
             f"ENGINE = Join(ANY, LEFT, id) SETTINGS persistent = 0"
         )
-        wh.command(f"""INSERT INTO {ref.organizations}
-            SELECT org.id, org.displayName, if(c.code = '', '{UNKNOWN}', c.code)
-            FROM (SELECT id, displayName, country, location FROM organizations FINAL) AS org
-            LEFT JOIN (SELECT country, location, code FROM {COUNTRY_TABLE} FINAL) AS c
-                ON c.country = org.country AND c.location = org.location
-            SETTINGS join_use_nulls = 0""")
+        wh.command(
+            f"INSERT INTO {ref.organizations} SELECT id, name, code FROM ({organization_lookup_sql()}) "
+            f"SETTINGS join_use_nulls = 0"
+        )
     except BaseException:
         drop_reference(wh, ref)
         raise
@@ -204,23 +254,40 @@ def drop_reference(wh: Warehouse, ref: ReferenceState) -> None:
             log.warning("enrich: could not drop %s: %s", name, exc)
 
 
-def cleaning_select(source: str, ref: ReferenceState) -> str:
-    """The SELECT producing the cleaned rows of raw table ``source`` with the batch's reference state ``ref``;
-    takes the parameter ``snapshot`` (a 'YYYY-MM-DD HH:MM:SS' UTC string)."""
+VERSION_NOW = "toUInt64(toUnixTimestamp64Nano(now64(9)))"
+
+
+def cleaning_select(
+    source: str,
+    ref: ReferenceState | Lookups,
+    *,
+    where: str = "",
+    snapshot: str = "toDateTime({snapshot:String}, 'UTC')",
+) -> str:
+    """THE cleaning rules (CLEANED_BUCKETS.md): the SELECT of the cleaned rows, ``_deleted`` (0) and ``_version``
+    included, of raw table ``source`` (``where`` narrows its rows, e.g. to a correction's identities) with the
+    reference state looked up through ``ref``. ``snapshot`` is the snapshotId expression (by default the
+    ``snapshot`` parameter, a 'YYYY-MM-DD HH:MM:SS' UTC string). ``_version`` is the engine's clock when the
+    query starts (now64 is evaluated once per query), so a row computed from a later read of the reference
+    state replaces one computed earlier. (The two are named ``_out_*``: an alias ``_deleted`` would replace the
+    raw column in WHERE; INSERT … SELECT takes columns by position.)"""
+    look = ref.lookups() if isinstance(ref, ReferenceState) else ref
     cols = ", ".join(f"`{c}`" for c in ACTIVITY_NAMES)
     platforms = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
-    org = ref.organizations
-    return f"""SELECT {cols},
+    narrow = f"\n  AND ({where})" if where else ""
+    return f"""{look.with_}SELECT {cols},
     toUInt64(gitInsertions) + toUInt64(gitDeletions) AS gitChangedLines,
     multiIf(gitChangedLines = 0, '', gitChangedLines < 10, '1-9', gitChangedLines < 60, '10-59',
             gitChangedLines < 100, '60-99', gitChangedLines < 500, '100-499', '500+') AS gitChangedLinesBucket,
-    if((joinGet('{org}', 'code', organizationId) AS code) = '', '{UNKNOWN}', code) AS organizationCountryCode,
-    joinGet('{org}', 'name', organizationId) AS organizationName,
-    toDateTime({{snapshot:String}}, 'UTC') AS snapshotId
+    if(({look.org_code}) AS _code = '', '{UNKNOWN}', _code) AS organizationCountryCode,
+    {look.org_name} AS organizationName,
+    {snapshot} AS snapshotId,
+    toUInt8(0) AS _out_deleted,
+    {VERSION_NOW} AS _out_version
 FROM {source} FINAL
-WHERE _deleted = 0
-  AND memberId IN {ref.members}
-  AND (platform NOT IN ({platforms}) OR (lower(channel), segmentId) IN {ref.channels})"""
+WHERE _deleted = 0{narrow}
+  AND {look.member_ok}
+  AND (platform NOT IN ({platforms}) OR {look.channel_ok})"""
 
 
 # A rebuild's INSERT … SELECT hands the table writer blocks of min_insert_block_size_rows rows (ClickHouse's

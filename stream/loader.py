@@ -169,9 +169,13 @@ class Loader:
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
         sleep: Callable[[float], None] = time.sleep,
+        after_flush: Callable[[Warehouse], object] | None = None,
     ) -> None:
         """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes);
-        ``clock``/``sleep`` drive the batch timers, backoffs and the outage deadline."""
+        ``clock``/``sleep`` drive the batch timers, backoffs and the outage deadline. ``after_flush(warehouse)``
+        runs after a batch's inserts and before its offsets are committed (the cleaned buckets' maintenance,
+        stream/incremental.py): if it fails, the batch is not committed and is replayed."""
+        self._after_flush = after_flush
         self.config = config
         self.warehouse = warehouse
         self.clock = clock
@@ -446,6 +450,8 @@ class Loader:
         for table, p in todo:
             self._insert(table, p)
         self._confirm_dlq()
+        if self._after_flush is not None:
+            self._after_flush(self.warehouse)
 
     def _insert_parsed_once(self, wh: SupportsJsonParts, buckets: list[tuple[str, _Pending]]) -> set[str]:
         """The fast path for a batch spanning several raw buckets: ClickHouse parses every message of the batch

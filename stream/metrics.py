@@ -13,11 +13,15 @@ Metrics (all prefixed ``bucketer_``):
 - ``loaded_total{table}``, ``loader_messages_total``, ``loader_committed_total``;
 - ``loader_lag_messages``: the loader group's read_committed lag on its partitions at its last progress line;
 - ``loader_outages_total``: broker outages the loader rode out (or is riding out);
-- ``rebuilds_total{bucket, status}``, ``rebuild_rows{bucket}``, ``rebuild_seconds{bucket}`` (last rebuild).
+- ``rebuilds_total{bucket, status}``, ``rebuild_rows{bucket}``, ``rebuild_seconds{bucket}`` (last rebuild);
+- the cleaned buckets' maintenance (stream/incremental.py): ``corrections_total``,
+  ``correction_rows_read_total``, ``correction_rows_written_total``, ``correction_tombstones_total``,
+  ``freshness_seconds{bucket}`` (now − the newest applied change), ``reconcile_differing_rows{bucket}``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,8 +30,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 
 class WorkerCollector(Collector):
-    def __init__(self, router: Any = None, loader: Any = None, rebuilds: Sequence[Any] | None = None) -> None:
-        self.router, self.loader, self.rebuilds = router, loader, rebuilds
+    def __init__(
+        self, router: Any = None, loader: Any = None, rebuilds: Sequence[Any] | None = None, maintainer: Any = None
+    ) -> None:
+        self.router, self.loader, self.rebuilds, self.maintainer = router, loader, rebuilds, maintainer
 
     def collect(self) -> Iterator[Any]:
         dlq = CounterMetricFamily(
@@ -40,6 +46,31 @@ class WorkerCollector(Collector):
         yield dlq
         if self.rebuilds is not None:
             yield from self._rebuilds(list(self.rebuilds))
+        if self.maintainer is not None:
+            yield from self._maintenance(self.maintainer.stats)
+
+    @staticmethod
+    def _maintenance(stats: Any) -> Iterator[Any]:
+        for name, doc, value in (
+            ("corrections", "Cleaned-bucket corrections applied", stats.corrections),
+            ("correction_rows_read", "Candidate raw rows examined by corrections", stats.rows_read),
+            ("correction_rows_written", "Cleaned rows written by corrections", stats.rows_written),
+            ("correction_tombstones", "Cleaned rows retracted by corrections", stats.tombstones),
+        ):
+            yield CounterMetricFamily(f"bucketer_{name}", doc, value=value)
+        fresh = GaugeMetricFamily(
+            "bucketer_freshness_seconds", "Now minus the newest change applied to the bucket", labels=["bucket"]
+        )
+        now = time.time()
+        for b, t in sorted(stats.freshness.items()):
+            fresh.add_metric([str(b)], max(0.0, now - t.timestamp()))
+        yield fresh
+        diff = GaugeMetricFamily(
+            "bucketer_reconcile_differing_rows", "Rows the last reconciliation found different", labels=["bucket"]
+        )
+        for b, n in sorted(stats.differing.items()):
+            diff.add_metric([str(b)], n)
+        yield diff
 
     @staticmethod
     def _router(stats: Any, dlq: CounterMetricFamily) -> Iterator[Any]:

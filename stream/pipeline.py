@@ -4,8 +4,10 @@ Three workers, each a thread running its own ``run()``:
 
 - the router (stream/router.py): ``activityRelations`` -> bucket topics, exactly once by default;
 - the loader (stream/loader.py): bucket topics + reference topics -> raw and reference tables;
-- the scheduler (stream/schedule.py): rebuilds cleaned buckets on the staggered hourly pattern through the
-  Enricher (stream/enrich.py), ``parallel`` buckets at a time.
+- the scheduler (stream/schedule.py): on the staggered hourly pattern, reconciles each cleaned bucket with a
+  full rebuild (``refresh="incremental"``, the default: every loader flush already corrected the cleaned
+  buckets, stream/incremental.py), or rebuilds and swaps them through the Enricher (``refresh="hourly"``, the
+  anchor's replace-only mode), ``parallel`` buckets at a time.
 
 The embedded warehouse allows one process per data directory; inside this process every worker opens its own
 handle on the same engine (connectors/warehouse.py), so the loader inserts while a rebuild runs.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
+from stream.incremental import REFRESH_MODES, Maintainer, reconcile_many
 from stream.loader import Loader, LoaderConfig
 from stream.metrics import serve
 from stream.router import Router, RouterConfig
@@ -63,6 +66,9 @@ class PipelineConfig:
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
     http: Any = None  # stream.api.HttpConfig: serve the HTTP query API from this process (--http-port)
     outage_deadline: float = 300.0  # the loader rides out a broker outage this long (LoaderConfig)
+    # "incremental": every flush corrects the cleaned buckets (stream/incremental.py), the schedule reconciles;
+    # "hourly": the anchor's replace-only rebuilds on the schedule.
+    refresh: str = "incremental"
 
 
 class Pipeline:
@@ -77,6 +83,7 @@ class Pipeline:
         self.scheduler: Scheduler | None = None
         self.rebuilds: list[RebuildResult] = []
         self.buckets: int | None = None  # the warehouse's N, known once run() has opened it
+        self.maintainer: Maintainer | None = None
 
     def connect(self) -> Any:
         """A new, unopened warehouse handle (the Enricher opens one per rebuild)."""
@@ -89,6 +96,8 @@ class Pipeline:
 
     def run(self) -> None:
         cfg = self.config
+        if cfg.refresh not in REFRESH_MODES:
+            raise ValueError(f"refresh must be one of {', '.join(REFRESH_MODES)}, got {cfg.refresh!r}")
         with self.connect() as wh:
             # The warehouse owns N: a --buckets that differs is refused here, before any topic is created.
             n = self.buckets = ensure_schema(wh, cfg.buckets)
@@ -100,6 +109,10 @@ class Pipeline:
                 1,
                 others=[*self.topics.references().values(), self.topics.source],
             )
+            maintainer = None
+            if cfg.refresh == "incremental":
+                self.maintainer = maintainer = Maintainer(n, now=self._clock)
+                maintainer.setup(wh)
             self.router = Router(
                 RouterConfig(
                     kafka=cfg.kafka,
@@ -121,17 +134,31 @@ class Pipeline:
                     outage_deadline=cfg.outage_deadline,
                 ),
                 wh,
+                after_flush=maintainer.correct if maintainer is not None else None,
             )
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
+
+            def refresh(buckets: Iterable[int]) -> None:
+                if maintainer is not None:
+                    self.rebuilds.extend(reconcile_many(self.connect, maintainer, buckets))
+                else:
+                    self.rebuilds.extend(enricher.rebuild_many(buckets, parallel=cfg.parallel))
+
             schedule = ScheduleConfig.parse(cfg.schedule, n) if cfg.schedule else ScheduleConfig(buckets=n)
             self.scheduler = Scheduler(
                 schedule,
-                lambda bs: self.rebuilds.extend(enricher.rebuild_many(bs, parallel=cfg.parallel)),
+                refresh,
                 clock=self._clock,
             )
 
             if cfg.metrics_port is not None:
-                serve(cfg.metrics_port, router=self.router, loader=self.loader, rebuilds=self.rebuilds)
+                serve(
+                    cfg.metrics_port,
+                    router=self.router,
+                    loader=self.loader,
+                    rebuilds=self.rebuilds,
+                    maintainer=maintainer,
+                )
             if cfg.http is not None:  # the API's handles share this process's engine (see stream/api.py)
                 from stream.api import serve_pipeline
 
@@ -148,7 +175,9 @@ class Pipeline:
                 threads[0].join()
                 self._drain_loader(threads[1])
                 if cfg.enrich_on_exit and not self._errors:
-                    self.rebuilds.extend(enricher.rebuild_many(range(n), parallel=cfg.parallel))
+                    refresh(range(n))
+                if maintainer is not None:
+                    maintainer.close(wh)
                 self.scheduler.stop()
                 for t in threads[1:]:
                     t.join()

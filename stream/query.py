@@ -111,7 +111,9 @@ DEFAULT_FORMAT = "JSONEachRow"
 def session_settings(limits: QueryLimits, check: bool = False) -> dict[str, str]:
     """Everything a query session sets, in order: ``readonly`` comes last, so it locks the others in. A
     ``check`` session (the engine parsing the statement) has no result-rows limit: its rows are ours."""
-    settings = {**_OUTPUT_SETTINGS, **limits.settings(), "readonly": "1"}
+    # final = 1: the cleaned buckets are ReplacingMergeTrees corrected in place (stream/incremental.py); a
+    # query naming one reads it FINAL, like the views do (and the raw buckets deduplicated, as FINAL gives).
+    settings = {**_OUTPUT_SETTINGS, **limits.settings(), "final": "1", "readonly": "1"}
     if check:
         del settings["max_result_rows"], settings["result_overflow_mode"]
     return settings

@@ -31,10 +31,14 @@ attributes; the three flags come from ``attributes.<flag>.default`` (0 when abse
 
 Cleaned bucket ``activityRelations_deduplicated_cleaned_bucket_{n}_ds``: the 23 columns + gitChangedLines
 UInt64, gitChangedLinesBucket String, organizationCountryCode LowCardinality(String), organizationName String,
-snapshotId DateTime('UTC'); MergeTree ORDER BY (segmentId, timestamp, type, platform, memberId, organizationId).
-``cleaned_columns_ddl()`` gives its column list for a table built aside.
+snapshotId DateTime('UTC') (``CLEANED_NAMES``), then ``_deleted UInt8`` and ``_version UInt64``;
+ReplacingMergeTree(_version, _deleted) ORDER BY the raw identity (segmentId, timestamp, type, platform,
+channel, sourceId): one cleaned row per raw row, corrected in place by stream/incremental.py (a newer
+``_version`` replaces, ``_deleted = 1`` retracts). Read it with ``FINAL`` (the views do). ``cleaned_columns_ddl()``
+gives its column list for a table built aside.
 
-Views: ``activityRelations_deduplicated_cleaned_bucket_union`` (all cleaned buckets),
+Views (each reads the cleaned buckets ``FINAL`` and shows the 28 ``CLEANED_NAMES`` columns):
+``activityRelations_deduplicated_cleaned_bucket_union`` (all cleaned buckets),
 ``activityRelations_bucket_routing(bucketId=n)`` (one cleaned bucket; an id outside 0..N-1 raises
 "invalid bucketId"), ``project_buckets(project='slug')`` → (project, projectId, segmentId, bucketId) for the
 enabled, not-deleted insightsProject; no rows otherwise. ``bucketer_settings`` records the bucket count.
@@ -63,6 +67,9 @@ UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
 ROUTING_VIEW = "activityRelations_bucket_routing"
 PROJECT_VIEW = "project_buckets"
 SETTINGS_TABLE = "bucketer_settings"
+
+# The 28 columns a reader sees in a cleaned bucket (not ``_deleted``/``_version``).
+CLEANED_NAMES = ACTIVITY_NAMES + tuple(c.name for c in CLEANED_EXTRA)
 
 
 class _Commands(Protocol):
@@ -105,19 +112,52 @@ def stage_columns() -> str:
 
 def cleaned_columns_ddl() -> str:
     """The column list (inside the parentheses) of a cleaned bucket table."""
-    return _cols(ACTIVITY_COLUMNS + CLEANED_EXTRA)
+    return _cols(ACTIVITY_COLUMNS + CLEANED_EXTRA + VERSION_COLUMNS)
+
+
+CLEANED_ENGINE = "ReplacingMergeTree(_version, _deleted)"
 
 
 def cleaned_table_ddl(n: int, name: str | None = None) -> str:
     """CREATE TABLE IF NOT EXISTS for cleaned bucket ``n`` (or the same layout under ``name``, built aside)."""
     return (
         f"CREATE TABLE IF NOT EXISTS {name or cleaned_table(n)} (\n    {cleaned_columns_ddl()}\n)\n"
-        f"ENGINE = MergeTree\nORDER BY ({', '.join(CLEANED_ORDER)})"
+        f"ENGINE = {CLEANED_ENGINE}\nORDER BY ({', '.join(CLEANED_ORDER)})"
     )
 
 
+def migrate_cleaned_layout(wh: object, buckets: int) -> list[int]:
+    """Cleaned buckets still in the layout before incremental maintenance (plain MergeTree, no ``_version``)
+    are copied into the current layout aside and swapped in (their rows stay readable, with ``_version`` 0, until
+    the maintenance reconciles them). Returns the buckets migrated."""
+    done = []
+    for n in range(buckets):
+        table = cleaned_table(n)
+        cols = wh.rows(  # type: ignore[attr-defined]
+            "SELECT countIf(name = '_version'), count() FROM system.columns WHERE database = currentDatabase() "
+            "AND table = {t:String}",
+            {"t": table},
+        )
+        if not cols or int(cols[0][1]) == 0 or int(cols[0][0]) > 0:
+            continue
+        aside = f"{table}__layout"
+        wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")  # type: ignore[attr-defined]
+        wh.command(cleaned_table_ddl(n, aside))  # type: ignore[attr-defined]
+        wh.command(f"INSERT INTO {aside} SELECT {cleaned_select_list()}, 0, 0 FROM {table}")  # type: ignore[attr-defined]
+        wh.command(f"RENAME TABLE {table} TO {table}__old_layout, {aside} TO {table}")  # type: ignore[attr-defined]
+        wh.command(f"DROP TABLE IF EXISTS {table}__old_layout SYNC")  # type: ignore[attr-defined]
+        done.append(n)
+    return done
+
+
+def cleaned_select_list() -> str:
+    """The 28 reader-visible columns of a cleaned bucket (not ``_deleted``/``_version``)."""
+    return ", ".join(f"`{c}`" for c in CLEANED_NAMES)
+
+
 def union_view_ddl(buckets: int) -> str:
-    parts = "\nUNION ALL\n".join(f"SELECT * FROM {cleaned_table(n)}" for n in range(buckets))
+    cols = cleaned_select_list()
+    parts = "\nUNION ALL\n".join(f"SELECT {cols} FROM {cleaned_table(n)} FINAL" for n in range(buckets))
     return f"CREATE OR REPLACE VIEW {UNION_VIEW} AS\n{parts}"
 
 
@@ -136,7 +176,7 @@ def routing_view_ddl(buckets: int) -> str:
     table = cleaned_table(0).replace("_0_", "_', toString({bucketId:Int64}), '_")
     return (
         f"CREATE OR REPLACE VIEW {ROUTING_VIEW} AS\n"
-        f"SELECT * FROM merge(currentDatabase(), '^{pattern}$')\n"
+        f"SELECT {cleaned_select_list()} FROM merge(currentDatabase(), '^{pattern}$') FINAL\n"
         f"WHERE {check} = 0 AND _table = concat('{table}')"
     )
 
@@ -196,6 +236,8 @@ def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = Fa
     if buckets is not None and recorded is not None and buckets != recorded and not allow_change:
         raise BucketCountMismatch(recorded, buckets)
     n = buckets if buckets is not None else (recorded if recorded is not None else DEFAULT_BUCKETS)
+    if recorded is not None:  # an existing warehouse: cleaned buckets of an older layout move to the current one
+        migrate_cleaned_layout(wh, recorded)
     for sql in schema_statements(n):
         wh.command(sql)
     if n != recorded:

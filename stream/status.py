@@ -86,7 +86,7 @@ def warehouse_status(
     )
     parts = [
         f"SELECT {b} AS b, (SELECT count() FROM {raw_table(b)} FINAL) AS raw, "
-        f"(SELECT count() FROM {cleaned_table(b)}) AS cleaned, "
+        f"(SELECT count() FROM {cleaned_table(b)} FINAL) AS cleaned, "
         f"(SELECT max(snapshotId) FROM {cleaned_table(b)}) AS snap, " + last.format(log=REBUILD_LOG, b=b) + " AS last"
         for b in range(n)
     ]

@@ -31,8 +31,8 @@ from connectors.model import (
     ACTIVITY_COLUMNS,
     ACTIVITY_NAMES,
     ACTIVITY_REQUIRED,
+    ANCHOR_CLEANED_ORDER,
     CLEANED_EXTRA,
-    CLEANED_ORDER,
     EMPTY_ATTRIBUTES,
     GERRIT,
     GIT_PLATFORMS,
@@ -175,7 +175,7 @@ def cleaned_datasource(n: int) -> str:
     return _datasource(
         f"Cleaned bucket {n}: rebuilt hourly (replace) by {cleaning_pipe_name(n)}.pipe.",
         CLEANED,
-        [("ENGINE", "MergeTree"), ("ENGINE_SORTING_KEY", ", ".join(CLEANED_ORDER))],
+        [("ENGINE", "MergeTree"), ("ENGINE_SORTING_KEY", ", ".join(ANCHOR_CLEANED_ORDER))],
     )
 
 

@@ -474,7 +474,10 @@ def test_routing_view_reads_the_named_bucket_only(warehouse) -> None:
             "isContribution": 0,
             "gitChangedLines": 0,
         }
-        warehouse.insert(cleaned_table(n), cols, [[row[c] for c in cols]] * (n + 1))
+        # distinct raw identities (sourceId): the cleaned bucket keeps one row per identity
+        warehouse.insert(
+            cleaned_table(n), cols, [[(row | {"sourceId": f"s{i}"})[c] for c in cols] for i in range(n + 1)]
+        )
     for n in range(N):
         assert warehouse.rows(
             f"SELECT DISTINCT activityId, count() OVER () FROM activityRelations_bucket_routing(bucketId = {n})"

@@ -103,6 +103,7 @@ def cleaned_rows(bucket: int, count: int, snap: datetime) -> tuple[list[str], li
             "timestamp": t,
             "snapshotId": snap,
             "activityId": f"b{bucket}-{i}",
+            "sourceId": f"b{bucket}-{i}",  # one row per raw identity: the cleaned bucket is keyed by it
             "segmentId": f"seg{bucket}",
             "sentimentScore": 0,
             "gitInsertions": 0,

@@ -50,8 +50,14 @@ def test_cleaned_and_reference_tables() -> None:
         "organizationCountryCode",
         "organizationName",
         "snapshotId",
+        "_deleted",
+        "_version",
     ]
-    assert "ENGINE = MergeTree\nORDER BY (segmentId, timestamp, type, platform, memberId, organizationId)" in cleaned
+    # Corrected in place by stream/incremental.py: one row per raw identity, the newest _version wins.
+    assert (
+        "ENGINE = ReplacingMergeTree(_version, _deleted)\n"
+        "ORDER BY (segmentId, timestamp, type, platform, channel, sourceId)" in cleaned
+    )
     members = reference_table_ddl("members")
     assert {"isBot", "isTeamMember", "isOrganization", "attributes"} <= set(columns_of(members))
     assert "ReplacingMergeTree(_version, _deleted)\nORDER BY id" in members
