@@ -321,3 +321,13 @@ def test_fuzz_timestamps_fast_and_full_paths_agree(ts: str, column: str, action:
     rec = row(random.Random(0), "a1", SEG_A)
     rec[column] = ts
     assert outcome(message(action, rec)) in ("routed", "dlq")
+
+
+def test_fast_and_full_paths_agree_on_long_fractions() -> None:
+    """Found by the fuzz: the fast path took a timestamp with hundreds of fraction digits, which ClickHouse
+    refuses past 19 (the loader would have stored NULL or failed); both paths now use one rule."""
+    ok = dict(row(RNG, "f1", SEG_A), createdAt="2024-03-03T12:35:19." + "1" * 19 + "Z")
+    bad = dict(row(RNG, "f2", SEG_A), createdAt="2024-03-03T12:35:19." + "1" * 400 + "Z")
+    assert summary(decode, message("insert", ok))[0] == "routed"
+    for decoder in (decode, _decode_full):
+        assert summary(decoder, message("insert", bad)) == ("dlq", "bad_timestamp")
