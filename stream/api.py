@@ -64,7 +64,7 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.warehouse import WarehouseError, one_line
 from stream.buckets import cleaned_table
 from stream.query import QueryError, QueryLimits, engine_error, read_only, run_statement
-from stream.schema import PROJECT_VIEW, ROUTING_VIEW, UNION_VIEW
+from stream.schema import PROJECT_VIEW, ROUTING_VIEW, UNION_VIEW, cleaned_select_list
 
 log = logging.getLogger("bucketer.api")
 
@@ -614,8 +614,9 @@ def create_app(
                 found = projects.resolve(wh, project)
             if bucketId is not None and bucketId != found.bucket:
                 raise ApiError(400, f"bucketId {bucketId} is not the bucket of project {project!r} ({found.bucket})")
-            # The id comes from project_buckets, so it is valid: read the table itself, without the view's check.
-            return run(f"SELECT * FROM {cleaned_table(found.bucket)}{tail}", params)
+            # The id comes from project_buckets, so it is valid: read the table itself, without the view's check
+            # (its reader columns, FINAL, as the views read it).
+            return run(f"SELECT {cleaned_select_list()} FROM {cleaned_table(found.bucket)} FINAL{tail}", params)
         if bucketId is None:
             raise ApiError(400, "missing parameter bucketId (or project)")
         params["bucketId"] = bucketId

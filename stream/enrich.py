@@ -361,6 +361,27 @@ def bucket_lock(bucket: int, lock_dir: Path | None) -> Iterator[None]:
         lock.release()
 
 
+def log_rebuild(wh: Warehouse, bucket: int, finished: datetime, snapshot: datetime, rows: int, seconds: float) -> None:
+    """Record a finished rebuild or reconciliation of ``bucket`` in REBUILD_LOG (``status`` reads it). Written
+    after the new rows are in place, so a failure here only costs the log line, and is logged."""
+    try:
+        wh.command(rebuild_log_ddl())
+        wh.command(
+            f"INSERT INTO {REBUILD_LOG} (bucket, finishedAt, snapshotId, rows, seconds) VALUES ({{b:UInt32}}, "
+            f"parseDateTime64BestEffort({{f:String}}, 3, 'UTC'), toDateTime({{s:String}}, 'UTC'), "
+            f"{{r:UInt64}}, {{d:Float64}})",
+            {
+                "b": bucket,
+                "f": finished.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+                "s": snapshot.strftime("%Y-%m-%d %H:%M:%S"),
+                "r": rows,
+                "d": seconds,
+            },
+        )
+    except WarehouseError as exc:
+        log.warning("enrich: bucket %d refreshed, but the rebuild log was not written: %s", bucket, exc)
+
+
 class Enricher:
     """Rebuilds cleaned buckets. ``connect()`` returns a new (unopened) warehouse; each rebuild opens its own.
 
@@ -432,24 +453,7 @@ class Enricher:
         return RebuildResult(bucket, "ok", rows=rows, seconds=seconds, snapshot_id=snapshot)
 
     def _log_rebuild(self, wh: Warehouse, bucket: int, snapshot: datetime, rows: int, seconds: float) -> None:
-        """Record the finished rebuild (after the swap: the new snapshot is already in place, so a failure here
-        only costs the log line, and is logged)."""
-        try:
-            wh.command(rebuild_log_ddl())
-            wh.command(
-                f"INSERT INTO {REBUILD_LOG} (bucket, finishedAt, snapshotId, rows, seconds) VALUES ({{b:UInt32}}, "
-                f"parseDateTime64BestEffort({{f:String}}, 3, 'UTC'), toDateTime({{s:String}}, 'UTC'), "
-                f"{{r:UInt64}}, {{d:Float64}})",
-                {
-                    "b": bucket,
-                    "f": self._clock.now().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
-                    "s": snapshot.strftime("%Y-%m-%d %H:%M:%S"),
-                    "r": rows,
-                    "d": seconds,
-                },
-            )
-        except WarehouseError as exc:
-            log.warning("enrich: bucket %d rebuilt, but the rebuild log was not written: %s", bucket, exc)
+        log_rebuild(wh, bucket, self._clock.now(), snapshot, rows, seconds)
 
     def _swap(self, wh: Warehouse, bucket: int) -> None:
         target = cleaned_table(bucket)

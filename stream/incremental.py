@@ -68,6 +68,7 @@ from stream.enrich import (
     cleaning_select,
     country_table_ddl,
     drop_reference,
+    log_rebuild,
     organization_lookup_sql,
     prepare_reference,
     real_members_sql,
@@ -206,9 +207,11 @@ class Maintainer:
     def stage(self) -> str:
         return f"{WORK_PREFIX}{self._tag}_rows"
 
+    def now(self) -> datetime:
+        return self._now.now() if self._now is not None else datetime.now(UTC)
+
     def _hour(self) -> datetime:
-        now = self._now.now() if self._now is not None else datetime.now(UTC)
-        return snapshot_of(now)
+        return snapshot_of(self.now())
 
     # --- setup -----------------------------------------------------------------------------------------------
 
@@ -609,11 +612,13 @@ def reconcile_many(
             with connect() as wh:
                 differing = maintainer.reconcile(wh, b)
                 rows = int(wh.rows(f"SELECT count() FROM {cleaned_table(b)} FINAL")[0][0])
+                st = maintainer.bucket_state(b)
+                snapshot = st.snapshot or snapshot_of(maintainer.now())
+                log_rebuild(wh, b, maintainer.now(), snapshot, rows, time.monotonic() - started)
         except Exception as exc:  # one bucket's failure must not stop the others
             log.error("maintain: reconciliation of bucket %d failed: %s", b, one_line(exc))
             out.append(RebuildResult(b, "failed", error=one_line(exc)))
             continue
-        st = maintainer.bucket_state(b)
         out.append(
             RebuildResult(
                 b, "ok", rows=rows, seconds=time.monotonic() - started, snapshot_id=st.snapshot, differing=differing

@@ -51,7 +51,7 @@ from connectors.warehouse import (
     one_line,
 )
 from stream.buckets import cleaned_table
-from stream.schema import PROJECT_VIEW
+from stream.schema import PROJECT_VIEW, cleaned_select_list
 
 
 class QueryError(ValueError):
@@ -318,7 +318,9 @@ def prepare(wh: Warehouse, sql: str, project: str | None = None) -> tuple[str, d
         raise engine_error(str(exc)) from exc
     # The bucket id comes from project_buckets, so it is valid: name the table itself rather than the
     # routing view, whose per-query check and table pruning cost more than the query (bench_enrich.py).
-    statement = statement.replace("{bucket}", cleaned_table(pb.bucket))
+    # (its reader columns, FINAL, as the views read it: a correction's superseded versions never show).
+    bucket = f"(SELECT {cleaned_select_list()} FROM {cleaned_table(pb.bucket)} FINAL)"
+    statement = statement.replace("{bucket}", bucket)
     return statement, {"bucketId": pb.bucket, "segmentId": pb.segment_id, "project": pb.project}
 
 

@@ -236,8 +236,8 @@ def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = Fa
     if buckets is not None and recorded is not None and buckets != recorded and not allow_change:
         raise BucketCountMismatch(recorded, buckets)
     n = buckets if buckets is not None else (recorded if recorded is not None else DEFAULT_BUCKETS)
-    if recorded is not None:  # an existing warehouse: cleaned buckets of an older layout move to the current one
-        migrate_cleaned_layout(wh, recorded)
+    if _has_settings(wh):  # an existing warehouse: cleaned buckets of an older layout move to the current one
+        migrate_cleaned_layout(wh, recorded if recorded is not None else n)
     for sql in schema_statements(n):
         wh.command(sql)
     if n != recorded:

@@ -21,6 +21,7 @@ from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse
 from stream.buckets import cleaned_table, raw_table
 from stream.enrich import REBUILD_LOG
+from stream.incremental import maintenance_status
 from stream.schedule import ScheduleConfig, next_slot
 from stream.schema import bucket_count
 
@@ -39,6 +40,11 @@ class BucketStatus:
     rebuilt_age_s: float | None = None  # since that rebuild finished
     rebuild_seconds: float | None = None  # how long it took
     next_rebuild: datetime | None = None  # the next slot of the default staggered schedule
+    # Incremental maintenance (stream/incremental.py; None in hourly mode): the newest change applied to the
+    # cleaned bucket, how far behind now that is, and how many rows the last reconciliation found different.
+    freshness: datetime | None = None
+    freshness_lag_s: float | None = None
+    reconcile_differing: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,14 @@ class Status:
     dlq_messages: int | None = None
     router_lag: int | None = None
     kafka_error: str | None = None
+    loader_lag: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["generated_at"] = self.generated_at.isoformat()
         for b in out["buckets"]:
-            for k in ("snapshot_id", "rebuilt_at", "next_rebuild"):
+            for k in ("snapshot_id", "rebuilt_at", "next_rebuild", "freshness"):
                 b[k] = b[k].isoformat() if b[k] else None
         return out
 
@@ -95,9 +102,11 @@ def warehouse_status(
     total = sum(int(r[1]) for r in rows)
     at = now()
     schedule = ScheduleConfig(buckets=n)
+    fresh = {f.bucket: f for f in maintenance_status(wh, n, at)}
     out = []
     for b, raw, cleaned, snap, (finished, seconds) in rows:
         snap_at, done_at = _utc(snap), _utc(finished)
+        f = fresh.get(int(b))
         out.append(
             BucketStatus(
                 int(b),
@@ -110,22 +119,35 @@ def warehouse_status(
                 (at - done_at).total_seconds() if done_at else None,
                 float(seconds) if done_at else None,
                 next_slot(int(b), at, schedule),
+                f.freshness if f else None,
+                f.lag_seconds if f else None,
+                f.differing if f else None,
             )
         )
     return Status(out, total, sum(s.cleaned_rows for s in out), at)
 
 
 def kafka_figures(
-    kafka: KafkaConnection, topics: TopicNames, router_group: str, timeout: float = 10.0
-) -> tuple[int | None, int | None]:
-    """(DLQ messages, router lag); None for a topic that does not exist. Both are counted as a read_committed
-    reader sees them (connectors.kafka.group_lag): the DLQ is written inside the router's transactions, so its
-    offset span would count commit markers and aborted records too."""
+    kafka: KafkaConnection,
+    topics: TopicNames,
+    router_group: str,
+    timeout: float = 10.0,
+    loader_group: str | None = None,
+    buckets: int = 0,
+) -> tuple[int | None, int | None, int | None]:
+    """(DLQ messages, router lag, loader lag); None for a topic that does not exist (loader lag: when no
+    ``loader_group`` is given). All counted as a read_committed reader sees them (connectors.kafka.group_lag):
+    the DLQ and the bucket topics are written inside the router's transactions, so their offset spans would
+    count commit markers and aborted records too."""
     from connectors.kafka import group_lag  # Kafka's client only when Kafka figures are asked for
 
     dlq = group_lag(kafka, None, [topics.dlq], timeout)
     lag = group_lag(kafka, router_group, [topics.source], timeout)
-    return (None if dlq.absent else dlq.messages), (None if lag.absent else lag.messages)
+    loader = None
+    if loader_group is not None and buckets:
+        found = group_lag(kafka, loader_group, topics.buckets(buckets), timeout)
+        loader = None if len(found.absent) == buckets else found.messages
+    return (None if dlq.absent else dlq.messages), (None if lag.absent else lag.messages), loader
 
 
 def collect(
@@ -135,12 +157,15 @@ def collect(
     topics: TopicNames | None = None,
     router_group: str = "bucketer-router",
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    loader_group: str | None = "bucketer-loader",
 ) -> Status:
     status = warehouse_status(wh, buckets, now)
     if kafka is None:
         return status
     try:
-        dlq, lag = kafka_figures(kafka, topics or TopicNames(), router_group)
+        dlq, lag, loader = kafka_figures(
+            kafka, topics or TopicNames(), router_group, loader_group=loader_group, buckets=len(status.buckets)
+        )
     except Exception as exc:  # status still shows the warehouse when Kafka is away
         return Status(
             status.buckets,
@@ -149,4 +174,6 @@ def collect(
             status.generated_at,
             kafka_error=" ".join(str(exc).split())[:200],
         )
-    return Status(status.buckets, status.raw_total, status.cleaned_total, status.generated_at, dlq, lag)
+    return Status(
+        status.buckets, status.raw_total, status.cleaned_total, status.generated_at, dlq, lag, loader_lag=loader
+    )

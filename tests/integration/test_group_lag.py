@@ -127,7 +127,7 @@ def test_lag_counts_messages_not_transaction_markers(bootstrap: str, routed) -> 
     assert loader_lag(KafkaConnection.plain(bootstrap), done, names, BUCKETS) == 0
 
     # status: the DLQ holds the bad inputs (written in the router's transactions), the router has no lag.
-    dlq, router_lag = kafka_figures(KafkaConnection.plain(bootstrap), names, router_group)
+    dlq, router_lag, _ = kafka_figures(KafkaConnection.plain(bootstrap), names, router_group)
     assert (dlq, router_lag) == (sum(s.dlq is not None for s in sents), 0)
     assert group_lag(KafkaConnection.plain(bootstrap), None, [names.dlq, names.prefix + "missing"]).absent == (
         names.prefix + "missing",

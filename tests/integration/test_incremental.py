@@ -249,7 +249,7 @@ def test_a_cleaned_bucket_of_the_old_layout_moves_to_the_new_one(tmp_path: Path)
     from stream.buckets import cleaned_table
     from stream.schema import ACTIVITY_COLUMNS, CLEANED_EXTRA, ensure_schema, settings_ddl
 
-    cols = ", ".join(f"`{n}` {t}" for n, t, _ in ACTIVITY_COLUMNS + CLEANED_EXTRA)
+    cols = ", ".join(f"`{c.name}` {c.type}" for c in ACTIVITY_COLUMNS + CLEANED_EXTRA)
     with open_warehouse(tmp_path / "wh") as wh:
         wh.command(settings_ddl())
         wh.command(
