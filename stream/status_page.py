@@ -4,7 +4,8 @@ redraws itself every few seconds.
 
 What it shows: per bucket its raw rows as a bar chart (one labelled bar per bucket; a bucket with at least
 ``SKEW_FACTOR`` x the mean raw rows is flagged "skewed"), share, cleaned rows, snapshotId and its age, when it
-was last rebuilt (and how long that took), its next rebuild; the totals; router lag, DLQ messages and the Kafka
+was last rebuilt (and how long that took), how far the maintained bucket is behind its newest applied change
+(``freshness_lag_s``), its next rebuild; the totals; router lag, DLQ messages and the Kafka
 error when the figures could not be had; recent rebuilds with their durations; when the status was generated.
 Fields the JSON may carry in a later version are shown when present and "—" otherwise: ``loader_lag`` (int),
 ``dlq_by_class`` (object class -> count) and ``rebuilds`` (a list of ``{bucket, finished_at, seconds, rows}``;
@@ -210,6 +211,8 @@ _JS = r"""
         el("td", { class: "share" }, pct(b.share)),
         el("td", { class: "l snapshot" }, b.snapshot_id ? utc(b.snapshot_id).slice(0, 16) + " UTC" : DASH),
         el("td", { class: "snapshot-age" }, age(b.snapshot_age_s)),
+        el("td", { class: "freshness", title: b.freshness ? "newest change applied: " + utc(b.freshness) : "" },
+          isNum(b.freshness_lag_s) ? age(b.freshness_lag_s) + " behind" : DASH),
         el("td", { class: "rebuilt" }, rebuilt),
         el("td", { class: "l next" }, next
           ? next.toISOString().slice(11, 16) + " UTC (in " + age((next.getTime() - base) / 1000) + ")" : DASH));
@@ -284,7 +287,7 @@ _BODY = """<body data-fetches="0">
 <div class="caption" id="caption"></div></section>
 <section><h2>Buckets</h2><table>
 <thead><tr><th>bucket</th><th>raw rows</th><th>cleaned rows</th><th>share</th><th class="l">snapshotId</th>
-<th>snapshot age</th><th>rebuilt</th><th class="l">next rebuild</th></tr></thead>
+<th>snapshot age</th><th title="now \u2212 the newest change applied (incremental maintenance)">fresh</th><th>rebuilt</th><th class="l">next rebuild</th></tr></thead>
 <tbody id="bucket-rows"></tbody>
 <tfoot><tr><td>all</td><td id="raw-total">—</td><td id="cleaned-total">—</td><td id="share-total">—</td>
 <td></td><td></td><td></td><td></td></tr></tfoot></table></section>
