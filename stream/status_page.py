@@ -287,7 +287,9 @@ _BODY = """<body data-fetches="0">
 <div class="caption" id="caption"></div></section>
 <section><h2>Buckets</h2><table>
 <thead><tr><th>bucket</th><th>raw rows</th><th>cleaned rows</th><th>share</th><th class="l">snapshotId</th>
-<th>snapshot age</th><th title="now \u2212 the newest change applied (incremental maintenance)">fresh</th><th>rebuilt</th><th class="l">next rebuild</th></tr></thead>
+<th>snapshot age</th>
+<th title="now \u2212 the newest change applied (incremental maintenance)">fresh</th><th>rebuilt</th>
+<th class="l">next rebuild</th></tr></thead>
 <tbody id="bucket-rows"></tbody>
 <tfoot><tr><td>all</td><td id="raw-total">—</td><td id="cleaned-total">—</td><td id="share-total">—</td>
 <td></td><td></td><td></td><td></td></tr></tfoot></table></section>
