@@ -4,6 +4,7 @@ reached by confluent_kafka clients configured from nothing but the printed confi
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import stat
@@ -337,3 +338,44 @@ def test_no_secret_on_the_command_line_of_keytool_or_the_storage_tool(
         line = " ".join(cmd)
         for value in (secret.password, secret.broker_password, secret.store_password):
             assert value not in line, cmd
+
+
+def test_route_load_and_run_through_the_sasl_ssl_listener(secure: SecureBroker, tmp_path: Path) -> None:
+    """The workers take their whole connection from the printed config file (issue 14 must-show): loadgen,
+    route + load, and run; the warehouses end with the same live rows."""
+    cfg = ["--kafka-config", str(secure.config_path)]
+    gen = run("loadgen", *cfg, "--count", "3000", "--seed", "4", "--topic-prefix", "sec.", "--quiet")
+    assert gen.returncode == 0, gen.stderr
+    routed = run("route", *cfg, "--topic-prefix", "sec.", "--until-idle", "3")
+    assert routed.returncode == 0, routed.stderr
+    loaded = run("load", *cfg, "--topic-prefix", "sec.", "--until-idle", "3", "--data-dir", str(tmp_path / "load"))
+    assert loaded.returncode == 0, loaded.stderr
+    # The same traffic on other topics for run (its groups are route's and load's).
+    gen2 = run("loadgen", *cfg, "--count", "3000", "--seed", "4", "--topic-prefix", "sec2.", "--quiet")
+    assert gen2.returncode == 0, gen2.stderr
+    ran = run("run", *cfg, "--topic-prefix", "sec2.", "--until-idle", "3", "--data-dir", str(tmp_path / "run"))
+    assert ran.returncode == 0, ran.stderr
+
+    def live(d: str) -> int:
+        out = run("query", "--data-dir", str(tmp_path / d), "SELECT count() AS n FROM activityRelations_bucket_MV_ds_0")
+        assert out.returncode == 0, out.stderr
+        return int(json.loads(out.stdout)["n"])
+
+    counts = [live("load"), live("run")]
+    assert counts[0] > 0 and counts[0] == counts[1]
+    for out in (gen, routed, loaded, ran):
+        assert secure.secrets()["password"] not in out.stdout + out.stderr
+
+
+def test_a_wrong_password_is_a_one_line_error_for_a_worker(secure: SecureBroker, tmp_path: Path) -> None:
+    env = {**os.environ, "BUCKETER_KAFKA_SASL_PASSWORD": "not-the-password"}
+    began = time.monotonic()
+    out = subprocess.run(
+        [*BUCKETER, "route", "--kafka-config", str(secure.config_path), "--topic-prefix", "sec.", "--until-idle", "3"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    took = time.monotonic() - began
+    assert out.returncode != 0 and took < 30, (out.returncode, took)
+    lines = [line for line in out.stderr.strip().splitlines() if line.startswith("bucketer:")]
+    assert len(lines) == 1 and "credentials" in lines[0], out.stderr
+    assert "not-the-password" not in out.stdout + out.stderr
