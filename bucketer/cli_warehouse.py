@@ -259,7 +259,9 @@ def query_cmd(
 
     Runs with the engine's readonly = 1 and the limits below set first (the SQL cannot change them:
     a SETTINGS clause or SET is refused); writes, INTO OUTFILE and functions that reach files, the
-    network or other servers (file, url, s3, remote, mysql, executable, ...) are refused. Ctrl-C cancels."""
+    network or other servers (file, url, s3, remote, mysql, executable, ...) are refused. Ctrl-C cancels.
+    On a data dir held by a running `run --http-port` / `serve`: through its API (BUCKETER_API_TOKEN), the
+    same output; that process's query limits apply there."""
     from connectors.warehouse import DataDirInUse, WarehouseError
     from stream.query import QueryError, QueryLimits, QueryTimeout, query_raw, read_only
 
@@ -305,7 +307,8 @@ def status_cmd(
 ) -> None:
     """Per bucket: raw rows, cleaned rows, share, snapshotId, last and next rebuild; DLQ count and router lag.
     With Kafka (--bootstrap or --kafka-config) and Kafka unreachable, the warehouse part is still shown, and the
-    exit is 1 (or 0 with --allow-partial)."""
+    exit is 1 (or 0 with --allow-partial). On a data dir held by a running `run --http-port` / `serve`:
+    through its API (BUCKETER_API_TOKEN), with that process's Kafka figures."""
     import json
 
     from connectors.topics import TopicNames

@@ -34,6 +34,7 @@ Errors surface as ``WarehouseError`` (one line, no credentials) with ClickHouse'
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -41,6 +42,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -202,14 +204,31 @@ _registry_lock = threading.Lock()
 _engine: _Engine | None = None
 
 
+_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _flock_soon(fd: int) -> None:
+    """The exclusive lock, or OSError when another process keeps it: ``dir_holder`` probes with a shared lock
+    held for microseconds, so a few quick retries keep a probe from turning an owner away."""
+    for _ in range(9):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _take_dir_lock(data_dir: Path) -> int:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:  # a file in the way, a read-only or unwritable directory: one line, not a traceback
-        raise WarehouseError(f"cannot use data dir {data_dir}: {exc.strerror or exc}") from None
+        # Not writable: chdb writes its status file in the directory even to read, so there is no read-only mode.
+        why = " (the embedded engine writes in its data dir even to read)" if exc.errno in _UNWRITABLE else ""
+        raise WarehouseError(f"cannot use data dir {data_dir}: {exc.strerror or exc}{why}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_soon(fd)
     except OSError:
         try:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"

@@ -9,9 +9,11 @@ answers can be compared with the API's (and, after the exit, with the local path
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,7 +73,10 @@ def api_get(h: Held, path: str, **params: object) -> httpx.Response:
 @pytest.fixture(scope="module")
 def held(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
     tmp = tmp_path_factory.mktemp("viaapi")
-    data = tmp / "wh"
+    # The data dir where another user can reach it (pytest's tmp is the owner's only): see test_another_user.
+    outer = Path(tempfile.mkdtemp(prefix="bucketer-viaapi-"))
+    outer.chmod(0o755)
+    data = outer / "wh"
     topics = TopicNames(unique("viaapi") + ".")
     create_topics(bootstrap, [topics.source, *topics.references().values()], partitions=2)
     cfg = LoadgenConfig(count=1500, seed=11, segments=12, bad_fraction=0.02)
@@ -129,6 +134,7 @@ def held(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[H
                 proc.kill()
                 proc.wait(10)
         log.close()
+        shutil.rmtree(outer, ignore_errors=True)
 
 
 def through_api(r: subprocess.CompletedProcess[bytes], h: Held) -> bool:
@@ -265,6 +271,26 @@ def test_a_holder_without_an_api_is_refused_in_one_line(held: Held) -> None:
         holder.wait(60)
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+can_switch_user = os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+@pytest.mark.skipif(not can_switch_user, reason="needs root and setpriv to run the CLI as another user")
+def test_another_user_reads_through_the_api_without_writing(held: Held) -> None:
+    """`nobody` cannot write anything in the data dir (root's, 0755), yet status and query work through the
+    holder's API: finding it writes nothing."""
+    env = held.env | {"HOME": "/tmp"}
+    r = subprocess.run(
+        [*AS_NOBODY, *BUCKETER, "status", "--data-dir", str(held.data), "--json"], env=env, capture_output=True
+    )
+    assert r.returncode == 0 and through_api(r, held), r.stderr.decode()
+    assert orjson.loads(r.stdout)["raw_total"] == api_get(held, "/v0/status").json()["raw_total"]
+    r = subprocess.run(
+        [*AS_NOBODY, *BUCKETER, "query", "--data-dir", str(held.data), COUNT_SQL], env=env, capture_output=True
+    )
+    assert r.returncode == 0 and r.stdout == held.seen["count"], r.stderr.decode()
+
+
 def test_after_the_run_exits_the_cli_reads_the_dir_directly(held: Held) -> None:
     held.proc.send_signal(signal.SIGTERM)
     assert held.proc.wait(90) == 0, (held.tmp / "run.log").read_text()[-3000:]
@@ -295,3 +321,44 @@ def test_after_the_run_exits_the_cli_reads_the_dir_directly(held: Held) -> None:
     assert isinstance(seen, dict) and set(local) == set(seen)
     for key in ("raw_total", "cleaned_total"):
         assert local[key] == seen[key]
+    if can_switch_user:  # a free data dir another user cannot write: chdb cannot open it read-only; one line
+        r = subprocess.run(
+            [*AS_NOBODY, *BUCKETER, "query", "--data-dir", str(held.data), COUNT_SQL],
+            env=env | {"HOME": "/tmp"},
+            capture_output=True,
+        )
+        assert r.returncode == 1 and r.stderr.decode().splitlines() == [
+            f"bucketer: cannot use data dir {held.data}: Permission denied "
+            "(the embedded engine writes in its data dir even to read)"
+        ]
+
+
+def test_serve_records_its_url_too(held: Held) -> None:
+    """`bucketer serve` (no pipeline, no token) on the same data dir: the CLI goes through it, no token needed."""
+    assert held.proc.poll() is not None, "runs after the pipeline has exited"
+    env = {k: v for k, v in held.env.items() if k != "BUCKETER_API_TOKEN"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = subprocess.Popen(
+        [*BUCKETER, "serve", "--data-dir", str(held.data), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (held.data / API_NAME).exists():
+            assert serve.poll() is None and time.monotonic() < deadline, serve.stderr
+            time.sleep(0.1)
+        assert orjson.loads((held.data / API_NAME).read_bytes()) == {
+            "url": url,
+            "pid": serve.pid,
+            "token_required": False,
+        }
+        r = cli(env, "query", "--data-dir", str(held.data), COUNT_SQL)
+        assert r.returncode == 0 and f"reading it through its API at {url}" in r.stderr.decode(), r.stderr
+        assert r.stdout == held.seen["count"]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+    assert not (held.data / API_NAME).exists()
