@@ -7,7 +7,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -42,6 +42,161 @@ def existing_warehouse(data_dir: Path):  # noqa: ANN201 - EmbeddedWarehouse | Se
             f"`bucketer run`, `load`, `bootstrap` or `enrich` create one"
         )
     return open_configured_warehouse(data_dir)
+
+
+# --- a data dir held by a running process: through its HTTP API -----------------------------------------
+
+
+def in_use(data_dir: Path, pid: int | None) -> str:
+    """The refusal for a data dir held by a process that does not serve the API."""
+    return (
+        f"data dir {data_dir} is in use by another bucketer process (pid {pid if pid is not None else '?'}); "
+        f"stop it, or start it with --http-port to read it while it runs"
+    )
+
+
+class ApiAnswerError(Exception):
+    """The running process's API answered with an error (``status``, its one-line message)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RunningApi:
+    """The HTTP API of the process holding a data dir, as the data dir's record says (connectors.warehouse
+    ``dir_holder``); BUCKETER_API_TOKEN's first token goes as a bearer header, never in the URL."""
+
+    def __init__(self, data_dir: Path, pid: int | None, url: str, token_required: bool) -> None:
+        self.data_dir, self.pid, self.url = data_dir, pid, url
+        tokens = [t.strip() for t in os.environ.get("BUCKETER_API_TOKEN", "").split(",") if t.strip()]
+        if token_required and not tokens:
+            raise fail(
+                f"data dir {data_dir} is held by pid {pid}, which serves it at {url} with a token: "
+                f"set BUCKETER_API_TOKEN to read it while it runs"
+            )
+        self._headers = {"Authorization": f"Bearer {tokens[0]}"} if tokens else {}
+
+    def call(self, method: str, path: str, params: dict[str, str] | None = None, body: str | None = None) -> bytes:
+        import httpx
+
+        from connectors.warehouse import one_line
+
+        try:
+            # No read timeout of ours: the server's own query time limit ends a long query (Ctrl-C too).
+            r = httpx.request(
+                method,
+                self.url + path,
+                params=params,
+                content=body.encode() if body is not None else None,
+                headers=self._headers | ({"Content-Type": "text/plain; charset=utf-8"} if body is not None else {}),
+                timeout=httpx.Timeout(10.0, read=None),
+            )
+        except httpx.HTTPError as exc:
+            raise ApiAnswerError(
+                f"cannot reach the API of pid {self.pid} (which holds {self.data_dir}) at {self.url}: {one_line(exc)}"
+            ) from None
+        if r.status_code == 200:
+            return r.content
+        try:
+            message = str(r.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            message = " ".join(r.text.split())[:300] or f"HTTP {r.status_code}"
+        if r.status_code == 401:
+            message = f"the API of pid {self.pid} at {self.url} refused BUCKETER_API_TOKEN: {message}"
+        raise ApiAnswerError(message, r.status_code)
+
+    def json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        import orjson
+
+        return orjson.loads(self.call("GET", path, params))
+
+
+def running_api(data_dir: Path) -> RunningApi | None:
+    """The API to read ``data_dir`` through when a live process holds it, None when it is free (or the
+    warehouse is a ClickHouse server). A holder that records no API: the one-line refusal. Writes nothing."""
+    from connectors.warehouse import dir_holder
+
+    if os.environ.get("BUCKETER_CLICKHOUSE_URL"):
+        return None
+    holder = dir_holder(data_dir)
+    if holder is None:
+        return None
+    if holder.api_url is None:
+        raise fail(in_use(data_dir, holder.pid))
+    api = RunningApi(data_dir, holder.pid, holder.api_url, holder.token_required)
+    typer.echo(f"bucketer: {data_dir} is held by pid {holder.pid}: reading it through its API at {api.url}", err=True)
+    return api
+
+
+def query_via_api(api: RunningApi, sql: str, project: str | None) -> bytes:
+    """What the local path prints (JSON lines, or the FORMAT clause's output), from ``POST /v0/sql``: the same
+    query path on the server's engine. With a project: its bucket from the ``project_buckets`` pipe, then
+    ``{bucket}`` and the ``{bucketId}``/``{segmentId}``/``{project}`` parameters as locally."""
+    from stream.buckets import cleaned_table
+    from stream.query import DEFAULT_FORMAT, QueryError, QueryNotFound, read_only, user_format
+
+    statement = read_only(sql)
+    params: dict[str, str] = {}
+    if project is None:
+        if "{bucket}" in statement:
+            raise QueryError("{bucket} needs --project")
+    else:
+        try:
+            found = api.json("/v0/pipes/project_buckets.json", {"project": project})["data"]
+        except ApiAnswerError as exc:
+            if exc.status == 404:
+                raise QueryNotFound(f"no enabled project with slug {project!r}") from None
+            raise
+        row = found[0]
+        statement = statement.replace("{bucket}", cleaned_table(int(row["bucketId"])))
+        params = {"bucketId": str(row["bucketId"]), "segmentId": str(row["segmentId"]), "project": row["project"]}
+    if user_format(statement) is None:
+        statement += f"\nFORMAT {DEFAULT_FORMAT}"  # on a line of its own: a trailing -- comment ends first
+    try:
+        return api.call("POST", "/v0/sql", params, body=statement)
+    except ApiAnswerError as exc:
+        if exc.status == 400 and str(exc).startswith("FORMAT "):
+            raise ApiAnswerError(
+                f"{exc} (the API of the running process; stop it to read any format directly)"
+            ) from None
+        raise
+
+
+def status_from_json(body: dict[str, Any]):  # noqa: ANN201 - stream.status.Status
+    """``Status.as_json()`` (what ``/v0/status`` answers) back into a Status."""
+    from datetime import datetime
+
+    from stream.status import BucketStatus, Status
+
+    def at(value: Any) -> datetime | None:
+        return datetime.fromisoformat(value) if value else None
+
+    buckets = [
+        BucketStatus(
+            bucket=int(b["bucket"]),
+            raw_rows=int(b["raw_rows"]),
+            cleaned_rows=int(b["cleaned_rows"]),
+            share=float(b["share"]),
+            snapshot_id=at(b.get("snapshot_id")),
+            snapshot_age_s=b.get("snapshot_age_s"),
+            rebuilt_at=at(b.get("rebuilt_at")),
+            rebuilt_age_s=b.get("rebuilt_age_s"),
+            rebuild_seconds=b.get("rebuild_seconds"),
+            next_rebuild=at(b.get("next_rebuild")),
+        )
+        for b in body["buckets"]
+    ]
+    return Status(
+        buckets,
+        int(body["raw_total"]),
+        int(body["cleaned_total"]),
+        datetime.fromisoformat(body["generated_at"]),
+        body.get("dlq_messages"),
+        body.get("router_lag"),
+        body.get("kafka_error"),
+        list(body.get("notes") or []),
+    )
 
 
 def _wait_interruptibly(work: Callable[[], T]) -> T:
@@ -104,8 +259,10 @@ def query_cmd(
 
     Runs with the engine's readonly = 1 and the limits below set first (the SQL cannot change them:
     a SETTINGS clause or SET is refused); writes, INTO OUTFILE and functions that reach files, the
-    network or other servers (file, url, s3, remote, mysql, executable, ...) are refused. Ctrl-C cancels."""
-    from connectors.warehouse import WarehouseError
+    network or other servers (file, url, s3, remote, mysql, executable, ...) are refused. Ctrl-C cancels.
+    On a data dir held by a running `run --http-port` / `serve`: through its API (BUCKETER_API_TOKEN), the
+    same output; that process's query limits apply there."""
+    from connectors.warehouse import DataDirInUse, WarehouseError
     from stream.query import QueryError, QueryLimits, QueryTimeout, query_raw, read_only
 
     limits = QueryLimits(timeout_s=max_seconds, max_result_rows=max_rows, max_memory_bytes=max_memory_mb << 20)
@@ -116,9 +273,19 @@ def query_cmd(
 
     try:
         read_only(sql)
-        out = _wait_interruptibly(work)
+        api = running_api(data_dir)
+        if api is not None:
+            try:
+                out = _wait_interruptibly(lambda: query_via_api(api, sql, project))
+            except ApiAnswerError as exc:
+                limit = " (the running process's limit, BUCKETER_QUERY_TIMEOUT)" if exc.status == 408 else ""
+                raise fail(f"{exc}{limit}") from None
+        else:
+            out = _wait_interruptibly(work)
     except QueryTimeout as exc:
         raise fail(f"{exc} (--max-seconds {max_seconds:g})") from None
+    except DataDirInUse as exc:  # taken between the look and the open
+        raise fail(in_use(exc.data_dir, exc.pid)) from None
     except (QueryError, WarehouseError) as exc:
         raise fail(str(exc)) from None
     sys.stdout.buffer.write(out)
@@ -140,18 +307,28 @@ def status_cmd(
 ) -> None:
     """Per bucket: raw rows, cleaned rows, share, snapshotId, last and next rebuild; DLQ count and router lag.
     With Kafka (--bootstrap or --kafka-config) and Kafka unreachable, the warehouse part is still shown, and the
-    exit is 1 (or 0 with --allow-partial)."""
+    exit is 1 (or 0 with --allow-partial). On a data dir held by a running `run --http-port` / `serve`:
+    through its API (BUCKETER_API_TOKEN), with that process's Kafka figures."""
     import json
 
     from connectors.topics import TopicNames
-    from connectors.warehouse import WarehouseError
+    from connectors.warehouse import DataDirInUse, WarehouseError
     from stream.status import collect
 
     kafka = kafka_connection(bootstrap, kafka_config, kafka_option, required=False)
     try:
-        with existing_warehouse(data_dir) as wh:
-            st = collect(wh, kafka=kafka, topics=TopicNames(topic_prefix), router_group=router_group)
-    except (WarehouseError, LookupError) as exc:
+        api = running_api(data_dir)
+        if api is not None:  # the running process's own figures (its Kafka, its topics and groups)
+            body = api.json("/v0/status")
+            st = status_from_json(body)
+            kafka_known = any(body.get(k) is not None for k in ("dlq_by_class", "dlq_messages", "router_lag"))
+        else:
+            with existing_warehouse(data_dir) as wh:
+                st = collect(wh, kafka=kafka, topics=TopicNames(topic_prefix), router_group=router_group)
+            kafka_known = kafka is not None
+    except DataDirInUse as exc:  # taken between the look and the open
+        raise fail(in_use(exc.data_dir, exc.pid)) from None
+    except (WarehouseError, LookupError, ApiAnswerError) as exc:
         raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(st.as_json()))
@@ -202,7 +379,7 @@ def status_cmd(
         console.print(f"kafka: {st.kafka_error}")
         if not allow_partial:
             raise fail(f"kafka figures missing (DLQ count, router lag): {st.kafka_error}")
-    elif kafka is not None:
+    elif kafka_known:
         console.print(
             f"DLQ messages: {st.dlq_messages if st.dlq_messages is not None else 'no DLQ topic'}   "
             f"router lag: {st.router_lag if st.router_lag is not None else 'no source topic'}"

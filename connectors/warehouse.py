@@ -21,6 +21,11 @@ Backends (both via clickhouse-connect, both speak the same SQL):
   any number of warehouses open the same directory (each gets its own connection handle, so threads do not
   serialise on one client); opening another directory while one is open is a clear error. chdb can switch
   directories once every handle on the previous one is closed, so tests use one data dir each, in turn.
+- Next to the lock, a process that serves the HTTP API over the directory it holds records where it listens
+  (``announce_api``: ``bucketer.api.json`` with the URL, the pid and whether a token is needed, never a token),
+  removed when it stops; ``dir_holder(data_dir)`` tells, without writing anything, whether a live process holds
+  a directory and where its API is, so ``bucketer status``/``query`` can go through it instead of refusing.
+  Opening a warehouse still writes (chdb itself writes a ``status`` file in its directory, even to read).
 - ``ServerWarehouse(url)``: a ClickHouse server, ``http(s)://user:pass@host:port/database``.
 
 Errors surface as ``WarehouseError`` (one line, no credentials) with ClickHouse's numeric error code in ``.code``
@@ -29,13 +34,16 @@ Errors surface as ``WarehouseError`` (one line, no credentials) with ClickHouse'
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 LOCK_NAME = "bucketer.lock"
+API_NAME = "bucketer.api.json"  # where the holder's HTTP API listens (announce_api), next to the lock
 # Batches handed to chdb as files go to memory (tmpfs) when there is one: cheaper than a disk-backed file.
 _SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 ENGINE_DIR = "chdb"
@@ -65,6 +74,15 @@ def error_code(message: str) -> int | None:
     """ClickHouse's numeric error code in an engine message (``Code: N. DB::Exception: …``), else None."""
     m = _CODE.search(message)
     return int(m.group(1)) if m else None
+
+
+class DataDirInUse(WarehouseError):
+    """The data dir is locked by another process (``pid`` as its lock file says, None when unreadable)."""
+
+    def __init__(self, message: str, data_dir: Path, pid: int | None) -> None:
+        super().__init__(message)
+        self.data_dir = data_dir
+        self.pid = pid
 
 
 def _wrap(exc: Exception) -> WarehouseError:
@@ -178,6 +196,7 @@ def write_all(fd: int, chunks: Sequence[bytes]) -> None:
 class _Engine:
     path: str
     lock_fd: int
+    data_dir: Path
     users: int = 0
 
 
@@ -185,22 +204,41 @@ _registry_lock = threading.Lock()
 _engine: _Engine | None = None
 
 
+_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _flock_soon(fd: int) -> None:
+    """The exclusive lock, or OSError when another process keeps it: ``dir_holder`` probes with a shared lock
+    held for microseconds, so a few quick retries keep a probe from turning an owner away."""
+    for _ in range(9):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _take_dir_lock(data_dir: Path) -> int:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:  # a file in the way, a read-only or unwritable directory: one line, not a traceback
-        raise WarehouseError(f"cannot use data dir {data_dir}: {exc.strerror or exc}") from None
+        # Not writable: chdb writes its status file in the directory even to read, so there is no read-only mode.
+        why = " (the embedded engine writes in its data dir even to read)" if exc.errno in _UNWRITABLE else ""
+        raise WarehouseError(f"cannot use data dir {data_dir}: {exc.strerror or exc}{why}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_soon(fd)
     except OSError:
         try:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         finally:
             os.close(fd)
-        raise WarehouseError(
+        raise DataDirInUse(
             f"data dir {data_dir} is in use by another bucketer process (pid {owner}); "
-            f"stop it or use another --data-dir"
+            f"stop it or use another --data-dir",
+            data_dir,
+            int(owner) if owner.isdigit() else None,
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -221,7 +259,7 @@ def _acquire_engine(data_dir: Path) -> str:
             _engine.users += 1
             return path
         fd = _take_dir_lock(Path(data_dir))
-        _engine = _Engine(path=path, lock_fd=fd, users=1)
+        _engine = _Engine(path=path, lock_fd=fd, data_dir=Path(data_dir), users=1)
         return path
 
 
@@ -237,6 +275,76 @@ def _release_engine() -> None:
             finally:
                 os.close(_engine.lock_fd)
             _engine = None
+
+
+def announce_api(url: str, token_required: bool) -> Callable[[], None]:
+    """Record where this process serves the HTTP API over the data dir it holds (``API_NAME`` next to the
+    lock: url, pid, whether a token is required; never a token). Returns the function that removes the record
+    (only while it is still this process's). No embedded data dir held (a ClickHouse server), or a directory
+    that cannot be written: nothing recorded, and the remover does nothing."""
+    with _registry_lock:
+        held = _engine
+    if held is None:
+        return lambda: None
+    path = held.data_dir / API_NAME
+    pid = os.getpid()
+    tmp = path.with_name(f".{API_NAME}.{pid}")
+    try:
+        tmp.write_text(json.dumps({"url": url, "pid": pid, "token_required": token_required}) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a record
+    except OSError:
+        return lambda: None
+
+    def withdraw() -> None:
+        try:
+            if json.loads(path.read_text()).get("pid") == pid:
+                path.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    return withdraw
+
+
+@dataclass(frozen=True)
+class DirHolder:
+    """The live process holding a data dir: its pid, and where it serves the HTTP API (None: it does not)."""
+
+    pid: int | None
+    api_url: str | None = None
+    token_required: bool = False
+
+
+def dir_holder(data_dir: str | Path) -> DirHolder | None:
+    """Who holds ``data_dir`` now, or None when no process does. Reads only: the lock file is opened read-only
+    and probed with a shared flock, which fails while an owner holds its exclusive one (a flock dies with its
+    process, so a held lock means a live holder). The API record counts only when its pid is the lock's."""
+    try:
+        fd = os.open(Path(data_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+    finally:
+        os.close(fd)
+    pid = int(raw) if raw.isdigit() else None
+    try:
+        record = json.loads((Path(data_dir) / API_NAME).read_text())
+    except (OSError, ValueError):
+        record = None
+    if (
+        pid is None
+        or not isinstance(record, dict)
+        or record.get("pid") != pid
+        or not isinstance(record.get("url"), str)
+    ):
+        return DirHolder(pid)
+    return DirHolder(pid, record["url"], bool(record.get("token_required")))
 
 
 class EmbeddedWarehouse(_ClientWarehouse):

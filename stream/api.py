@@ -9,7 +9,8 @@ Endpoints (token = one of ``BUCKETER_API_TOKEN``'s comma-separated tokens, as ``
 - ``GET|POST /v0/sql?q=SQL`` (token): one read-only statement (``stream.query.read_only``), ClickHouse
   ``FORMAT JSON`` by default (``meta``, ``data``, ``rows``, ``statistics``: the engine's own output, passed
   through untouched); a trailing ``FORMAT CSV|CSVWithNames|TSV|TSVWithNames|JSONEachRow|JSONCompact`` picks
-  another. ``{name:Type}`` parameters in the SQL are bound by the engine from query parameters of that name.
+  another (and text formats for people, Pretty, Vertical, Markdown…, as ``text/plain``). ``{name:Type}``
+  parameters in the SQL are bound by the engine from query parameters of that name.
 - ``GET /v0/pipes/{pipe}.json`` (token): ``activityRelations_deduplicated_cleaned_bucket_union``,
   ``activityRelations_bucket_routing`` (``bucketId``, or ``project=SLUG`` resolved to it), ``project_buckets``
   (``project``); the first two with optional ``segmentId``, ``limit``, ``offset``. User pipes: ``NAME.sql`` files
@@ -35,7 +36,9 @@ request in flight, ``pool_size``) next to the loader's and the enricher's, with 
 API query never holds up a load, and a long rebuild never blocks the API. A handle whose query failed is closed,
 not reused: after a timeout chdb hands the timed-out query's output to the next query on that handle.
 
-Not here yet: ``bucketer status``/``query`` going through a running server's API.
+While it serves, the process records its URL next to the data dir's lock (``connectors.warehouse.announce_api``:
+the URL, its pid, whether a token is required) and removes it when it stops: ``bucketer status`` and ``bucketer
+query`` on a held data dir go through this API (``/v0/status``, ``/v0/sql``) instead of refusing.
 """
 
 from __future__ import annotations
@@ -227,10 +230,22 @@ FORMATS = {
     "CSVWithNames": "text/csv",
     "TabSeparated": "text/tab-separated-values",
     "TabSeparatedWithNames": "text/tab-separated-values",
+    # Text formats for people (what `bucketer query` offers when it goes through a running process's API).
+    **{
+        f: "text/plain; charset=utf-8"
+        for f in (
+            "Pretty PrettyCompact PrettyCompactMonoBlock PrettySpace PrettyNoEscapes PrettyCompactNoEscapes "
+            "PrettySpaceNoEscapes Vertical Markdown TabSeparatedRaw TabSeparatedWithNamesAndTypes "
+            "CSVWithNamesAndTypes JSONCompactEachRow JSONStrings JSONCompactStrings Values TSKV"
+        ).split()
+    },
 }
 _FORMAT_ALIASES = {f.lower(): f for f in FORMATS} | {
     "tsv": "TabSeparated",
     "tsvwithnames": "TabSeparatedWithNames",
+    "tsvraw": "TabSeparatedRaw",
+    "tsvwithnamesandtypes": "TabSeparatedWithNamesAndTypes",
+    "jsonlines": "JSONEachRow",
     "ndjson": "JSONEachRow",
 }
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z]+)\s*$", re.I)
@@ -381,6 +396,7 @@ _SQL_OK: dict[int | str, dict[str, Any]] = {
             "application/x-ndjson": {"schema": {"type": "string"}},
             "text/csv": {"schema": {"type": "string"}},
             "text/tab-separated-values": {"schema": {"type": "string"}},
+            "text/plain": {"schema": {"type": "string"}},
         },
     }
 }
@@ -497,6 +513,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.pool = pool
+    app.state.token_required = bool(tokens)  # what the CLI learns from the data dir's record (announce_api)
     app.state.projects = projects
     auth = [Depends(authorize)]
 
@@ -798,11 +815,19 @@ class Server:
         self._thread: threading.Thread | None = None
         host, port = sock.getsockname()[:2]
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        # Where a local client connects (the CLI, from the data dir's record): loopback for a wildcard bind.
+        local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.local_url = f"http://{local if ':' not in local else f'[{local}]'}:{port}"
 
     def run(self) -> None:
+        from connectors.warehouse import announce_api
+
+        # The socket already listens, so the record may go out before uvicorn runs: connections queue.
+        withdraw = announce_api(self.local_url, bool(getattr(self._app.state, "token_required", False)))
         try:
             self._uv.run(sockets=[self._sock])
         finally:
+            withdraw()
             self._app.state.pool.close()
 
     def start(self) -> Server:
