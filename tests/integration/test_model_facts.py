@@ -116,7 +116,11 @@ def datafile_columns(text: str) -> list[tuple[str, str]]:
 #   its insert SQL (stream/ingest.py) and stores neither.
 # - Tinybird's DateTime64/DateTime columns are written without a time zone (the workspace's default, UTC); the
 #   warehouse names 'UTC'. The stored instants are the same; only the parsing and display zone is implicit.
+# - The warehouse's cleaned buckets carry ``_deleted`` and ``_version`` (ReplacingMergeTree, corrected in place by
+#   stream/incremental.py); Tinybird's cleaned datasources are replaced whole by the hourly copy (the anchor's
+#   design) and have neither.
 TINYBIRD_ONLY = ("action", "commitTimestamp")
+WAREHOUSE_CLEANED_ONLY = ("_deleted", "_version")
 
 
 ZONED = {
@@ -136,7 +140,10 @@ def test_tinybird_datafiles_have_the_warehouses_columns(warehouse: EmbeddedWareh
         body = ", ".join(f"`{n}` {t}" for n, t in cols)
         warehouse.command(f"CREATE TABLE tinybird_model.`{table}` ({body}) ENGINE = Memory")
         tinybird = [(n, ZONED.get(t, t)) for n, t in columns_of(warehouse, "tinybird_model", table)]
-        assert tinybird == columns_of(warehouse, warehouse.database, table), table
+        ours = columns_of(warehouse, warehouse.database, table)
+        if table.startswith("activityRelations_deduplicated_cleaned"):
+            ours = [c for c in ours if c[0] not in WAREHOUSE_CLEANED_ONLY]
+        assert tinybird == ours, table
     # the generated project has no other datasource of an activity or reference table
     generated = {Path(p).stem for p in files if p.startswith("datasources/")}
     assert generated - set(tables) == {"activityRelations", "organization_country_codes"}
