@@ -657,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             c0, w0 = cpu(), time.perf_counter()
             maint.setup(wh)
             res["setup"] = (cpu() - c0, time.perf_counter() - w0)
+            res["setup_differing"] = [maint.stats.differing.get(b) for b in range(n)]
             settle(wh)
             res["cpu"] = []
             for label, rows, every in (
@@ -704,7 +705,8 @@ def write(report: Report, res: dict, size: int, n: int) -> int:
     lines.append(
         f"One full rebuild, `Enricher.rebuild_many(range({n}), parallel=1)`: **{rb:.2f} CPU-s** (runs {runs}; wall "
         f"{walls} s); at 10M rows, linear: {rb10:.1f} CPU-s. `Maintainer.setup` (index backfill + first "
-        f"reconciliation of every bucket): {res['setup'][0]:.2f} CPU-s, wall {res['setup'][1]:.2f} s.\n"
+        f"reconciliation of every bucket, against the rebuilt buckets: rows differing "
+        f"{res['setup_differing']}): {res['setup'][0]:.2f} CPU-s, wall {res['setup'][1]:.2f} s.\n"
     )
     lines.append(
         "| variant | rows per 1-s flush | corrections/h | CPU-s per correction: plain (p50) / with a ref change "
