@@ -596,7 +596,11 @@ def calls_line(calls: list, t0: float, t1: float) -> str:
     if not got:
         return "none"
     d = sorted(c[1] for c in got)
-    return f"{len(got)}, {pct(d, 50):.2f} / {d[-1]:.2f}, {pct(sorted(c[2] for c in got), 50):,.0f}"
+    # Between one correct() ending and the next starting: the loader's own flush (consume, raw INSERT with the
+    # queue/index materialized views, commit) and its wait for input.
+    gaps = sorted(b[0] - (a[0] + a[1]) for a, b in zip(got, got[1:], strict=False))
+    gap = f"; between calls p50 {pct(gaps, 50):.2f} s" if gaps else ""
+    return f"{len(got)}, {pct(d, 50):.2f} / {d[-1]:.2f}, {pct(sorted(c[2] for c in got), 50):,.0f}{gap}"
 
 
 def fmt(v: float | None, unit: str = " s") -> str:
@@ -750,7 +754,7 @@ def write(report: Report, res: dict, size: int, n: int) -> int:
     lines.append("### Event produced → visible in the cleaned union (real pipeline, local broker)\n")
     lines.append(
         "| rate (achieved) | events | p50 | p90 | p99 | max | lost | in union at the end | p50 per tenth "
-        "| pipeline cores | `correct()` calls: n, p50 / max s, rows written p50 |"
+        "| pipeline cores | `correct()` calls: n, p50 / max s, rows written p50; gap between calls |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in p["rates"]:
