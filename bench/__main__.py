@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.common import BENCH_DIR, REPO, WORK_DIR, Report, load_results
 
 # Run order: cheap and foundational first; unknown new bench_*.py files run after these, by name.
-ORDER = ("faust", "router", "loader", "latency", "enrich")
+ORDER = ("faust", "router", "loader", "latency", "enrich", "incremental")
 DEFAULT_TIMEOUT = {"quick": 600.0, "full": 1800.0}
 
 
