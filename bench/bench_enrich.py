@@ -40,13 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Report  # noqa: E402
 from connectors.warehouse import open_warehouse  # noqa: E402
 from stream.buckets import cleaned_table, raw_table  # noqa: E402
-from stream.enrich import (  # noqa: E402
-    Enricher,
-    cleaning_insert,
-    drop_reference,
-    prepare_reference,
-    refresh_country_codes,
-)
+from stream.cleaning import drop_reference, prepare_reference, refresh_country_codes  # noqa: E402
+from stream.enrich import Enricher, cleaning_insert  # noqa: E402
 from stream.query import run_query  # noqa: E402
 from stream.schema import ROUTING_VIEW, UNION_VIEW, cleaned_table_ddl, ensure_schema  # noqa: E402
 

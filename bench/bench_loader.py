@@ -32,8 +32,8 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse
 from stream.buckets import raw_table
-from stream.ingest import insert_sql, problem
 from stream.loader import Loader, LoaderConfig
+from stream.row_sql import insert_sql, problem
 from stream.schema import ensure_schema
 
 

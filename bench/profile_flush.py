@@ -20,7 +20,7 @@ import uuid
 from bench.common import WORK_DIR, messages
 from connectors.warehouse import EmbeddedWarehouse
 from stream.buckets import raw_table
-from stream.ingest import insert_sql, problem
+from stream.row_sql import insert_sql, problem
 from stream.schema import ensure_schema, stage_columns
 
 

@@ -29,8 +29,8 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse, write_all
 from stream.buckets import raw_table
-from stream.ingest import insert_sql, problem
 from stream.loader import LoaderConfig
+from stream.row_sql import insert_sql, problem
 from stream.schema import ensure_schema
 
 

@@ -44,7 +44,7 @@ def bootstrap_cmd(
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
-    from stream.bootstrap import replay
+    from stream.replay import replay
     from stream.schema import BucketCountMismatch, ensure_schema
 
     kafka = require_kafka(bootstrap, kafka_config, kafka_option)

@@ -1,8 +1,8 @@
 """The data model: the one owner of the facts the decoder, the warehouse and the Tinybird project share.
 
 Everything that states the shape of a Sequin change or of a warehouse row derives from here: the warehouse DDL
-(stream/schema.py), the message -> row SQL and its Python mirror (stream/ingest.py), the decoder
-(connectors/sequin.py), the cleaning rules (stream/enrich.py), rebucket and bootstrap, the Tinybird generator
+(stream/schema.py), the message -> row SQL and its Python mirror (stream/row_sql.py), the decoder
+(connectors/sequin.py), the cleaning rules (stream/cleaning.py), rebucket and bootstrap, the Tinybird generator
 (stream/tinybird_project.py) and the load generator (stream/loadgen*.py).
 
 It lives in ``connectors/`` because the decoder (connectors/sequin.py) needs the sort key, the actions and the

@@ -44,7 +44,7 @@ from connectors.kafka import (
 )
 from connectors.kafka_conn import KafkaConnection
 from connectors.topics import OTHER_PARTITIONS, TopicNames
-from stream.bootstrap import read_topic
+from stream.replay import read_topic
 
 log = logging.getLogger("bucketer.dlq")
 

@@ -1,7 +1,7 @@
 """Incremental maintenance of the cleaned buckets: every landed change corrects only the cleaned rows it affects.
 
 The cleaned bucket is a ReplacingMergeTree(_version, _deleted) keyed by the raw identity (stream/schema.py), so
-a **correction** of a set K of raw identities is one INSERT: the cleaning rules (``enrich.cleaning_select``,
+a **correction** of a set K of raw identities is one INSERT: the cleaning rules (``cleaning.cleaning_select``,
 the same definition the full rebuild uses) over ``raw FINAL WHERE identity IN K`` with the CURRENT reference
 state, read through small filtered subqueries (the members, organizations and repositories of K's rows only),
 plus a tombstone (``_deleted = 1``) for each identity of K that is in the cleaned bucket but no longer passes
@@ -58,23 +58,20 @@ from datetime import UTC, datetime
 from connectors.model import GIT_PLATFORMS, gerrit_variant_sql
 from connectors.warehouse import Warehouse, one_line
 from stream.buckets import cleaned_table, raw_table
-from stream.enrich import (
+from stream.cleaning import (
     COUNTRY_TABLE,
     VERSION_NOW,
     Lookups,
-    RebuildResult,
     allowed_channels_sql,
-    cleaning_insert,
     cleaning_select,
     country_table_ddl,
     drop_reference,
-    log_rebuild,
     organization_lookup_sql,
     prepare_reference,
     real_members_sql,
     refresh_country_codes,
-    snapshot_of,
 )
+from stream.enrich import RebuildResult, cleaning_insert, log_rebuild, snapshot_of
 from stream.schedule import Clock
 from stream.schema import (
     ACTIVITY_NAMES,
@@ -86,7 +83,7 @@ from stream.schema import (
     migrate_cleaned_layout,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bucketer.maintain")
 
 IDENT = ", ".join(SORT_KEY)
 IDENT_DDL = (

@@ -6,14 +6,14 @@ reference topics, collects message values per target table, and flushes when a b
 (a poll brought nothing: caught up, so waiting longer only adds latency; after a full poll, which means a
 backlog, it takes two empty polls, so a fetch in flight does not cut a catch-up batch short). A flush hands
 each table's message bytes to ClickHouse as they are (``Warehouse.insert_json`` with the SQL of
-stream/ingest.py: the engine parses the JSON) and only then commits the next offsets. On the embedded
+stream/row_sql.py: the engine parses the JSON) and only then commits the next offsets. On the embedded
 warehouse a flush that spans several raw buckets is parsed in one query into an in-memory stage that each
 bucket table then takes its rows from (planning the parsing SELECT costs tens of milliseconds, which per
 bucket table used to dominate a flush). A crash before the commit replays the batch, which is harmless: rows
 are versioned (ReplacingMergeTree on ``_version``), so a replay leaves ``FINAL`` unchanged.
 
 Bad messages never stop the loader and are never dropped silently: when an insert fails on its data (a
-ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``ingest.classify_problem`` names the bad messages and
+ClickHouse parse/type/throwIf error, ``DATA_ERRORS``), ``row_sql.classify_problem`` names the bad messages and
 their DLQ class, the rest is inserted again, and if the warehouse still refuses, the batch is split in halves
 until the refused message is alone. Any other failure is retried (``retry_backoff``) and then raised, never
 blamed on a message. Each
@@ -66,7 +66,7 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
 from stream.buckets import raw_table
-from stream.ingest import classify_problem, insert_sql
+from stream.row_sql import classify_problem, insert_sql
 from stream.schema import stage_columns
 
 log = logging.getLogger("bucketer.loader")

@@ -51,6 +51,7 @@ from connectors.model import TS as WAREHOUSE_TS
 from connectors.model import Column as ModelColumn
 from connectors.topics import SOURCE
 from stream.buckets import cleaned_table, raw_table
+from stream.cleaning import changed_lines_bucket_sql
 from stream.schema import PROJECT_VIEW as PROJECT_PIPE
 from stream.schema import ROUTING_VIEW as ROUTING_PIPE
 from stream.schema import UNION_VIEW as UNION_PIPE
@@ -258,8 +259,7 @@ LEFT JOIN (SELECT country, location, code FROM {COUNTRY_DS} FINAL) AS c
 SELECT
     {cols},
     toUInt64(a.gitInsertions) + toUInt64(a.gitDeletions) AS gitChangedLines,
-    multiIf(gitChangedLines = 0, '', gitChangedLines <= 9, '1-9', gitChangedLines <= 59, '10-59',
-            gitChangedLines <= 99, '60-99', gitChangedLines <= 499, '100-499', '500+') AS gitChangedLinesBucket,
+    {changed_lines_bucket_sql("gitChangedLines")} AS gitChangedLinesBucket,
     if(o.code = '', '{UNKNOWN}', o.code) AS organizationCountryCode,
     o.displayName AS organizationName,
     toStartOfHour(now()) AS snapshotId

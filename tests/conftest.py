@@ -4,17 +4,13 @@ BUCKETER_BOOTSTRAP, or a local KRaft broker started here. If it cannot start, te
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kafkatools import create_topics, unique
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from kafkatools import create_topics, unique  # noqa: E402
-
-from bucketer.localkafka import LocalKafka, free_port  # noqa: E402
+from bucketer.localkafka import LocalKafka, free_port
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cityhash64.jsonl"
 

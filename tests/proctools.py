@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Python child process that must import this checkout (its PYTHONPATH starts with
+    the repository root), based on ``base`` (default: this process's environment)."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def processes_using(directory: Path) -> list[int]:

@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from connectors.kafka_conn import KafkaConnection  # noqa: E402
-from connectors.tinybird import TinybirdSettings  # noqa: E402
-from connectors.tinybird_api import Secret, TinybirdClient  # noqa: E402
-from stream.router import Router, RouterConfig  # noqa: E402
+from connectors.kafka_conn import KafkaConnection
+from connectors.tinybird import TinybirdSettings
+from connectors.tinybird_api import Secret, TinybirdClient
+from stream.router import Router, RouterConfig
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from kafkatools import create_topics, unique
 from connectors.kafka_conn import KafkaConnection
 from connectors.topics import REFERENCE_TABLES, TopicNames
 from connectors.warehouse import open_warehouse
-from stream.bootstrap import replay
 from stream.loadgen import LoadgenConfig, generate
+from stream.replay import replay
 from stream.schema import ensure_schema
 
 

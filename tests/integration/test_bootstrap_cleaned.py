@@ -19,10 +19,10 @@ from connectors.countries import organization_country_code
 from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
-from stream.bootstrap import replay
 from stream.enrich import Enricher
 from stream.loadgen import LoadgenConfig, generate
 from stream.pipeline import Pipeline, PipelineConfig
+from stream.replay import replay
 from stream.schema import ensure_schema
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from cleaned_model import gerrit_variant
+from proctools import repo_env
 
 from connectors.warehouse import EmbeddedWarehouse, open_warehouse
 from stream.buckets import bucket_of, cleaned_table, raw_table
@@ -542,7 +543,6 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from datetime import datetime, UTC
     from pathlib import Path
-    sys.path.insert(0, {root!r})
     from connectors.warehouse import open_warehouse
     from stream.enrich import Enricher
 
@@ -576,8 +576,10 @@ def test_a_killed_rebuild_leaves_the_previous_snapshot(data_dir: Path, tmp_path:
     assert before
     marker = tmp_path / "built"
     script = tmp_path / "kill_me.py"
-    script.write_text(KILL_SCRIPT.format(root=str(REPO_ROOT), marker=str(marker), data_dir=str(data_dir)))
-    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, start_new_session=True)
+    script.write_text(KILL_SCRIPT.format(marker=str(marker), data_dir=str(data_dir)))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stderr=subprocess.PIPE, start_new_session=True, env=repo_env()
+    )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

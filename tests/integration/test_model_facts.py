@@ -113,7 +113,7 @@ def datafile_columns(text: str) -> list[tuple[str, str]]:
 # Intended differences, and only these:
 # - ``action`` and ``commitTimestamp`` exist only in Tinybird: there the datasource's own DEFAULT expressions
 #   compute ``_deleted`` and ``_version`` from them at ingestion, where the warehouse's loader computes both in
-#   its insert SQL (stream/ingest.py) and stores neither.
+#   its insert SQL (stream/row_sql.py) and stores neither.
 # - Tinybird's DateTime64/DateTime columns are written without a time zone (the workspace's default, UTC); the
 #   warehouse names 'UTC'. The stored instants are the same; only the parsing and display zone is implicit.
 # - The warehouse's cleaned buckets carry ``_deleted`` and ``_version`` (ReplacingMergeTree, corrected in place by

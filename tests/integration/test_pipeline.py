@@ -19,12 +19,12 @@ from bucketer.localkafka import free_port
 from connectors.kafka_conn import KafkaConnection
 from connectors.topics import REFERENCE_TABLES, TopicNames
 from connectors.warehouse import open_warehouse
-from stream.bootstrap import replay
 from stream.buckets import bucket_of, raw_table
 from stream.enrich import Enricher
 from stream.loadgen import LoadgenConfig, generate
 from stream.pipeline import Pipeline, PipelineConfig
 from stream.rebucket import RebucketError, rebucket
+from stream.replay import replay
 from stream.schema import ensure_schema
 
 SORT_KEY = ("segmentId", "timestamp", "type", "platform", "channel", "sourceId")

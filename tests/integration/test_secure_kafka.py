@@ -21,9 +21,7 @@ import psutil
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kafkatools import unique  # noqa: E402
+from kafkatools import unique
 
 BUCKETER = [sys.executable, "-m", "bucketer.cli"]
 KAFKA_KEYS = [

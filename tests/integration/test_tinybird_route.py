@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafkatools import drain, unique
+from proctools import repo_env
 from sequin_oracle import routable as good
 from tinybird_standin import Reply, Standin
 
@@ -140,6 +141,7 @@ def test_a_crash_between_send_and_commit_loses_nothing(bootstrap: str, group: st
             capture_output=True,
             text=True,
             timeout=120,
+            env=repo_env(),
         )
         assert child.returncode == 9, child.stdout + child.stderr
         # the crash came after some offsets were committed, with rows sent beyond them (sent, not committed)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from proctools import repo_env
 
 from connectors.kafka_conn import KafkaConnection
 from connectors.warehouse import EmbeddedWarehouse, WarehouseError
@@ -35,7 +36,6 @@ def test_a_second_process_is_refused_with_one_line(tmp_path: Path) -> None:
             "-c",
             textwrap.dedent(f"""
             import sys, time
-            sys.path.insert(0, {str(ROOT)!r})
             from connectors.warehouse import EmbeddedWarehouse
             with EmbeddedWarehouse({str(tmp_path / "d")!r}) as wh:
                 wh.rows("SELECT 1")
@@ -46,6 +46,7 @@ def test_a_second_process_is_refused_with_one_line(tmp_path: Path) -> None:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=repo_env(),
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"

@@ -29,7 +29,7 @@ from connectors.topics import TopicNames
 from connectors.warehouse import EmbeddedWarehouse
 from stream import incremental
 from stream.buckets import bucket_of, cleaned_table, raw_table
-from stream.enrich import cleaning_select, drop_reference, prepare_reference, refresh_country_codes
+from stream.cleaning import cleaning_select, drop_reference, prepare_reference, refresh_country_codes
 from stream.incremental import Maintainer
 from stream.loader import Loader, LoaderConfig, _Pending
 from stream.schema import CLEANED_NAMES, REFERENCE_COLUMNS, UNION_VIEW, ensure_schema

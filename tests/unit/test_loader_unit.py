@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from fakes import FakeMessage
 from prometheus_client import generate_latest
 
 from connectors.kafka_conn import KafkaConnection
@@ -35,36 +36,13 @@ RECORD = {
 GOOD = orjson.dumps({"action": "insert", "record": RECORD})
 
 
-class Msg:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes | None, key: bytes | None = b"k"):
-        self._t, self._p, self._o, self._v, self._k = topic, partition, offset, value, key
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def value(self) -> bytes | None:
-        return self._v
-
-    def key(self) -> bytes | None:
-        return self._k
-
-
 class Log:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
 
 class FakeConsumer:
-    def __init__(self, log: Log, batches: list[list[Msg]]) -> None:
+    def __init__(self, log: Log, batches: list[list[FakeMessage]]) -> None:
         self.log, self.batches = log, list(batches)
 
     def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None) -> None:
@@ -72,7 +50,7 @@ class FakeConsumer:
         if on_assign is not None:
             on_assign(self, [TopicPartition(t, p) for t in topics for p in range(3)])
 
-    def consume(self, num_messages: int, timeout: float) -> list[Msg]:
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
         return self.batches.pop(0) if self.batches else []
 
     def commit(self, offsets: list[Any], asynchronous: bool) -> None:
@@ -122,7 +100,7 @@ class FakeWarehouse:
         return [(1,)]
 
 
-def loader_with(log: Log, batches: list[list[Msg]], wh: FakeWarehouse, **cfg: Any) -> Loader:
+def loader_with(log: Log, batches: list[list[FakeMessage]], wh: FakeWarehouse, **cfg: Any) -> Loader:
     config = LoaderConfig(
         kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, poll_timeout=0.01, **cfg
     )
@@ -137,7 +115,7 @@ def loader_with(log: Log, batches: list[list[Msg]], wh: FakeWarehouse, **cfg: An
 def test_rows_are_inserted_before_their_offsets_are_committed() -> None:
     log = Log()
     b0, ref = TOPICS.bucket(0), TOPICS.reference("members")
-    batches = [[Msg(b0, 0, 10, GOOD), Msg(b0, 1, 4, GOOD + b" "), Msg(ref, 0, 7, b'{"m":1}')]]
+    batches = [[FakeMessage(b0, 0, 10, GOOD), FakeMessage(b0, 1, 4, GOOD + b" "), FakeMessage(ref, 0, 7, b'{"m":1}')]]
     loader = loader_with(log, batches, FakeWarehouse(log))
     stats = loader.run(until_idle=0.05)
     inserts = [e for e in log.events if e[0] == "insert"]
@@ -149,7 +127,7 @@ def test_rows_are_inserted_before_their_offsets_are_committed() -> None:
     assert log.events[-1] == ("close",)
 
 
-def inserted_batches(batches: list[list[Msg]]) -> list[int]:
+def inserted_batches(batches: list[list[FakeMessage]]) -> list[int]:
     log = Log()
     loader_with(log, batches, FakeWarehouse(log)).run(until_idle=0.05)
     return [len(e[2]) for e in log.events if e[0] == "insert"]
@@ -158,8 +136,8 @@ def inserted_batches(batches: list[list[Msg]]) -> list[int]:
 def test_an_empty_poll_hands_the_batch_over_unless_the_poll_before_was_full() -> None:
     b0 = TOPICS.bucket(0)
 
-    def msgs(first: int, n: int) -> list[Msg]:
-        return [Msg(b0, 0, first + i, GOOD) for i in range(n)]
+    def msgs(first: int, n: int) -> list[FakeMessage]:
+        return [FakeMessage(b0, 0, first + i, GOOD) for i in range(n)]
 
     # Caught up (a partial poll, then nothing): each batch goes as soon as a poll comes back empty.
     assert inserted_batches([msgs(0, 5), [], msgs(5, 5)]) == [5, 5]
@@ -173,7 +151,7 @@ def test_an_empty_poll_hands_the_batch_over_unless_the_poll_before_was_full() ->
 def test_a_failed_insert_commits_nothing() -> None:
     log = Log()
     loader = loader_with(
-        log, [[Msg(TOPICS.bucket(1), 0, 0, GOOD)]], FakeWarehouse(log, down=True), retry_backoff=(0.0,)
+        log, [[FakeMessage(TOPICS.bucket(1), 0, 0, GOOD)]], FakeWarehouse(log, down=True), retry_backoff=(0.0,)
     )
     with pytest.raises(WarehouseUnavailable):
         loader.run(until_idle=0.05)
@@ -186,11 +164,11 @@ def test_bad_messages_are_dead_lettered_before_the_commit_and_the_rest_inserted(
     b1 = TOPICS.bucket(1)
     refused = orjson.dumps({"action": "insert", "record": {**RECORD, "activityId": "b"}})  # passes Python's check
     batch = [
-        Msg(b1, 0, 0, GOOD),
-        Msg(b1, 0, 1, b"{nope"),
-        Msg(b1, 0, 2, None),
-        Msg(b1, 0, 3, refused),
-        Msg(b1, 0, 4, GOOD + b"\n"),
+        FakeMessage(b1, 0, 0, GOOD),
+        FakeMessage(b1, 0, 1, b"{nope"),
+        FakeMessage(b1, 0, 2, None),
+        FakeMessage(b1, 0, 3, refused),
+        FakeMessage(b1, 0, 4, GOOD + b"\n"),
     ]
     loader = loader_with(log, [batch], FakeWarehouse(log, bad={b"{nope", refused}))
     stats = loader.run(until_idle=0.05)
@@ -225,25 +203,16 @@ class FakeClock:
 WAIT_COORD = KafkaError(KafkaError._WAIT_COORD, "Commit failed: Waiting for coordinator")
 
 
-class ErrorMsg(Msg):
-    def __init__(self, err: KafkaError) -> None:
-        super().__init__("", -1, -1, None)
-        self._err = err
-
-    def error(self) -> KafkaError:  # type: ignore[override]
-        return self._err
-
-
 class FlakyConsumer(FakeConsumer):
     """Each consume() takes one fake second and returns what ``script`` holds for that call; while ``down(t)``
     the broker refuses commits and probes (retriable errors, as librdkafka raises them in an outage)."""
 
-    def __init__(self, log: Log, clock: FakeClock, script: dict[int, list[Msg]], down: Any) -> None:
+    def __init__(self, log: Log, clock: FakeClock, script: dict[int, list[FakeMessage]], down: Any) -> None:
         super().__init__(log, [])
         self.clock, self.script, self.down, self.calls = clock, script, down, 0
         self.parts: list[TopicPartition] = []
 
-    def consume(self, num_messages: int, timeout: float) -> list[Msg]:
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
         self.clock.t += 1.0
         msgs = self.script.get(self.calls, [])
         self.calls += 1
@@ -278,7 +247,7 @@ class FlakyConsumer(FakeConsumer):
 
 
 def flaky_loader(
-    log: Log, clock: FakeClock, script: dict[int, list[Msg]], down: Any, **cfg: Any
+    log: Log, clock: FakeClock, script: dict[int, list[FakeMessage]], down: Any, **cfg: Any
 ) -> tuple[Loader, FlakyConsumer]:
     consumer = FlakyConsumer(log, clock, script, down)
     settings: dict[str, Any] = {"commit_backoff": (0.5, 1.0), "outage_deadline": 30.0, "probe_interval": 2.0}
@@ -313,8 +282,8 @@ def test_a_quiet_healthy_broker_resets_the_failure_clock(caplog: pytest.LogCaptu
     caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
-    down_msg = [ErrorMsg(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))]
-    script = {0: down_msg, 100: down_msg, 110: [Msg(b0, 0, 0, GOOD)]}
+    down_msg = [FakeMessage.failed(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))]
+    script = {0: down_msg, 100: down_msg, 110: [FakeMessage(b0, 0, 0, GOOD)]}
     loader, _ = flaky_loader(log, clock, script, lambda t: t < 10 or 100 <= t < 106)
     stats = loader.run(until_idle=100)
     assert ("commit", ((b0, 0, 1),)) in log.events
@@ -336,7 +305,7 @@ def test_an_outage_keeps_the_batch_and_commits_it_when_the_broker_is_back(caplog
     caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0, b1 = TOPICS.bucket(0), TOPICS.bucket(1)
-    script = {i * 3: [Msg(b0, 0, i, GOOD), Msg(b1, 2, 10 + i, GOOD)] for i in range(8)}
+    script = {i * 3: [FakeMessage(b0, 0, i, GOOD), FakeMessage(b1, 2, 10 + i, GOOD)] for i in range(8)}
     loader, _ = flaky_loader(log, clock, script, lambda t: 2 <= t < 22)
     stats = loader.run(until_idle=5)
     commits = [e[1] for e in log.events if e[0] == "commit"]
@@ -354,7 +323,7 @@ def test_past_the_deadline_the_real_kafka_error_is_raised_and_nothing_committed(
     caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
-    loader, _ = flaky_loader(log, clock, {0: [Msg(b0, 0, 0, GOOD)]}, lambda t: t >= 1, outage_deadline=30.0)
+    loader, _ = flaky_loader(log, clock, {0: [FakeMessage(b0, 0, 0, GOOD)]}, lambda t: t >= 1, outage_deadline=30.0)
     with pytest.raises(LoaderError, match=r"Kafka unreachable for 3\ds .*Waiting for coordinator") as caught:
         loader.run(until_idle=5)
     assert "1 loaded messages not committed" in str(caught.value)
@@ -368,7 +337,7 @@ def test_no_input_during_an_outage_is_not_idleness() -> None:
     # Nothing to commit, the broker away for 25 s, until_idle 5: the loader waits for the broker (and gives up
     # only past the deadline), it does not call an outage "idle" and exit 0.
     log, clock = Log(), FakeClock()
-    script = {0: [ErrorMsg(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))]}
+    script = {0: [FakeMessage.failed(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))]}
     loader, _ = flaky_loader(log, clock, script, lambda t: t < 25)
     loader.run(until_idle=5)
     assert clock.t >= 29  # back at 25 (seen on the probe of the poll that ended then), then 5 idle seconds
@@ -383,11 +352,11 @@ def test_a_stop_during_an_outage_leaves_the_commit_after_the_grace(caplog: pytes
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
     loader, consumer = flaky_loader(
-        log, clock, {0: [Msg(b0, 0, 0, GOOD)]}, lambda t: t >= 2, stop_grace=3.0, outage_deadline=300.0
+        log, clock, {0: [FakeMessage(b0, 0, 0, GOOD)]}, lambda t: t >= 2, stop_grace=3.0, outage_deadline=300.0
     )
     real_consume = consumer.consume
 
-    def consume(num_messages: int, timeout: float) -> list[Msg]:
+    def consume(num_messages: int, timeout: float) -> list[FakeMessage]:
         if clock.t >= 10:
             loader.stop()
         return real_consume(num_messages, timeout)
@@ -416,7 +385,9 @@ def test_progress_line_and_lag_metric(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="bucketer.loader")
     log, clock = Log(), FakeClock()
     b0 = TOPICS.bucket(0)
-    consumer = LaggingConsumer(log, clock, {0: [Msg(b0, 0, 0, GOOD), Msg(b0, 1, 0, GOOD)]}, lambda t: False)
+    consumer = LaggingConsumer(
+        log, clock, {0: [FakeMessage(b0, 0, 0, GOOD), FakeMessage(b0, 1, 0, GOOD)]}, lambda t: False
+    )
     config = LoaderConfig(kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, progress_interval=5.0)
     loader = Loader(
         config,

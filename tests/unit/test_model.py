@@ -15,7 +15,7 @@ import pytest
 from connectors import model, sequin
 from connectors.sequin import BadMessage, decode
 from stream.buckets import bucket_of
-from stream.ingest import problem
+from stream.row_sql import problem
 from stream.schedule import ScheduleConfig
 from stream.tinybird_project import generate_project
 
@@ -106,7 +106,7 @@ def test_the_decoder_and_the_loader_require_the_models_columns() -> None:
 
 
 def test_every_column_reads_the_json_path_the_loader_reads() -> None:
-    # stream/ingest.py reads ``record.<name>``, and a member flag from ``record.attributes.<flag>.default``.
+    # stream/row_sql.py reads ``record.<name>``, and a member flag from ``record.attributes.<flag>.default``.
     for table, cols in [("activityRelations", model.ACTIVITY_COLUMNS), *model.REFERENCE_COLUMNS.items()]:
         for c in cols:
             if table == "members" and c.name in model.MEMBER_FLAGS:

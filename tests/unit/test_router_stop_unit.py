@@ -8,7 +8,8 @@ import time
 
 import pytest
 from confluent_kafka import TopicPartition
-from test_router_unit import FlakySink, MemoryConsumer, Msg
+from fakes import FakeMessage
+from test_router_unit import TOPIC, FlakySink, MemoryConsumer
 
 from connectors.kafka import KafkaRetryError
 from connectors.kafka_conn import KafkaConnection
@@ -44,7 +45,7 @@ def config() -> RouterConfig:
 
 
 def test_stop_interrupts_a_waiting_sink_and_commits_nothing() -> None:
-    consumer = MemoryConsumer([[Msg(0, i, b"k", b"{}") for i in range(20)], []])
+    consumer = MemoryConsumer([[FakeMessage(TOPIC, 0, i, b"{}") for i in range(20)], []])
     sink = WaitingSink()
     router = Router(config(), sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     runner = threading.Thread(target=router.run, daemon=True)
@@ -59,7 +60,7 @@ def test_stop_interrupts_a_waiting_sink_and_commits_nothing() -> None:
 
 
 def test_a_sink_fatal_error_stops_the_router_without_reopening() -> None:
-    consumer = MemoryConsumer([[Msg(0, i, b"k", b"{}") for i in range(20)], []])
+    consumer = MemoryConsumer([[FakeMessage(TOPIC, 0, i, b"{}") for i in range(20)], []])
     sink = FatalSink([])
     router = Router(config(), sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     with pytest.raises(SinkFatalError, match="unreachable"):

@@ -3,52 +3,25 @@ commits, failed aborts and a fatal sink error still give every output exactly on
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from fakes import FakeMessage
+from sequinmsgs import scenario
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sequinmsgs import scenario  # noqa: E402
-
-from connectors.kafka import KafkaFatalError, KafkaRetryError  # noqa: E402
-from connectors.kafka_conn import KafkaConnection  # noqa: E402
-from stream.router import Router, RouterConfig  # noqa: E402
+from connectors.kafka import KafkaFatalError, KafkaRetryError
+from connectors.kafka_conn import KafkaConnection
+from stream.router import Router, RouterConfig
 
 TOPIC = "activityRelations"
-
-
-class Msg:
-    def __init__(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
-        self._p, self._o, self._k, self._v = partition, offset, key, value
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return TOPIC
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
-
-    def value(self) -> bytes | None:
-        return self._v
 
 
 class MemoryConsumer:
     """Two partitions; committed offsets are only ever written by the sink's commit."""
 
-    def __init__(self, logs: list[list[Msg]]) -> None:
+    def __init__(self, logs: list[list[FakeMessage]]) -> None:
         self.logs = logs
         self.position_of = [0] * len(logs)
         self.committed_of = [-1001] * len(logs)
@@ -57,8 +30,8 @@ class MemoryConsumer:
     def subscribe(self, topics: list[str], on_assign: Any, **_: Any) -> None:
         on_assign(self, self.tps)
 
-    def consume(self, n: int, timeout: float) -> list[Msg]:
-        out: list[Msg] = []
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        out: list[FakeMessage] = []
         for p, log in enumerate(self.logs):
             take = log[self.position_of[p] : self.position_of[p] + max(1, n // 2)]
             self.position_of[p] += len(take)
@@ -151,11 +124,11 @@ def _abortable() -> KafkaRetryError:
 )
 def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> None:
     sents = scenario(21, 300, 10)
-    logs: list[list[Msg]] = [[], []]
+    logs: list[list[FakeMessage]] = [[], []]
     expected: list[list[Any]] = [[], []]
     for s in sents:
         p = hash(s.key) % 2
-        logs[p].append(Msg(p, len(logs[p]), s.key, s.value))
+        logs[p].append(FakeMessage(TOPIC, p, len(logs[p]), s.value, s.key))
         expected[p].append(s)
     consumer = MemoryConsumer(logs)
     sink = FlakySink(list(plan))
@@ -185,7 +158,7 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
 
 
 def test_too_many_fatal_sink_errors_stop_the_router() -> None:
-    consumer = MemoryConsumer([[Msg(0, i, b"k", b"{}") for i in range(50)], []])
+    consumer = MemoryConsumer([[FakeMessage(TOPIC, 0, i, b"{}") for i in range(50)], []])
     sink = FlakySink(["fatal"] * 20)
     cfg = RouterConfig(
         kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=10, until_idle=5, max_sink_restarts=3

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import orjson
 import pytest
+from fakes import FakeMessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sequinmsgs import bad_messages, message, row, scenario
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sequinmsgs import bad_messages, message, row, scenario  # noqa: E402
-
-from connectors.sequin import ERROR_CLASSES, BadMessage, Change, _decode_full, decode, valid_timestamp  # noqa: E402
-from stream.buckets import bucket_of  # noqa: E402
-from stream.routing import BatchCounts, BatchRouter  # noqa: E402
+from connectors.sequin import ERROR_CLASSES, BadMessage, Change, _decode_full, decode, valid_timestamp
+from stream.buckets import bucket_of
+from stream.routing import BatchCounts, BatchRouter
 
 RNG = random.Random(7)
 SEG_A = "5ab72c4b-1047-4735-ae83-096d47d0cdaf"
@@ -108,26 +104,6 @@ def test_unchanged_value_in_changes_is_no_move() -> None:
     assert decode(message("update", rec, {"segmentId": SEG_A, "score": 0})).retirement is None
 
 
-class FakeMsg:
-    def __init__(self, value: bytes | None, key: bytes | None = b"k", offset: int = 0) -> None:
-        self._v, self._k, self._o = value, key, offset
-
-    def key(self) -> bytes | None:
-        return self._k
-
-    def value(self) -> bytes | None:
-        return self._v
-
-    def topic(self) -> str:
-        return "src"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._o
-
-
 class ListSink:
     exactly_once = True
 
@@ -144,7 +120,7 @@ class ListSink:
 def route_all(values: list[bytes | None], buckets: int = 10) -> tuple[ListSink, BatchCounts]:
     sink = ListSink()
     counts = BatchRouter(buckets, max_message_bytes=100_000).route(
-        [FakeMsg(v, offset=i) for i, v in enumerate(values)], sink
+        [FakeMessage("src", 0, i, v) for i, v in enumerate(values)], sink
     )  # type: ignore[arg-type]
     return sink, counts
 

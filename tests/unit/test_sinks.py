@@ -9,7 +9,8 @@ import time
 
 import pytest
 from confluent_kafka import TopicPartition
-from test_router_unit import FlakySink, MemoryConsumer, Msg
+from fakes import FakeMessage
+from test_router_unit import TOPIC, FlakySink, MemoryConsumer
 
 from connectors.kafka import KafkaFatalError
 from connectors.kafka_conn import KafkaConnection
@@ -69,7 +70,7 @@ class RetryingSink(FlakySink):
 
 
 class ClosingConsumer(MemoryConsumer):
-    def __init__(self, logs: list[list[Msg]]) -> None:
+    def __init__(self, logs: list[list[FakeMessage]]) -> None:
         super().__init__(logs)
         self.closed = False
 
@@ -78,7 +79,7 @@ class ClosingConsumer(MemoryConsumer):
 
 
 def one_partition(n: int) -> ClosingConsumer:
-    return ClosingConsumer([[Msg(0, i, f"k{i}".encode(), b"{}") for i in range(n)], []])
+    return ClosingConsumer([[FakeMessage(TOPIC, 0, i, b"{}", f"k{i}".encode()) for i in range(n)], []])
 
 
 def test_a_sink_retry_error_is_aborted_and_replayed_with_backoff_without_reopening() -> None:

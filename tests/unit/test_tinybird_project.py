@@ -217,7 +217,7 @@ def warehouses() -> Any:
     product's schema and loader SQL; the same Sequin messages in both."""
     from chdb import session
 
-    from stream.ingest import insert_sql
+    from stream.row_sql import insert_sql
     from stream.schema import schema_statements
 
     buckets = 4

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from connectors.warehouse import EmbeddedWarehouse, ServerWarehouse, WarehouseError, open_warehouse, redact
-from stream.ingest import insert_sql, problem
 from stream.query import QueryError, read_only
+from stream.row_sql import insert_sql, problem
 from stream.schema import (
     PROJECT_VIEW,
     ROUTING_VIEW,
@@ -260,7 +260,7 @@ def test_exchange_swaps_two_tables_with_or_without_exchange_tables(tmp_path: Pat
 def test_loader_problem_classes_are_the_routers_vocabulary() -> None:
     """One DLQ vocabulary (docs/CONTRACTS.md): the loader's classes are the router's where the cause is the same."""
     from connectors.sequin import ERROR_CLASSES
-    from stream.ingest import LOADER_ONLY_CLASSES, classify_problem
+    from stream.row_sql import LOADER_ONLY_CLASSES, classify_problem
 
     cases = {
         b"": "tombstone",

@@ -4,7 +4,7 @@ The counterpart of the anchor system's snapshot copy pipes: a new warehouse (or 
 bucket that has to be refilled) gets its raw rows straight from the source topic, without going through the
 bucket topics again. Each message is routed by the router's own ``BatchRouter`` (same decoder, same bucket
 rule, same retirements), but the ``Sink`` it writes to is the warehouse: rows are inserted with the loader's
-SQL (stream/ingest.py) into the raw bucket tables, only for the buckets asked for.
+SQL (stream/row_sql.py) into the raw bucket tables, only for the buckets asked for.
 
 - The five reference topics are replayed first, always in full, into their tables with the loader's SQL
   (``insert_sql(table)``); a bad reference message is counted per table and reported, not dead-lettered again.
@@ -35,8 +35,8 @@ from connectors.model import bucket_sql
 from connectors.topics import TopicNames
 from connectors.warehouse import Warehouse, WarehouseError
 from stream.buckets import raw_table
-from stream.ingest import insert_sql, problem
 from stream.routing import BatchRouter
+from stream.row_sql import insert_sql, problem
 
 log = logging.getLogger("bucketer.bootstrap")
 
