@@ -21,6 +21,7 @@ from bucketer.options import (
     KafkaConfigOpt,
     KafkaOptionOpt,
     LoaderGroupOpt,
+    OutageDeadlineOpt,
     RefreshOpt,
     RouterGroupOpt,
     TopicPrefixOpt,
@@ -226,15 +227,7 @@ def run_cmd(
         int | None, typer.Option("--http-port", envvar="BUCKETER_HTTP_PORT", help="Serve the HTTP query API.")
     ] = None,
     http_host: HttpHostOpt = "127.0.0.1",
-    outage_deadline: Annotated[
-        float,
-        typer.Option(
-            "--outage-deadline",
-            envvar="BUCKETER_OUTAGE_DEADLINE",
-            min=1,
-            help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
-        ),
-    ] = 300.0,
+    outage_deadline: OutageDeadlineOpt = 300.0,
     refresh: RefreshOpt = "incremental",
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
@@ -304,15 +297,7 @@ def load_cmd(
     group: LoaderGroupOpt = DEFAULT_LOADER_GROUP,
     until_idle: UntilIdleOpt = None,
     topic_prefix: TopicPrefixOpt = "",
-    outage_deadline: Annotated[
-        float,
-        typer.Option(
-            "--outage-deadline",
-            envvar="BUCKETER_OUTAGE_DEADLINE",
-            min=1,
-            help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
-        ),
-    ] = 300.0,
+    outage_deadline: OutageDeadlineOpt = 300.0,
     refresh: RefreshOpt = "incremental",
 ) -> None:
     """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""

@@ -322,3 +322,12 @@ RefreshOpt = Annotated[
         "hourly: the anchor's replace-only rebuilds on the schedule.",
     ),
 ]
+OutageDeadlineOpt = Annotated[
+    float,
+    typer.Option(
+        "--outage-deadline",
+        envvar="BUCKETER_OUTAGE_DEADLINE",
+        min=1,
+        help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
+    ),
+]
