@@ -7,9 +7,10 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 # The command modules register themselves on ``app`` when imported.
 from bucketer import cli_dlq, cli_ops, cli_pipeline, cli_serve, cli_tinybird, cli_warehouse  # noqa: F401
@@ -102,6 +103,52 @@ def local_fetch() -> None:
         typer.echo(str(fetch_jars(quiet=False)))
     except LocalKafkaError as exc:
         raise fail(str(exc)) from None
+
+
+config_app = typer.Typer(help="The effective configuration (bucketer/config.py).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command(
+    "show",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False},
+)
+def config_show(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="A command and its arguments (e.g. route --batch-size 500): its settings as it would resolve "
+            "them, flags included; nothing runs."
+        ),
+    ] = None,
+) -> None:
+    """Print the effective settings, the source of each (file, env, flag, default), secrets as ***."""
+    from bucketer.config import current_file, show
+
+    config = current_file(ctx)
+    words = list(command or [])
+    if not words:
+        show(None, config, as_json, "")
+        return
+    root = ctx.find_root()
+    group: Any = root.command
+    path: list[str] = []
+    sub_ctx: Any = root
+    while isinstance(group, TyperGroup) and words:
+        name = words.pop(0)
+        cmd = group.get_command(sub_ctx, name)
+        if cmd is None:
+            raise fail(f"config show: no command {' '.join([*path, name])!r}", 2)
+        path.append(name)
+        if isinstance(cmd, TyperGroup):
+            sub_ctx = cmd.make_context(name, [], parent=sub_ctx, resilient_parsing=True)
+        group = cmd
+    if isinstance(group, TyperGroup):
+        raise fail(f"config show: {' '.join(path)} needs a command", 2)
+    with group.make_context(path[-1], words, parent=sub_ctx) as target:
+        show(target, current_file(target) or config, as_json, " ".join(path))
 
 
 @app.command("bucket-of")

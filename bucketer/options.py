@@ -13,10 +13,12 @@ A bad setting is a one-line error naming the key, exit 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -48,14 +50,43 @@ def install_stop(stop: Callable[[], object]) -> None:
         signal.signal(sig, lambda *_: stop())
 
 
-def log_to_stderr(verbose: bool = False) -> None:
-    import logging
+# Fields a log call about one message passes as ``extra`` (``extra=message_fields(topic, partition, offset)``).
+MESSAGE_FIELDS = ("topic", "partition", "offset")
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+
+def log_to_stderr(verbose: bool = False) -> None:
+    """Log on stderr as ``--log-format`` / ``BUCKETER_LOG_FORMAT`` asks: text lines, or one JSON object a line
+    (ts, level, logger, msg, and topic/partition/offset when the call names a message)."""
+    from bucketer.config import log_format
+
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format() == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts (ISO 8601, UTC), level, logger, msg; topic, partition and offset when the
+    record has them (``extra``); exc when an exception is attached. Never more than one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        doc: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in MESSAGE_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                doc[name] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
 
 
 # --- the warehouse --------------------------------------------------------------------------------------

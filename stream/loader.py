@@ -161,6 +161,8 @@ class DeadLetterFailed(LoaderError):
 
 
 class Loader:
+    loop_beat: float | None = None  # time.monotonic() as the loop last turned (stream/metrics.py Health)
+
     def __init__(
         self,
         config: LoaderConfig,
@@ -251,6 +253,7 @@ class Loader:
             read_before = 0
             backlog = False
             while not self._stop:
+                self.loop_beat = time.monotonic()  # /healthz (stream/metrics.py Health): the loop turns
                 # While a batch waits, poll briefly: an empty poll means the input is drained. While an insert
                 # runs, poll briefly too, so its offsets are committed soon after it ends, not a long poll later.
                 busy = self._offsets or self._inflight is not None
@@ -685,7 +688,14 @@ class Loader:
     # --- dead letters ----------------------------------------------------------------------------------------
 
     def _dead_letter(self, error_class: str, reason: str, origin: Origin, value: bytes | None) -> None:
-        log.warning("loader: dead-lettering %s/%d/%d: %s", origin.topic, origin.partition, origin.offset, reason)
+        log.warning(
+            "loader: dead-lettering %s/%d/%d: %s",
+            origin.topic,
+            origin.partition,
+            origin.offset,
+            reason,
+            extra={"topic": origin.topic, "partition": origin.partition, "offset": origin.offset},
+        )
         assert self._producer is not None, "dead letters need a running loader"
         headers = dlq_headers(error_class, reason, origin.topic, origin.partition, origin.offset)
         self._producer.produce(

@@ -3,7 +3,9 @@
 ``WorkerCollector(router=..., loader=..., rebuilds=...)`` is a prometheus-client collector: nothing is counted
 twice and the hot paths do no metric work — each scrape reads ``RouterStats`` (committed counts only, so a
 replayed batch is never counted twice), ``LoaderStats`` and the list of rebuild results. ``serve(port, ...)``
-exposes them on ``http://127.0.0.1:PORT/metrics`` (loopback unless a host is given).
+exposes them on ``http://127.0.0.1:PORT/metrics`` (loopback unless a host is given), with ``/healthz`` and
+``/readyz`` beside them (``Health``: alive = the worker loops turn; ready = alive, the warehouse answers and the
+consumers are assigned).
 
 Metrics (all prefixed ``bucketer_``):
 - ``routed_total{bucket}``: messages (retirements included) committed to each bucket;
@@ -21,8 +23,9 @@ Metrics (all prefixed ``bucketer_``):
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -136,18 +139,118 @@ def registry_for(**workers: Any) -> CollectorRegistry:
     return registry
 
 
-def serve(port: int, host: str = "127.0.0.1", **workers: Any) -> CollectorRegistry:
-    """Expose the workers' metrics over HTTP (a daemon thread); returns the registry."""
-    from prometheus_client import start_http_server
+# A worker loop that has not turned for this long is stalled: /healthz fails (every loop turns at least every
+# few seconds: a consume or poll timeout; a warehouse insert retrying with backoff still turns the loop).
+STALL_AFTER = 120.0
 
-    if not 1 <= port <= 65535:
+
+class Health:
+    """What ``/healthz`` and ``/readyz`` on the metrics port answer; each check returns why not, or None.
+
+    - healthz, *alive*: the process serves, and every worker loop that has started (``loop_beat``, a
+      ``time.monotonic()`` each worker sets as its loop turns) turned within ``stall_after`` seconds, and no
+      worker has failed (``failed()``). An orchestrator restarts a process that stays unhealthy.
+    - readyz, *ready*: alive, the warehouse answers (``connect()``: a new handle, ``SELECT 1``) and ``ready()``
+      says the consumers are assigned (``stream.api.pipeline_ready``: the same check as the API's /readyz).
+      Not ready while starting, rebalancing or stopping: take no traffic from it, do not restart it."""
+
+    def __init__(
+        self,
+        workers: Sequence[Any] = (),
+        *,
+        ready: Callable[[], str | None] | None = None,
+        connect: Callable[[], Any] | None = None,
+        failed: Callable[[], str | None] | None = None,
+        stall_after: float = STALL_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.workers, self._ready, self._connect, self._failed = list(workers), ready, connect, failed
+        self.stall_after, self._clock = stall_after, clock
+
+    def alive(self) -> str | None:
+        if self._failed is not None and (reason := self._failed()):
+            return reason
+        now = self._clock()
+        for worker in self.workers:
+            beat = getattr(worker, "loop_beat", None)
+            if beat is not None and now - beat > self.stall_after:
+                return f"the {type(worker).__name__.lower()} loop has not turned for {now - beat:.0f}s"
+        return None
+
+    def ready(self) -> str | None:
+        if reason := self.alive():
+            return reason
+        if self._connect is not None:
+            from connectors.warehouse import WarehouseError, one_line
+
+            try:
+                with self._connect() as wh:
+                    wh.rows("SELECT 1")
+            except WarehouseError as exc:
+                return f"warehouse unavailable: {one_line(exc)}"
+        return self._ready() if self._ready is not None else None
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text), ``/healthz`` and ``/readyz`` (200 ``{"status": ...}``, or 503 with the
+    reason) on one port, in a daemon thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        def answer(handler: BaseHTTPRequestHandler, code: int, body: bytes, kind: str) -> None:
+            handler.send_response(code)
+            handler.send_header("Content-Type", kind)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+
+        def check(handler: BaseHTTPRequestHandler, reason: str | None, ok: str) -> None:
+            import json
+
+            doc = {"status": ok} if reason is None else {"status": "unavailable", "reason": reason}
+            answer(handler, 200 if reason is None else 503, json.dumps(doc).encode(), "application/json")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    answer(self, 200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    check(self, health.alive(), "ok")
+                elif path == "/readyz":
+                    check(self, health.ready(), "ready")
+                else:
+                    answer(self, 404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+
+            def log_message(self, *args: Any) -> None:  # scrapes are not log lines
+                pass
+
+        self.registry = registry
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="bucketer-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(port: int, host: str = "127.0.0.1", health: Health | None = None, **workers: Any) -> MetricsServer:
+    """Expose the workers' metrics and ``health`` over HTTP (a daemon thread); port 0 picks a free one."""
+    if not 0 <= port <= 65535:
         raise MetricsError(f"metrics port {port} is out of range (1-65535)")
     registry = registry_for(**workers)
+    if health is None:
+        health = Health([w for w in (workers.get("router"), workers.get("loader")) if w is not None])
     try:
-        start_http_server(port, addr=host, registry=registry)
+        return MetricsServer(host, port, registry, health)
     except OSError as exc:  # in use, or not ours to bind
         raise MetricsError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    return registry
 
 
 class MetricsError(RuntimeError):

@@ -152,8 +152,18 @@ class Pipeline:
             )
 
             if cfg.metrics_port is not None:
-                serve(
+                from stream.api import pipeline_ready
+                from stream.metrics import Health
+
+                health = Health(
+                    [self.router, self.loader],
+                    ready=pipeline_ready(self),
+                    connect=self.connect,
+                    failed=lambda: f"a worker failed: {self._errors[0]}" if self._errors else None,
+                )
+                metrics = serve(
                     cfg.metrics_port,
+                    health=health,
                     router=self.router,
                     loader=self.loader,
                     rebuilds=self.rebuilds,
@@ -183,6 +193,8 @@ class Pipeline:
                     t.join()
                 if cfg.http is not None:
                     api.stop()
+                if cfg.metrics_port is not None:
+                    metrics.stop()
         if self._errors:
             raise self._errors[0]
 

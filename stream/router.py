@@ -98,6 +98,8 @@ class RouterConfig:
 
 
 class Router:
+    loop_beat: float | None = None  # time.monotonic() as the loop last turned (stream/metrics.py Health)
+
     def __init__(
         self,
         config: RouterConfig,
@@ -163,6 +165,7 @@ class Router:
         cfg = self.config
         started = last_input = last_progress = self._clock()
         while not self._stopping:
+            self.loop_beat = time.monotonic()  # /healthz (stream/metrics.py Health): the loop turns
             if (self._broken or self._rewind_needed) and (wait := self._retry_at - time.monotonic()) > 0:
                 time.sleep(min(wait, 0.1))  # backing off before the replay; a stop ends it within 0.1 s
                 continue
@@ -193,7 +196,7 @@ class Router:
             err = m.error()
             if err is not None:
                 if (exc := consumer_error(err, f"consume {m.topic()} [{m.partition()}]")) is not None:
-                    log.warning("%s", exc)
+                    log.warning("%s", exc, extra={"topic": m.topic(), "partition": m.partition()})
                 continue
             last[(m.topic(), m.partition())] = m.offset()  # type: ignore[index,assignment]
             good.append(m)
@@ -226,6 +229,7 @@ class Router:
                 exc,
                 "reopening the sink" if self._broken else "aborted",
                 delay,
+                extra={"topic": good[0].topic(), "partition": good[0].partition(), "offset": good[0].offset()},
             )
             if isinstance(exc, KafkaFatalError):
                 self._count_fatal(exc)

@@ -256,7 +256,13 @@ class KafkaSink:
     def _on_delivery_error(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
             self._failed.append(err)
-            log.warning("delivery to %s [%s] failed: %s", msg.topic(), msg.partition(), err.str())
+            log.warning(
+                "delivery to %s [%s] failed: %s",
+                msg.topic(),
+                msg.partition(),
+                err.str(),
+                extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()},
+            )
 
     def _on_client_error(self, err: KafkaError) -> None:
         log.debug("kafka client: %s", err.str())
