@@ -164,6 +164,12 @@ class _ClientWarehouse:
         b TO a, a__exchange TO b``. It is NOT atomic: a reader between the renames may find ``a`` missing, and
         a failure part-way can leave ``a__exchange`` behind (a later exchange of ``a`` then fails on it, naming
         it, rather than guess)."""
+        cluster = getattr(self, "cluster", None)
+        if cluster:
+            raise WarehouseError(
+                f"swapping {a} and {b} on cluster {cluster}: rebuilds and rebucket are not cluster-aware yet "
+                "(see README, Configuration)"
+            )
         if self._atomic_exchange is None:
             engine = self.rows("SELECT engine FROM system.databases WHERE name = currentDatabase()")
             self._atomic_exchange = bool(engine) and engine[0][0] in _EXCHANGE_ENGINES
@@ -433,6 +439,50 @@ class SupportsJsonParts(Protocol):
     def json_parts(self, parts: Sequence[Sequence[bytes]]) -> AbstractContextManager[str]: ...
 
 
+# --- a ClickHouse cluster ------------------------------------------------------------------------------------
+CLUSTER_ENV = "BUCKETER_CLICKHOUSE_CLUSTER"
+# Where a replicated table keeps its replication log in [Zoo]Keeper, and the replica's name: the server's
+# macros ({shard}, {replica}, in its config) and the table's own names, expanded by ClickHouse at CREATE time.
+REPLICA_ARGS = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
+_CLUSTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_CREATE = re.compile(r"^CREATE (?:OR REPLACE )?(?:MATERIALIZED )?(?:TABLE|VIEW) (?:IF NOT EXISTS )?(\S+)")
+_ENGINE = re.compile(r"\bENGINE = (\w*)MergeTree\b(?:\(([^()]*)\))?")
+_LOCAL_ENGINES = re.compile(r"\bENGINE = (Memory|Set|Join|Buffer|Null)\b")
+
+
+def check_cluster(cluster: str) -> str:
+    if not _CLUSTER_NAME.match(cluster):
+        raise WarehouseError(f"{CLUSTER_ENV}={cluster!r} is not a cluster name (letters, digits, _ . -)")
+    return cluster
+
+
+def cluster_ddl(sql: str, cluster: str | None) -> str:
+    """The schema statement ``sql`` for ``cluster``: ``ON CLUSTER`` after the object's name, and a MergeTree
+    family engine made its Replicated twin (``ReplacingMergeTree(v, d)`` ->
+    ``ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', v, d)``).
+    ``sql`` unchanged when ``cluster`` is None. Only CREATE TABLE / VIEW / MATERIALIZED VIEW statements of
+    MergeTree tables or views are accepted (anything else is refused: a ValueError naming it), so a statement
+    this does not understand never runs half-clustered."""
+    if not cluster:
+        return sql
+    check_cluster(cluster)
+    match = _CREATE.match(sql)
+    if match is None or _LOCAL_ENGINES.search(sql):
+        raise ValueError(f"not a schema statement for a cluster: {sql.splitlines()[0][:120]}")
+    clustered = f"{sql[: match.end()]} ON CLUSTER `{cluster}`{sql[match.end() :]}"
+
+    def replicated(m: re.Match[str]) -> str:
+        args = REPLICA_ARGS + (f", {m.group(2)}" if m.group(2) else "")
+        return f"ENGINE = Replicated{m.group(1)}MergeTree({args})"
+
+    return _ENGINE.sub(replicated, clustered, count=1)
+
+
+def schema_command(wh: Any, sql: str) -> None:
+    """Run the schema statement ``sql`` on ``wh``, ON CLUSTER when ``wh`` is a server warehouse on a cluster."""
+    wh.command(cluster_ddl(sql, getattr(wh, "cluster", None)))
+
+
 # --- server ---------------------------------------------------------------------------------------------------
 
 
@@ -445,10 +495,13 @@ def redact(url: str) -> str:
 
 
 class ServerWarehouse(_ClientWarehouse):
-    """A ClickHouse server at ``url`` (http/https). The URL path names the database (default ``bucketer``)."""
+    """A ClickHouse server at ``url`` (http/https). The URL path names the database (default ``bucketer``).
+    With ``cluster``, the schema is made ON CLUSTER with Replicated engines (``cluster_ddl``); the rebuild swaps
+    (``exchange``) are refused there: they are not cluster-aware yet."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cluster: str | None = None) -> None:
         self.url = url
+        self.cluster = check_cluster(cluster) if cluster else None
         parts = urlsplit(url)
         self.database = parts.path.strip("/") or "bucketer"
         self._client = None
@@ -465,7 +518,8 @@ class ServerWarehouse(_ClientWarehouse):
                 password=parts.password or "",
                 secure=parts.scheme == "https",
             )
-            client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
+            on_cluster = f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
+            client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`{on_cluster}")
             client.database = self.database
         except Exception as exc:
             raise WarehouseError(f"cannot reach ClickHouse at {redact(self.url)}: {one_line(exc)}") from exc
@@ -490,10 +544,17 @@ class ServerWarehouse(_ClientWarehouse):
 
 
 def open_warehouse(
-    data_dir: str | Path = ".bucketer", url: str | None = None, database: str = "bucketer"
+    data_dir: str | Path = ".bucketer", url: str | None = None, database: str = "bucketer", cluster: str | None = None
 ) -> EmbeddedWarehouse | ServerWarehouse:
     """The warehouse to use: a server when ``url`` is given, else the embedded one in ``data_dir``.
+    ``cluster`` (default: BUCKETER_CLICKHOUSE_CLUSTER) is for a server only: with chdb it is refused in one line.
     Not yet connected; use it as a context manager."""
+    cluster = cluster if cluster is not None else (os.environ.get(CLUSTER_ENV) or None)
     if url:
-        return ServerWarehouse(url)
+        return ServerWarehouse(url, cluster=cluster)
+    if cluster:
+        raise WarehouseError(
+            f"{CLUSTER_ENV}={cluster} needs a ClickHouse server (BUCKETER_CLICKHOUSE_URL): the embedded chdb is "
+            "one process, not a cluster"
+        )
     return EmbeddedWarehouse(data_dir, database=database)

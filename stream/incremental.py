@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from connectors.model import GIT_PLATFORMS, gerrit_variant_sql
-from connectors.warehouse import Warehouse, one_line
+from connectors.warehouse import Warehouse, one_line, schema_command
 from stream.buckets import cleaned_table, raw_table
 from stream.cleaning import (
     COUNTRY_TABLE,
@@ -219,9 +219,9 @@ class Maintainer:
         with self._lock:
             self._migrate_old_layout(wh)
             for sql in maintenance_ddl(self.buckets):
-                wh.command(sql)
+                schema_command(wh, sql)  # ON CLUSTER on a server cluster (connectors/warehouse.py)
             for n in range(self.buckets):
-                wh.command(cleaned_table_ddl(n))
+                schema_command(wh, cleaned_table_ddl(n))
             stale = wh.rows(
                 "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
                 "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
@@ -240,7 +240,7 @@ class Maintainer:
                 )
                 self._reset(wh)
                 for sql in maintenance_ddl(self.buckets):
-                    wh.command(sql)
+                    schema_command(wh, sql)
                 self._state = {}
             start = self._clock_ns(wh)
             git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)

@@ -61,6 +61,7 @@ from connectors.model import (
     bucket_sql,
 )
 from connectors.model import ACTIVITY_NAMES as ACTIVITY_NAMES  # re-exported: the schema's readers import it here
+from connectors.warehouse import schema_command
 from stream.buckets import cleaned_table, raw_table
 
 UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
@@ -239,7 +240,7 @@ def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = Fa
     if _has_settings(wh):  # an existing warehouse: cleaned buckets of an older layout move to the current one
         migrate_cleaned_layout(wh, recorded if recorded is not None else n)
     for sql in schema_statements(n):
-        wh.command(sql)
+        schema_command(wh, sql)  # ON CLUSTER, Replicated engines, on a server cluster (connectors/warehouse.py)
     if n != recorded:
         # ReplacingMergeTree(at) keeps the row with the latest ``at``: make the new one strictly later than any
         # before it, so a change within the same millisecond as the last one (or after a clock step) still wins.
