@@ -161,7 +161,7 @@ class Pipeline:
                     connect=self.connect,
                     failed=lambda: f"a worker failed: {self._errors[0]}" if self._errors else None,
                 )
-                metrics = serve(
+                serve(  # lives as long as the process (a last scrape after run() still answers), as before
                     cfg.metrics_port,
                     health=health,
                     router=self.router,
@@ -193,8 +193,6 @@ class Pipeline:
                     t.join()
                 if cfg.http is not None:
                     api.stop()
-                if cfg.metrics_port is not None:
-                    metrics.stop()
         if self._errors:
             raise self._errors[0]
 
