@@ -25,20 +25,22 @@ and a broker stop/start is ridden out; more than ``max_sink_restarts`` fatal Kaf
 its deadline) stops the router at once with its one-line reason, the batch in hand uncommitted.
 Rebalance callbacks only run inside ``consume()``, i.e. between batches, so a revoke never meets an
 open transaction; the group generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
-``transactional.id`` per instance (``instance_id``, default the host name) lets a restarted router
-fence and abort its killed predecessor's open transaction at once; its partitions move after
-``session_timeout_ms``. ``static_membership`` (off by default: after a broker restart a static member
-was seen to stay unassigned) would also skip that rebalance. ``stop()`` sets a flag and interrupts a
+``transactional.id`` per instance (``instance_id``; default ``connectors.kafka.Member``'s host name and index)
+lets a restarted router fence and abort its killed predecessor's open transaction at once. With
+``static_membership`` (the default) the same name is its ``group.instance.id``: a router restarted within the
+session timeout gets its partitions back with no rebalance, and the other routers never pause. The assignor
+stays eager (not cooperative-sticky): a rebalance then revokes everything between batches, when no
+transaction is open, while a cooperative member keeps routing during a rebalance and its offsets sent to a
+transaction then may be refused (the generation moved), aborting batches. ``stop()`` sets a flag and interrupts a
 sink waiting on its target: the batch in hand is finished or abandoned uncommitted.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
@@ -47,6 +49,7 @@ from connectors.kafka import (
     BrokerUnreachable,
     BucketerKafkaError,
     KafkaFatalError,
+    Member,
     check_reachable,
     consumer_config,
     consumer_error,
@@ -79,10 +82,10 @@ class RouterConfig:
     exactly_once: bool = True
     until_idle: float | None = None
     progress_interval: float = 10.0
-    instance_id: str = socket.gethostname()
+    instance_id: str | None = None  # None: connectors.kafka.Member's "<host>-<index>", claimed at run()
     max_message_bytes: int = 1_000_000
-    session_timeout_ms: int = 6_000
-    static_membership: bool = False
+    session_timeout_ms: int | None = None  # None: connectors.kafka.consumer_config's (static or dynamic)
+    static_membership: bool = True
     max_sink_restarts: int = 5
     retry_backoff: float = 0.2  # seconds before replaying a batch that failed once; doubles per failure
     retry_backoff_cap: float = 5.0
@@ -130,20 +133,24 @@ class Router:
             interrupt_sink(self._sink)
 
     def run(self) -> None:
-        cfg = self.config
         if self._consumer_factory is None:
-            check_reachable(cfg.kafka)
+            check_reachable(self.config.kafka)
+        member = Member(self.config.group, self.config.instance_id)
+        try:
+            self.config = replace(self.config, instance_id=member.name)
+            self._run()
+        finally:
+            member.release()
+
+    def _run(self) -> None:
+        cfg = self.config
         sink = self._sink = self._sink_factory(cfg)
         if self._stopping:
             interrupt_sink(sink)
         sink.open()
-        extra: dict[str, object] = {
-            "session.timeout.ms": cfg.session_timeout_ms,
-            "heartbeat.interval.ms": max(500, cfg.session_timeout_ms // 3),
-        }
-        if cfg.static_membership:
-            extra["group.instance.id"] = f"{self.topics.source}.{cfg.instance_id}"
-        conf = consumer_config(cfg.kafka, cfg.group, **extra)
+        extra = {} if cfg.session_timeout_ms is None else {"session.timeout.ms": cfg.session_timeout_ms}
+        instance = f"{self.topics.source}.{cfg.instance_id}" if cfg.static_membership else None
+        conf = consumer_config(cfg.kafka, cfg.group, instance=instance, **extra)
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
             consumer.subscribe(
