@@ -27,7 +27,8 @@ Rebalance callbacks only run inside ``consume()``, i.e. between batches, so a re
 open transaction; the group generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
 ``transactional.id`` per instance (``instance_id``; default ``connectors.kafka.Member``'s host name and index)
 lets a restarted router fence and abort its killed predecessor's open transaction at once. With
-``static_membership`` (the default) the same name is its ``group.instance.id``: a router restarted within the
+``static_membership`` (the default; only for an explicit ``instance_id``) that name is its
+``group.instance.id``: a router restarted within the
 session timeout gets its partitions back with no rebalance, and the other routers never pause. The assignor
 stays eager (not cooperative-sticky): a rebalance then revokes everything between batches, when no
 transaction is open, while a cooperative member keeps routing during a rebalance and its offsets sent to a
@@ -124,6 +125,7 @@ class Router:
         self._failures = 0  # batches in a row not committed: the backoff before the next replay
         self._retry_at = 0.0  # time.monotonic() before which no replay starts
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
+        self._static = False
 
     def stop(self) -> None:
         """Stop after the batch in hand; a sink waiting on its target is interrupted (the batch is
@@ -135,6 +137,9 @@ class Router:
     def run(self) -> None:
         if self._consumer_factory is None:
             check_reachable(self.config.kafka)
+        # Static only with an explicit instance id: `run` with a default-named static router lost rows after a
+        # broker restart (tests/integration/test_broker_bounce.py, not understood yet).
+        self._static = self.config.static_membership and self.config.instance_id is not None
         member = Member(self.config.group, self.config.instance_id)
         try:
             self.config = replace(self.config, instance_id=member.name)
@@ -149,7 +154,7 @@ class Router:
             interrupt_sink(sink)
         sink.open()
         extra = {} if cfg.session_timeout_ms is None else {"session.timeout.ms": cfg.session_timeout_ms}
-        instance = f"{self.topics.source}.{cfg.instance_id}" if cfg.static_membership else None
+        instance = f"{self.topics.source}.{cfg.instance_id}" if self._static else None
         conf = consumer_config(cfg.kafka, cfg.group, instance=instance, **extra)
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
