@@ -153,7 +153,8 @@ class Router:
         if self._stopping:
             interrupt_sink(sink)
         sink.open()
-        extra = {} if cfg.session_timeout_ms is None else {"session.timeout.ms": cfg.session_timeout_ms}
+        session = cfg.session_timeout_ms or (None if self._static else 6_000)  # dynamic: the old 6 s
+        extra = {} if session is None else {"session.timeout.ms": session, "heartbeat.interval.ms": session // 3}
         instance = f"{self.topics.source}.{cfg.instance_id}" if self._static else None
         conf = consumer_config(cfg.kafka, cfg.group, instance=instance, **extra)
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
