@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BUCKETER := $(VENV)/bin/bucketer
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-unit test-integration bench lint clean broker-start broker-stop
+.PHONY: setup browser compose-tool demo test test-unit test-integration bench lint clean broker-start broker-stop
 
 # The status page's browser test drives the system's Chromium (Debian: chromium + chromium-driver). Point
 # BUCKETER_CHROMIUM / BUCKETER_CHROMEDRIVER elsewhere to use another build; the tests read both.
@@ -14,7 +14,7 @@ BUCKETER_CHROMEDRIVER ?= $(shell command -v chromedriver)
 export BUCKETER_CHROMIUM BUCKETER_CHROMEDRIVER
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser compose-tool
 	@$(BUCKETER) local fetch >/dev/null
 
 browser:
@@ -23,6 +23,13 @@ browser:
 	  "BUCKETER_CHROMIUM and BUCKETER_CHROMEDRIVER): the status page's browser test needs them"; exit 1; }; \
 	echo "bucketer: installing chromium and chromium-driver (the status page's browser test)"; \
 	$(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver
+
+# tests/unit/test_compose.py renders compose/docker-compose.yml with Debian's docker-compose (no engine needed).
+compose-tool:
+	@if command -v docker-compose >/dev/null; then exit 0; fi; \
+	command -v apt-get >/dev/null || { echo "bucketer: install docker-compose: the compose file's check needs it"; exit 1; }; \
+	echo "bucketer: installing docker-compose (checks compose/docker-compose.yml)"; \
+	$(SUDO) apt-get update && $(SUDO) apt-get install -y docker-compose
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "bucketer: $(PYTHON) is required"; exit 1; }

@@ -18,6 +18,7 @@ from bucketer.options import (
     BucketsOpt,
     DataDirOpt,
     FixedBucketsOpt,
+    InstanceIdOpt,
     KafkaConfigOpt,
     KafkaOptionOpt,
     LoaderGroupOpt,
@@ -112,14 +113,7 @@ def route_cmd(
     replication: Annotated[int, typer.Option("--replication", envvar="BUCKETER_BUCKET_REPLICATION", min=1)] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
     batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.25,
-    instance_id: Annotated[
-        str | None,
-        typer.Option(
-            "--instance-id",
-            envvar="BUCKETER_ROUTER_INSTANCE",
-            help="Unique per router replica (default: host name); keeps transactional.id stable across restarts.",
-        ),
-    ] = None,
+    instance_id: InstanceIdOpt = None,
     progress: Annotated[
         float, typer.Option("--progress", envvar="BUCKETER_PROGRESS", min=0.1, help="Seconds between progress lines.")
     ] = 10.0,
@@ -229,6 +223,7 @@ def run_cmd(
     http_host: HttpHostOpt = "127.0.0.1",
     outage_deadline: OutageDeadlineOpt = 300.0,
     refresh: RefreshOpt = "incremental",
+    instance_id: InstanceIdOpt = None,
 ) -> None:
     """The whole pipeline in one process: route, load, enrich on schedule (embedded warehouse by default)."""
     import os
@@ -266,6 +261,7 @@ def run_cmd(
             http=http_config(http_port, http_host) if http_port is not None else None,
             outage_deadline=outage_deadline,
             refresh=refresh,
+            instance_id=instance_id,
         )
     )
     install_stop(pipeline.stop)
@@ -299,6 +295,7 @@ def load_cmd(
     topic_prefix: TopicPrefixOpt = "",
     outage_deadline: OutageDeadlineOpt = 300.0,
     refresh: RefreshOpt = "incremental",
+    instance_id: InstanceIdOpt = None,
 ) -> None:
     """The loader alone: bucket topics and reference topics into the warehouse (scale out with more loaders)."""
     from connectors.kafka import BucketerKafkaError, check_reachable
@@ -326,6 +323,7 @@ def load_cmd(
                     group=group,
                     topics=TopicNames(topic_prefix),
                     outage_deadline=outage_deadline,
+                    instance_id=instance_id,
                 ),
                 wh,
                 after_flush=maintainer.correct if maintainer is not None else None,

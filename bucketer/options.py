@@ -362,3 +362,13 @@ OutageDeadlineOpt = Annotated[
         help="Seconds the loader rides out an unreachable broker before it exits non-zero.",
     ),
 ]
+InstanceIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--instance-id",
+        envvar=["BUCKETER_INSTANCE_ID", "BUCKETER_ROUTER_INSTANCE"],
+        show_default=False,
+        help="This worker's stable name in its consumer group (group.instance.id, the router's transactional.id): "
+        "unique per replica, the same across its restarts. Default: host name + the lowest index free on this host.",
+    ),
+]

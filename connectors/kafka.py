@@ -13,15 +13,24 @@
 - ``group_lag`` counts what a consumer group still has to read, as a ``read_committed`` reader sees it (the
   one lag function: loader drained check, ``status``'s router lag and DLQ count).
 - DLQ header names of docs/CONTRACTS.md and ``dlq_headers``.
+- Group membership (``consumer_config(..., instance=, cooperative=)``, ``claim_member``): a worker with a
+  ``group.instance.id`` is a static member, so a restart within ``STATIC_SESSION_TIMEOUT_MS`` gets its partitions
+  back with no rebalance; ``claim_member`` gives each worker of a host a stable, unique instance name.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import re
+import socket
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -127,7 +136,25 @@ def from_exception(exc: KafkaException, context: str = "") -> BucketerKafkaError
     return classify(err, context)
 
 
-def consumer_config(kafka: KafkaConnection, group: str, **overrides: Any) -> dict[str, Any]:
+# A static member may be away this long (a restart: the process exits, the orchestrator starts it again, Python
+# imports, the client joins) and still get its partitions back with no rebalance. The price: a static member that
+# stops for good does not leave the group (librdkafka sends no LeaveGroup for one), so its partitions wait this
+# long before they move to the other members.
+STATIC_SESSION_TIMEOUT_MS = 30_000
+DYNAMIC_SESSION_TIMEOUT_MS = 15_000
+
+
+def consumer_config(
+    kafka: KafkaConnection,
+    group: str,
+    *,
+    instance: str | None = None,
+    cooperative: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A group consumer's settings. ``instance``: its ``group.instance.id`` (static membership, with the longer
+    session timeout a restart needs); ``cooperative``: the cooperative-sticky assignor (incremental rebalances:
+    a member keeps the partitions it is not asked to give up, and its callbacks get only the changed ones)."""
     conf: dict[str, Any] = {
         "logger": LIBRDKAFKA_LOG,
         "group.id": group,
@@ -136,15 +163,55 @@ def consumer_config(kafka: KafkaConnection, group: str, **overrides: Any) -> dic
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
-        "session.timeout.ms": 15_000,
+        "session.timeout.ms": STATIC_SESSION_TIMEOUT_MS if instance else DYNAMIC_SESSION_TIMEOUT_MS,
         "max.poll.interval.ms": 120_000,
         "fetch.wait.max.ms": 100,
         "fetch.min.bytes": 262_144,
         "queued.max.messages.kbytes": 65_536,
     }
+    if instance:
+        conf["group.instance.id"] = instance
+    if cooperative:
+        conf["partition.assignment.strategy"] = "cooperative-sticky"
     conf.update(kafka.client_config())
     conf.update(overrides)
     return conf
+
+
+class Member:
+    """A worker's stable name among the workers of one group on this host: the ``explicit`` one
+    (``--instance-id``, ``BUCKETER_INSTANCE_ID``) as given, else ``<host name>-<index>`` with the lowest index no
+    other live worker of the group on this host holds. The index is held by an exclusive lock on a file
+    (``lock_dir``/``<group>.<index>.lock``) until ``release()`` (or the process ends, even by SIGKILL), so two
+    workers on one host never share a name, and a worker restarted on its host takes the index it had (the
+    lowest free one: the others still hold theirs)."""
+
+    MAX_INDEX = 256
+
+    def __init__(self, group: str, explicit: str | None = None, lock_dir: Path | None = None) -> None:
+        self._lock: IO[bytes] | None = None
+        if explicit:
+            self.name = explicit
+            return
+        folder = lock_dir or Path(os.environ.get("BUCKETER_LOCK_DIR") or tempfile.gettempdir()) / "bucketer-members"
+        folder.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
+        for index in range(self.MAX_INDEX):
+            f = open(folder / f"{safe}.{index}.lock", "ab")  # noqa: SIM115 - held open: the lock lives with it
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            self._lock = f
+            self.name = f"{socket.gethostname()}-{index}"
+            return
+        raise RuntimeError(f"more than {self.MAX_INDEX} workers of group {group} on this host; give --instance-id")
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file drops its lock
 
 
 def producer_config(kafka: KafkaConnection, transactional_id: str | None = None, **overrides: Any) -> dict[str, Any]:

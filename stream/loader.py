@@ -54,6 +54,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from connectors.kafka import (
     KafkaRetryError,
+    Member,
     classify,
     consumer_config,
     consumer_error,
@@ -95,6 +96,12 @@ class LoaderConfig:
     poll_timeout: float = 0.2
     drained_after: float = 0.02  # a pending batch is handed over after a poll this long brings nothing
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # With an instance id (--instance-id, BUCKETER_INSTANCE_ID): static membership under that name and
+    # cooperative-sticky assignment: a restarted loader gets its partitions back with no rebalance; a joining one
+    # takes only the partitions it is given, the others go on loading the rest (on_revoke gets only those).
+    # Without one, a dynamic eager member as before: `run` with a static+cooperative loader did not finish after
+    # a broker restart (commits waiting for the coordinator, tests/integration/test_broker_bounce.py; not solved).
+    instance_id: str | None = None
     # Waits before retrying an insert that failed for a reason other than its data (then: give up, no commit).
     retry_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     # A broker outage (failed commits, retriable consumer errors, failed probes) is ridden out this long, then
@@ -214,6 +221,7 @@ class Loader:
         self._client_errors: list[KafkaError] = []
         self._last_busy = self._assignment_changed = 0.0
         self._assigned: set[tuple[str, int]] = set()
+        self._member: Member | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -238,7 +246,10 @@ class Loader:
             "error_cb": self._client_errors.append,
             **cfg.consumer_overrides,
         }
-        self._consumer = self._consumer_factory(consumer_config(cfg.kafka, cfg.group, **overrides))
+        self._member = Member(cfg.group, cfg.instance_id) if cfg.instance_id else None
+        instance = f"loader.{self._member.name}" if self._member else None
+        conf = consumer_config(cfg.kafka, cfg.group, instance=instance, cooperative=bool(instance), **overrides)
+        self._consumer = self._consumer_factory(conf)
         # A dead letter may wait out a broker outage as long as the loader does.
         dlq_settings: dict[str, Any] = {"message.timeout.ms": int(max(60.0, cfg.outage_deadline) * 1000)}
         self._producer = self._producer_factory(
@@ -310,6 +321,9 @@ class Loader:
             producer.flush(10)
         if consumer is not None:
             consumer.close()
+        member, self._member = self._member, None
+        if member is not None:
+            member.release()
 
     def _busy(self) -> None:
         self._last_busy = self.clock()

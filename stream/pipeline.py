@@ -63,6 +63,7 @@ class PipelineConfig:
     router_group: str = "bucketer-router"
     loader_group: str = "bucketer-loader"
     router_overrides: dict[str, Any] = field(default_factory=dict)
+    instance_id: str | None = None  # the router's and the loader's static member name (connectors.kafka.Member)
     metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:PORT/metrics (stream/metrics.py)
     http: Any = None  # stream.api.HttpConfig: serve the HTTP query API from this process (--http-port)
     outage_deadline: float = 300.0  # the loader rides out a broker outage this long (LoaderConfig)
@@ -122,6 +123,7 @@ class Pipeline:
                     exactly_once=cfg.exactly_once,
                     until_idle=cfg.until_idle,
                     partitions=cfg.partitions,
+                    instance_id=cfg.instance_id,
                     **cfg.router_overrides,
                 )
             )
@@ -132,6 +134,7 @@ class Pipeline:
                     group=cfg.loader_group,
                     topics=self.topics,
                     outage_deadline=cfg.outage_deadline,
+                    instance_id=cfg.instance_id,
                 ),
                 wh,
                 after_flush=maintainer.correct if maintainer is not None else None,
