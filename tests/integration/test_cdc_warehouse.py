@@ -110,3 +110,16 @@ def test_toast_key_only_delete_and_empty_changes_resolve_against_the_warehouse(t
         s = r.stats
         assert (s.toast_resolved, s.toast_unresolved, s.deletes_resolved, s.deletes_unresolved) == (2, 1, 1, 1)
         assert (s.empty_changes_checked, s.empty_changes_retired) == (1, 1)
+
+        # the counters reach the loader's metrics
+        from types import SimpleNamespace
+
+        from prometheus_client import generate_latest
+
+        from stream.loader import LoaderStats
+        from stream.metrics import registry_for
+
+        text = generate_latest(registry_for(loader=SimpleNamespace(stats=LoaderStats(cdc=s)))).decode()
+        assert "bucketer_toast_resolved_total 2.0" in text
+        assert "bucketer_key_only_deletes_unresolved_total 1.0" in text
+        assert "bucketer_empty_changes_retirements_total 1.0" in text
