@@ -12,6 +12,8 @@ Contract (other parts build on it):
   source key and header ``bucketer-derived: retirement``.
 - ``Change.old_values_unknown`` is True for an ``update`` whose ``changes`` is ``{}``/null (no
   REPLICA IDENTITY FULL): the old row cannot be known, so nothing is guessed; the router counts it.
+- ``Change.segment_id == ""`` only for a delete whose record holds only activityId (``key_only_delete``, no
+  REPLICA IDENTITY FULL): the router sends it to the resolve topic (connectors/topics.py), not to a bucket.
 - ``BadMessage.error_class`` is one of ``ERROR_CLASSES``; ``detail`` is a short human reason.
 
 Required columns (CLEANED_BUCKETS.md) must be present and not null: strings for the string ones,
@@ -39,6 +41,7 @@ from connectors.model import ACTIONS as _ACTIONS
 from connectors.model import BUCKET_KEY, REQUIRED_STRINGS, REQUIRED_TIMESTAMPS, SORT_KEY, VERSION_SOURCE
 
 ACTIONS = frozenset(_ACTIONS)
+PRIMARY_KEY = "activityId"
 STRING_COLUMNS = REQUIRED_STRINGS  # required besides the bucket key (connectors/model.py)
 TIMESTAMP_COLUMNS = REQUIRED_TIMESTAMPS
 ERROR_CLASSES = (
@@ -58,6 +61,7 @@ ERROR_CLASSES = (
     "bad_timestamp",
     "bad_changes",
     "too_large",  # raised by the router: over the producer's message.max.bytes
+    "key_only_delete",  # raised by the router: a key-only delete, and a sink without the resolve topic
 )
 # DateTime64(3) range: 1900-01-01 .. 2299-12-31, in microseconds.
 _MIN_US, _MAX_US = -2_208_988_800_000_000, 10_413_791_999_999_999
@@ -191,6 +195,8 @@ def _decode_full(value: bytes | None, topic: str, partition: int, offset: int) -
         raise BadMessage("record_not_object", f"record is {type(record).__name__}")
     segment_id = record.get(BUCKET_KEY)
     if type(segment_id) is not str or not segment_id:
+        if action == "delete" and key_only_delete(record, msg.get("metadata")):
+            return Change(action, "", value, record)  # no bucket: the router sends it to the resolve topic
         segment_id = _segment_id(record, "record")  # raises the precise class
     try:  # fast path for good rows; the slow one names what is wrong (or allows a delete)
         good = set(map(type, _strings_of(record))) == _ONLY_STR and all(map(valid_timestamp, _timestamps_of(record)))
@@ -207,6 +213,20 @@ def _decode_full(value: bytes | None, topic: str, partition: int, offset: int) -
         raise BadMessage("bad_changes", f"changes is {type(changes).__name__}")
     source = f"{topic}/{partition}/{offset}"
     return Change(action, segment_id, value, record, retirement=_retirement(msg, record, changes, source))
+
+
+def key_only_delete(record: dict[str, Any], metadata: object) -> bool:
+    """A delete of a table without REPLICA IDENTITY FULL: the record holds only the primary key (activityId, a
+    non-empty string; every other column null or absent) and the commit time versions it. Its ``Change`` has an
+    empty ``segment_id``: the loader finds the row's bucket by activityId (stream/cdc.py)."""
+    key = record.get(PRIMARY_KEY)
+    return (
+        type(key) is str
+        and bool(key)
+        and all(v is None for c, v in record.items() if c != PRIMARY_KEY)
+        and type(metadata) is dict
+        and valid_timestamp(metadata.get("commit_timestamp"))
+    )
 
 
 def _loads_slow(value: bytes, exc: orjson.JSONDecodeError) -> Any:

@@ -41,6 +41,12 @@ class TopicNames:
     def dlq(self) -> str:
         return f"{self.prefix}{SOURCE}_dlq"
 
+    @property
+    def resolve(self) -> str:
+        """Activity changes the loader resolves by activityId against the warehouse (stream/cdc.py): deletes
+        holding only the primary key (no segmentId to bucket them by) and updates without old values."""
+        return f"{self.prefix}{SOURCE}_resolve"
+
     def bucket(self, n: int) -> str:
         return f"{self.prefix}{SOURCE}_bucket_{n}"
 

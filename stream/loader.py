@@ -45,7 +45,7 @@ import time
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -67,6 +67,7 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
 from stream.buckets import raw_table
+from stream.cdc import RESOLVE_KIND, TOAST_BYTES, Item, Resolver, inspect
 from stream.row_sql import classify_problem, insert_sql
 from stream.schema import stage_columns
 
@@ -123,6 +124,7 @@ class LoaderStats:
     flushes: int = 0
     lag: int | None = None  # read_committed lag of the group on its assigned partitions (last progress line)
     outages: int = 0  # times the broker became unreachable and the loader rode it out
+    cdc: Any = None  # stream/cdc.py CdcStats: toast values, key-only deletes, updates without old values
 
     def progress(self, seconds: float, read_before: int) -> str:
         rate = (self.messages - read_before) / seconds if seconds > 0 else 0.0
@@ -199,7 +201,10 @@ class Loader:
             self._targets[config.topics.bucket(n)] = (raw_table(n), ACTIVITY)
         for table, topic in config.topics.references().items():
             self._targets[topic] = (table, table)
-        self._sql = {kind: insert_sql(kind) for _, kind in self._targets.values()}
+        self._targets[config.topics.resolve] = (RESOLVE_KIND, RESOLVE_KIND)
+        self._sql = {kind: insert_sql(kind) for _, kind in self._targets.values() if kind != RESOLVE_KIND}
+        self._resolver = Resolver(warehouse, config.buckets)
+        self.stats.cdc = self._resolver.stats
         self._part_sql = insert_sql(ACTIVITY, part=True)
         self._stage = f"bucketer_loader_stage_{uuid.uuid4().hex[:12]}"
         self._pending: dict[str, _Pending] = {}
@@ -459,6 +464,7 @@ class Loader:
         return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 
     def _write(self, pending: dict[str, _Pending]) -> None:
+        special = self._take_special(pending)
         todo = [(table, p) for table, p in pending.items() if p.values]
         buckets = [(table, p) for table, p in todo if self._kind(table) == ACTIVITY]
         if len(buckets) > 1 and isinstance(self.warehouse, SupportsJsonParts):
@@ -466,9 +472,37 @@ class Loader:
             todo = [(table, p) for table, p in todo if table not in done]
         for table, p in todo:
             self._insert(table, p)
+        if special:  # after the batch's ordinary rows: they may be the stored versions these resolve against
+            self._resolver.apply(special, self._dead_letter)
         self._confirm_dlq()
         if self._after_flush is not None:
             self._after_flush(self.warehouse)
+
+    def _take_special(self, pending: dict[str, _Pending]) -> list[Item]:
+        """Take out of ``pending`` the messages resolved against the warehouse (stream/cdc.py): values
+        ``"unchanged_toast"``, key-only deletes of reference tables, and the whole resolve topic. A byte scan finds
+        the candidates; only those are parsed here."""
+        items: list[Item] = []
+        for table, p in pending.items():
+            kind = self._kind(table)
+            values = p.values
+            if kind == RESOLVE_KIND:
+                scan: Iterable[int] = range(len(values))
+            elif kind == ACTIVITY:  # the hot path: one C substring search per message
+                scan = [i for i, v in enumerate(values) if TOAST_BYTES in v]
+            else:
+                scan = [i for i, v in enumerate(values) if TOAST_BYTES in v or b"delete" in v]
+            found = [(i, s) for i in scan if (s := inspect(kind, values[i])) is not None]
+            if not found:
+                continue
+            items += [Item(table, kind, s, p.origin(i), p.values[i]) for i, s in found]
+            taken = {i for i, _ in found}
+            keep = [i for i in range(len(p.values)) if i not in taken]
+            p.values = [p.values[i] for i in keep]
+            p.keys = [p.keys[i] for i in keep]
+            p.partitions = array("i", (p.partitions[i] for i in keep))
+            p.offsets = array("q", (p.offsets[i] for i in keep))
+        return items
 
     def _insert_parsed_once(self, wh: SupportsJsonParts, buckets: list[tuple[str, _Pending]]) -> set[str]:
         """The fast path for a batch spanning several raw buckets: ClickHouse parses every message of the batch

@@ -15,6 +15,8 @@ Metrics (all prefixed ``bucketer_``):
 - ``loaded_total{table}``, ``loader_messages_total``, ``loader_committed_total``;
 - ``loader_lag_messages``: the loader group's read_committed lag on its partitions at its last progress line;
 - ``loader_outages_total``: broker outages the loader rode out (or is riding out);
+- ``toast_resolved_total``, ``toast_unresolved_total``, ``key_only_deletes_resolved_total``,
+  ``key_only_deletes_unresolved_total``, ``empty_changes_retirements_total`` (stream/cdc.py);
 - ``rebuilds_total{bucket, status}``, ``rebuild_rows{bucket}``, ``rebuild_seconds{bucket}`` (last rebuild);
 - the cleaned buckets' maintenance (stream/incremental.py): ``corrections_total``,
   ``correction_rows_read_total``, ``correction_rows_written_total``, ``correction_tombstones_total``,
@@ -106,6 +108,20 @@ class WorkerCollector(Collector):
         for error_class, n in sorted(stats.dlq.items()):
             dlq.add_metric(["loader", error_class], n)
         yield CounterMetricFamily("bucketer_loader_outages", "Broker outages the loader rode out", value=stats.outages)
+        cdc = getattr(stats, "cdc", None)  # stream/cdc.py: values resolved against the warehouse
+        if cdc is not None:
+            for name, doc, value in (
+                ("toast_resolved", '"unchanged_toast" values taken from the stored row', cdc.toast_resolved),
+                ("toast_unresolved", '"unchanged_toast" messages without a stored row', cdc.toast_unresolved),
+                ("key_only_deletes_resolved", "Key-only deletes that retired the stored row", cdc.deletes_resolved),
+                ("key_only_deletes_unresolved", "Key-only deletes without a stored row", cdc.deletes_unresolved),
+                (
+                    "empty_changes_retirements",
+                    "Old rows retired for updates without old values",
+                    cdc.empty_changes_retired,
+                ),
+            ):
+                yield CounterMetricFamily(f"bucketer_{name}", doc, value=value)
         if stats.lag is not None:
             yield GaugeMetricFamily(
                 "bucketer_loader_lag_messages", "Loader group lag (read_committed) on its partitions", value=stats.lag

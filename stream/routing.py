@@ -32,6 +32,7 @@ class BatchCounts:
     buckets: list[int]
     retirements: int = 0
     old_values_unknown: int = 0
+    resolve: int = 0  # copies sent to the resolve topic: key-only deletes, updates without old values
     dlq: Counter[str] = field(default_factory=Counter)
 
 
@@ -56,6 +57,7 @@ class BatchRouter:
         write = sink.write
         cache = self._cache
         limit = self.max_message_bytes
+        resolve = getattr(sink, "write_resolve", None)  # the resolve topic (stream/cdc.py); Kafka sinks only
         for m in messages:
             value = m.value()
             try:
@@ -65,6 +67,15 @@ class BatchRouter:
             except BadMessage as bad:
                 self.dead_letter(m, bad, sink, counts)
                 continue
+            if not change.segment_id:  # a key-only delete: the loader finds its bucket by activityId
+                if resolve is None:
+                    self.dead_letter(
+                        m, BadMessage("key_only_delete", "needs the resolve topic (sink kafka)"), sink, counts
+                    )
+                else:
+                    resolve(m.key(), value)
+                    counts.resolve += 1
+                continue
             retirement = change.retirement
             if retirement is not None:
                 old = self.bucket(retirement.segment_id)
@@ -73,6 +84,9 @@ class BatchRouter:
                 counts.retirements += 1
             elif change.old_values_unknown:
                 counts.old_values_unknown += 1
+                if resolve is not None:  # the loader retires the old row if its sort key differs (stream/cdc.py)
+                    resolve(m.key(), value)
+                    counts.resolve += 1
             b = cache.get(change.segment_id)
             if b is None:
                 b = self.bucket(change.segment_id)
@@ -97,6 +111,7 @@ class RouterStats:
         self.buckets = [0] * buckets
         self.retirements = 0
         self.old_values_unknown = 0
+        self.resolve = 0
         self.dlq: Counter[str] = Counter()
         self.aborts = 0
         self.lag: int | None = None
@@ -111,6 +126,7 @@ class RouterStats:
             self.buckets[i] += n
         self.retirements += c.retirements
         self.old_values_unknown += c.old_values_unknown
+        self.resolve += c.resolve
         self.dlq.update(c.dlq)
         self._since_progress += sum(c.buckets) + sum(c.dlq.values())
 

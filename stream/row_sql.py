@@ -159,7 +159,9 @@ def _bad_number(value: Any, ctype: str) -> bool:
 
 
 # Dead-letter classes only the loader gives (the others are the router's, connectors/sequin.py ERROR_CLASSES).
-LOADER_ONLY_CLASSES = ("no_version", "warehouse_rejected")
+# unchanged_toast_unresolved / delete_unresolved: the stored row a toast value or a key-only delete needs is absent
+# (stream/cdc.py).
+LOADER_ONLY_CLASSES = ("no_version", "warehouse_rejected", "unchanged_toast_unresolved", "delete_unresolved")
 
 
 def problem(value: bytes | None, table: str) -> str | None:

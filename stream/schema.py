@@ -63,6 +63,7 @@ from connectors.model import (
 from connectors.model import ACTIVITY_NAMES as ACTIVITY_NAMES  # re-exported: the schema's readers import it here
 from connectors.warehouse import schema_command
 from stream.buckets import cleaned_table, raw_table
+from stream.cdc import ensure_index
 
 UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
 ROUTING_VIEW = "activityRelations_bucket_routing"
@@ -241,6 +242,7 @@ def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = Fa
         migrate_cleaned_layout(wh, recorded if recorded is not None else n)
     for sql in schema_statements(n):
         schema_command(wh, sql)  # ON CLUSTER, Replicated engines, on a server cluster (connectors/warehouse.py)
+    ensure_index(wh, n)  # the activity index of key-only deletes and toast values (stream/cdc.py)
     if n != recorded:
         # ReplacingMergeTree(at) keeps the row with the latest ``at``: make the new one strictly later than any
         # before it, so a change within the same millisecond as the last one (or after a clock step) still wins.

@@ -125,7 +125,9 @@ class KafkaSink:
         self._failed: list[KafkaError] = []
 
     def open(self) -> None:
-        ensure_bucket_topics(self._kafka, self._names, self._buckets, self._partitions, self._replication, 10.0)
+        ensure_bucket_topics(
+            self._kafka, self._names, self._buckets, self._partitions, self._replication, 10.0, [self._names.resolve]
+        )
         self._producer = Producer(self._conf)
         self._in_txn = False
         if self.exactly_once:
@@ -161,6 +163,10 @@ class KafkaSink:
 
     def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
         self._produce(self._names.dlq, key, value, headers)
+
+    def write_resolve(self, key: bytes | None, value: bytes) -> None:
+        """To the resolve topic, in the batch's transaction (stream/cdc.py): what the loader resolves by key."""
+        self._produce(self._names.resolve, key, value, None)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
         while True:
