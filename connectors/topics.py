@@ -41,6 +41,11 @@ class TopicNames:
     def dlq(self) -> str:
         return f"{self.prefix}{SOURCE}_dlq"
 
+    @property
+    def control(self) -> str:
+        """Compacted; the router's switch records of a gradual rebucket (stream/migration.py)."""
+        return f"{self.prefix}bucketer_control"
+
     def bucket(self, n: int) -> str:
         return f"{self.prefix}{SOURCE}_bucket_{n}"
 
