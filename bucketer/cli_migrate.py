@@ -65,6 +65,5 @@ def gradual(data_dir: Path, to: int | None, abort: bool, poll: float = 0.3) -> N
         raise fail(
             f"rebucket stopped in phase {m.get('phase')}: {answer['error']} (run it again to resume, or --abort)"
         )
-    typer.echo(
-        f"rebucket {m.get('id')}: {m.get('phase')}; the warehouse has {m['old'] if m.get('phase') == 'aborted' else m.get('new')} buckets"
-    )
+    now = m["old"] if m.get("phase") == "aborted" else m.get("new")
+    typer.echo(f"rebucket {m.get('id')}: {m.get('phase')}; the warehouse has {now} buckets")

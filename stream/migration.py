@@ -617,15 +617,19 @@ class Migration:
             if not _alive(self.pipeline):
                 raise MigrationError("the loader stopped")
 
-    def _copy(self, wh: Any, st: MigrationState) -> None:
+    def _split(self, wh: Any, st: MigrationState, name: Callable[[int], str], phase: str) -> None:
+        """``<name(m)>__next`` gets every row (all versions, delete markers) of the N tables in its hash range:
+        from its one parent on the split path, from all N tables on the recompute path."""
         for m in range(st.new):
             parents = [m % st.old] if st.path == "split" else range(st.old)
             for n in parents:
                 wh.command(
-                    f"INSERT INTO {raw_table(m)}{NEXT} SELECT * FROM {raw_table(n)} "
-                    f"WHERE {bucket_sql('segmentId', st.new)} = {m}"
+                    f"INSERT INTO {name(m)}{NEXT} SELECT * FROM {name(n)} WHERE {bucket_sql('segmentId', st.new)} = {m}"
                 )
-            self._bar(st, "copy", m + 1, st.new)
+            self._bar(st, phase, m + 1, st.new)
+
+    def _copy(self, wh: Any, st: MigrationState) -> None:
+        self._split(wh, st, raw_table, "copy")
 
     def _switch(self, buckets: int, migration: str) -> None:
         switch = self.pipeline.router.switch
@@ -670,17 +674,10 @@ class Migration:
         self._bar(st, "flip", 1, 1)
 
     def _build_cleaned(self, wh: Any, st: MigrationState) -> None:
-        for m in range(st.new):
-            aside = cleaned_table(m) + NEXT
-            wh.command(f"DROP TABLE IF EXISTS {aside} SYNC")
-            wh.command(f"CREATE TABLE {aside} AS {cleaned_table(0)}")
-            parents = [m % st.old] if st.path == "split" else range(st.old)
-            for n in parents:
-                wh.command(
-                    f"INSERT INTO {aside} SELECT * FROM {cleaned_table(n)} "
-                    f"WHERE {bucket_sql('segmentId', st.new)} = {m}"
-                )
-            self._bar(st, "cleaned", m + 1, st.new)
+        for m in range(st.new):  # built fresh: nothing writes them but this (the loader is held)
+            wh.command(f"DROP TABLE IF EXISTS {cleaned_table(m)}{NEXT} SYNC")
+            wh.command(f"CREATE TABLE {cleaned_table(m)}{NEXT} AS {cleaned_table(0)}")
+        self._split(wh, st, cleaned_table, "cleaned")
 
     def _verify(self, wh: Any, st: MigrationState) -> None:
         self._bar(st, "verify", 0, 1)
