@@ -95,9 +95,18 @@ def bootstrap_cmd(
 
 @app.command("rebucket")
 def rebucket_cmd(
-    to: Annotated[int, typer.Option("--to", help=f"The new bucket count (1-{MAX_BUCKETS}, as --buckets).")],
+    to: Annotated[
+        int | None, typer.Option("--to", help=f"The new bucket count (1-{MAX_BUCKETS}, as --buckets).")
+    ] = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    strategy: Annotated[str, typer.Option("--strategy", help="cutover (gradual is not implemented).")] = "cutover",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            "--strategy",
+            help="cutover (the pipeline stopped) or gradual (while `bucketer run --http-port` runs; resumable).",
+        ),
+    ] = "cutover",
+    abort: Annotated[bool, typer.Option("--abort", help="gradual: roll an unfinished migration back to N.")] = False,
     bootstrap: BootstrapOpt = None,
     kafka_config: KafkaConfigOpt = None,
     kafka_option: KafkaOptionOpt = None,
@@ -117,8 +126,21 @@ def rebucket_cmd(
     from stream.rebucket import RebucketError, loader_lag, rebucket
     from stream.schema import bucket_count
 
+    if strategy == "gradual":
+        from bucketer.cli_migrate import gradual
+
+        if to is not None and not 1 <= to <= MAX_BUCKETS:
+            raise bucket_range_error("--to", to)
+        if to is None and not abort:
+            raise fail("--to M is needed (or --abort)", 2)
+        gradual(data_dir, to, abort)
+        return
     if strategy != "cutover":
-        raise fail(f"strategy {strategy!r} is not implemented; use --strategy cutover", 2)
+        raise fail(f"unknown strategy {strategy!r}; use cutover or gradual", 2)
+    if abort:
+        raise fail("--abort is for --strategy gradual", 2)
+    if to is None:
+        raise fail("--to M is needed", 2)
     if not 1 <= to <= MAX_BUCKETS:
         raise bucket_range_error("--to", to)
     configured = kafka_connection(bootstrap, kafka_config, kafka_option, required=False)

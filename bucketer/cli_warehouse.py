@@ -196,6 +196,7 @@ def status_from_json(body: dict[str, Any]):  # noqa: ANN201 - stream.status.Stat
         body.get("router_lag"),
         body.get("kafka_error"),
         list(body.get("notes") or []),
+        migration=body.get("migration"),
     )
 
 
@@ -375,6 +376,12 @@ def status_cmd(
     if not console.is_terminal:  # piped (make demo, logs): rich's 80-column default would wrap every row
         console = Console(width=max(console.width, 110))
     console.print(table)
+    if st.migration is not None:
+        m = st.migration
+        console.print(
+            f"rebucket {m['id']}: {m['old']} -> {m['new']} buckets ({m['path']} path), phase {m['phase']}"
+            + (f", error: {m['error']}" if m.get("error") else "")
+        )
     if st.kafka_error:
         console.print(f"kafka: {st.kafka_error}")
         if not allow_partial:

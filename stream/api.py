@@ -66,6 +66,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from connectors.kafka_conn import KafkaConnection
 from connectors.warehouse import WarehouseError, one_line
 from stream.buckets import cleaned_table
+from stream.migration import READERS
 from stream.query import QueryError, QueryLimits, engine_error, read_only, run_statement
 from stream.schema import PROJECT_VIEW, ROUTING_VIEW, UNION_VIEW, cleaned_select_list
 
@@ -482,6 +483,7 @@ def create_app(
     ready: Callable[[], str | None] | None = None,
     metrics: Any = None,
     dlq_by_class: Callable[[], Mapping[str, int]] | None = None,
+    rebucket: Any = None,
 ) -> FastAPI:
     """The API over the warehouses ``connect()`` opens (unopened handles, as ``open_warehouse`` returns them).
 
@@ -547,7 +549,7 @@ def create_app(
         return _error(500, "internal error (logged)")
 
     def run(statement: str, params: Mapping[str, Any], fmt: str = "JSON") -> Response:
-        with pool.handle() as wh:
+        with READERS.reading(), pool.handle() as wh:  # held back only while a rebucket renames tables
             body = execute(wh, statement, params, cfg.limits, fmt)
         return Response(body, media_type=FORMATS[fmt])
 
@@ -721,6 +723,21 @@ def create_app(
         out["dlq_by_class"] = dict(dlq_by_class()) if dlq_by_class is not None else None
         return out
 
+    if rebucket is not None:  # stream.migration.Controller of a running pipeline
+
+        @app.post("/v0/rebucket", dependencies=auth, include_in_schema=False)
+        def rebucket_start(to: int | None = None, abort: bool = False) -> JSONResponse:
+            from stream.migration import MigrationError
+
+            try:
+                return JSONResponse(rebucket.start(to, abort))
+            except MigrationError as exc:
+                raise ApiError(409, str(exc)) from None
+
+        @app.get("/v0/rebucket", dependencies=auth, include_in_schema=False)
+        def rebucket_state() -> JSONResponse:
+            return JSONResponse(rebucket.report())
+
     @app.get(
         "/v0/status",
         dependencies=auth,
@@ -728,7 +745,7 @@ def create_app(
         summary="The JSON of `bucketer status --json`",
     )
     def status() -> JSONResponse:
-        with pool.handle() as wh:
+        with READERS.reading(), pool.handle() as wh:
             return JSONResponse(collect_status(wh))
 
     @app.get(
@@ -893,6 +910,7 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
     from connectors.topics import TopicNames
     from stream.dlq import ClassCounts
     from stream.metrics import registry_for
+    from stream.migration import Controller
 
     cfg = pipeline.config
     check_bind(http.host, http.api.tokens)
@@ -904,6 +922,7 @@ def serve_pipeline(pipeline: Any, http: HttpConfig) -> Server:
         ready=pipeline_ready(pipeline),
         metrics=registry_for(router=pipeline.router, loader=pipeline.loader, rebuilds=pipeline.rebuilds),
         dlq_by_class=ClassCounts(cfg.kafka, TopicNames(cfg.topic_prefix)),
+        rebucket=Controller(pipeline),
     )
     server = Server(app, sock).start()
     log.info("api: serving on %s", server.url)

@@ -41,6 +41,7 @@ messages (batch use, tests).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from array import array
@@ -227,6 +228,10 @@ class Loader:
         self._last_busy = self._assignment_changed = 0.0
         self._assigned: set[tuple[str, int]] = set()
         self._member: Member | None = None
+        # stream/migration.py: a new topic -> table mapping of the bucket topics, and the hold of the flip.
+        self._retarget: tuple[dict[str, str], threading.Event] | None = None
+        self._hold: threading.Event | None = None
+        self._held = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -270,6 +275,10 @@ class Loader:
             backlog = False
             while not self._stop:
                 self.loop_beat = time.monotonic()  # /healthz (stream/metrics.py Health): the loop turns
+                if self._retarget is not None or self._hold is not None:
+                    self._migration_step()
+                    if self._hold is not None:
+                        continue
                 # While a batch waits, poll briefly: an empty poll means the input is drained. While an insert
                 # runs, poll briefly too, so its offsets are committed soon after it ends, not a long poll later.
                 busy = self._offsets or self._inflight is not None
@@ -329,6 +338,40 @@ class Loader:
         member, self._member = self._member, None
         if member is not None:
             member.release()
+
+    def retarget(self, targets: Mapping[str, str]) -> threading.Event:
+        """Map the bucket topics to ``targets`` (topic -> raw table) from the next loop on: what was read under
+        the old mapping is flushed and committed first, then the subscription is replaced. The event is set
+        once done. (stream/migration.py)"""
+        done = threading.Event()
+        self._retarget = (dict(targets), done)
+        return done
+
+    def hold(self) -> threading.Event:
+        """Flush, commit and stop reading until ``resume()``; the event is set once held."""
+        self._held.clear()
+        self._hold = threading.Event()
+        return self._held
+
+    def resume(self) -> None:
+        self._hold = None
+
+    def _migration_step(self) -> None:
+        if self._retarget is not None:
+            (targets, done), self._retarget = self._retarget, None
+            self.flush()
+            self._targets = {t: v for t, v in self._targets.items() if v[1] != ACTIVITY}
+            self._targets.update({topic: (table, ACTIVITY) for topic, table in targets.items()})
+            assert self._consumer is not None
+            self._consumer.subscribe(list(self._targets), on_assign=self._on_assign, on_revoke=self._on_revoke)
+            log.info("loader: bucket topics now land in %s", ", ".join(sorted(set(targets.values()))))
+            done.set()
+        if self._hold is not None:
+            if not self._held.is_set():
+                self.flush()
+                self._held.set()
+            self._busy()
+            time.sleep(0.05)
 
     def _busy(self) -> None:
         self._last_busy = self.clock()

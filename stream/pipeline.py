@@ -100,6 +100,9 @@ class Pipeline:
         if cfg.refresh not in REFRESH_MODES:
             raise ValueError(f"refresh must be one of {', '.join(REFRESH_MODES)}, got {cfg.refresh!r}")
         with self.connect() as wh:
+            from stream import migration  # a gradual rebucket under way (stream/migration.py)
+
+            active = migration.recover(wh)  # a flip a SIGKILL interrupted is finished before anything reads
             # The warehouse owns N: a --buckets that differs is refused here, before any topic is created.
             n = self.buckets = ensure_schema(wh, cfg.buckets)
             ensure_bucket_topics(
@@ -139,6 +142,7 @@ class Pipeline:
                 wh,
                 after_flush=maintainer.correct if maintainer is not None else None,
             )
+            migration.attach(self, wh, active)
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
 
             def refresh(buckets: Iterable[int]) -> None:

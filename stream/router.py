@@ -128,6 +128,9 @@ class Router:
         self._retry_at = 0.0  # time.monotonic() before which no replay starts
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
         self._static = False
+        from stream.migration import RouterSwitch  # the gradual rebucket's switch (stream/migration.py)
+
+        self.switch = RouterSwitch(self)
 
     def stop(self) -> None:
         """Stop after the batch in hand; a sink waiting on its target is interrupted (the batch is
@@ -191,6 +194,8 @@ class Router:
             elif msgs:
                 last_input = now
                 self._batch(msgs, consumer, sink)
+            elif self.switch.pending:  # a gradual rebucket's switch, on an idle source
+                self.switch.idle(consumer, sink, msgs)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
                 if self._caught_up(consumer, now - max(started, self._assigned_at)):
                     log.info("no input for %.1fs and nothing left to read: stopping", now - last_input)
@@ -217,6 +222,7 @@ class Router:
             return
         try:
             sink.begin()
+            self._router = self.switch.begin_batch(self._router, sink, good)  # N -> M at this boundary, if asked
             counts = self._router.route(good, sink)  # type: ignore[arg-type]
             sink.commit([TopicPartition(t, p, o + 1) for (t, p), o in last.items()], consumer)
         except SinkFatalError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +58,7 @@ class Status:
     kafka_error: str | None = None
     loader_lag: int | None = None
     notes: list[str] = field(default_factory=list)
+    migration: dict[str, Any] | None = None  # the last gradual rebucket (stream/migration.py), if any
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -159,7 +160,10 @@ def collect(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     loader_group: str | None = "bucketer-loader",
 ) -> Status:
-    status = warehouse_status(wh, buckets, now)
+    from stream.migration import read_state
+
+    state = read_state(wh)
+    status = replace(warehouse_status(wh, buckets, now), migration=state.as_json() if state is not None else None)
     if kafka is None:
         return status
     try:
@@ -173,7 +177,15 @@ def collect(
             status.cleaned_total,
             status.generated_at,
             kafka_error=" ".join(str(exc).split())[:200],
+            migration=status.migration,
         )
     return Status(
-        status.buckets, status.raw_total, status.cleaned_total, status.generated_at, dlq, lag, loader_lag=loader
+        status.buckets,
+        status.raw_total,
+        status.cleaned_total,
+        status.generated_at,
+        dlq,
+        lag,
+        loader_lag=loader,
+        migration=status.migration,
     )
