@@ -7,7 +7,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -26,6 +26,9 @@ from bucketer.options import (
     kafka_connection,
     open_configured_warehouse,
 )
+
+if TYPE_CHECKING:
+    from stream.query import QueryLimits
 
 T = TypeVar("T")
 
@@ -129,15 +132,22 @@ def running_api(data_dir: Path) -> RunningApi | None:
     return api
 
 
-def query_via_api(api: RunningApi, sql: str, project: str | None) -> bytes:
+def query_via_api(api: RunningApi, sql: str, project: str | None, limits: QueryLimits | None = None) -> bytes:
     """What the local path prints (JSON lines, or the FORMAT clause's output), from ``POST /v0/sql``: the same
     query path on the server's engine. With a project: its bucket from the ``project_buckets`` pipe, then
-    ``{bucket}`` and the ``{bucketId}``/``{segmentId}``/``{project}`` parameters as locally."""
+    ``{bucket}`` and the ``{bucketId}``/``{segmentId}``/``{project}`` parameters as locally. ``limits`` go as
+    the API's ``max_seconds``/``max_rows``/``max_memory_mb``: the server applies each unless its own is lower."""
     from stream.buckets import cleaned_table
     from stream.query import DEFAULT_FORMAT, QueryError, QueryNotFound, read_only, user_format
 
     statement = read_only(sql)
     params: dict[str, str] = {}
+    if limits is not None:
+        params = {
+            "max_seconds": f"{limits.timeout_s:.6f}".rstrip("0").rstrip("."),  # digits only: no exponent
+            "max_rows": str(limits.max_result_rows),
+            "max_memory_mb": str(max(1, limits.max_memory_bytes >> 20)),
+        }
     if project is None:
         if "{bucket}" in statement:
             raise QueryError("{bucket} needs --project")
@@ -150,7 +160,7 @@ def query_via_api(api: RunningApi, sql: str, project: str | None) -> bytes:
             raise
         row = found[0]
         statement = statement.replace("{bucket}", cleaned_table(int(row["bucketId"])))
-        params = {"bucketId": str(row["bucketId"]), "segmentId": str(row["segmentId"]), "project": row["project"]}
+        params |= {"bucketId": str(row["bucketId"]), "segmentId": str(row["segmentId"]), "project": row["project"]}
     if user_format(statement) is None:
         statement += f"\nFORMAT {DEFAULT_FORMAT}"  # on a line of its own: a trailing -- comment ends first
     try:
@@ -192,10 +202,12 @@ def status_from_json(body: dict[str, Any]):  # noqa: ANN201 - stream.status.Stat
         int(body["raw_total"]),
         int(body["cleaned_total"]),
         datetime.fromisoformat(body["generated_at"]),
-        body.get("dlq_messages"),
-        body.get("router_lag"),
-        body.get("kafka_error"),
-        list(body.get("notes") or []),
+        dlq_messages=body.get("dlq_messages"),
+        router_lag=body.get("router_lag"),
+        kafka_error=body.get("kafka_error"),
+        loader_lag=body.get("loader_lag"),
+        notes=list(body.get("notes") or []),
+        kafka_age_s=body.get("kafka_age_s"),
         migration=body.get("migration"),
     )
 
@@ -262,7 +274,7 @@ def query_cmd(
     a SETTINGS clause or SET is refused); writes, INTO OUTFILE and functions that reach files, the
     network or other servers (file, url, s3, remote, mysql, executable, ...) are refused. Ctrl-C cancels.
     On a data dir held by a running `run --http-port` / `serve`: through its API (BUCKETER_API_TOKEN), the
-    same output; that process's query limits apply there."""
+    same output; the limits below go with the query, and that process's own limits apply where lower."""
     from connectors.warehouse import DataDirInUse, WarehouseError
     from stream.query import QueryError, QueryLimits, QueryTimeout, query_raw, read_only
 
@@ -277,9 +289,13 @@ def query_cmd(
         api = running_api(data_dir)
         if api is not None:
             try:
-                out = _wait_interruptibly(lambda: query_via_api(api, sql, project))
+                out = _wait_interruptibly(lambda: query_via_api(api, sql, project, limits))
             except ApiAnswerError as exc:
-                limit = " (the running process's limit, BUCKETER_QUERY_TIMEOUT)" if exc.status == 408 else ""
+                limit = (
+                    f" (--max-seconds {max_seconds:g}, or the running process's BUCKETER_QUERY_TIMEOUT if lower)"
+                    if exc.status == 408
+                    else ""
+                )
                 raise fail(f"{exc}{limit}") from None
         else:
             out = _wait_interruptibly(work)

@@ -97,6 +97,7 @@ class ApiConfig:
     topic_prefix: str = ""
     router_group: str = "bucketer-router"
     pipes: tuple[UserPipe, ...] = ()  # user pipes (load_pipes)
+    kafka_ttl_s: float = 5.0  # /v0/status reads the Kafka figures at most this often (stream.status.KafkaFigures)
 
 
 @dataclass(frozen=True)
@@ -477,6 +478,52 @@ def _tail(segment_id: str | None, limit: int | None, offset: int | None) -> tupl
     return sql, params
 
 
+# The caller's own limits on /v0/sql (what `bucketer query --max-seconds/--max-rows/--max-memory-mb` sends):
+# each may only tighten the server's (QueryLimits.within), never raise it.
+LIMIT_PARAMS: dict[str, tuple[type, float, str]] = {
+    "max_seconds": (float, 1e6, "Time limit of this query, seconds (the server's own limit if lower)."),
+    "max_rows": (int, 1e15, "Most result rows of this query (the server's own limit if lower)."),
+    "max_memory_mb": (int, 1e9, "Memory limit of this query, MiB (the server's own limit if lower)."),
+}
+_LIMIT_OPENAPI = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": why,
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": top}
+        if kind is float
+        else {"type": "integer", "minimum": 1, "maximum": int(top)},
+    }
+    for name, (kind, top, why) in LIMIT_PARAMS.items()
+]
+
+
+def caller_limits(query: Mapping[str, str], cap: QueryLimits) -> QueryLimits:
+    """The limits of one request: ``cap`` (the server's), tightened by the caller's ``max_seconds``,
+    ``max_rows``, ``max_memory_mb`` query parameters; an ill-formed or out-of-range value is a 400."""
+    given: dict[str, float] = {}
+    for name, (kind, top, _) in LIMIT_PARAMS.items():
+        raw = query.get(name)
+        if raw is None:
+            continue
+        text = raw.strip()
+        ok = text.isascii() and (text.isdigit() if kind is int else re.fullmatch(r"\d+(\.\d*)?|\.\d+", text))
+        value = kind(text) if ok else None
+        if value is None or not 0 < value <= top:
+            what = "a positive integer" if kind is int else "a positive number of seconds"
+            raise ApiError(400, f"invalid parameters: {name}: expected {what} up to {top:g}, got {raw[:40]!r}")
+        given[name] = value
+    if not given:
+        return cap
+    mine = QueryLimits(
+        given.get("max_seconds", cap.timeout_s),
+        int(given.get("max_rows", cap.max_result_rows)),
+        int(given["max_memory_mb"]) << 20 if "max_memory_mb" in given else cap.max_memory_bytes,
+    )
+    return mine.within(cap)
+
+
 def create_app(
     connect: Callable[[], Any],
     config: ApiConfig | None = None,
@@ -494,6 +541,12 @@ def create_app(
     pool = HandlePool(connect, cfg.pool_size, cfg.pool_wait_s)
     projects = ProjectCache()
     tokens = tuple(t.encode() for t in cfg.tokens)
+    figures = None
+    if cfg.kafka is not None:
+        from connectors.topics import TopicNames
+        from stream.status import KafkaFigures
+
+        figures = KafkaFigures(cfg.kafka, TopicNames(cfg.topic_prefix), cfg.router_group, ttl=cfg.kafka_ttl_s)
 
     def authorize(
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
@@ -517,6 +570,7 @@ def create_app(
     app.state.pool = pool
     app.state.token_required = bool(tokens)  # what the CLI learns from the data dir's record (announce_api)
     app.state.projects = projects
+    app.state.kafka_figures = figures
     auth = [Depends(authorize)]
 
     @app.exception_handler(ApiError)
@@ -548,26 +602,45 @@ def create_app(
         log.error("api: %s %s failed: %s", request.method, request.url.path, one_line(exc), exc_info=exc)
         return _error(500, "internal error (logged)")
 
-    def run(statement: str, params: Mapping[str, Any], fmt: str = "JSON") -> Response:
+    def run(
+        statement: str, params: Mapping[str, Any], fmt: str = "JSON", limits: QueryLimits | None = None
+    ) -> Response:
         with READERS.reading(), pool.handle() as wh:  # held back only while a rebucket renames tables
-            body = execute(wh, statement, params, cfg.limits, fmt)
+            body = execute(wh, statement, params, limits or cfg.limits, fmt)
         return Response(body, media_type=FORMATS[fmt])
+
+    def pipe_rows(
+        source: str, params: dict[str, Any], segment_id: str | None, limit: int | None, offset: int | None
+    ) -> Response:
+        """A built-in pipe's answer: ``source`` with the optional segmentId/limit/offset clauses, all bound."""
+        tail, more = _tail(segment_id, limit, offset)
+        return run(source + tail, params | more)
+
+    def project_bucket(project: str, bucket_id: Any) -> int:
+        """The bucket of an enabled project (404 otherwise); a bucketId given too must be that one (400)."""
+        with pool.handle() as wh:
+            found = projects.resolve(wh, project)
+        if bucket_id is not None and str(bucket_id) != str(found.bucket):
+            raise ApiError(400, f"bucketId {bucket_id} is not the bucket of project {project!r} ({found.bucket})")
+        return found.bucket
 
     def sql_answer(q: str | None, query: Mapping[str, str]) -> Response:
         if q is None or not q.strip():
             raise ApiError(400, "the q parameter (one SQL statement) is required")
+        limits = caller_limits(query, cfg.limits)
         statement, fmt = split_format(read_only(q))
         params: dict[str, Any] = {}
         for name in sql_params(statement):
             if name not in query:
                 raise ApiError(400, f"missing parameter {name!r} (used as {{{name}:Type}} in the query)")
             params[name] = query[name]
-        return run(statement, params, fmt)
+        return run(statement, params, fmt, limits)
 
     @app.get(
         "/v0/sql",
         dependencies=auth,
         responses=_SQL_OK | _QUERY_ERRORS,
+        openapi_extra={"parameters": _LIMIT_OPENAPI},
         summary="Read-only SQL (FORMAT JSON by default)",
     )
     def sql_get(
@@ -580,7 +653,7 @@ def create_app(
         "/v0/sql",
         dependencies=auth,
         responses=_SQL_OK | _QUERY_ERRORS,
-        openapi_extra=_SQL_BODY,
+        openapi_extra=_SQL_BODY | {"parameters": _LIMIT_OPENAPI},
         summary="Read-only SQL, the query in the body (form field q or text)",
     )
     async def sql_post(request: Request) -> Response:
@@ -609,8 +682,7 @@ def create_app(
         summary="Every cleaned bucket",
     )
     def union_pipe(segmentId: SegmentId = None, limit: Limit = None, offset: Offset = None) -> Response:  # noqa: N803
-        tail, params = _tail(segmentId, limit, offset)
-        return run(f"SELECT * FROM {UNION_VIEW}{tail}", params)
+        return pipe_rows(f"SELECT * FROM {UNION_VIEW}", {}, segmentId, limit, offset)
 
     @app.get(
         f"/v0/pipes/{ROUTING_VIEW}.json",
@@ -627,19 +699,16 @@ def create_app(
         limit: Limit = None,
         offset: Offset = None,
     ) -> Response:
-        tail, params = _tail(segmentId, limit, offset)
         if project is not None:
-            with pool.handle() as wh:
-                found = projects.resolve(wh, project)
-            if bucketId is not None and bucketId != found.bucket:
-                raise ApiError(400, f"bucketId {bucketId} is not the bucket of project {project!r} ({found.bucket})")
+            bucket = project_bucket(project, bucketId)
             # The id comes from project_buckets, so it is valid: read the table itself, without the view's check
             # (its reader columns, FINAL, as the views read it).
-            return run(f"SELECT {cleaned_select_list()} FROM {cleaned_table(found.bucket)} FINAL{tail}", params)
+            source = f"SELECT {cleaned_select_list()} FROM {cleaned_table(bucket)} FINAL"
+            return pipe_rows(source, {}, segmentId, limit, offset)
         if bucketId is None:
             raise ApiError(400, "missing parameter bucketId (or project)")
-        params["bucketId"] = bucketId
-        return run(f"SELECT * FROM {ROUTING_VIEW}(bucketId = {{bucketId:Int64}}){tail}", params)
+        source = f"SELECT * FROM {ROUTING_VIEW}(bucketId = {{bucketId:Int64}})"
+        return pipe_rows(source, {"bucketId": bucketId}, segmentId, limit, offset)
 
     @app.get(
         f"/v0/pipes/{PROJECT_VIEW}.json",
@@ -665,11 +734,7 @@ def create_app(
                 if name in query:
                     params[name] = query[name]
             if "bucketId" in dict(pipe.params) and query.get("project") is not None:
-                with pool.handle() as wh:
-                    found = projects.resolve(wh, query["project"])
-                if "bucketId" in params and params["bucketId"] != str(found.bucket):
-                    raise ApiError(400, f"bucketId {params['bucketId']} is not the bucket of the project")
-                params["bucketId"] = found.bucket
+                params["bucketId"] = project_bucket(query["project"], params.get("bucketId"))
             missing = [n for n, _ in pipe.params if n not in params]
             if missing:
                 raise ApiError(400, f"missing parameter(s) {', '.join(missing)} of pipe {pipe.name!r}")
@@ -698,12 +763,11 @@ def create_app(
         raise ApiError(404, f"no pipe {name!r}")
 
     def collect_status(wh: Any) -> dict[str, Any]:
-        from connectors.topics import TopicNames
         from stream.enrich import REBUILD_LOG
         from stream.status import collect
 
         try:
-            st = collect(wh, kafka=cfg.kafka, topics=TopicNames(cfg.topic_prefix), router_group=cfg.router_group)
+            st = collect(wh, figures=figures)
         except LookupError as exc:
             raise ApiError(503, str(exc)) from None
         out = st.as_json()

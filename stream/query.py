@@ -93,6 +93,14 @@ class QueryLimits:
         if self.max_result_rows < 1 or self.max_memory_bytes < 1:
             raise ValueError("max_result_rows and max_memory_bytes must be >= 1")
 
+    def within(self, cap: QueryLimits) -> QueryLimits:
+        """These limits, none above ``cap``'s (a caller may tighten the server's limits, never raise them)."""
+        return QueryLimits(
+            min(self.timeout_s, cap.timeout_s),
+            min(self.max_result_rows, cap.max_result_rows),
+            min(self.max_memory_bytes, cap.max_memory_bytes),
+        )
+
     def settings(self) -> dict[str, str]:
         return {
             "max_execution_time": f"{self.timeout_s:g}",

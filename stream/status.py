@@ -11,6 +11,8 @@ markers and aborted records are not messages.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -59,6 +61,9 @@ class Status:
     loader_lag: int | None = None
     notes: list[str] = field(default_factory=list)
     migration: dict[str, Any] | None = None  # the last gradual rebucket (stream/migration.py), if any
+    # How old the Kafka figures (DLQ count, router and loader lag, kafka_error) are, seconds: None when read for
+    # this status; a server (/v0/status) reads them at most every few seconds (KafkaFigures).
+    kafka_age_s: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -151,6 +156,46 @@ def kafka_figures(
     return (None if dlq.absent else dlq.messages), (None if lag.absent else lag.messages), loader
 
 
+class KafkaFigures:
+    """``kafka_figures`` read again at most every ``ttl`` seconds (a few Kafka round trips each, a timeout
+    when Kafka is away; the status page asks every second or so): a call answers the last reading and its age.
+    A failed reading is kept for ``ttl`` too (its error as ``kafka_error``), so a broker that is away costs one
+    timeout per interval, not one per call. Calls during a reading wait for it rather than starting another."""
+
+    def __init__(
+        self,
+        kafka: KafkaConnection,
+        topics: TopicNames,
+        router_group: str = "bucketer-router",
+        loader_group: str | None = "bucketer-loader",
+        ttl: float = 5.0,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._args = (kafka, topics, router_group, loader_group, timeout)
+        self._ttl, self._clock = ttl, clock
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._buckets = -1
+        self._last: tuple[tuple[int | None, int | None, int | None], str | None] = ((None, None, None), None)
+        self.readings = 0  # Kafka readings made (for tests and logs)
+
+    def __call__(self, buckets: int) -> tuple[tuple[int | None, int | None, int | None], str | None, float]:
+        """((DLQ messages, router lag, loader lag), the error of a failed reading or None, age in seconds)."""
+        kafka, topics, router_group, loader_group, timeout = self._args
+        with self._lock:
+            now = self._clock()
+            if self._at is None or now - self._at >= self._ttl or buckets != self._buckets:
+                self.readings += 1
+                try:
+                    figures = kafka_figures(kafka, topics, router_group, timeout, loader_group, buckets)
+                    self._last = (figures, None)
+                except Exception as exc:  # noqa: BLE001 - status still shows the warehouse when Kafka is away
+                    self._last = ((None, None, None), " ".join(str(exc).split())[:200])
+                self._at, self._buckets = self._clock(), buckets
+            return self._last[0], self._last[1], max(0.0, now - self._at)
+
+
 def collect(
     wh: Warehouse,
     buckets: int | None = None,
@@ -159,11 +204,19 @@ def collect(
     router_group: str = "bucketer-router",
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     loader_group: str | None = "bucketer-loader",
+    figures: KafkaFigures | None = None,
 ) -> Status:
+    """The warehouse's status with the Kafka figures: from ``figures`` (a cache, its age as ``kafka_age_s``)
+    when given, else read now from ``kafka`` (none when neither is given)."""
     from stream.migration import read_state
 
     state = read_state(wh)
     status = replace(warehouse_status(wh, buckets, now), migration=state.as_json() if state is not None else None)
+    if figures is not None:
+        (dlq, lag, loader), error, age = figures(len(status.buckets))
+        return replace(
+            status, dlq_messages=dlq, router_lag=lag, kafka_error=error, loader_lag=loader, kafka_age_s=round(age, 3)
+        )
     if kafka is None:
         return status
     try:
