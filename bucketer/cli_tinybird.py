@@ -48,18 +48,43 @@ def tinybird_generate(
     rebucket: Annotated[
         bool, typer.Option("--rebucket", help="Change the N of an existing project to --buckets (rewrites it).")
     ] = False,
+    from_buckets: Annotated[
+        int | None,
+        typer.Option(
+            "--from",
+            min=1,
+            help="Migrate from this N: write the --buckets project and its migration plan (migration.json, "
+            "MIGRATION.md, migration/ stage folders).",
+        ),
+    ] = None,
 ) -> None:
     """Write the Tinybird datafiles for N buckets (deterministic: same N, same files)."""
     from stream.tinybird_project import ProjectBucketsError, project_buckets, write_project
 
     try:
-        if rebucket and buckets is None:
-            raise fail("--rebucket needs --buckets N (the new number of buckets)", 2)
+        if (rebucket or from_buckets is not None) and buckets is None:
+            raise fail(
+                f"{'--from' if from_buckets is not None else '--rebucket'} needs --buckets M "
+                "(the new number of buckets)",
+                2,
+            )
+        if from_buckets is not None:
+            existing = project_buckets(out)
+            if existing is not None and existing not in (from_buckets, buckets):
+                raise fail(f"the Tinybird project in {out} has {existing} buckets, not {from_buckets} (--from)")
         n = buckets if buckets is not None else project_buckets(out) or DEFAULT_BUCKETS
-        paths = write_project(n, out, rebucket=rebucket)
+        paths = write_project(n, out, rebucket=rebucket or from_buckets is not None)
     except ProjectBucketsError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{len(paths)} datafiles for {n} buckets in {out}")
+    if from_buckets is not None:
+        from stream.tinybird_migration import PLAN_JSON, PLAN_MD, write_plan
+
+        plan = write_plan(from_buckets, n, out)
+        typer.echo(
+            f"migration {from_buckets} -> {n} (path: {plan['path']}): {len(plan['steps'])} steps, "
+            f"{len(plan['stages'])} deploy stages in {out / PLAN_MD} and {out / PLAN_JSON}"
+        )
 
 
 @tinybird_app.command("copy")

@@ -281,15 +281,24 @@ SETTINGS join_use_nulls = 0""",
     return "\n\n".join(nodes) + tail
 
 
-def union_pipe(buckets: int) -> str:
-    sql = "\nUNION ALL\n".join(f"SELECT * FROM {cleaned_table(n)}" for n in range(buckets))
-    return (
-        _node("union_all_buckets", sql, f"All {buckets} cleaned buckets, for queries without a project.")
-        + "\nTYPE ENDPOINT\n"
+def _placed(n: int, buckets: int, placement: bool) -> str:
+    """`` WHERE``/`` AND`` filter keeping the rows that belong to bucket n, when ``placement`` (the migration's
+    transitional readers: a cleaned bucket may still hold rows that moved to another bucket)."""
+    return f" AND {_bucket_filter(n, buckets)}" if placement else ""
+
+
+def union_pipe(buckets: int, placement: bool = False) -> str:
+    sql = "\nUNION ALL\n".join(
+        f"SELECT * FROM {cleaned_table(n)}" + (f" WHERE {_bucket_filter(n, buckets)}" if placement else "")
+        for n in range(buckets)
     )
+    what = f"All {buckets} cleaned buckets, for queries without a project."
+    if placement:
+        what += " Transitional (re-bucketing): each bucket filtered to its own rows."
+    return _node("union_all_buckets", sql, what) + "\nTYPE ENDPOINT\n"
 
 
-def routing_pipe(buckets: int) -> str:
+def routing_pipe(buckets: int, placement: bool = False) -> str:
     bid = "{{ Int32(bucketId, -1) }}"
     check = _node(
         "check_bucket_id",
@@ -300,6 +309,7 @@ SELECT throwIf(NOT ({bid} BETWEEN 0 AND {buckets - 1}),
     )
     branches = "\nUNION ALL\n".join(
         f"SELECT * FROM {cleaned_table(n)} WHERE {bid} = {n} AND (SELECT invalid FROM check_bucket_id) = 0"
+        + _placed(n, buckets, placement)
         for n in range(buckets)
     )
     return check + "\n\n" + _node("route", "%\n" + branches, "The cleaned bucket bucketId.") + "\nTYPE ENDPOINT\n"
