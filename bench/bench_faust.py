@@ -31,7 +31,8 @@ SOURCE = "activityRelations"
 BUCKETER = [sys.executable, "-m", "bucketer.cli"]
 Key = tuple[str, int, int]  # contender, buckets, messages
 LABELS = {
-    "passthrough": "passthrough (confluent, no parsing)",
+    "passthrough": "passthrough, pipelined (confluent, no parsing): the ceiling",
+    "passthrough-flush": "passthrough, flush per batch (a lowered ceiling)",
     "router-eos": "bucketer router, exactly once",
     "router-alo": "bucketer router, at least once",
     "router-eos-1p": "bucketer router, exactly once, 1 partition per bucket topic at every N",
@@ -57,15 +58,18 @@ def out_partitions(contender: str, buckets: int) -> int:
 
 
 def outputs(prefix: str, contender: str, buckets: int) -> list[str]:
-    if contender == "passthrough":
+    if contender.startswith("passthrough"):
         return [f"{prefix}{SOURCE}_passthrough"]
     return [f"{prefix}{SOURCE}_bucket_{n}" for n in range(buckets)] + [f"{prefix}{SOURCE}_dlq"]
 
 
-def command(contender: str, bootstrap: str, prefix: str, buckets: int) -> list[str]:
+def command(contender: str, bootstrap: str, prefix: str, buckets: int, idle: float | None = None) -> list[str]:
+    """The worker's command line; with ``idle`` it exits by itself after that many seconds without input."""
     group = f"{prefix}group"
-    if contender == "passthrough":
-        return python_module("bench.passthrough", "--bootstrap", bootstrap, "--topic-prefix", prefix, "--group", group)
+    until = ["--until-idle", str(idle)] if idle is not None else []
+    if contender.startswith("passthrough"):
+        cmd = python_module("bench.passthrough", "--bootstrap", bootstrap, "--topic-prefix", prefix, "--group", group)
+        return cmd + until + (["--flush-per-batch"] if contender == "passthrough-flush" else [])
     if contender.startswith("router"):
         cmd = [
             *BUCKETER,
@@ -83,7 +87,7 @@ def command(contender: str, bootstrap: str, prefix: str, buckets: int) -> list[s
             "--progress",
             "60",
         ]
-        cmd += ["--partitions", str(out_partitions(contender, buckets))]
+        cmd += ["--partitions", str(out_partitions(contender, buckets)), *until]
         return cmd + (["--at-least-once"] if contender == "router-alo" else [])
     if contender.startswith("faust"):
         cmd = python_module(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,12 @@ class RunResult:
     cpu_msgs: float  # input messages routed in that stretch (from end offsets)
     peak_rss_mb: float
     coarse: bool = False  # too few messages for a rate between appends (smoke runs)
+    exit_s: float = float("nan")  # worker start -> its own exit, less its idle wait (run_worker(idle=...))
+
+    @property
+    def msgs_per_exit_s(self) -> float:
+        """Input messages / (process start to exit, less the idle wait): start-up and group join included."""
+        return self.inputs / self.exit_s if self.exit_s > 0 else float("nan")
 
     @property
     def msgs_per_cpu_s(self) -> float:
@@ -191,13 +198,20 @@ def run_worker(
     timeout: float = 600.0,
     settle: float = 1.5,
     log_path: Path | None = None,
+    idle: float | None = None,
 ) -> RunResult:
-    """Start ``argv`` (cwd = the repository), wait until ``outputs`` hold the routed input, measure, stop."""
+    """Start ``argv`` (cwd = the repository), wait until ``outputs`` hold the routed input, measure, stop.
+
+    With ``idle`` the worker exits by itself after that many seconds without input (``--until-idle``): it is
+    waited for, not stopped, and ``exit_s`` is its start to exit less ``idle``."""
     client = admin(bootstrap)
     tps = _partitions(bootstrap, outputs)
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    exited_at: list[float] = []  # when the worker exited, seen by a thread blocked in wait()
+    waiter = threading.Thread(target=lambda: (proc.wait(), exited_at.append(time.monotonic())), daemon=True)
+    waiter.start()
     cpu_first: float | None = None
     total_first = 0
     try:
@@ -211,6 +225,8 @@ def run_worker(
                         f"outputs incomplete after {timeout:.0f}s ({max(last, 0)} of ≥{inputs})"
                     )
                 if proc.poll() is not None:
+                    if idle is not None and last >= inputs:
+                        break  # finished and exited by itself before the outputs were seen settled
                     raise RunError(
                         f"worker exited with code {proc.returncode} before finishing"
                         + (f"; see {log_path}" if log_path else "")
@@ -229,7 +245,16 @@ def run_worker(
                 time.sleep(0.1)
             wall = last_change - started
             cpu = rss.cpu_seconds() - (cpu_first or 0.0)
-            _stop(proc)
+            exit_s = float("nan")
+            if idle is not None:
+                waiter.join(idle + 60)
+                if not exited_at:
+                    raise RunError(f"worker did not exit within {idle + 60:.0f}s of finishing")
+                exit_s = exited_at[0] - started - idle
+                if proc.returncode != 0:
+                    raise RunError(f"worker exited with code {proc.returncode}")
+            else:
+                _stop(proc)
             peak = rss.peak_mb
     finally:
         if proc.poll() is None:
@@ -251,7 +276,7 @@ def run_worker(
         rate = after_first / ((end - first) / 1000.0) * (inputs / count)
     # CPU per message over the same stretch: outputs seen between the first poll with output and the end.
     cpu_msgs = max(last - total_first, 0) * inputs / count
-    return RunResult(inputs, count, rate, wall, cpu, cpu_msgs, peak, coarse)
+    return RunResult(inputs, count, rate, wall, cpu, cpu_msgs, peak, coarse, exit_s)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:

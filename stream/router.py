@@ -80,6 +80,9 @@ class RouterConfig:
     replication: int = 1
     batch_size: int = 10_000
     batch_time: float = 0.25  # seconds a batch may wait to fill (bench_latency: 0.25 beat 0.5 at 1k-20k/s)
+    # Under backlog (a batch came back full) the next one may be twice as large, up to this: fewer transactions
+    # per message while catching up; back to batch_size as soon as a batch comes back short (caught up).
+    backlog_batch_size: int = 40_000
     exactly_once: bool = True
     until_idle: float | None = None
     progress_interval: float = 10.0
@@ -180,12 +183,13 @@ class Router:
     def _loop(self, consumer: Consumer, sink: Sink) -> None:
         cfg = self.config
         started = last_input = last_progress = self._clock()
+        size = cfg.batch_size
         while not self._stopping:
             self.loop_beat = time.monotonic()  # /healthz (stream/metrics.py Health): the loop turns
             if (self._broken or self._rewind_needed) and (wait := self._retry_at - time.monotonic()) > 0:
                 time.sleep(min(wait, 0.1))  # backing off before the replay; a stop ends it within 0.1 s
                 continue
-            msgs = consumer.consume(cfg.batch_size, timeout=cfg.batch_time)
+            msgs = consumer.consume(size, timeout=cfg.batch_time)
             now = self._clock()
             if self._broken or self._rewind_needed:
                 # Messages fetched before the rewind are dropped here: the rewind fetches them again.
@@ -194,6 +198,8 @@ class Router:
             elif msgs:
                 last_input = now
                 self._batch(msgs, consumer, sink)
+                full = len(msgs) >= size
+                size = min(size * 2, max(cfg.batch_size, cfg.backlog_batch_size)) if full else cfg.batch_size
             elif self.switch.pending:  # a gradual rebucket's switch, on an idle source
                 self.switch.idle(consumer, sink, msgs)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:

@@ -133,7 +133,12 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
     consumer = MemoryConsumer(logs)
     sink = FlakySink(list(plan))
     cfg = RouterConfig(
-        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, until_idle=0.05, instance_id="u"
+        kafka=KafkaConnection.plain("memory"),
+        buckets=10,
+        batch_size=100,
+        backlog_batch_size=100,  # a fixed batch size: the plan's steps meet the batches one by one
+        until_idle=0.05,
+        instance_id="u",
     )
     router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=lambda _: consumer)  # type: ignore[arg-type,return-value]
     router.run()
