@@ -50,6 +50,9 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
+test-extended: setup
+	BUCKETER_EXTENDED=1 $(PY) -m pytest -q tests
+
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
 

@@ -245,7 +245,14 @@ def check_end_state(s: Setup, old: int, new: int) -> None:
         assert any((s.topics.bucket_of_topic(t) or 0) >= old for _v, t in routed), "nothing in the new bucket topics"
 
 
-@pytest.mark.parametrize(("old", "new"), [(10, 20), (10, 16), (20, 10)])
+# 10 -> 16 and 20 -> 10 (the recompute path) take ~75 s each: they run with `make test-extended`
+# (BUCKETER_EXTENDED=1), so `make test` stays inside its time budget; 10 -> 20 and the SIGKILL test always run.
+_EXTENDED = pytest.mark.skipif(not os.environ.get("BUCKETER_EXTENDED"), reason="extended: make test-extended")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [(10, 20), pytest.param(10, 16, marks=_EXTENDED), pytest.param(20, 10, marks=_EXTENDED)]
+)
 def test_gradual_rebucket_mid_stream(bootstrap: str, tmp_path: Path, old: int, new: int) -> None:
     s = make_setup(bootstrap, tmp_path)
     try:
