@@ -46,6 +46,8 @@ class TopicNames:
         """Activity changes the loader resolves by activityId against the warehouse (stream/cdc.py): deletes
         holding only the primary key (no segmentId to bucket them by) and updates without old values."""
         return f"{self.prefix}{SOURCE}_resolve"
+
+    @property
     def control(self) -> str:
         """Compacted; the router's switch records of a gradual rebucket (stream/migration.py)."""
         return f"{self.prefix}bucketer_control"
