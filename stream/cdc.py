@@ -336,15 +336,15 @@ class Resolver:
         chosen: dict[str, int] = {}
         todo: list[Item] = []
         for i in wave:
-            s = self._latest(stored.get(i.special.key, []), i.special.version)
+            s = self._stored_or_dead(
+                stored,
+                i,
+                TOAST_UNRESOLVED,
+                f'a column is "{TOAST}" but no stored version of {{}} precedes it',
+                dead_letter,
+            )
             if s is None:
                 self.stats.toast_unresolved += 1
-                dead_letter(
-                    TOAST_UNRESOLVED,
-                    f'a column is "{TOAST}" but no stored version of {i.special.key} precedes it',
-                    i.origin,
-                    i.value,
-                )
                 continue
             chosen[i.special.key] = s.version
             todo.append(i)
@@ -363,6 +363,15 @@ class Resolver:
         column_list = ", ".join(f"`{c.name}`" for c in target_columns(kind))
         done = self._insert_json(f"{table} ({column_list})", select, todo, kind, dead_letter)
         self.stats.toast_resolved += done
+
+    def _stored_or_dead(
+        self, stored: dict[str, list[Stored]], i: Item, error_class: str, detail: str, dead_letter: DeadLetter
+    ) -> Stored | None:
+        """The stored version ``i`` resolves against, or None after dead-lettering it (``detail`` names its key)."""
+        s = self._latest(stored.get(i.special.key, []), i.special.version)
+        if s is None:
+            dead_letter(error_class, detail.format(i.special.key), i.origin, i.value)
+        return s
 
     def _insert_json(self, target: str, select: str, items: list[Item], kind: str, dead_letter: DeadLetter) -> int:
         """Insert ``items`` through ``select``; a message the warehouse refuses goes to the DLQ with its class
@@ -399,15 +408,15 @@ class Resolver:
             stored = self._stored(kind, (i.special.key for i in group))
             targets: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
             for i in group:
-                s = self._latest(stored.get(i.special.key, []), i.special.version)
+                s = self._stored_or_dead(
+                    stored,
+                    i,
+                    DELETE_UNRESOLVED,
+                    "a delete holding only the key {}, which no stored row has",
+                    dead_letter,
+                )
                 if s is None:
                     self.stats.deletes_unresolved += 1
-                    dead_letter(
-                        DELETE_UNRESOLVED,
-                        f"a delete holding only the key {i.special.key}, which no stored row has",
-                        i.origin,
-                        i.value,
-                    )
                     continue
                 target = raw_table(s.bucket) if kind == SOURCE else kind
                 targets[target].append((i.special.key, s.version, i.special.version))

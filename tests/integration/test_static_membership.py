@@ -28,41 +28,30 @@ from stream.schema import ensure_schema
 
 
 class Watched:
-    """Records a worker's rebalance callbacks: ("assign" | "revoke", partitions)."""
+    """A mixin before a worker class: records its rebalance callbacks ("assign" | "revoke", partitions)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.events: list[tuple[str, frozenset[tuple[str, int]]]] = []
 
     def record(self, kind: str, partitions: list[TopicPartition]) -> None:
         self.events.append((kind, frozenset((tp.topic, tp.partition) for tp in partitions)))
 
-
-class WatchedLoader(Loader, Watched):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        Loader.__init__(self, *args, **kwargs)
-        Watched.__init__(self)
-
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.record("assign", partitions)
-        super()._on_assign(consumer, partitions)
+        super()._on_assign(consumer, partitions)  # type: ignore[misc]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.record("revoke", partitions)
-        super()._on_revoke(consumer, partitions)
+        super()._on_revoke(consumer, partitions)  # type: ignore[misc]
 
 
-class WatchedRouter(Router, Watched):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        Router.__init__(self, *args, **kwargs)
-        Watched.__init__(self)
+class WatchedLoader(Watched, Loader):
+    pass
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.record("assign", partitions)
-        super()._on_assign(consumer, partitions)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.record("revoke", partitions)
-        super()._on_revoke(consumer, partitions)
+class WatchedRouter(Watched, Router):
+    pass
 
 
 class Running:
