@@ -95,21 +95,24 @@ def index_view_ddl(n: int) -> str:
     return f"CREATE MATERIALIZED VIEW IF NOT EXISTS {INDEX_TABLE}_mv_{int(n)} TO {INDEX_TABLE} AS {_raw_select(n)}"
 
 
-def ensure_index(wh: Any, buckets: int) -> bool:
-    """Create the activity index and its views for raw buckets 0..buckets-1 (idempotent); a new index is filled
-    once from the raw buckets. Returns True when it was created now."""
-    exists = wh.rows(
+def index_ddl(buckets: int) -> list[str]:
+    """The activity index and its views over raw buckets 0..buckets-1 (part of stream/schema.schema_statements,
+    so they go through the same schema_command: ON CLUSTER on a cluster)."""
+    return [index_table_ddl(), *(index_view_ddl(n) for n in range(buckets))]
+
+
+def index_exists(wh: Any) -> bool:
+    found = wh.rows(
         "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
         {"t": INDEX_TABLE},
     )
-    created = not (exists and int(exists[0][0]))
-    wh.command(index_table_ddl())
+    return bool(found and int(found[0][0]))
+
+
+def fill_index(wh: Any, buckets: int) -> None:
+    """Fill a newly created index once from the raw buckets (its views see only rows inserted after them)."""
     for n in range(buckets):
-        wh.command(index_view_ddl(n))
-    if created:
-        for n in range(buckets):
-            wh.command(f"INSERT INTO {INDEX_TABLE} {_raw_select(n)}")
-    return created
+        wh.command(f"INSERT INTO {INDEX_TABLE} {_raw_select(n)}")
 
 
 # --- finding the messages to resolve (Python, on the few candidates a byte scan lets through) ------------------

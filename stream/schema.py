@@ -63,7 +63,7 @@ from connectors.model import (
 from connectors.model import ACTIVITY_NAMES as ACTIVITY_NAMES  # re-exported: the schema's readers import it here
 from connectors.warehouse import schema_command
 from stream.buckets import cleaned_table, raw_table
-from stream.cdc import ensure_index
+from stream.cdc import fill_index, index_ddl, index_exists
 
 UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
 ROUTING_VIEW = "activityRelations_bucket_routing"
@@ -207,6 +207,7 @@ def schema_statements(buckets: int) -> list[str]:
     out = [settings_ddl()]
     out += [reference_table_ddl(t) for t in REFERENCE_COLUMNS]
     out += [raw_table_ddl(n) for n in range(buckets)]
+    out += index_ddl(buckets)  # the activity index of key-only deletes and toast values (stream/cdc.py)
     out += [cleaned_table_ddl(n) for n in range(buckets)]
     out += [union_view_ddl(buckets), routing_view_ddl(buckets), project_view_ddl(buckets)]
     return out
@@ -240,9 +241,11 @@ def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = Fa
     n = buckets if buckets is not None else (recorded if recorded is not None else DEFAULT_BUCKETS)
     if _has_settings(wh):  # an existing warehouse: cleaned buckets of an older layout move to the current one
         migrate_cleaned_layout(wh, recorded if recorded is not None else n)
+    new_index = not index_exists(wh)
     for sql in schema_statements(n):
         schema_command(wh, sql)  # ON CLUSTER, Replicated engines, on a server cluster (connectors/warehouse.py)
-    ensure_index(wh, n)  # the activity index of key-only deletes and toast values (stream/cdc.py)
+    if new_index:
+        fill_index(wh, n)
     if n != recorded:
         # ReplacingMergeTree(at) keeps the row with the latest ``at``: make the new one strictly later than any
         # before it, so a change within the same millisecond as the last one (or after a clock step) still wins.
