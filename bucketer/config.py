@@ -90,7 +90,8 @@ KEYS: tuple[Key, ...] = (
     _k("router", "sink", str, _same("sink", "route"), env="BUCKETER_SINK"),
     _k("router", "batch_size", int, _same("batch_size", "route"), env="BUCKETER_BATCH_SIZE"),
     _k("router", "batch_time", float, _same("batch_time", "route"), env="BUCKETER_BATCH_TIME"),
-    _k("router", "instance_id", str, _same("instance_id", "route"), env="BUCKETER_ROUTER_INSTANCE"),
+    # A worker's static member name (--instance-id); one variable for every worker, as the option reads it.
+    _k("router", "instance_id", str, _same("instance_id", "route", "run"), env="BUCKETER_INSTANCE_ID"),
     _k("router", "partitions", int, _same("partitions", "route", "run"), env="BUCKETER_BUCKET_PARTITIONS"),
     _k("router", "replication", int, _same("replication", "route"), env="BUCKETER_BUCKET_REPLICATION"),
     _k("router", "at_least_once", bool, _same("at_least_once", "route", "run"), env="BUCKETER_AT_LEAST_ONCE"),
@@ -113,6 +114,7 @@ KEYS: tuple[Key, ...] = (
     _k("router", "tinybird_token", str, env="BUCKETER_TINYBIRD_TOKEN", env_only=True, secret="value"),
     # [loader]
     _k("loader", "group", str, {"load": "group", "rebucket": "loader_group"}, env="BUCKETER_LOADER_GROUP"),
+    _k("loader", "instance_id", str, _same("instance_id", "load"), env="BUCKETER_INSTANCE_ID"),
     _k("loader", "until_idle", float, _same("until_idle", "load"), env="BUCKETER_UNTIL_IDLE"),
     _k("loader", "outage_deadline", float, _same("outage_deadline", "load", "run"), env="BUCKETER_OUTAGE_DEADLINE"),
     _k("loader", "refresh", str, _same("refresh", "load", "run"), env="BUCKETER_REFRESH"),
