@@ -2,7 +2,7 @@
 
 The raw rows are redistributed inside ClickHouse, never through Python:
 
-1. refuse while the loader still has unloaded bucket messages (its group lag on the N bucket topics, counted as
+1. refuse while the loader still has unloaded messages (its group lag on the N bucket topics and the resolve topic, counted as
    its read_committed consumer sees them: transaction markers are not messages), since those were routed
    under N and would land in the wrong table afterwards (``--force`` skips the check);
 2. build every new raw bucket aside (``<raw table>__rebucket``) with
@@ -56,14 +56,16 @@ class RebucketReport:
 
 
 def loader_lag(kafka: KafkaConnection, group: str, topics: TopicNames, buckets: int, timeout: float = 10.0) -> int:
-    """Messages on the N bucket topics the loader group has not committed yet, counted as its read_committed
+    """Messages on the N bucket topics and the resolve topic (the loader lands both: a key-only delete or an
+    update without old values waiting there belongs to the layout under N) the loader group has not committed
+    yet, counted as its read_committed
     consumer sees them (``group_lag``: transaction markers are not messages, so a drained loader has 0; a topic
     never read counts whole; a missing topic counts nothing), plus what sits in transactions still open on
     them (a router still running: those may become messages routed under N)."""
-    lag = group_lag(kafka, group, topics.buckets(buckets), timeout)
+    lag = group_lag(kafka, group, [*topics.buckets(buckets), topics.resolve], timeout)
     if lag.pending:
         log.info(
-            "rebucket: %d offsets of the bucket topics are in open transactions (is a router running?)", lag.pending
+            "rebucket: %d offsets of the bucket and resolve topics are in open transactions (is a router running?)", lag.pending
         )
     return lag.at_most
 
