@@ -229,10 +229,10 @@ def make_maintainer(buckets: int, vis: Visibility):  # noqa: ANN201
     from stream.incremental import Maintainer
 
     class Stamping(Maintainer):
-        def _correct_bucket(self, wh, n, candidates):  # type: ignore[no-untyped-def]
-            c = super()._correct_bucket(wh, n, candidates)
-            vis.mark(wh, self.work)  # the work table still holds this correction's identities
-            return c
+        def _correct_buckets(self, wh, candidates):  # type: ignore[no-untyped-def]
+            done = super()._correct_buckets(wh, candidates)
+            vis.mark(wh, self.work)  # the work table still holds this round's identities
+            return done
 
     return Stamping(buckets)
 

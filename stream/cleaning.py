@@ -218,6 +218,8 @@ def cleaning_select(
     *,
     where: str = "",
     snapshot: str = "toDateTime({snapshot:String}, 'UTC')",
+    final: bool = True,
+    extra: str = "",
 ) -> str:
     """THE cleaning rules (CLEANED_BUCKETS.md): the SELECT of the cleaned rows, ``_deleted`` (0) and ``_version``
     included, of raw table ``source`` (``where`` narrows its rows, e.g. to a correction's identities) with the
@@ -225,7 +227,10 @@ def cleaning_select(
     ``snapshot`` parameter, a 'YYYY-MM-DD HH:MM:SS' UTC string). ``_version`` is the engine's clock when the
     query starts (now64 is evaluated once per query), so a row computed from a later read of the reference
     state replaces one computed earlier. (The two are named ``_out_*``: an alias ``_deleted`` would replace the
-    raw column in WHERE; INSERT … SELECT takes columns by position.)"""
+    raw column in WHERE; INSERT … SELECT takes columns by position.) ``final=False`` for a ``source`` that
+    already holds one version per identity (a correction's rows, read FINAL from raw into a Memory table);
+    ``extra`` (", col") appends columns of ``source`` after ``_version`` (a correction carries each row's
+    bucket through)."""
     look = ref.lookups() if isinstance(ref, ReferenceState) else ref
     cols = ", ".join(f"`{c}`" for c in ACTIVITY_NAMES)
     platforms = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
@@ -237,8 +242,8 @@ def cleaning_select(
     {look.org_name} AS organizationName,
     {snapshot} AS snapshotId,
     toUInt8(0) AS _out_deleted,
-    {VERSION_NOW} AS _out_version
-FROM {source} FINAL
+    {VERSION_NOW} AS _out_version{extra}
+FROM {source}{" FINAL" if final else ""}
 WHERE _deleted = 0{narrow}
   AND {look.member_ok}
   AND (platform NOT IN ({platforms}) OR {look.channel_ok})"""

@@ -172,6 +172,10 @@ class Correction:
     tombstones: int
 
 
+def _fields(c: Correction) -> tuple[int, int, int, int]:
+    return c.bucket, c.candidates, c.written, c.tombstones
+
+
 @dataclass
 class MaintenanceStats:
     corrections: int = 0
@@ -204,6 +208,18 @@ class Maintainer:
     def stage(self) -> str:
         return f"{WORK_PREFIX}{self._tag}_rows"
 
+    @property
+    def krows(self) -> str:
+        """The raw rows (FINAL) of the work table's identities, with their bucket ``_b``: read from the raw buckets
+        once per correction round; every lookup of the round (members, organizations, channels) and the cleaning
+        itself read this small table."""
+        return f"{WORK_PREFIX}{self._tag}_raw"
+
+    @property
+    def round_stage(self) -> str:
+        """A correction round's cleaned rows and tombstones for every bucket it touches, with their bucket ``_b``."""
+        return f"{WORK_PREFIX}{self._tag}_round"
+
     def now(self) -> datetime:
         return self._now.now() if self._now is not None else datetime.now(UTC)
 
@@ -229,8 +245,15 @@ class Maintainer:
             )
             for (name,) in stale:
                 wh.command(f"DROP TABLE IF EXISTS `{name}`")
-            wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} ({IDENT_DDL}) ENGINE = Memory")
+            wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} (_b UInt32, {IDENT_DDL}) ENGINE = Memory")
             wh.command(f"CREATE TABLE IF NOT EXISTS {self.stage} ({cleaned_columns_ddl()}) ENGINE = Memory")
+            wh.command(
+                f"CREATE TABLE IF NOT EXISTS {self.round_stage} ({cleaned_columns_ddl()}, _b UInt32) ENGINE = Memory"
+            )
+            wh.command(
+                f"CREATE TABLE IF NOT EXISTS {self.krows} ENGINE = Memory "
+                f"AS SELECT *, toUInt32(0) AS _b FROM {raw_table(0)} LIMIT 0"
+            )
             self._state = self._load_state(wh)
             layout = self._state.get("layout")
             if layout is not None and layout.watermark != self.buckets:
@@ -277,7 +300,7 @@ class Maintainer:
         wh.command(f"TRUNCATE TABLE {STATE}")
 
     def close(self, wh: Warehouse) -> None:
-        for t in (self.work, self.stage):
+        for t in (self.work, self.stage, self.krows, self.round_stage):
             wh.command(f"DROP TABLE IF EXISTS {t}")
 
     def _migrate_old_layout(self, wh: Warehouse) -> None:
@@ -301,20 +324,28 @@ class Maintainer:
             )
         return out
 
-    def _save(self, wh: Warehouse, name: str) -> None:
+    def _save(self, wh: Warehouse, *names: str) -> None:
+        """Record the state of ``names`` (one INSERT, so one part: all of them or none)."""
         assert self._state is not None
-        s = self._state[name]
+        if not names:
+            return
+        values, params = [], {}
+        for i, name in enumerate(names):
+            s = self._state[name]
+            values.append(
+                f"({{n{i}:String}}, {{w{i}:UInt64}}, parseDateTime64BestEffort({{f{i}:String}}, 3, 'UTC'), "
+                f"toDateTime({{s{i}:String}}, 'UTC'), {{d{i}:Int64}})"
+            )
+            params |= {
+                f"n{i}": name,
+                f"w{i}": s.watermark,
+                f"f{i}": s.freshness.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+                f"s{i}": (s.snapshot or EPOCH).strftime("%Y-%m-%d %H:%M:%S"),
+                f"d{i}": s.differing,
+            }
         wh.command(
-            f"INSERT INTO {STATE} (name, watermark, freshness, snapshotId, differing) VALUES ({{n:String}}, "
-            f"{{w:UInt64}}, parseDateTime64BestEffort({{f:String}}, 3, 'UTC'), toDateTime({{s:String}}, 'UTC'), "
-            f"{{d:Int64}})",
-            {
-                "n": name,
-                "w": s.watermark,
-                "f": s.freshness.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
-                "s": (s.snapshot or EPOCH).strftime("%Y-%m-%d %H:%M:%S"),
-                "d": s.differing,
-            },
+            f"INSERT INTO {STATE} (name, watermark, freshness, snapshotId, differing) VALUES {', '.join(values)}",
+            params,
         )
 
     def bucket_state(self, n: int) -> BucketState:
@@ -377,7 +408,8 @@ class Maintainer:
                 f"kind = {KIND_CHANNEL} AND (key, key2) IN (SELECT u, segmentId FROM ({affected_repos}) "
                 f"UNION ALL SELECT {gerrit_variant_sql('u')}, segmentId FROM ({affected_repos}))"
             )
-        done = []
+        candidates: dict[int, str] = {}
+        advanced: dict[int, tuple[int, list[datetime]]] = {}
         # Every bucket's new queue entries in one round trip (a flush usually touches a few buckets only).
         heads = {
             int(b): (int(top), newest, int(count))
@@ -403,15 +435,21 @@ class Maintainer:
             if keys and queued <= BULK_ROWS:
                 sources.append(f"SELECT {IDENT} FROM {index_table(n)} WHERE " + " OR ".join(f"({k})" for k in keys))
             if sources:
-                done.append(self._correct_bucket(wh, n, " UNION ALL ".join(sources)))
-            fresh = [f for f in (qfresh, ref_fresh) if f is not None]
+                candidates[n] = " UNION ALL ".join(sources)
+            advanced[n] = (qhi, [f for f in (qfresh, ref_fresh) if f is not None])
+        # One round for every touched bucket: the statements' fixed cost is paid once, not once per bucket.
+        done = self._correct_buckets(wh, candidates) if candidates else []
+        moved = []
+        for n, (qhi, fresh) in advanced.items():  # the watermarks advance only after the corrections they cover
+            st = self._state[f"bucket/{n}"]
             if qhi > st.watermark or fresh:
                 st.watermark = qhi
                 if fresh:
                     newest = max(f.replace(tzinfo=UTC) if f.tzinfo is None else f for f in fresh)
                     st.freshness = max(st.freshness, newest)
                 self.stats.freshness[n] = st.freshness
-                self._save(wh, f"bucket/{n}")
+                moved.append(f"bucket/{n}")
+        self._save(wh, *moved)
         if hi > lo:
             if affected_repos:
                 self._apply_repositories(wh, f"id IN (SELECT id FROM ({affected_repos}))")
@@ -446,11 +484,10 @@ class Maintainer:
             f"{VERSION_NOW} FROM repositories FINAL" + (f" WHERE {where}" if where else "")
         )
 
-    def live_select(self, n: int, snapshot: datetime) -> str:
-        """The cleaned rows of the identities in the work table that pass the rules now (raw bucket ``n``)."""
-        raw = raw_table(n)
-        kf = f"({IDENT}) IN (SELECT {IDENT} FROM {self.work})"
-        of_k = f"FROM {raw} WHERE {kf}"  # every version of K's raw rows: a superset of what FINAL keeps
+    def live_select(self, snapshots: dict[int, datetime]) -> str:
+        """The cleaned rows of the raw rows in ``krows`` (the round's identities, read FINAL from their raw
+        buckets) that pass the rules now, each with its bucket ``_b`` and that bucket's snapshotId."""
+        of_k = f"FROM {self.krows}"
         orgs = organization_lookup_sql(f"id IN (SELECT organizationId {of_k})")
         look = Lookups(
             member_ok=f"memberId IN ({real_members_sql(f'id IN (SELECT memberId {of_k})')})",
@@ -464,41 +501,83 @@ class Maintainer:
                 f"FROM ({orgs})) AS _orgs\n"
             ),
         )
-        snap = f"toDateTime('{snapshot.strftime('%Y-%m-%d %H:%M:%S')}', 'UTC')"
-        return cleaning_select(raw, look, where=kf, snapshot=snap)
 
-    def tombstone_select(self, n: int) -> str:
-        """Tombstones for the identities in the work table that are in cleaned bucket ``n`` but not among the live
-        rows already in the stage (they no longer pass, or their raw row is retired)."""
+        def stamp(t: datetime) -> str:
+            return f"toDateTime('{t.strftime('%Y-%m-%d %H:%M:%S')}', 'UTC')"
+
+        branches = ", ".join(f"_b = {n}, {stamp(t)}" for n, t in sorted(snapshots.items()))
+        snap = f"multiIf({branches}, {stamp(self._hour())})"
+        return cleaning_select(self.krows, look, snapshot=snap, final=False, extra=", _b")
+
+    def tombstone_select(self, buckets: Iterable[int]) -> str:
+        """Tombstones for the round's identities (the work table) that are in their cleaned bucket but not among
+        the live rows already in the round's stage (they no longer pass, or their raw row is retired)."""
         cols = ", ".join(f"`{c}`" for c in CLEANED_NAMES)
-        return (
-            f"SELECT {cols}, toUInt8(1), {VERSION_NOW} FROM {cleaned_table(n)} FINAL "
-            f"WHERE ({IDENT}) IN (SELECT {IDENT} FROM {self.work}) "
-            f"AND ({IDENT}) NOT IN (SELECT {IDENT} FROM {self.stage})"
+        return " UNION ALL ".join(
+            f"SELECT {cols}, toUInt8(1), {VERSION_NOW}, toUInt32({n}) FROM {cleaned_table(n)} FINAL "
+            f"WHERE ({IDENT}) IN (SELECT {IDENT} FROM {self.work} WHERE _b = {n}) "
+            f"AND ({IDENT}) NOT IN (SELECT {IDENT} FROM {self.round_stage} WHERE _b = {n})"
+            for n in buckets
         )
 
-    def _correct_bucket(self, wh: Warehouse, n: int, candidates: str) -> Correction:
-        st = self._state[f"bucket/{n}"] if self._state else BucketState()
-        snapshot = st.snapshot or self._hour()
+    def _correct_buckets(self, wh: Warehouse, candidates: dict[int, str]) -> list[Correction]:
+        """One correction round: the identities of ``candidates`` (per bucket, a SELECT of identities) re-cleaned
+        with the current reference state, in a fixed number of statements whatever the number of buckets, then
+        published one bucket at a time, each as one part."""
+        assert self._state is not None
         wh.command(f"TRUNCATE TABLE {self.work}")
-        wh.command(f"INSERT INTO {self.work} SELECT DISTINCT {IDENT} FROM ({candidates})")
-        k = int(wh.rows(f"SELECT count() FROM {self.work}")[0][0])
-        if k == 0:
-            return Correction(n, 0, 0, 0)
-        wh.command(f"TRUNCATE TABLE {self.stage}")
-        wh.command(f"INSERT INTO {self.stage} {self.live_select(n, snapshot)}")
-        wh.command(f"INSERT INTO {self.stage} {self.tombstone_select(n)}")
-        written, tomb = (int(x) for x in wh.rows(f"SELECT count(), countIf(_deleted = 1) FROM {self.stage}")[0])
-        if written:
-            self._publish(wh, cleaned_table(n), written)
-        wh.command(f"TRUNCATE TABLE {self.stage}")
-        c = Correction(n, k, written, tomb)
-        self.stats.corrections += 1
-        self.stats.rows_read += k
-        self.stats.rows_written += written
-        self.stats.tombstones += tomb
-        log.debug("maintain: bucket %d corrected: %d candidates, %d rows written (%d tombstones)", n, k, written, tomb)
-        return c
+        wh.command(
+            f"INSERT INTO {self.work} SELECT DISTINCT _b, {IDENT} FROM ("
+            + " UNION ALL ".join(f"SELECT toUInt32({n}) AS _b, {IDENT} FROM ({sql})" for n, sql in candidates.items())
+            + ")"
+        )
+        k = {int(b): int(c) for b, c in wh.rows(f"SELECT _b, count() FROM {self.work} GROUP BY _b")}
+        if not k:
+            return []
+        touched = sorted(k)
+        wh.command(f"TRUNCATE TABLE {self.round_stage}")
+        wh.command(f"TRUNCATE TABLE {self.krows}")
+        wh.command(
+            f"INSERT INTO {self.krows} "
+            + " UNION ALL ".join(
+                f"SELECT *, toUInt32({n}) FROM {raw_table(n)} FINAL "
+                f"WHERE ({IDENT}) IN (SELECT {IDENT} FROM {self.work} WHERE _b = {n})"
+                for n in touched
+            )
+        )
+        snapshots = {n: self._state[f"bucket/{n}"].snapshot or self._hour() for n in touched}
+        wh.command(f"INSERT INTO {self.round_stage} {self.live_select(snapshots)}")
+        wh.command(f"TRUNCATE TABLE {self.krows}")
+        wh.command(f"INSERT INTO {self.round_stage} {self.tombstone_select(touched)}")
+        staged = {
+            int(b): (int(w), int(t))
+            for b, w, t in wh.rows(f"SELECT _b, count(), countIf(_deleted = 1) FROM {self.round_stage} GROUP BY _b")
+        }
+        done = []
+        for n in touched:
+            written, tomb = staged.get(n, (0, 0))
+            if written:
+                self._publish_bucket(wh, n, written)
+            c = Correction(n, k[n], written, tomb)
+            self.stats.corrections += 1
+            self.stats.rows_read += c.candidates
+            self.stats.rows_written += written
+            self.stats.tombstones += tomb
+            log.debug(
+                "maintain: bucket %d corrected: %d candidates, %d rows written (%d tombstones)", n, k[n], written, tomb
+            )
+            done.append(c)
+        wh.command(f"TRUNCATE TABLE {self.round_stage}")
+        return done
+
+    def _publish_bucket(self, wh: Warehouse, n: int, rows: int) -> None:
+        """Move bucket ``n``'s ``rows`` rows of the round's stage into cleaned bucket ``n`` as one block, so one
+        part: readers (FINAL) see the bucket's whole correction or none of it."""
+        wh.command(
+            f"INSERT INTO {cleaned_table(n)} SELECT * EXCEPT (_b) FROM {self.round_stage} WHERE _b = {n} "
+            f"SETTINGS max_threads = 1, max_insert_threads = 1, "
+            f"min_insert_block_size_rows = {max(rows, 1 << 20)}, min_insert_block_size_bytes = 0"
+        )
 
     def _publish(self, wh: Warehouse, target: str, rows: int) -> None:
         """Move the stage's ``rows`` rows into ``target`` as one block, so one part: readers (FINAL) see the whole

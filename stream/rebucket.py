@@ -2,8 +2,9 @@
 
 The raw rows are redistributed inside ClickHouse, never through Python:
 
-1. refuse while the loader still has unloaded messages (its group lag on the N bucket topics and the resolve topic, counted as
-   its read_committed consumer sees them: transaction markers are not messages), since those were routed
+1. refuse while the loader still has unloaded messages (its group lag on the N bucket topics and the resolve
+   topic, counted as its read_committed consumer sees them: transaction markers are not messages), since those
+   were routed
    under N and would land in the wrong table afterwards (``--force`` skips the check);
 2. build every new raw bucket aside (``<raw table>__rebucket``) with
    ``INSERT … SELECT * FROM <all N raw tables> WHERE cityHash64(segmentId) % M = m`` — every version and every
@@ -65,7 +66,8 @@ def loader_lag(kafka: KafkaConnection, group: str, topics: TopicNames, buckets: 
     lag = group_lag(kafka, group, [*topics.buckets(buckets), topics.resolve], timeout)
     if lag.pending:
         log.info(
-            "rebucket: %d offsets of the bucket and resolve topics are in open transactions (is a router running?)", lag.pending
+            "rebucket: %d offsets of the bucket and resolve topics are in open transactions (is a router running?)",
+            lag.pending,
         )
     return lag.at_most
 

@@ -97,6 +97,7 @@ def bucket_messages(sents: list[Sent]) -> int:
 
 def resolve_messages(sents: list[Sent]) -> int:
     """Copies the router sends to the resolve topic: updates without old values (``changes`` {} or null)."""
+
     def unknown_old(s: Sent) -> bool:
         m = orjson.loads(s.value) if s.dlq is None and s.value is not None else {}
         return m.get("action") == "update" and not m.get("changes")

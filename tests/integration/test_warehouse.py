@@ -90,7 +90,8 @@ def test_schema_is_idempotent(tmp_path: Path) -> None:
             wh.rows("SELECT name, engine FROM system.tables WHERE database = currentDatabase() ORDER BY name") == tables
         )
         assert wh.rows(f"SELECT count() FROM {raw_table(1)}") == [(1,)]
-        assert len(tables) == 1 + 5 + 3 + 3 + 3 + 1 + 3  # settings, references, raw, cleaned, views, activity index + its views
+        # settings, references, raw, cleaned, views, the activity index and its views
+        assert len(tables) == 1 + 5 + 3 + 3 + 3 + 1 + 3
 
 
 def cleaned_rows(bucket: int, count: int, snap: datetime) -> tuple[list[str], list[list[object]]]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 import pytest
 import typer

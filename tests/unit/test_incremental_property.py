@@ -488,16 +488,19 @@ def test_a_correction_killed_halfway_converges_after_a_restart(
     scenario.apply(member("m0", flags=(True, False, False)))
     scenario.apply(("repositories", "r0", "update", REPO_URLS[4], SEGMENTS[0], "p0", "i0", True, False))
     land(wh, loader, scenario.take())
-    real = Maintainer._correct_bucket
+    real = Maintainer._publish_bucket
+    published = []
 
-    def dies_at_bucket_1(self: Maintainer, w: Any, n: int, candidates: str) -> Any:
-        if n == 1:
+    def dies_at_bucket_1(self: Maintainer, w: Any, n: int, rows: int) -> Any:
+        if n == 1:  # bucket 0's correction is in, bucket 1's and the rest are not, no watermark has moved
             raise RuntimeError("killed")
-        return real(self, w, n, candidates)
+        published.append(n)
+        return real(self, w, n, rows)
 
-    monkeypatch.setattr(Maintainer, "_correct_bucket", dies_at_bucket_1)
+    monkeypatch.setattr(Maintainer, "_publish_bucket", dies_at_bucket_1)
     with pytest.raises(RuntimeError, match="killed"):
         first.correct(wh)
+    assert published == [0]
     monkeypatch.undo()
     first.close(wh)
 

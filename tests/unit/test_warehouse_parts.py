@@ -66,7 +66,9 @@ def test_cleaned_and_reference_tables() -> None:
 
 def test_schema_statements_cover_n_buckets_and_are_idempotent_text() -> None:
     stmts = schema_statements(3)
-    created = [re.search(r"(?:TABLE IF NOT EXISTS|VIEW IF NOT EXISTS|OR REPLACE VIEW) (\w+)", s).group(1) for s in stmts]
+    created = [
+        re.search(r"(?:TABLE IF NOT EXISTS|VIEW IF NOT EXISTS|OR REPLACE VIEW) (\w+)", s).group(1) for s in stmts
+    ]
     for n in range(3):
         assert f"activityRelations_bucket_MV_ds_{n}" in created
         assert f"activityRelations_deduplicated_cleaned_bucket_{n}_ds" in created
