@@ -13,7 +13,7 @@
    reference change in every ``flushes/ (100/36)``-th; each followed by ``Maintainer.correct``. CPU seconds of the
    corrections only (the landing's own cost, materialized views included, is reported apart). Scaled to an
    hour: 3600 x the plain flush's correction + 100 x the reference change's extra.
-3. The real pipeline (Router exactly once + Loader with ``after_flush=Maintainer.correct``, threads in this
+3. The real pipeline (Router exactly once + Loader + the MaintenanceLoop woken by each flush, threads in this
    process, as ``bucketer run``; no schedule) on a local broker: a separate producer process
    (bench/latency_probe.py) sends Sequin inserts at each ``--rates`` rate; "visible" = the correction holding
    the event returned (its identities are read from the Maintainer's work table right after; one INSERT = one
@@ -498,10 +498,16 @@ def run_pipeline(wh, reader, maint, vis, bootstrap, buckets, rates, duration, ch
         calls.append((t, time.time() - t, sum(c.written for c in done)))
         return done
 
+    from connectors.warehouse import EmbeddedWarehouse
+    from stream.incremental import MaintenanceLoop
+
+    # As `bucketer run`: the corrections in their own thread and handle, woken by each flush.
+    loop = MaintenanceLoop(maint, lambda: EmbeddedWarehouse(wh.data_dir), correct=correct, on_error=errors.append)
     loader = Loader(
-        LoaderConfig(kafka=conn, buckets=buckets, group=f"{prefix}loader", topics=topics), wh, after_flush=correct
+        LoaderConfig(kafka=conn, buckets=buckets, group=f"{prefix}loader", topics=topics), wh, after_flush=loop.wake
     )
     threads = [spawn("router", router.run), spawn("loader", loader.run)]
+    loop.start()
     result: dict = {"rates": [], "changes": None}
     try:
         warm = latency_phase(bootstrap, topics.source, vis, reader, "warm", 1000.0, warmup, 120.0, errors)
@@ -537,6 +543,7 @@ def run_pipeline(wh, reader, maint, vis, bootstrap, buckets, rates, duration, ch
         loader.stop()
         for t in threads:
             t.join(60)
+        loop.finish(None)
     return result
 
 
@@ -830,8 +837,9 @@ def write(report: Report, res: dict, size: int, n: int) -> int:
         "and the Maintainer; a separate producer process; the broker (Kafka 4.1.1, local) on the same 2 cores.",
         "Visible = the Maintainer's correction that holds the event returned (its identities read from the work "
         "table right after the one-part INSERT); every event was then checked in the cleaned union (column 'in "
-        "union at the end'). The Loader calls `Maintainer.correct` synchronously after each flush (`after_flush`), "
-        "so a correction's duration delays the next flush: see the `correct()` column.",
+        "union at the end'). As in `bucketer run`, the corrections run in their own thread (`MaintenanceLoop`, "
+        "own warehouse handle), woken by each loader flush: a round corrects everything landed up to its start, "
+        "and the loader flushes on meanwhile (see the `correct()` column).",
         "Reference changes: Sequin updates produced to the members/repositories/organizations topics one at a "
         "time (0.5 s apart, different ids each, the most-active members, organizations and repositories), "
         "while a producer sends 1k events/s; p99 over n = 'changes of each kind' is the worst of n.",

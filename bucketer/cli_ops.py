@@ -156,8 +156,8 @@ def rebucket_cmd(
                 lag = loader_lag(kafka, loader_group, TopicNames(topic_prefix), current or 0)
                 if lag:
                     raise fail(
-                        f"the loader group {loader_group!r} still has {lag} unloaded messages on the bucket and resolve topics; "
-                        f"let it drain (or --force)"
+                        f"the loader group {loader_group!r} still has {lag} unloaded messages on the bucket and "
+                        f"resolve topics; let it drain (or --force)"
                     )
             enricher = Enricher(lambda: open_configured_warehouse(data_dir), lock_dir=Path(data_dir) / "locks")
             report = rebucket(wh, to, enricher, parallel=parallel)

@@ -301,7 +301,7 @@ def load_cmd(
     from connectors.kafka import BucketerKafkaError, check_reachable
     from connectors.topics import TopicNames
     from connectors.warehouse import WarehouseError
-    from stream.incremental import REFRESH_MODES, Maintainer
+    from stream.incremental import REFRESH_MODES, Maintainer, MaintenanceLoop
     from stream.loader import Loader, LoaderConfig, LoaderError
     from stream.schema import BucketCountMismatch, ensure_schema
 
@@ -314,8 +314,12 @@ def load_cmd(
         with open_configured_warehouse(data_dir) as wh:
             n = ensure_schema(wh, buckets)  # the warehouse's N; a different --buckets is refused
             maintainer = Maintainer(n) if refresh == "incremental" else None
+            loop = None
             if maintainer is not None:
                 maintainer.setup(wh)
+                loop = MaintenanceLoop(  # a failed round stops the loader (bound below); finish() raises it
+                    maintainer, lambda: open_configured_warehouse(data_dir), on_error=lambda _exc: loader.stop()
+                )
             loader = Loader(
                 LoaderConfig(
                     kafka=kafka,
@@ -326,10 +330,20 @@ def load_cmd(
                     instance_id=instance_id,
                 ),
                 wh,
-                after_flush=maintainer.correct if maintainer is not None else None,
+                after_flush=loop.wake if loop is not None else None,
             )
             install_stop(loader.stop)
-            stats = loader.run(until_idle=until_idle)
+            if loop is not None:
+                loop.start()
+            try:
+                stats = loader.run(until_idle=until_idle)
+            except BaseException:
+                if loop is not None:
+                    loop.finish(None)  # stopped; the loader's own failure is the one reported
+                raise
+            if loop is not None:  # the last round (everything landed is in the cleaned buckets), or its failure
+                loop.finish(wh)
+                loop.maintainer.close(wh)
     except BucketCountMismatch as exc:
         raise fail(str(exc), 2) from None
     except (BucketerKafkaError, WarehouseError, LoaderError) as exc:

@@ -713,3 +713,74 @@ __all__ = [
     "reconcile_many",
     "maintenance_status",
 ]
+
+
+class MaintenanceLoop:
+    """The corrections in a thread of their own, on a warehouse handle of their own (``connect()``), so a
+    correction never delays the loader's next flush and a flush never waits for a correction: the loader's
+    ``after_flush`` only wakes the loop (``wake``), and a round corrects everything landed up to its start (what
+    lands meanwhile is the next round's). Without a wake-up it still looks every ``poll`` seconds.
+
+    Crash safety is the Maintainer's: the queues and the index are filled at landing time inside the
+    warehouse, and the watermarks move only after the corrections they cover, so a loader may commit its
+    offsets before the round that applies its rows, and a SIGKILL in between loses nothing (the restart's first
+    round applies it). ``finish(wh)`` stops the thread and runs one last round on the caller's handle, so a
+    stopping worker leaves the cleaned buckets current with what it landed. A failing round ends the loop:
+    ``on_error(exc)`` is told (the worker stops) and ``finish`` raises it."""
+
+    def __init__(
+        self,
+        maintainer: Maintainer,
+        connect: Callable[[], AbstractContextManager[Warehouse]],
+        *,
+        correct: Callable[[Warehouse], list[Correction]] | None = None,
+        poll: float = 5.0,
+        on_error: Callable[[BaseException], object] | None = None,
+    ) -> None:
+        self.maintainer = maintainer
+        self._connect = connect
+        self._correct = correct or maintainer.correct
+        self._poll = poll
+        self._on_error = on_error
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.rounds = 0
+
+    def wake(self, _wh: object = None) -> None:
+        """Something landed (the loader's ``after_flush``; the handle is not used)."""
+        self._wake.set()
+
+    def start(self) -> MaintenanceLoop:
+        self._thread = threading.Thread(target=self._run, name="bucketer-maintainer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with self._connect() as wh:
+                while not self._stop.is_set():
+                    self._wake.wait(self._poll)
+                    if self._stop.is_set():
+                        break
+                    self._wake.clear()
+                    self._correct(wh)
+                    self.rounds += 1
+        except BaseException as exc:  # reported to the worker, which stops; finish() raises it
+            log.error("maintain: a correction round failed: %s", one_line(exc))
+            self.error = exc
+            if self._on_error is not None:
+                self._on_error(exc)
+
+    def finish(self, wh: Warehouse | None = None) -> None:
+        """Stop the thread; then, with ``wh``, one last round of everything landed so far."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+        if wh is not None:
+            self._correct(wh)
+            self.rounds += 1

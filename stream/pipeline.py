@@ -37,7 +37,7 @@ from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
 from stream.enrich import Enricher, RebuildResult
-from stream.incremental import REFRESH_MODES, Maintainer, reconcile_many
+from stream.incremental import REFRESH_MODES, Maintainer, MaintenanceLoop, reconcile_many
 from stream.loader import Loader, LoaderConfig
 from stream.metrics import serve
 from stream.router import Router, RouterConfig
@@ -113,10 +113,11 @@ class Pipeline:
                 1,
                 others=[*self.topics.references().values(), self.topics.source],
             )
-            maintainer = None
+            maintainer = loop = None
             if cfg.refresh == "incremental":
                 self.maintainer = maintainer = Maintainer(n, now=self._clock)
                 maintainer.setup(wh)
+                loop = MaintenanceLoop(maintainer, self.connect, on_error=self._fail)
             self.router = Router(
                 RouterConfig(
                     kafka=cfg.kafka,
@@ -140,7 +141,7 @@ class Pipeline:
                     instance_id=cfg.instance_id,
                 ),
                 wh,
-                after_flush=maintainer.correct if maintainer is not None else None,
+                after_flush=loop.wake if loop is not None else None,
             )
             migration.attach(self, wh, active)
             enricher = Enricher(self.connect, clock=self._clock, lock_dir=Path(cfg.data_dir) / "locks")
@@ -185,12 +186,20 @@ class Pipeline:
                 self._spawn("loader", self.loader.run),
                 self._spawn("scheduler", self.scheduler.run),
             ]
+            if loop is not None:
+                loop.start()
             try:
                 self._supervise(threads[0])
             finally:
                 self.router.stop()
                 threads[0].join()
                 self._drain_loader(threads[1])
+                if loop is not None:  # the last round: what the loader landed is in the cleaned buckets
+                    try:
+                        loop.finish(None if self._errors else wh)
+                    except BaseException as exc:  # already in _errors when the thread failed
+                        if exc not in self._errors:
+                            self._errors.append(exc)
                 if cfg.enrich_on_exit and not self._errors:
                     refresh(range(n))
                 if maintainer is not None:
@@ -204,6 +213,11 @@ class Pipeline:
             raise self._errors[0]
 
     # -- internals ---------------------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        """A worker outside ``_spawn`` failed (the maintenance loop): the pipeline stops, run() re-raises it."""
+        self._errors.append(exc)
+        self.stop()
 
     def _spawn(self, name: str, target: Callable[[], Any]) -> threading.Thread:
         def body() -> None:
