@@ -9,6 +9,10 @@ was produced (never with the product's SQL); the reconciliation afterwards finds
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
-from kafkatools import create_topics, unique
+from kafkatools import create_topics, unique, wait_until
 from prometheus_client import generate_latest
 
 from connectors.kafka_conn import KafkaConnection
@@ -264,3 +268,77 @@ def test_a_cleaned_bucket_of_the_old_layout_moves_to_the_new_one(tmp_path: Path)
         ]
         engine = wh.rows("SELECT engine FROM system.tables WHERE name = {t:String}", {"t": cleaned_table(0)})
         assert engine == [("ReplacingMergeTree",)]
+
+
+def test_sigkill_of_run_at_any_moment_converges_to_the_same_cleaned_rows(bootstrap: str, tmp_path: Path) -> None:
+    """`bucketer run` (a process, the maintenance in its own thread) is SIGKILLed at staggered moments while
+    activities and reference changes stream in; a last run until idle leaves the cleaned buckets equal to the
+    model, each row once, and the reconciliation finds 0 differing rows."""
+    topics = TopicNames(unique("incrkill") + ".")
+    create_topics(bootstrap, [topics.source, *topics.references().values()])
+    data = tmp_path / "wh"
+    world = World()
+    for m in range(4):
+        world.member(f"m{m}")
+    world.ref("organizations", "insert", {"id": "o1", "displayName": "Acme", "country": "Germany", "location": ""})
+    world.ref("insightsProjects", "insert", {"id": "p0", "name": "p", "slug": "p", "segmentId": SEGMENTS[0]})
+    world.refs["insightsProjects"]["p0"] |= {"enabled": True, "deletedAt": None}
+    for r in range(3):
+        for s in SEGMENTS:
+            world.ref(
+                "repositories",
+                "insert",
+                {
+                    "id": f"r{r}-{s[-2:]}",
+                    "url": f"https://github.com/acme/repo{r}",
+                    "segmentId": s,
+                    "insightsProjectId": "p0",
+                    "sourceIntegrationId": "i0",
+                    "enabled": True,
+                    "deletedAt": None,
+                },
+            )
+    env = {k: v for k, v in os.environ.items() if k != "BUCKETER_CLICKHOUSE_URL"}
+    base = [sys.executable, "-m", "bucketer", "run", "--bootstrap", bootstrap, "--data-dir", str(data)]
+    base += ["--buckets", str(N), "--topic-prefix", topics.prefix]
+    changes = [
+        lambda: world.member("m1", bot=True),
+        lambda: world.ref(
+            "organizations", "update", {"id": "o1", "displayName": "Acme AG", "country": "France", "location": ""}
+        ),
+        lambda: world.member("m1", bot=False),
+        lambda: world.ref(
+            "repositories", "update", {**(world.refs["repositories"][f"r0-{SEGMENTS[0][-2:]}"] or {}), "enabled": False}
+        ),
+    ]
+    kills = 0
+    for k, delay in enumerate((0.5, 1.5, 2.5, 3.5)):
+        for i in range(k * 150, (k + 1) * 150):
+            world.activity(i)
+        changes[k]()
+        produce(bootstrap, topics, world)
+        log = tmp_path / f"run{k}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(base, env=env, stdout=out, stderr=out)
+        try:
+            started = lambda p=proc, f=log: p.poll() is not None or b"assigned" in f.read_bytes()  # noqa: E731
+            wait_until(started, 90, "run to start")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(delay)  # somewhere in routing, landing or a correction round
+            for i in range(k * 150, k * 150 + 40):  # more input while it runs: some of it lands, some not
+                world.activity(10_000 + i)
+            produce(bootstrap, topics, world)
+            time.sleep(delay / 2)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            kills += proc.wait(30) == -signal.SIGKILL
+    assert kills == 4
+    final = subprocess.run([*base, "--until-idle", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    want = world.expected()
+    assert len(want) > 300 and cleaned(data) == want
+    with open_warehouse(data) as wh:
+        maintainer = Maintainer(N)
+        maintainer.setup(wh)
+        assert [maintainer.reconcile(wh, n) for n in range(N)] == [0] * N
+        maintainer.close(wh)
