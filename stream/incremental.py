@@ -329,7 +329,8 @@ class Maintainer:
         assert self._state is not None
         if not names:
             return
-        values, params = [], {}
+        values: list[str] = []
+        params: dict[str, object] = {}
         for i, name in enumerate(names):
             s = self._state[name]
             values.append(
