@@ -237,6 +237,24 @@ class Pipeline:
         while router_thread.is_alive() and not self._stopping.is_set():
             router_thread.join(0.2)
 
+    def _loader_caught_up(self) -> bool:
+        """Nothing left for the loader group: no committed message it has not committed, and none in an open
+        transaction. A router SIGKILLed mid-transaction leaves one open on the bucket topics until the broker
+        aborts it (its transaction timeout): a read_committed loader sees nothing past it and looks idle, while
+        the messages routed after it wait behind it. ``--until-idle`` must not end there."""
+        from connectors.kafka import group_lag
+
+        assert self.buckets is not None
+        topics = [*self.topics.buckets(self.buckets), self.topics.resolve, *self.topics.references().values()]
+        lag = group_lag(self.config.kafka, self.config.loader_group, topics)
+        if lag.at_most:
+            log.info(
+                "until-idle: the loader still has %d messages to read, %d offsets in open transactions: waiting",
+                lag.messages,
+                lag.pending,
+            )
+        return lag.exact and lag.at_most == 0
+
     def _drain_loader(self, loader_thread: threading.Thread) -> None:
         """Let the loader write everything the router committed, then stop it."""
         assert self.loader is not None
@@ -255,7 +273,9 @@ class Pipeline:
                 and time.monotonic() - last_change >= idle_for
                 and self.loader.idle(idle_for)
             ):
-                break
+                if self.config.until_idle is None or self._loader_caught_up():
+                    break
+                last_change = time.monotonic()  # input is still to come: wait another idle spell
             time.sleep(0.1)
         self.loader.stop()
         loader_thread.join()
