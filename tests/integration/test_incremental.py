@@ -117,6 +117,23 @@ class World:
         attrs = {"isBot": {"default": bot}} if bot else {}
         self.ref("members", "update", {"id": mid, "attributes": attrs, "displayName": mid, "joinedAt": iso(T0)})
 
+    def project_with_repositories(self) -> None:
+        """The enabled project p0 and, in every segment, three enabled repositories of it (r0..r2)."""
+        self.ref("insightsProjects", "insert", {"id": "p0", "name": "p", "slug": "p", "segmentId": SEGMENTS[0]})
+        self.refs["insightsProjects"]["p0"] |= {"enabled": True, "deletedAt": None}
+        for r in range(3):
+            for s in SEGMENTS:
+                rec = {
+                    "id": f"r{r}-{s[-2:]}",
+                    "url": f"https://github.com/acme/repo{r}",
+                    "segmentId": s,
+                    "insightsProjectId": "p0",
+                    "sourceIntegrationId": "i0",
+                    "enabled": True,
+                    "deletedAt": None,
+                }
+                self.ref("repositories", "insert", rec)
+
     def expected(self) -> set[tuple[Any, ...]]:
         """(activityId, organizationName, organizationCountryCode, gitChangedLines) of each cleaned row."""
         live = {k: m for k, m in self.refs["members"].items() if m is not None}
@@ -192,20 +209,7 @@ def test_cleaned_buckets_follow_every_topic_without_enrich(bootstrap: str, tmp_p
         world.member(f"m{m}")
     world.ref("organizations", "insert", {"id": "o1", "displayName": "Acme", "country": "Germany", "location": ""})
     world.ref("organizations", "insert", {"id": "o2", "displayName": "Globex", "country": "", "location": ""})
-    world.ref("insightsProjects", "insert", {"id": "p0", "name": "p", "slug": "p", "segmentId": SEGMENTS[0]})
-    world.refs["insightsProjects"]["p0"] |= {"enabled": True, "deletedAt": None}
-    for r in range(3):
-        for s in SEGMENTS:
-            rec = {
-                "id": f"r{r}-{s[-2:]}",
-                "url": f"https://github.com/acme/repo{r}",
-                "segmentId": s,
-                "insightsProjectId": "p0",
-                "sourceIntegrationId": "i0",
-                "enabled": True,
-                "deletedAt": None,
-            }
-            world.ref("repositories", "insert", rec)
+    world.project_with_repositories()
     produce(bootstrap, topics, world)
     run_until_idle(bootstrap, topics, data, groups)
     want = world.expected()
@@ -281,23 +285,7 @@ def test_sigkill_of_run_at_any_moment_converges_to_the_same_cleaned_rows(bootstr
     for m in range(4):
         world.member(f"m{m}")
     world.ref("organizations", "insert", {"id": "o1", "displayName": "Acme", "country": "Germany", "location": ""})
-    world.ref("insightsProjects", "insert", {"id": "p0", "name": "p", "slug": "p", "segmentId": SEGMENTS[0]})
-    world.refs["insightsProjects"]["p0"] |= {"enabled": True, "deletedAt": None}
-    for r in range(3):
-        for s in SEGMENTS:
-            world.ref(
-                "repositories",
-                "insert",
-                {
-                    "id": f"r{r}-{s[-2:]}",
-                    "url": f"https://github.com/acme/repo{r}",
-                    "segmentId": s,
-                    "insightsProjectId": "p0",
-                    "sourceIntegrationId": "i0",
-                    "enabled": True,
-                    "deletedAt": None,
-                },
-            )
+    world.project_with_repositories()
     env = {k: v for k, v in os.environ.items() if k != "BUCKETER_CLICKHOUSE_URL"}
     base = [sys.executable, "-m", "bucketer", "run", "--bootstrap", bootstrap, "--data-dir", str(data)]
     base += ["--buckets", str(N), "--topic-prefix", topics.prefix]
