@@ -153,6 +153,14 @@ def index_select(source: str, git: str) -> str:
     )
 
 
+def _one_part(rows: int) -> str:
+    """SETTINGS that make an INSERT … SELECT of ``rows`` rows one block, so one part (readers see all or none)."""
+    return (
+        "SETTINGS max_threads = 1, max_insert_threads = 1, "
+        f"min_insert_block_size_rows = {max(rows, 1 << 20)}, min_insert_block_size_bytes = 0"
+    )
+
+
 @dataclass
 class BucketState:
     watermark: int = 0
@@ -170,10 +178,6 @@ class Correction:
     candidates: int
     written: int
     tombstones: int
-
-
-def _fields(c: Correction) -> tuple[int, int, int, int]:
-    return c.bucket, c.candidates, c.written, c.tombstones
 
 
 @dataclass
@@ -576,17 +580,13 @@ class Maintainer:
         part: readers (FINAL) see the bucket's whole correction or none of it."""
         wh.command(
             f"INSERT INTO {cleaned_table(n)} SELECT * EXCEPT (_b) FROM {self.round_stage} WHERE _b = {n} "
-            f"SETTINGS max_threads = 1, max_insert_threads = 1, "
-            f"min_insert_block_size_rows = {max(rows, 1 << 20)}, min_insert_block_size_bytes = 0"
+            + _one_part(rows)
         )
 
     def _publish(self, wh: Warehouse, target: str, rows: int) -> None:
         """Move the stage's ``rows`` rows into ``target`` as one block, so one part: readers (FINAL) see the whole
         correction or none of it."""
-        wh.command(
-            f"INSERT INTO {target} SELECT * FROM {self.stage} SETTINGS max_threads = 1, max_insert_threads = 1, "
-            f"min_insert_block_size_rows = {max(rows, 1 << 20)}, min_insert_block_size_bytes = 0"
-        )
+        wh.command(f"INSERT INTO {target} SELECT * FROM {self.stage} " + _one_part(rows))
 
     # --- reconciliation --------------------------------------------------------------------------------------
 
