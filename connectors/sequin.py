@@ -31,7 +31,7 @@ import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -329,3 +329,27 @@ def _segment_id_of_changes(old: dict[str, Any]) -> str:
         return _segment_id(old, "changes")
     except BadMessage as exc:
         raise BadMessage("bad_changes", exc.detail) from None
+
+
+_COMMIT_FIELD = b'"commit_timestamp"'
+
+
+def commit_time(value: bytes) -> datetime | None:
+    """The ``metadata.commit_timestamp`` of one message, read from its bytes without parsing the rest (the
+    loader's freshness mark); None when absent, not a string, or not a timestamp. A string value cannot fake
+    the field (its quotes are escaped in JSON); of several such keys the last one is taken."""
+    at = value.rfind(_COMMIT_FIELD)
+    if at < 0:
+        return None
+    rest = value[at + len(_COMMIT_FIELD) : at + len(_COMMIT_FIELD) + 48].lstrip()
+    if not rest.startswith(b":"):
+        return None
+    rest = rest[1:].lstrip()
+    end = rest.find(b'"', 1)
+    if not rest.startswith(b'"') or end < 0:
+        return None
+    try:
+        t = _fromisoformat(rest[1:end].decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)

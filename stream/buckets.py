@@ -29,5 +29,12 @@ def raw_table(bucket: int) -> str:
     return f"activityRelations_bucket_MV_ds_{bucket}"
 
 
+def bucket_of_raw(table: str) -> int | None:
+    """The bucket whose raw table ``table`` is (``raw_table``'s inverse); None for any other name."""
+    prefix = raw_table(0)[:-1]
+    tail = table[len(prefix) :] if table.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() and raw_table(int(tail)) == table else None
+
+
 def cleaned_table(bucket: int) -> str:
     return f"activityRelations_deduplicated_cleaned_bucket_{bucket}_ds"

@@ -26,7 +26,9 @@ Finding K without scanning buckets — structures filled by materialized views, 
   the old url), → their channels (lower(url), and the gerrit query-URL variant) → index kind 3.
 
 ``bucketer_cleaned_state`` (ReplacingMergeTree by name): per bucket the activity watermark, the freshness
-(the newest applied change's updatedAt, which Sequin commits at; ``freshness_lag`` = now − that) and the
+(the newest Sequin ``commit_timestamp`` applied: the loader hands each landed batch's marks to ``landed``, a
+reference table's to every bucket, and the next round that covers them records them; ``freshness_lag`` = now −
+that) and the
 snapshotId its corrections write (the hour of the bucket's last reconciliation); ``refs`` holds the
 reference-change watermark. Watermarks advance only after the corrections they cover are written, so a crash
 anywhere replays the corrections, which is harmless (a correction is a pure function of the current state).
@@ -50,7 +52,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -203,6 +205,24 @@ class Maintainer:
         self._tag = uuid.uuid4().hex[:12]
         self._lock = threading.Lock()
         self._state: dict[str, BucketState] | None = None
+        # Freshness marks of landed batches not yet covered by a round (``landed``): bucket -> newest Sequin
+        # commit_timestamp; None = a reference table (every bucket reads it).
+        self._marks: dict[int | None, datetime] = {}
+        self._marks_lock = threading.Lock()
+
+    def landed(self, marks: Mapping[int | None, datetime]) -> None:
+        """A batch was landed (the loader's ``after_flush``, after its INSERTs returned) with these freshness
+        marks. The next round to START covers them: it reads the queues after taking the marks, so every row
+        of a mark taken is in what it corrects. Marks are the only source of the freshness (the newest Sequin
+        ``commit_timestamp`` applied); a correction run without a loader leaves it as it was."""
+        with self._marks_lock:
+            for b, t in marks.items():
+                self._marks[b] = max(t, self._marks.get(b, t))
+
+    def _take_marks(self) -> dict[int | None, datetime]:
+        with self._marks_lock:
+            marks, self._marks = self._marks, {}
+        return marks
 
     @property
     def work(self) -> str:
@@ -367,16 +387,21 @@ class Maintainer:
         with self._lock:
             if self._state is None:
                 raise RuntimeError("Maintainer.setup() first")
-            return self._correct_locked(wh)
+            marks = self._take_marks()
+            try:
+                return self._correct_locked(wh, marks)
+            except BaseException:
+                self.landed(marks)  # not applied: a later round covers them
+                raise
 
-    def _correct_locked(self, wh: Warehouse) -> list[Correction]:
+    def _correct_locked(self, wh: Warehouse, marks: Mapping[int | None, datetime]) -> list[Correction]:
         assert self._state is not None
         refs = self._state["refs"]
         lo = refs.watermark
-        got = wh.rows(f"SELECT max(at), max(updatedAt), count() FROM {REF_CHANGES} WHERE at > {lo}")
-        hi, ref_fresh = (int(got[0][0]), got[0][1]) if got and int(got[0][2]) else (lo, None)
-        if got and int(got[0][2]) > BULK_ROWS:
-            return self._reconcile_everything(wh, hi, ref_fresh)
+        got = wh.rows(f"SELECT max(at), count() FROM {REF_CHANGES} WHERE at > {lo}")
+        hi = int(got[0][0]) if got and int(got[0][1]) else lo
+        if got and int(got[0][1]) > BULK_ROWS:
+            return self._reconcile_everything(wh, hi, marks)
         tables: set[str] = set()
         if hi > lo:
             tables = {
@@ -417,10 +442,10 @@ class Maintainer:
         advanced: dict[int, tuple[int, list[datetime]]] = {}
         # Every bucket's new queue entries in one round trip (a flush usually touches a few buckets only).
         heads = {
-            int(b): (int(top), newest, int(count))
-            for b, top, newest, count in wh.rows(
+            int(b): (int(top), int(count))
+            for b, top, count in wh.rows(
                 " UNION ALL ".join(
-                    f"SELECT toUInt32({n}), max(at), max(updatedAt), count() FROM {queue_table(n)} "
+                    f"SELECT toUInt32({n}), max(at), count() FROM {queue_table(n)} "
                     f"WHERE at > {self._state[f'bucket/{n}'].watermark}"
                     for n in range(self.buckets)
                 )
@@ -429,7 +454,7 @@ class Maintainer:
         }
         for n in range(self.buckets):
             st = self._state[f"bucket/{n}"]
-            qhi, qfresh, queued = heads.get(n, (st.watermark, None, 0))
+            qhi, queued = heads.get(n, (st.watermark, 0))
             sources = []
             if queued > BULK_ROWS:
                 # A bulk landing (a bootstrap replay, a long outage's backlog): one full reconciliation of the
@@ -441,7 +466,7 @@ class Maintainer:
                 sources.append(f"SELECT {IDENT} FROM {index_table(n)} WHERE " + " OR ".join(f"({k})" for k in keys))
             if sources:
                 candidates[n] = " UNION ALL ".join(sources)
-            advanced[n] = (qhi, [f for f in (qfresh, ref_fresh) if f is not None])
+            advanced[n] = (qhi, [f for f in (marks.get(n), marks.get(None)) if f is not None])
         # One round for every touched bucket: the statements' fixed cost is paid once, not once per bucket.
         done = self._correct_buckets(wh, candidates) if candidates else []
         moved = []
@@ -450,8 +475,7 @@ class Maintainer:
             if qhi > st.watermark or fresh:
                 st.watermark = qhi
                 if fresh:
-                    newest = max(f.replace(tzinfo=UTC) if f.tzinfo is None else f for f in fresh)
-                    st.freshness = max(st.freshness, newest)
+                    st.freshness = max(st.freshness, *fresh)
                 self.stats.freshness[n] = st.freshness
                 moved.append(f"bucket/{n}")
         self._save(wh, *moved)
@@ -463,7 +487,7 @@ class Maintainer:
         self.stats.last = done
         return done
 
-    def _reconcile_everything(self, wh: Warehouse, hi: int, fresh: datetime | None) -> list[Correction]:
+    def _reconcile_everything(self, wh: Warehouse, hi: int, marks: Mapping[int | None, datetime]) -> list[Correction]:
         """A bulk of reference changes (a bootstrap replay of the reference topics): every bucket is reconciled in
         full, which covers every queued change too."""
         assert self._state is not None
@@ -473,8 +497,9 @@ class Maintainer:
             self._reconcile_locked(wh, n)
             st = self._state[f"bucket/{n}"]
             st.watermark = max(st.watermark, start)
-            if fresh is not None:
-                st.freshness = max(st.freshness, fresh.replace(tzinfo=UTC) if fresh.tzinfo is None else fresh)
+            fresh = [f for f in (marks.get(n), marks.get(None)) if f is not None]
+            if fresh:
+                st.freshness = max(st.freshness, *fresh)
                 self.stats.freshness[n] = st.freshness
             self._save(wh, f"bucket/{n}")
         self._apply_repositories(wh, None)
@@ -749,8 +774,11 @@ class MaintenanceLoop:
         self.error: BaseException | None = None
         self.rounds = 0
 
-    def wake(self, _wh: object = None) -> None:
-        """Something landed (the loader's ``after_flush``; the handle is not used)."""
+    def wake(self, _wh: object = None, marks: Mapping[int | None, datetime] | None = None) -> None:
+        """Something landed (the loader's ``after_flush``; the handle is not used): its freshness marks go to the
+        Maintainer, and the loop runs a round."""
+        if marks:
+            self.maintainer.landed(marks)
         self._wake.set()
 
     def start(self) -> MaintenanceLoop:

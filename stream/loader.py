@@ -49,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -65,9 +66,10 @@ from connectors.kafka import (
     producer_config,
 )
 from connectors.kafka_conn import KafkaConnection
+from connectors.sequin import commit_time
 from connectors.topics import TopicNames
 from connectors.warehouse import SupportsJsonParts, Warehouse, WarehouseError
-from stream.buckets import raw_table
+from stream.buckets import bucket_of_raw, raw_table
 from stream.cdc import RESOLVE_KIND, TOAST_BYTES, Item, Resolver, inspect
 from stream.row_sql import classify_problem, insert_sql
 from stream.schema import stage_columns
@@ -181,12 +183,13 @@ class Loader:
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
         sleep: Callable[[float], None] = time.sleep,
-        after_flush: Callable[[Warehouse], object] | None = None,
+        after_flush: Callable[[Warehouse, dict[int | None, datetime]], object] | None = None,
     ) -> None:
         """``consumer_factory``/``producer_factory`` build the Kafka clients from their config (tests pass fakes);
-        ``clock``/``sleep`` drive the batch timers, backoffs and the outage deadline. ``after_flush(warehouse)``
-        runs after a batch's inserts and before its offsets are committed (the cleaned buckets' maintenance,
-        stream/incremental.py): if it fails, the batch is not committed and is replayed."""
+        ``clock``/``sleep`` drive the batch timers, backoffs and the outage deadline. ``after_flush(warehouse,
+        marks)`` runs after a batch's inserts and before its offsets are committed (the cleaned buckets'
+        maintenance, stream/incremental.py; ``marks``: ``_landed``): if it fails, the batch is not committed and
+        is replayed."""
         self._after_flush = after_flush
         self.config = config
         self.warehouse = warehouse
@@ -507,6 +510,7 @@ class Loader:
         return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 
     def _write(self, pending: dict[str, _Pending]) -> None:
+        landed = self._landed(pending) if self._after_flush is not None else {}
         special = self._take_special(pending)
         todo = [(table, p) for table, p in pending.items() if p.values]
         buckets = [(table, p) for table, p in todo if self._kind(table) == ACTIVITY]
@@ -519,7 +523,32 @@ class Loader:
             self._resolver.apply(special, self._dead_letter)
         self._confirm_dlq()
         if self._after_flush is not None:
-            self._after_flush(self.warehouse)
+            self._after_flush(self.warehouse, landed)
+
+    def _landed(self, pending: dict[str, _Pending]) -> dict[int | None, datetime]:
+        """The batch's freshness marks: per raw bucket (None: a reference table, which every bucket reads) the
+        newest Sequin ``commit_timestamp`` among the last message of each partition in the batch (a partition's
+        messages arrive in commit order; across partitions this may under-state, never over-state). The resolve
+        topic and the migration's inbox name no bucket and give no mark."""
+        marks: dict[int | None, datetime] = {}
+        for table, p in pending.items():
+            if not p.values:
+                continue
+            kind = self._kind(table)
+            bucket: int | None
+            if kind == ACTIVITY:
+                if (bucket := bucket_of_raw(table)) is None:
+                    continue
+            elif kind == RESOLVE_KIND:
+                continue
+            else:
+                bucket = None
+            last = {part: i for i, part in enumerate(p.partitions)}
+            stamps = [t for i in last.values() if (t := commit_time(p.values[i])) is not None]
+            if stamps:
+                newest = max(stamps)
+                marks[bucket] = max(newest, marks.get(bucket, newest))
+        return marks
 
     def _take_special(self, pending: dict[str, _Pending]) -> list[Item]:
         """Take out of ``pending`` the messages resolved against the warehouse (stream/cdc.py): values

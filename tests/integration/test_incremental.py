@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 from connectors.kafka_conn import KafkaConnection
 from connectors.topics import TopicNames
 from connectors.warehouse import open_warehouse
+from stream.buckets import bucket_of
 from stream.incremental import Maintainer, maintenance_status
 from stream.metrics import registry_for
 from stream.pipeline import Pipeline, PipelineConfig
@@ -60,13 +61,21 @@ class World:
             t: {} for t in ("members", "organizations", "repositories", "insightsProjects", "integrations")
         }
         self.out: list[tuple[str, bytes, bytes]] = []  # (topic kind, key, value)
+        # The newest Sequin commit_timestamp sent per bucket (None: a reference table, which every bucket reads).
+        self.newest: dict[int | None, datetime] = {}
 
     def at(self) -> str:
         self.tick += 1
         return iso(T0 + timedelta(days=30, seconds=self.tick))
 
-    def message(self, table: str, action: str, record: dict[str, Any], changes: Any = None) -> bytes:
-        meta = {"table_name": table, "commit_timestamp": record["updatedAt"]}
+    def message(
+        self, table: str, action: str, record: dict[str, Any], changes: Any = None, buckets: tuple[int, ...] = ()
+    ) -> bytes:
+        """Sequin commits a little after the row's updatedAt: the freshness must follow the commit time."""
+        commit = datetime.fromisoformat(record["updatedAt"]) + timedelta(seconds=2)
+        for b in buckets if table == "activityRelations" else (None,):
+            self.newest[b] = max(commit, self.newest.get(b, commit))
+        meta = {"table_name": table, "commit_timestamp": iso(commit)}
         return orjson.dumps({"action": action, "record": record, "changes": changes, "metadata": meta})
 
     def activity(self, i: int, action: str = "insert", **over: Any) -> dict[str, Any]:
@@ -92,7 +101,11 @@ class World:
         key = self.ident(rec)
         self.activities[key] = None if action == "delete" else rec
         self.out.append(
-            ("activityRelations", rec["activityId"].encode(), self.message("activityRelations", action, rec))
+            (
+                "activityRelations",
+                rec["activityId"].encode(),
+                self.message("activityRelations", action, rec, buckets=(bucket_of(rec["segmentId"], N),)),
+            )
         )
         return rec
 
@@ -102,7 +115,10 @@ class World:
         self.activities[self.ident(rec)] = None
         self.activities[self.ident(new)] = new
         changes = {"segmentId": rec["segmentId"], "updatedAt": rec["updatedAt"]}
-        self.out.append(("activityRelations", b"moved", self.message("activityRelations", "update", new, changes)))
+        moved = (bucket_of(rec["segmentId"], N), bucket_of(segment, N))  # the retirement lands in the old bucket
+        self.out.append(
+            ("activityRelations", b"moved", self.message("activityRelations", "update", new, changes, moved))
+        )
 
     @staticmethod
     def ident(r: dict[str, Any]) -> tuple[Any, ...]:
@@ -245,7 +261,10 @@ def test_cleaned_buckets_follow_every_topic_without_enrich(bootstrap: str, tmp_p
         assert [maintainer.reconcile(wh, n) for n in range(N)] == [0] * N
         fresh = maintenance_status(wh, N, now=datetime(2026, 5, 1, 12, tzinfo=UTC))
         assert [f.differing for f in fresh] == [0] * N
-        assert all(f.freshness is not None and (f.freshness.year, f.freshness.month) == (2026, 5) for f in fresh)
+        # Freshness = the newest commit_timestamp applied to the bucket (its activities, every reference table).
+        assert [f.freshness for f in fresh] == [
+            max(world.newest.get(n, world.newest[None]), world.newest[None]) for n in range(N)
+        ]
         assert all(f.lag_seconds is not None and 0 < f.lag_seconds < 86400 for f in fresh)
         maintainer.close(wh)
     assert cleaned(data) == world.expected()

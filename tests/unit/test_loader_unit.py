@@ -7,6 +7,7 @@ Kafka error, and each state change is one log line. The progress line and the la
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from fakes import FakeMessage
 from prometheus_client import generate_latest
 
 from connectors.kafka_conn import KafkaConnection
+from connectors.sequin import commit_time
 from connectors.topics import TopicNames
 from connectors.warehouse import WarehouseError
 from stream.loader import _CONSUME_MAX, Loader, LoaderConfig, LoaderError, LoaderStats, WarehouseUnavailable
@@ -412,3 +414,58 @@ def test_progress_line_and_lag_metric(caplog: pytest.LogCaptureFixture) -> None:
 class _Stats:
     def __init__(self, stats: LoaderStats) -> None:
         self.stats = stats
+
+
+def with_commit(value: bytes, stamp: str) -> bytes:
+    return value[:-1] + b',"metadata":{"commit_timestamp":"' + stamp.encode() + b'"}}'
+
+
+def test_each_flush_hands_the_newest_commit_time_per_bucket_after_its_inserts() -> None:
+    log = Log()
+    b0, b1, ref = TOPICS.bucket(0), TOPICS.bucket(1), TOPICS.reference("members")
+    batches = [
+        [
+            FakeMessage(b0, 0, 1, with_commit(GOOD, "2025-05-01T12:00:01.5Z")),
+            FakeMessage(b0, 0, 2, with_commit(GOOD, "2025-05-01T12:00:02Z")),  # the partition's last: newest
+            FakeMessage(b0, 1, 1, with_commit(GOOD, "2025-05-01T11:59:00Z")),
+            FakeMessage(b1, 0, 1, GOOD),  # no commit_timestamp: no mark
+            FakeMessage(ref, 0, 1, with_commit(b'{"m":1}', "2025-05-01T12:00:09.25+00:00")),
+        ]
+    ]
+    config = LoaderConfig(kafka=KafkaConnection.plain("unused:9092"), buckets=2, topics=TOPICS, poll_timeout=0.01)
+    calls: list[dict[int | None, datetime]] = []
+
+    def after_flush(wh: Any, marks: dict[int | None, datetime]) -> None:
+        assert any(e[0] == "insert" for e in log.events)  # after the batch's inserts, before its commit
+        assert not any(e[0] == "commit" for e in log.events)
+        calls.append(marks)
+
+    Loader(
+        config,
+        FakeWarehouse(log),  # type: ignore[arg-type]
+        consumer_factory=lambda conf: FakeConsumer(log, batches),
+        producer_factory=lambda conf: FakeProducer(log),
+        after_flush=after_flush,
+    ).run(until_idle=0.05)
+    assert calls == [
+        {
+            0: datetime(2025, 5, 1, 12, 0, 2, tzinfo=UTC),
+            None: datetime(2025, 5, 1, 12, 0, 9, 250000, tzinfo=UTC),
+        }
+    ]
+
+
+def test_commit_time_is_read_from_the_bytes_and_refuses_what_is_not_a_timestamp() -> None:
+    assert commit_time(b'{"metadata": {"commit_timestamp" : "2025-05-01T12:00:03.121004Z"}}') == datetime(
+        2025, 5, 1, 12, 0, 3, 121004, tzinfo=UTC
+    )
+    assert commit_time(b'{"metadata":{"commit_timestamp":"2025-05-01T12:00:03"}}') == datetime(
+        2025, 5, 1, 12, 0, 3, tzinfo=UTC
+    )
+    for bad in (
+        b'{"metadata":{}}',
+        b'{"metadata":{"commit_timestamp":null}}',
+        b'{"metadata":{"commit_timestamp":"yesterday"}}',
+        b'{"record":{"note":"\\"commit_timestamp\\":\\"2025-05-01T12:00:03Z\\""}}',  # a string value
+    ):
+        assert commit_time(bad) is None, bad
