@@ -209,13 +209,23 @@ class Report:
         denominator: float,
         target: float | None = None,
         higher_is_better: bool = True,
+        unit: str = "×",
     ) -> float:
+        """A figure against its target: by default a ratio (``unit`` ×); with ``unit=" s"`` an absolute value
+        (numerator, denominator 1.0) held against an absolute target."""
         value = numerator / denominator if denominator else float("nan")
         met = None
         if target is not None and value == value:
             met = value >= target if higher_is_better else value <= target
         self.ratios.append(
-            {"name": name, "value": value, "target": target, "higher_is_better": higher_is_better, "met": met}
+            {
+                "name": name,
+                "value": value,
+                "target": target,
+                "higher_is_better": higher_is_better,
+                "met": met,
+                "unit": unit,
+            }
         )
         return value
 
@@ -264,9 +274,14 @@ class Report:
             return ""
         rows = ["| ratio | measured | target | met |", "|---|---:|---:|:---:|"]
         for r in self.ratios:
-            target = "–" if r["target"] is None else f"{'≥' if r['higher_is_better'] else '≤'} {r['target']:g}"
+            unit = r.get("unit", "×")
+            target = (
+                "–"
+                if r["target"] is None
+                else f"{'≥' if r['higher_is_better'] else '≤'} {r['target']:g}{'' if unit == '×' else unit}"
+            )
             met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
-            value = f"{r['value']:.2f}×" if r["value"] == r["value"] else "–"
+            value = f"{r['value']:.2f}{unit}" if r["value"] == r["value"] else "–"
             rows.append(f"| {r['name']} | {value} | {target} | {met} |")
         return "\n".join(rows)
 
