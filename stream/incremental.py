@@ -203,7 +203,7 @@ class Maintainer:
         self.stats = MaintenanceStats()
         self._now = now  # a Clock (stream/schedule.py) for snapshotIds; None = the system clock
         self._tag = uuid.uuid4().hex[:12]
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held by a rebucket's flip across the swap and ``relayout``
         self._state: dict[str, BucketState] | None = None
         # Freshness marks of landed batches not yet covered by a round (``landed``): bucket -> newest Sequin
         # commit_timestamp; None = a reference table (every bucket reads it).
@@ -257,62 +257,70 @@ class Maintainer:
         repositories from what is already landed, and reconcile every bucket (a cleaned bucket of the old
         MergeTree layout is rebuilt into the new one). Idempotent."""
         with self._lock:
-            self._migrate_old_layout(wh)
+            self._setup_locked(wh)
+
+    def relayout(self, wh: Warehouse, buckets: int) -> None:
+        """The warehouse now has ``buckets`` buckets (a rebucket's flip): the maintenance is set up anew for them,
+        with no round in between that would see the new tables with the old bucket count."""
+        with self._lock:
+            self.buckets = buckets
+            self._setup_locked(wh)
+
+    def _setup_locked(self, wh: Warehouse) -> None:
+        self._migrate_old_layout(wh)
+        for sql in maintenance_ddl(self.buckets):
+            schema_command(wh, sql)  # ON CLUSTER on a server cluster (connectors/warehouse.py)
+        for n in range(self.buckets):
+            schema_command(wh, cleaned_table_ddl(n))
+        stale = wh.rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
+            "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
+            {"p": WORK_PREFIX},
+        )
+        for (name,) in stale:
+            wh.command(f"DROP TABLE IF EXISTS `{name}`")
+        wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} (_b UInt32, {IDENT_DDL}) ENGINE = Memory")
+        wh.command(f"CREATE TABLE IF NOT EXISTS {self.stage} ({cleaned_columns_ddl()}) ENGINE = Memory")
+        wh.command(
+            f"CREATE TABLE IF NOT EXISTS {self.round_stage} ({cleaned_columns_ddl()}, _b UInt32) ENGINE = Memory"
+        )
+        wh.command(
+            f"CREATE TABLE IF NOT EXISTS {self.krows} ENGINE = Memory "
+            f"AS SELECT *, toUInt32(0) AS _b FROM {raw_table(0)} LIMIT 0"
+        )
+        self._state = self._load_state(wh)
+        layout = self._state.get("layout")
+        if layout is not None and layout.watermark != self.buckets:
+            # Rebucketed: every identity may have moved; index and queues start again from the raw rows.
+            log.warning("maintain: %d buckets, was %d: the maintenance is set up anew", self.buckets, layout.watermark)
+            self._reset(wh)
             for sql in maintenance_ddl(self.buckets):
-                schema_command(wh, sql)  # ON CLUSTER on a server cluster (connectors/warehouse.py)
-            for n in range(self.buckets):
-                schema_command(wh, cleaned_table_ddl(n))
-            stale = wh.rows(
-                "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
-                "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
-                {"p": WORK_PREFIX},
-            )
-            for (name,) in stale:
-                wh.command(f"DROP TABLE IF EXISTS `{name}`")
-            wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} (_b UInt32, {IDENT_DDL}) ENGINE = Memory")
-            wh.command(f"CREATE TABLE IF NOT EXISTS {self.stage} ({cleaned_columns_ddl()}) ENGINE = Memory")
-            wh.command(
-                f"CREATE TABLE IF NOT EXISTS {self.round_stage} ({cleaned_columns_ddl()}, _b UInt32) ENGINE = Memory"
-            )
-            wh.command(
-                f"CREATE TABLE IF NOT EXISTS {self.krows} ENGINE = Memory "
-                f"AS SELECT *, toUInt32(0) AS _b FROM {raw_table(0)} LIMIT 0"
-            )
-            self._state = self._load_state(wh)
-            layout = self._state.get("layout")
-            if layout is not None and layout.watermark != self.buckets:
-                # Rebucketed: every identity may have moved; index and queues start again from the raw rows.
-                log.warning(
-                    "maintain: %d buckets, was %d: the maintenance is set up anew", self.buckets, layout.watermark
-                )
-                self._reset(wh)
-                for sql in maintenance_ddl(self.buckets):
-                    schema_command(wh, sql)
-                self._state = {}
-            start = self._clock_ns(wh)
-            git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
-            new_refs = "refs" not in self._state
-            if new_refs:
-                self._apply_repositories(wh, None)
-                refresh_country_codes(wh)
-            for n in range(self.buckets):
-                if f"bucket/{n}" in self._state:
-                    continue
-                # First maintained here: index what is already landed, then reconcile the bucket in full.
-                wh.command(f"INSERT INTO {index_table(n)} {index_select(raw_table(n), git)}")
-                self._reconcile_locked(wh, n)
-                self._state[f"bucket/{n}"].watermark = start
-                self._save(wh, f"bucket/{n}")
-            if new_refs:
-                self._state["refs"] = BucketState(watermark=start)
-                self._save(wh, "refs")
-            if layout is None or layout.watermark != self.buckets:
-                self._state["layout"] = BucketState(watermark=self.buckets)
-                self._save(wh, "layout")
-            for n in range(self.buckets):
-                st = self._state[f"bucket/{n}"]
-                if st.freshness > EPOCH:
-                    self.stats.freshness[n] = st.freshness
+                schema_command(wh, sql)
+            self._state = {}
+        start = self._clock_ns(wh)
+        git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+        new_refs = "refs" not in self._state
+        if new_refs:
+            self._apply_repositories(wh, None)
+            refresh_country_codes(wh)
+        for n in range(self.buckets):
+            if f"bucket/{n}" in self._state:
+                continue
+            # First maintained here: index what is already landed, then reconcile the bucket in full.
+            wh.command(f"INSERT INTO {index_table(n)} {index_select(raw_table(n), git)}")
+            self._reconcile_locked(wh, n)
+            self._state[f"bucket/{n}"].watermark = start
+            self._save(wh, f"bucket/{n}")
+        if new_refs:
+            self._state["refs"] = BucketState(watermark=start)
+            self._save(wh, "refs")
+        if layout is None or layout.watermark != self.buckets:
+            self._state["layout"] = BucketState(watermark=self.buckets)
+            self._save(wh, "layout")
+        for n in range(self.buckets):
+            st = self._state[f"bucket/{n}"]
+            if st.freshness > EPOCH:
+                self.stats.freshness[n] = st.freshness
 
     def _reset(self, wh: Warehouse) -> None:
         names = wh.rows(

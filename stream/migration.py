@@ -652,6 +652,8 @@ class Migration:
             lock = maintainer._lock if maintainer is not None else threading.Lock()
             with lock:  # no correction or reconciliation of the cleaned buckets meanwhile
                 if st.phase == "switched":
+                    if maintainer is not None:
+                        maintainer.correct(wh)  # the old cleaned buckets current with all that landed first
                     self._build_cleaned(wh, st)
                     self._verify(wh, st)
                     _drop_views(wh, "next")
@@ -664,11 +666,12 @@ class Migration:
                     with READERS.exclusive():
                         _swap_tables(wh, st)
                         _finish_flip(wh, st)
-            p.buckets = st.new
-            if maintainer is not None:
-                self._bar(st, "maintenance", 0, 1)
-                maintainer.buckets = st.new
-                maintainer.setup(wh)  # index and queues anew for M; every cleaned bucket reconciled
+                p.buckets = st.new
+                if maintainer is not None:
+                    # Still under the lock: a round starting between the swap and this would read M buckets'
+                    # tables with the state of N (the fresh-clone CI failed on it, KeyError 'bucket/10').
+                    self._bar(st, "maintenance", 0, 1)
+                    maintainer.relayout(wh, st.new)  # index and queues anew for M; every bucket reconciled
         finally:
             loader.resume()
         self._bar(st, "flip", 1, 1)
