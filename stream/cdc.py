@@ -115,6 +115,30 @@ def fill_index(wh: Any, buckets: int) -> None:
         wh.command(f"INSERT INTO {INDEX_TABLE} {_raw_select(n)}")
 
 
+def index_view_names(wh: Any) -> list[str]:
+    return [
+        str(name)
+        for (name,) in wh.rows(
+            "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, {p:String})",
+            {"p": f"{INDEX_TABLE}_mv_"},
+        )
+    ]
+
+
+def rebuild_index(wh: Any, buckets: int, command: Callable[[Any, str], object]) -> None:
+    """The raw buckets were replaced (a rebucket, either strategy): a view whose source table was renamed away no
+    longer fires for the table now under that name, and ``_bucket`` names the old layout. So every view is
+    dropped, the index emptied, the views defined over the current raw tables (``command``: the schema's
+    ``schema_command``) and the index filled from them. Nothing may write the raw buckets meanwhile (the rebucket
+    holds the loader, or runs with it stopped)."""
+    for name in index_view_names(wh):
+        wh.command(f"DROP TABLE IF EXISTS `{name}` SYNC")
+    wh.command(f"TRUNCATE TABLE IF EXISTS {INDEX_TABLE}")
+    for sql in index_ddl(buckets):
+        command(wh, sql)
+    fill_index(wh, buckets)
+
+
 # --- finding the messages to resolve (Python, on the few candidates a byte scan lets through) ------------------
 
 
@@ -232,6 +256,7 @@ class CdcStats:
     toast_unresolved: int = 0
     deletes_resolved: int = 0
     deletes_unresolved: int = 0
+    deletes_repeated: int = 0  # the key's newest stored version is already a delete (a redelivery): nothing to do
     empty_changes_checked: int = 0
     empty_changes_retired: int = 0
 
@@ -283,9 +308,8 @@ def _toast_expr(kind: str, c: Column) -> str:
 class Resolver:
     """Resolves one batch's special messages against the warehouse (``apply``); counts in ``stats``."""
 
-    def __init__(self, warehouse: Any, buckets: int) -> None:
-        self.warehouse = warehouse
-        self.buckets = buckets
+    def __init__(self, warehouse: Any) -> None:
+        self.warehouse = warehouse  # the bucket of a stored row is the index's ``_bucket``: no N kept here
         self.stats = CdcStats()
 
     # the stored versions of some keys: from the reference table itself, or (activities) from the index
@@ -309,6 +333,20 @@ class Resolver:
             for r in rows:
                 out[r[0]].append(Stored(int(r[1]), -1, ()))
         return out
+
+    def _deleted(self, kind: str, keys: Iterable[str]) -> set[str]:
+        """The keys with a stored delete (the activity index keeps the newest live and the newest deleted version
+        of each key; a reference table keeps its delete marker)."""
+        keys = list(keys)
+        if not keys:
+            return set()
+        table, key = (INDEX_TABLE, ACTIVITY_KEY) if kind in (SOURCE, RESOLVE_KIND) else (kind, REFERENCE_KEY)
+        return {
+            str(k)
+            for (k,) in self.warehouse.rows(
+                f"SELECT DISTINCT {key} FROM {table} WHERE {key} IN {_keys(keys)} AND _deleted = 1"
+            )
+        }
 
     @staticmethod
     def _latest(stored: list[Stored], below: int, strict: bool = False) -> Stored | None:
@@ -409,8 +447,17 @@ class Resolver:
             groups[SOURCE if i.kind == RESOLVE_KIND else i.kind].append(i)
         for kind, group in groups.items():
             stored = self._stored(kind, (i.special.key for i in group))
+            missing = {
+                i.special.key for i in group if self._latest(stored.get(i.special.key, []), i.special.version) is None
+            }
+            deleted = self._deleted(kind, missing)
             targets: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
             for i in group:
+                if i.special.key in deleted:
+                    # Only a delete is stored for the key (an at-least-once redelivery, a replay of the topic):
+                    # the delete is applied already, which is not a dead letter.
+                    self.stats.deletes_repeated += 1
+                    continue
                 s = self._stored_or_dead(
                     stored,
                     i,

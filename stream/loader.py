@@ -207,7 +207,7 @@ class Loader:
             self._targets[topic] = (table, table)
         self._targets[config.topics.resolve] = (RESOLVE_KIND, RESOLVE_KIND)
         self._sql = {kind: insert_sql(kind) for _, kind in self._targets.values() if kind != RESOLVE_KIND}
-        self._resolver = Resolver(warehouse, config.buckets)
+        self._resolver = Resolver(warehouse)
         self.stats.cdc = self._resolver.stats
         self._part_sql = insert_sql(ACTIVITY, part=True)
         self._stage = f"bucketer_loader_stage_{uuid.uuid4().hex[:12]}"

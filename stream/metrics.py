@@ -16,7 +16,8 @@ Metrics (all prefixed ``bucketer_``):
 - ``loader_lag_messages``: the loader group's read_committed lag on its partitions at its last progress line;
 - ``loader_outages_total``: broker outages the loader rode out (or is riding out);
 - ``toast_resolved_total``, ``toast_unresolved_total``, ``key_only_deletes_resolved_total``,
-  ``key_only_deletes_unresolved_total``, ``empty_changes_retirements_total`` (stream/cdc.py);
+  ``key_only_deletes_unresolved_total``, ``key_only_deletes_repeated_total``, ``empty_changes_retirements_total``
+  (stream/cdc.py);
 - ``rebuilds_total{bucket, status}``, ``rebuild_rows{bucket}``, ``rebuild_seconds{bucket}`` (last rebuild);
 - the cleaned buckets' maintenance (stream/incremental.py): ``corrections_total``,
   ``correction_rows_read_total``, ``correction_rows_written_total``, ``correction_tombstones_total``,
@@ -115,6 +116,7 @@ class WorkerCollector(Collector):
                 ("toast_unresolved", '"unchanged_toast" messages without a stored row', cdc.toast_unresolved),
                 ("key_only_deletes_resolved", "Key-only deletes that retired the stored row", cdc.deletes_resolved),
                 ("key_only_deletes_unresolved", "Key-only deletes without a stored row", cdc.deletes_unresolved),
+                ("key_only_deletes_repeated", "Key-only deletes of a key already deleted", cdc.deletes_repeated),
                 (
                     "empty_changes_retirements",
                     "Old rows retired for updates without old values",

@@ -63,7 +63,7 @@ from connectors.model import (
 from connectors.model import ACTIVITY_NAMES as ACTIVITY_NAMES  # re-exported: the schema's readers import it here
 from connectors.warehouse import schema_command
 from stream.buckets import cleaned_table, raw_table
-from stream.cdc import fill_index, index_ddl, index_exists
+from stream.cdc import fill_index, index_ddl, index_exists, rebuild_index
 
 UNION_VIEW = "activityRelations_deduplicated_cleaned_bucket_union"
 ROUTING_VIEW = "activityRelations_bucket_routing"
@@ -246,6 +246,8 @@ def ensure_schema(wh: _Commands, buckets: int | None, *, allow_change: bool = Fa
         schema_command(wh, sql)  # ON CLUSTER, Replicated engines, on a server cluster (connectors/warehouse.py)
     if new_index:
         fill_index(wh, n)
+    elif recorded is not None and n != recorded:
+        rebuild_index(wh, n, schema_command)  # the raw buckets were replaced: views and _bucket anew
     if n != recorded:
         # ReplacingMergeTree(at) keeps the row with the latest ``at``: make the new one strictly later than any
         # before it, so a change within the same millisecond as the last one (or after a clock step) still wins.

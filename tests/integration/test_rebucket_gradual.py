@@ -10,6 +10,7 @@ exactly once, to ``bucket(segmentId, N)`` before its partition's recorded switch
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,10 +209,19 @@ def check_end_state(s: Setup, old: int, new: int) -> None:
         )
         state = wh.rows("SELECT value FROM bucketer_migration FINAL")
         cleaned = wh.rows(f"SELECT count(), uniqExact({IDENT}) FROM {UNION}")[0]
+        # The activity index (how a key-only delete or a toast update finds its stored row) points at M's buckets.
+        index = {
+            str(a): (str(seg), int(b))
+            for a, seg, b in wh.rows(
+                "SELECT activityId, segmentId, _bucket FROM bucketer_activity_index FINAL WHERE _deleted = 0"
+            )
+        }
     everything = [v for _k, v in s.head + s.tail]
     assert set().union(*rows.values()) == expected_live(everything)
     assert all(bucket_of(r[0], new) == b for b, live in rows.items() for r in live), "rows outside hash % M"
     assert left == [], left
+    misplaced = {a: v for a, v in index.items() if bucket_of(v[0], new) != v[1]}
+    assert index and not misplaced, f"{len(misplaced)} of {len(index)} index rows point at old buckets"
     assert orjson.loads(state[0][0])["phase"] == "done"
     assert cleaned[0] == cleaned[1] > 0
 
@@ -269,6 +279,11 @@ def test_gradual_rebucket_mid_stream(bootstrap: str, tmp_path: Path, old: int, n
         assert ("split path" if new % old == 0 and new > old else "recompute path") in out
         st = httpx.get(run.url + "/v0/status", timeout=60).json()
         assert st["migration"]["phase"] == "done" and len(st["buckets"]) == new
+        # The flip corrects the old cleaned buckets before it splits them, and holds the maintenance across the
+        # swap: the new layout's first reconciliations find nothing to fix, and no round failed in between.
+        log_text = run.log.read_text()
+        assert "a correction round failed" not in log_text, log_text[-3000:]
+        assert re.findall(r"reconciled, [1-9]\d* rows differed", log_text) == [], log_text[-3000:]
         feeder.join(120)
         caught_up(s, run)
         reader.stop.set()
