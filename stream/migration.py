@@ -249,6 +249,16 @@ class RouterSwitch:
         self.positions: dict[str, int] = {}  # partitions whose record is committed
         self._unconfirmed: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    def ensure_loaded(self) -> None:
+        """The layout recorded on the control topic read, once: by the router's first batch, or by a migration
+        step that asks which layout the router is on before that (an --abort right after a restart found the
+        configured N, did not switch back, and the router then loaded the recorded M)."""
+        with self._load_lock:
+            if not self._loaded:
+                self._load()
+                self._loaded = True
 
     @property
     def pending(self) -> bool:
@@ -265,10 +275,12 @@ class RouterSwitch:
             return self.buckets == buckets and self.migration == migration and bool(self.positions)
 
     # called from the router thread, inside the batch's transaction
-    def begin_batch(self, current: BatchRouter, sink: Any, msgs: list[Any]) -> BatchRouter:
-        if not self._loaded:
-            self._loaded = True
-            self._load()
+    def begin_batch(
+        self, current: BatchRouter, sink: Any, msgs: list[Any], parts: Iterable[tuple[str, int]] | None = None
+    ) -> BatchRouter:
+        """``parts``: the batch's (topic, partition)s, when the caller has them: once each has its record the
+        batch's messages are not looked at (a switch long done costs nothing per message)."""
+        self.ensure_loaded()
         with self._lock:
             if self._unconfirmed and self._router._failures == 0:  # the batch that wrote them committed
                 self.positions.update(self._unconfirmed)
@@ -283,8 +295,9 @@ class RouterSwitch:
                 return current
             router = current if current.buckets == self.buckets else self._retarget(current, sink)
             first: dict[str, int] = {}
-            for m in msgs:
-                first.setdefault(f"{m.topic()}/{m.partition()}", m.offset())
+            if parts is None or any(f"{t}/{p}" not in self.positions for t, p in parts):
+                for m in msgs:
+                    first.setdefault(f"{m.topic()}/{m.partition()}", m.offset())
             for key, offset in first.items():
                 if key not in self.positions:
                     self._unconfirmed.setdefault(key, offset)
@@ -725,6 +738,7 @@ class Migration:
     def _abort(self, wh: Any, st: MigrationState) -> None:
         self._mark(wh, st, "aborting")
         p = self.pipeline
+        p.router.switch.ensure_loaded()
         if p.router.switch.buckets != st.old:
             self._switch(st.old, st.id + "-abort")
         ensure_inbox(wh, st.old, None)

@@ -228,7 +228,7 @@ class Router:
             return
         try:
             sink.begin()
-            self._router = self.switch.begin_batch(self._router, sink, good)  # N -> M at this boundary, if asked
+            self._router = self.switch.begin_batch(self._router, sink, good, last)  # N -> M at this boundary, if asked
             counts = self._router.route(good, sink)  # type: ignore[arg-type]
             sink.commit([TopicPartition(t, p, o + 1) for (t, p), o in last.items()], consumer)
         except SinkFatalError:
