@@ -198,11 +198,14 @@ class Reader(threading.Thread):
         self.url = run.url
 
 
-def check_end_state(s: Setup, old: int, new: int) -> None:
-    """With the run stopped: the warehouse and the topics, against the test's own model."""
+def check_end_state(s: Setup, old: int, new: int, *, aborted: bool = False) -> None:
+    """With the run stopped: the warehouse and the topics, against the test's own model. ``aborted``: the
+    migration to ``new`` was rolled back, so the warehouse ends on ``old`` (the routing still went by ``new``
+    between the two recorded switches)."""
+    final = old if aborted else new
     with open_warehouse(s.data) as wh:
-        assert bucket_count(wh) == new
-        rows = live_rows(wh, new)
+        assert bucket_count(wh) == final
+        rows = live_rows(wh, final)
         left = wh.rows(
             "SELECT name FROM system.tables WHERE database = currentDatabase() AND (name LIKE '%\\_\\_next' "
             "OR name LIKE '%\\_\\_old' OR name LIKE '%rebucket%')"
@@ -218,21 +221,31 @@ def check_end_state(s: Setup, old: int, new: int) -> None:
         }
     everything = [v for _k, v in s.head + s.tail]
     assert set().union(*rows.values()) == expected_live(everything)
-    assert all(bucket_of(r[0], new) == b for b, live in rows.items() for r in live), "rows outside hash % M"
+    assert all(bucket_of(r[0], final) == b for b, live in rows.items() for r in live), "rows outside hash % N"
     assert left == [], left
-    misplaced = {a: v for a, v in index.items() if bucket_of(v[0], new) != v[1]}
+    misplaced = {a: v for a, v in index.items() if bucket_of(v[0], final) != v[1]}
     assert index and not misplaced, f"{len(misplaced)} of {len(index)} index rows point at old buckets"
-    assert orjson.loads(state[0][0])["phase"] == "done"
+    assert orjson.loads(state[0][0])["phase"] == ("aborted" if aborted else "done")
     assert cleaned[0] == cleaned[1] > 0
 
-    # The routing: exactly once, by N before the recorded switch offset of each source partition, by M after.
-    control = drain(s.bootstrap, [s.topics.control], idle=1.0)
-    switch = {
-        int(m.key().decode().rsplit("/", 1)[1]): orjson.loads(m.value())
-        for m in control
-        if m.key().decode().startswith(s.topics.source + "/")
-    }
-    assert switch and all(v["to"] == new for v in switch.values())
+    # The routing: exactly once, each message of a source partition by the layout of the last switch recorded
+    # for it at or before its offset (N before the first one).
+    switches: dict[int, list[tuple[int, int]]] = {}
+    for m in drain(s.bootstrap, [s.topics.control], idle=1.0):
+        if m.key().decode().startswith(s.topics.source + "/"):
+            v = orjson.loads(m.value())
+            switches.setdefault(int(m.key().decode().rsplit("/", 1)[1]), []).append((int(v["offset"]), int(v["to"])))
+    assert switches and all(sw[-1][1] == final for sw in switches.values()), switches
+    if aborted:
+        assert all([to for _o, to in sw] == [new, old] for sw in switches.values()), switches
+
+    def layout(partition: int, offset: int) -> int:
+        n = old
+        for at, to in sorted(set(switches.get(partition, []))):
+            if offset >= at:
+                n = to
+        return n
+
     bad = {
         (int(dict(m.headers())[H_SOURCE_PARTITION]), int(dict(m.headers())[H_SOURCE_OFFSET]))
         for m in drain(s.bootstrap, [s.topics.dlq], idle=1.0)
@@ -241,8 +254,7 @@ def check_end_state(s: Setup, old: int, new: int) -> None:
     for m in drain(s.bootstrap, [s.topics.source], idle=1.0):
         if (m.partition(), m.offset()) in bad:
             continue
-        at = switch.get(m.partition(), {}).get("offset")
-        n = new if at is not None and m.offset() >= at else old
+        n = layout(m.partition(), m.offset())
         seg = orjson.loads(m.value())["record"]["segmentId"]
         expected[(m.value(), s.topics.bucket(bucket_of(seg, n)))] += 1
     routed: Counter[tuple[bytes, str]] = Counter(
@@ -253,6 +265,39 @@ def check_end_state(s: Setup, old: int, new: int) -> None:
     assert routed == expected
     if new > old:
         assert any((s.topics.bucket_of_topic(t) or 0) >= old for _v, t in routed), "nothing in the new bucket topics"
+
+
+def test_gradual_rebucket_aborted_after_the_switch_rolls_back_to_n(bootstrap: str, tmp_path: Path) -> None:
+    """``--abort`` after the router has switched to M (messages routed by M are in topics 10..19): the router
+    switches back to N, everything routed by M is loaded into the N layout, the next tables go, and the end state
+    is N = 10 with every live row, each once, where hash % 10 puts it."""
+    s = make_setup(bootstrap, tmp_path, count=1000)
+    try:
+        run = s.start(buckets=10, stall="switched")
+        feeder = Feeder(s, rate=20)
+        feeder.start()
+        r = httpx.post(run.url + "/v0/rebucket", params={"to": 20}, timeout=60)
+        assert r.status_code == 200, r.text
+
+        def switched(url: str = run.url) -> bool:
+            got = httpx.get(url + "/v0/rebucket", timeout=30).json()["migration"]
+            return got is not None and got["phase"] == "switched"
+
+        wait_until(switched, 120, "phase switched", 0.3)
+        time.sleep(2.0)  # some messages routed by M
+        run.proc.kill()  # the stalled step holds the migration thread: a restart frees it
+        run.proc.wait(30)
+        run = s.start()
+        done = s.rebucket("--abort")
+        assert done.returncode == 0, done.stderr.decode()[-3000:] + run.log.read_text()[-3000:]
+        assert "abort" in done.stdout.decode() + done.stderr.decode()
+        feeder.join(120)
+        caught_up(s, run)
+        st = httpx.get(run.url + "/v0/status", timeout=60).json()
+        assert len(st["buckets"]) == 10
+    finally:
+        s.stop_all()
+    check_end_state(s, 10, 20, aborted=True)
 
 
 # 10 -> 16 and 20 -> 10 (the recompute path) take ~75 s each: they run with `make test-extended`
