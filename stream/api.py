@@ -10,7 +10,10 @@ Endpoints (token = one of ``BUCKETER_API_TOKEN``'s comma-separated tokens, as ``
   ``FORMAT JSON`` by default (``meta``, ``data``, ``rows``, ``statistics``: the engine's own output, passed
   through untouched); a trailing ``FORMAT CSV|CSVWithNames|TSV|TSVWithNames|JSONEachRow|JSONCompact`` picks
   another (and text formats for people, Pretty, Vertical, Markdown…, as ``text/plain``). ``{name:Type}``
-  parameters in the SQL are bound by the engine from query parameters of that name.
+  parameters in the SQL are bound by the engine from query parameters of that name. ``max_seconds``,
+  ``max_rows``, ``max_memory_mb`` tighten the server's query limits for this request (never loosen them; what
+  `bucketer query --max-seconds/--max-rows/--max-memory-mb` sends); they, ``q`` and ``token`` are the API's own
+  and cannot name a SQL parameter (``RESERVED_PARAMS``). Pipes take no caller limits: their parameters are theirs.
 - ``GET /v0/pipes/{pipe}.json`` (token): ``activityRelations_deduplicated_cleaned_bucket_union``,
   ``activityRelations_bucket_routing`` (``bucketId``, or ``project=SLUG`` resolved to it), ``project_buckets``
   (``project``); the first two with optional ``segmentId``, ``limit``, ``offset``. User pipes: ``NAME.sql`` files
@@ -501,6 +504,11 @@ _LIMIT_OPENAPI = [
 ]
 
 
+# Query parameters /v0/sql reads itself: a ``{name:Type}`` of one of these names in the SQL is refused (400), not
+# bound to the statement, the token or the caller's limit (which would then also limit the query).
+RESERVED_PARAMS = ("q", "token", *LIMIT_PARAMS)
+
+
 def caller_limits(query: Mapping[str, str], cap: QueryLimits) -> QueryLimits:
     """The limits of one request: ``cap`` (the server's), tightened by the caller's ``max_seconds``,
     ``max_rows``, ``max_memory_mb`` query parameters; an ill-formed or out-of-range value is a 400."""
@@ -637,6 +645,12 @@ def create_app(
         statement, fmt = split_format(read_only(q))
         params: dict[str, Any] = {}
         for name in sql_params(statement):
+            if name in RESERVED_PARAMS:
+                raise ApiError(
+                    400,
+                    f"{{{name}:Type}} in the query: {name!r} is a parameter of the API itself "
+                    f"({', '.join(RESERVED_PARAMS)}); give the SQL parameter another name",
+                )
             if name not in query:
                 raise ApiError(400, f"missing parameter {name!r} (used as {{{name}:Type}} in the query)")
             params[name] = query[name]

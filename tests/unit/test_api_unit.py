@@ -237,6 +237,18 @@ def test_a_bad_limit_is_400_before_the_query_runs(embedded: Any) -> None:
         assert time.monotonic() - t0 < 5
 
 
+def test_sql_parameters_named_like_the_apis_own_are_400(embedded: Any) -> None:
+    """max_seconds, max_rows, max_memory_mb (and q, token) are read by the API itself: a {max_rows:UInt64} in the
+    SQL would silently get the caller's row limit as its value, and the value would limit the result too."""
+    for name in ("max_rows", "max_seconds", "max_memory_mb", "token", "q"):
+        q = f"SELECT {{{name}:String}} AS v"
+        r = embedded.get("/v0/sql", params={"q": q, name: "2"} if name != "q" else {"q": q})
+        assert r.status_code == 400, (name, r.text)
+        assert f"{name!r} is a parameter of the API itself" in r.json()["error"], r.text
+    r = embedded.get("/v0/sql", params={"q": "SELECT {n:UInt8} AS v", "n": "2", "max_rows": "1"})
+    assert r.status_code == 200 and r.json()["data"] == [{"v": 2}], r.text
+
+
 def test_a_user_pipe_binds_a_parameter_named_max_rows(embedded: Any) -> None:
     """Pipes take no caller limits: a pipe's own {max_rows:Type} is its parameter, nothing else (0 is no limit)."""
     r = embedded.get("/v0/pipes/first.json", params={"max_rows": "2"})
