@@ -126,6 +126,14 @@ def test_caller_limits_tighten_the_servers_and_never_loosen_them() -> None:
     assert caller_limits({"max_seconds": "0.001"}, CAP).timeout_s == 0.001
 
 
+def test_the_cli_knows_the_highest_limits_the_api_takes() -> None:
+    from bucketer.cli_warehouse import API_LIMIT_TOPS
+    from stream.api import LIMIT_PARAMS
+
+    assert API_LIMIT_TOPS == {name: top for name, (_, _, top, _) in LIMIT_PARAMS.items()}
+    assert caller_limits({n: str(v) for n, v in API_LIMIT_TOPS.items()}, CAP) == CAP
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
