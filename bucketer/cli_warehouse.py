@@ -132,6 +132,11 @@ def running_api(data_dir: Path) -> RunningApi | None:
     return api
 
 
+# The highest max_seconds / max_rows / max_memory_mb the API takes (stream.api.LIMIT_PARAMS, not imported: it
+# brings FastAPI in).
+API_LIMIT_TOPS = {"max_seconds": 1e6, "max_rows": 10**15, "max_memory_mb": 10**9}
+
+
 def query_via_api(api: RunningApi, sql: str, project: str | None, limits: QueryLimits | None = None) -> bytes:
     """What the local path prints (JSON lines, or the FORMAT clause's output), from ``POST /v0/sql``: the same
     query path on the server's engine. With a project: its bucket from the ``project_buckets`` pipe, then
@@ -143,10 +148,12 @@ def query_via_api(api: RunningApi, sql: str, project: str | None, limits: QueryL
     statement = read_only(sql)
     params: dict[str, str] = {}
     if limits is not None:
+        top = API_LIMIT_TOPS  # a flag past what the API takes (a 400) asks for no less than its highest value
         params = {
-            "max_seconds": f"{limits.timeout_s:.6f}".rstrip("0").rstrip("."),  # digits only: no exponent
-            "max_rows": str(limits.max_result_rows),
-            "max_memory_mb": str(max(1, limits.max_memory_bytes >> 20)),
+            # digits only: no exponent
+            "max_seconds": f"{min(limits.timeout_s, top['max_seconds']):.6f}".rstrip("0").rstrip("."),
+            "max_rows": str(min(limits.max_result_rows, top["max_rows"])),
+            "max_memory_mb": str(min(max(1, limits.max_memory_bytes >> 20), top["max_memory_mb"])),
         }
     if project is None:
         if "{bucket}" in statement:

@@ -10,7 +10,10 @@ Endpoints (token = one of ``BUCKETER_API_TOKEN``'s comma-separated tokens, as ``
   ``FORMAT JSON`` by default (``meta``, ``data``, ``rows``, ``statistics``: the engine's own output, passed
   through untouched); a trailing ``FORMAT CSV|CSVWithNames|TSV|TSVWithNames|JSONEachRow|JSONCompact`` picks
   another (and text formats for people, Pretty, Vertical, Markdown…, as ``text/plain``). ``{name:Type}``
-  parameters in the SQL are bound by the engine from query parameters of that name.
+  parameters in the SQL are bound by the engine from query parameters of that name. ``max_seconds``,
+  ``max_rows``, ``max_memory_mb`` tighten the server's query limits for this request (never loosen them; what
+  `bucketer query --max-seconds/--max-rows/--max-memory-mb` sends); they, ``q`` and ``token`` are the API's own
+  and cannot name a SQL parameter (``RESERVED_PARAMS``). Pipes take no caller limits: their parameters are theirs.
 - ``GET /v0/pipes/{pipe}.json`` (token): ``activityRelations_deduplicated_cleaned_bucket_union``,
   ``activityRelations_bucket_routing`` (``bucketId``, or ``project=SLUG`` resolved to it), ``project_buckets``
   (``project``); the first two with optional ``segmentId``, ``limit``, ``offset``. User pipes: ``NAME.sql`` files
@@ -479,11 +482,13 @@ def _tail(segment_id: str | None, limit: int | None, offset: int | None) -> tupl
 
 
 # The caller's own limits on /v0/sql (what `bucketer query --max-seconds/--max-rows/--max-memory-mb` sends):
-# each may only tighten the server's (QueryLimits.within), never raise it.
-LIMIT_PARAMS: dict[str, tuple[type, float, str]] = {
-    "max_seconds": (float, 1e6, "Time limit of this query, seconds (the server's own limit if lower)."),
-    "max_rows": (int, 1e15, "Most result rows of this query (the server's own limit if lower)."),
-    "max_memory_mb": (int, 1e9, "Memory limit of this query, MiB (the server's own limit if lower)."),
+# each may only tighten the server's (QueryLimits.within), never raise it. (kind, lowest, highest, description):
+# the engine keeps max_execution_time in microseconds and takes anything under one as 0, which is no limit at
+# all, so the time limit starts at a millisecond (as --max-seconds does).
+LIMIT_PARAMS: dict[str, tuple[type, float, float, str]] = {
+    "max_seconds": (float, 0.001, 1e6, "Time limit of this query, seconds (the server's own limit if lower)."),
+    "max_rows": (int, 1, 1e15, "Most result rows of this query (the server's own limit if lower)."),
+    "max_memory_mb": (int, 1, 1e9, "Memory limit of this query, MiB (the server's own limit if lower)."),
 }
 _LIMIT_OPENAPI = [
     {
@@ -491,28 +496,37 @@ _LIMIT_OPENAPI = [
         "in": "query",
         "required": False,
         "description": why,
-        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": top}
+        "schema": {"type": "number", "minimum": low, "maximum": top}
         if kind is float
-        else {"type": "integer", "minimum": 1, "maximum": int(top)},
+        else {"type": "integer", "minimum": int(low), "maximum": int(top)},
     }
-    for name, (kind, top, why) in LIMIT_PARAMS.items()
+    for name, (kind, low, top, why) in LIMIT_PARAMS.items()
 ]
+
+
+# Query parameters /v0/sql reads itself: a ``{name:Type}`` of one of these names in the SQL is refused (400), not
+# bound to the statement, the token or the caller's limit (which would then also limit the query).
+RESERVED_PARAMS = ("q", "token", *LIMIT_PARAMS)
 
 
 def caller_limits(query: Mapping[str, str], cap: QueryLimits) -> QueryLimits:
     """The limits of one request: ``cap`` (the server's), tightened by the caller's ``max_seconds``,
     ``max_rows``, ``max_memory_mb`` query parameters; an ill-formed or out-of-range value is a 400."""
     given: dict[str, float] = {}
-    for name, (kind, top, _) in LIMIT_PARAMS.items():
+    for name, (kind, low, top, _) in LIMIT_PARAMS.items():
         raw = query.get(name)
         if raw is None:
             continue
         text = raw.strip()
-        ok = text.isascii() and (text.isdigit() if kind is int else re.fullmatch(r"\d+(\.\d*)?|\.\d+", text))
+        # At most 40 characters: int() refuses past 4300 digits with a ValueError (a 500), and no limit needs more.
+        ok = len(text) <= 40 and text.isascii()
+        ok = ok and (text.isdigit() if kind is int else re.fullmatch(r"\d+(\.\d*)?|\.\d+", text) is not None)
         value = kind(text) if ok else None
-        if value is None or not 0 < value <= top:
-            what = "a positive integer" if kind is int else "a positive number of seconds"
-            raise ApiError(400, f"invalid parameters: {name}: expected {what} up to {top:g}, got {raw[:40]!r}")
+        if value is None or not low <= value <= top:
+            what = "an integer" if kind is int else "a number of seconds"
+            raise ApiError(
+                400, f"invalid parameters: {name}: expected {what} from {low:g} to {top:g}, got {raw[:40]!r}"
+            )
         given[name] = value
     if not given:
         return cap
@@ -631,6 +645,12 @@ def create_app(
         statement, fmt = split_format(read_only(q))
         params: dict[str, Any] = {}
         for name in sql_params(statement):
+            if name in RESERVED_PARAMS:
+                raise ApiError(
+                    400,
+                    f"{{{name}:Type}} in the query: {name!r} is a parameter of the API itself "
+                    f"({', '.join(RESERVED_PARAMS)}); give the SQL parameter another name",
+                )
             if name not in query:
                 raise ApiError(400, f"missing parameter {name!r} (used as {{{name}:Type}} in the query)")
             params[name] = query[name]

@@ -233,6 +233,35 @@ def test_query_errors_through_the_api_are_one_line(held: Held) -> None:
     assert "no_such_table_here" in str(held.seen["error:table"])
 
 
+SLOW_SQL = "SELECT count() FROM numbers(1e11) WHERE sipHash64(number) = 1"
+
+
+def test_query_limits_go_through_the_api(held: Held) -> None:
+    """--max-rows / --max-seconds tighten the running process's limits (30 s there), in one line and exit 1;
+    a flag looser than anything the API takes is the process's own limit, as it is locally."""
+    r = cli(held.env, "query", "--data-dir", str(held.data), "--max-rows", "1", "SELECT number FROM numbers(3)")
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 1 and r.stdout == b"" and through_api(r, held), r.stderr.decode()
+    assert err[-1].startswith("bucketer: ") and "Limit for result exceeded, max rows: 1.00" in err[-1], err
+    assert "Traceback" not in r.stderr.decode()
+    held.seen["error:max-rows"] = err[-1]
+    r = cli(held.env, "query", "--data-dir", str(held.data), "--max-rows", "3", "SELECT number FROM numbers(3)")
+    assert r.returncode == 0 and r.stdout == b'{"number":0}\n{"number":1}\n{"number":2}\n', r.stderr.decode()
+
+    t0 = time.monotonic()
+    r = cli(held.env, "query", "--data-dir", str(held.data), "--max-seconds", "0.3", SLOW_SQL)
+    took = time.monotonic() - t0
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 1 and r.stdout == b"" and through_api(r, held), r.stderr.decode()
+    assert "Timeout exceeded" in err[-1] and "maximum: 300.000 ms" in err[-1], err
+    assert err[-1].endswith("(--max-seconds 0.3, or the running process's BUCKETER_QUERY_TIMEOUT if lower)"), err
+    assert took < 20, took  # the flag's 0.3 s, not the process's 30 s
+
+    big = ["--max-seconds", "10000000", "--max-rows", "10000000000000000", "--max-memory-mb", "2000000000"]
+    r = cli(held.env, "query", "--data-dir", str(held.data), *big, "SELECT 1 AS x")
+    assert r.returncode == 0 and r.stdout == b'{"x":1}\n', r.stderr.decode()
+
+
 def test_token_missing_or_wrong(held: Held) -> None:
     env = {k: v for k, v in held.env.items() if k != "BUCKETER_API_TOKEN"}
     r = cli(env, "query", "--data-dir", str(held.data), COUNT_SQL)
@@ -309,6 +338,8 @@ def test_after_the_run_exits_the_cli_reads_the_dir_directly(held: Held) -> None:
         r = cli(env, "query", "--data-dir", str(held.data), q)
         assert r.returncode == 1, name
         assert r.stderr.decode().splitlines() == [held.seen["error:" + name]], name
+    r = cli(env, "query", "--data-dir", str(held.data), "--max-rows", "1", "SELECT number FROM numbers(3)")
+    assert r.returncode == 1 and r.stderr.decode().splitlines() == [held.seen["error:max-rows"]]
     r = cli(env, "status", "--data-dir", str(held.data), "--json")
     assert r.returncode == 0 and "through its API" not in r.stderr.decode()
     local = orjson.loads(r.stdout)

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 
-from stream.api import ApiError, ServeError, _engine_reason, _tail, bind, check_bind, split_format, sql_params
+from stream.api import (
+    ApiError,
+    ServeError,
+    _engine_reason,
+    _tail,
+    bind,
+    caller_limits,
+    check_bind,
+    split_format,
+    sql_params,
+)
+from stream.query import QueryLimits
 
 
 @pytest.mark.parametrize(
@@ -93,3 +108,158 @@ def test_integers_are_plain_digits_and_refused_before_the_warehouse(value: str) 
         r = client.get(path, params={name: value})
         assert r.status_code == 400, (name, value, r.text)
         assert name in r.json()["error"]
+
+
+# --- the caller's own limits (max_seconds, max_rows, max_memory_mb) -----------------------------------------
+
+CAP = QueryLimits(timeout_s=20.0, max_result_rows=100, max_memory_bytes=1 << 30)
+
+
+def test_caller_limits_tighten_the_servers_and_never_loosen_them() -> None:
+    assert caller_limits({}, CAP) is CAP
+    tight = {"max_seconds": "2.5", "max_rows": "10", "max_memory_mb": "64"}
+    assert caller_limits(tight, CAP) == QueryLimits(2.5, 10, 64 << 20)
+    loose = {"max_seconds": "900", "max_rows": "1000000", "max_memory_mb": "999999"}
+    assert caller_limits(loose, CAP) == CAP
+    assert caller_limits({"max_rows": "7", "max_seconds": "1000"}, CAP) == QueryLimits(20.0, 7, 1 << 30)
+    assert caller_limits({"max_seconds": ".5"}, CAP).timeout_s == 0.5
+    assert caller_limits({"max_seconds": "0.001"}, CAP).timeout_s == 0.001
+
+
+def test_the_cli_knows_the_highest_limits_the_api_takes() -> None:
+    from bucketer.cli_warehouse import API_LIMIT_TOPS
+    from stream.api import LIMIT_PARAMS
+
+    assert API_LIMIT_TOPS == {name: top for name, (_, _, top, _) in LIMIT_PARAMS.items()}
+    assert caller_limits({n: str(v) for n, v in API_LIMIT_TOPS.items()}, CAP) == CAP
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_rows", ""),
+        ("max_rows", "abc"),
+        ("max_rows", "-1"),
+        ("max_rows", "0"),
+        ("max_rows", "1.5"),
+        ("max_rows", "1e3"),
+        ("max_rows", "+1"),
+        ("max_rows", "１"),
+        ("max_rows", "1" + "0" * 15 + "1"),  # past 1e15
+        ("max_rows", "1" * 5000),  # past Python's int() digit limit: a 400, not a 500
+        ("max_memory_mb", "0"),
+        ("max_memory_mb", "2000000000"),
+        ("max_seconds", "0"),
+        ("max_seconds", "0.0"),
+        ("max_seconds", "-1"),
+        ("max_seconds", "nan"),
+        ("max_seconds", "inf"),
+        ("max_seconds", "1e-3"),
+        ("max_seconds", "2000000"),
+        ("max_seconds", "0.0000001"),  # the engine rounds it to 0 = no time limit at all
+        ("max_seconds", "0.0009"),
+    ],
+)
+def test_ill_formed_or_out_of_range_limits_are_400(name: str, value: str) -> None:
+    with pytest.raises(ApiError) as err:
+        caller_limits({name: value}, CAP)
+    assert err.value.status == 400
+    assert err.value.message.startswith(f"invalid parameters: {name}: expected ")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The app over a real embedded chdb warehouse, with the server's limits CAP and one user pipe."""
+    import warnings
+
+    from connectors.warehouse import EmbeddedWarehouse
+    from stream.api import ApiConfig, UserPipe, create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    data = tmp_path_factory.mktemp("apilimits") / "wh"
+    first = UserPipe("first", "SELECT number FROM numbers(5) LIMIT {max_rows:UInt32}", (("max_rows", "UInt32"),))
+    app = create_app(lambda: EmbeddedWarehouse(data), ApiConfig(limits=CAP, pipes=(first,)))
+    try:
+        yield TestClient(app)
+    finally:
+        app.state.pool.close()  # the engine is the process's one: free it for the next test module
+
+
+SETTINGS = (
+    "SELECT getSetting('max_execution_time') AS s, getSetting('max_result_rows') AS r, "
+    "getSetting('max_memory_usage') AS m"
+)
+
+
+def test_the_engine_runs_with_the_tightened_limits(embedded: Any) -> None:
+    def engine_limits(**params: str) -> dict[str, Any]:
+        r = embedded.get("/v0/sql", params={"q": SETTINGS, **params})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]
+
+    assert engine_limits() == {"s": 20, "r": 100, "m": 1 << 30}
+    assert engine_limits(max_seconds="2.5", max_rows="7", max_memory_mb="64") == {"s": 2.5, "r": 7, "m": 64 << 20}
+    assert engine_limits(max_seconds="900", max_rows="100000", max_memory_mb="99999") == {
+        "s": 20,
+        "r": 100,
+        "m": 1 << 30,
+    }
+    # POST (the query in the body, as `bucketer query` sends it): the limits still come from the query string.
+    r = embedded.post("/v0/sql", params={"max_rows": "3"}, content=SETTINGS, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200 and r.json()["data"][0]["r"] == 3, r.text
+
+
+def test_max_rows_past_the_result_is_413(embedded: Any) -> None:
+    q = "SELECT number FROM numbers(3)"
+    r = embedded.get("/v0/sql", params={"q": q, "max_rows": "1"})
+    assert r.status_code == 413, r.text
+    assert "Limit for result exceeded, max rows: 1.00" in r.json()["error"]
+    r = embedded.post("/v0/sql", params={"max_rows": "2"}, content=q, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 413, r.text
+    r = embedded.get("/v0/sql", params={"q": q, "max_rows": "3"})
+    assert r.status_code == 200 and r.json()["rows"] == 3, r.text
+
+
+def test_max_seconds_past_the_time_is_408(embedded: Any) -> None:
+    t0 = time.monotonic()
+    r = embedded.get(
+        "/v0/sql", params={"q": "SELECT count() FROM numbers(1e11) WHERE sipHash64(number) = 1", "max_seconds": "0.3"}
+    )
+    took = time.monotonic() - t0
+    assert r.status_code == 408, r.text
+    assert "Timeout exceeded" in r.json()["error"]
+    assert took < 10, took  # the caller's 0.3 s, not the server's 20 s
+
+
+def test_a_bad_limit_is_400_before_the_query_runs(embedded: Any) -> None:
+    for params in ({"max_rows": "0"}, {"max_seconds": "0.0000001"}, {"max_memory_mb": "x"}, {"max_rows": "1" * 5000}):
+        t0 = time.monotonic()
+        r = embedded.get(
+            "/v0/sql", params={"q": "SELECT count() FROM numbers(1e11) WHERE sipHash64(number) = 1", **params}
+        )
+        assert r.status_code == 400, (params, r.text)
+        assert r.json()["error"].startswith(f"invalid parameters: {next(iter(params))}: ")
+        assert time.monotonic() - t0 < 5
+
+
+def test_sql_parameters_named_like_the_apis_own_are_400(embedded: Any) -> None:
+    """max_seconds, max_rows, max_memory_mb (and q, token) are read by the API itself: a {max_rows:UInt64} in the
+    SQL would silently get the caller's row limit as its value, and the value would limit the result too."""
+    for name in ("max_rows", "max_seconds", "max_memory_mb", "token", "q"):
+        q = f"SELECT {{{name}:String}} AS v"
+        r = embedded.get("/v0/sql", params={"q": q, name: "2"} if name != "q" else {"q": q})
+        assert r.status_code == 400, (name, r.text)
+        assert f"{name!r} is a parameter of the API itself" in r.json()["error"], r.text
+    r = embedded.get("/v0/sql", params={"q": "SELECT {n:UInt8} AS v", "n": "2", "max_rows": "1"})
+    assert r.status_code == 200 and r.json()["data"] == [{"v": 2}], r.text
+
+
+def test_a_user_pipe_binds_a_parameter_named_max_rows(embedded: Any) -> None:
+    """Pipes take no caller limits: a pipe's own {max_rows:Type} is its parameter, nothing else (0 is no limit)."""
+    r = embedded.get("/v0/pipes/first.json", params={"max_rows": "2"})
+    assert r.status_code == 200 and [d["number"] for d in r.json()["data"]] == [0, 1], r.text
+    r = embedded.get("/v0/pipes/first.json", params={"max_rows": "0"})
+    assert r.status_code == 200 and r.json()["data"] == [], r.text
