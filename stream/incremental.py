@@ -259,12 +259,44 @@ class Maintainer:
         with self._lock:
             self._setup_locked(wh)
 
-    def relayout(self, wh: Warehouse, buckets: int) -> None:
-        """The warehouse now has ``buckets`` buckets (a rebucket's flip): the maintenance is set up anew for them,
-        with no round in between that would see the new tables with the old bucket count."""
+    def relayout(self, wh: Warehouse, buckets: int, resume: Callable[[], object] | None = None) -> None:
+        """The warehouse now has ``buckets`` buckets (a gradual rebucket's flip, stream/migration.py), and its
+        cleaned buckets were split from the maintained ones after a last round, then verified: current, so
+        nothing is reconciled. The queues and the index are set up anew for the new layout, every bucket's
+        watermark starts now (its freshness the oldest of the old buckets', never a claim too fresh), the
+        reference watermark carries on. ``resume`` (the held loader's) is called once the queues' views exist:
+        what lands from then on is queued for the next round. No round runs in between (the caller may hold the
+        lock across the swap; a round would see the new tables with the old bucket count). A SIGKILL part-way
+        leaves no layout state, and the next ``setup`` does the full first-time setup."""
         with self._lock:
+            old = self._state or self._load_state(wh)
+            parents = [st for name, st in old.items() if name.startswith("bucket/")]
+            fresh = min((st.freshness for st in parents), default=EPOCH)
+            snaps = [st.snapshot for st in parents if st.snapshot is not None]
+            refs = old.get("refs")
             self.buckets = buckets
-            self._setup_locked(wh)
+            self._reset(wh)
+            for sql in maintenance_ddl(buckets):
+                schema_command(wh, sql)
+            for n in range(buckets):
+                schema_command(wh, cleaned_table_ddl(n))
+            start = self._clock_ns(wh)
+            if resume is not None:
+                resume()
+            git = ", ".join(f"'{p}'" for p in GIT_PLATFORMS)
+            state = {"layout": BucketState(watermark=buckets)}
+            for n in range(buckets):
+                # Rows landing meanwhile are indexed by the view too: the index collapses the duplicates.
+                wh.command(f"INSERT INTO {index_table(n)} {index_select(raw_table(n), git)}")
+                state[f"bucket/{n}"] = BucketState(watermark=start, freshness=fresh, snapshot=min(snaps, default=None))
+            if refs is None:
+                self._apply_repositories(wh, None)
+                refresh_country_codes(wh)
+                refs = BucketState(watermark=start)
+            state["refs"] = refs
+            self._state = state
+            self.stats.freshness = {n: fresh for n in range(buckets)} if fresh > EPOCH else {}
+            self._save(wh, *state)
 
     def _setup_locked(self, wh: Warehouse) -> None:
         self._migrate_old_layout(wh)

@@ -37,8 +37,10 @@ Phases (recorded durably in ``bucketer_migration``: id, N, M, path, phase, the s
    (``FINAL``) and a hash of their identities and versions are equal in both layouts, no row is misplaced, and
    the cleaned live rows agree; then, with the API's readers held back for the few renames (``READERS``), each
    bucket table is renamed aside and its next table into place, the views (union, routing, project_buckets)
-   and the recorded N are redefined for M, buckets ≥ M dropped, the inbox views repointed to the M layout. The
-   maintenance (stream/incremental.py) is set up anew for M, then the loader resumes (still on the inbox).
+   and the recorded N are redefined for M, buckets ≥ M dropped, the inbox views repointed to the M layout, the
+   activity index rebuilt for M (stream/cdc.py); the maintenance (stream/incremental.py) is set up anew for M
+   with no correction round in between and no reconciliation (the split cleaned buckets are current and
+   verified), and the loader resumes (still on the inbox) as soon as its queues exist.
    ``flipping`` is recorded before the first rename: a process killed inside the flip finishes it when it starts
    again (``recover``, before anything reads the views), so a reader never meets a mixture after a restart.
 5. ``done``: once the loader has committed past every bucket partition's end as it was after the switch (all
@@ -53,8 +55,9 @@ A delete that arrives mid-move reaches both layouts through the inbox, so the mo
 
 Limits (said, not hidden): one ``bucketer run`` process (its router and loader); routers/loaders in other
 processes of a group and a ClickHouse server without a running process are not handled (``gradual`` refuses
-there); the router must be exactly-once (Kafka transactions); the loader is paused for the flip and the
-maintenance re-setup (a full reconcile of every cleaned bucket), so ingestion latency spikes then (bench/).
+there); the router must be exactly-once (Kafka transactions); the loader is paused for the flip (the split of
+the cleaned buckets, the verification, the renames, the index rebuild), so ingestion latency spikes then, and
+the cleaned buckets are less fresh while the maintenance is set up anew (bench/bench_rebucket.py).
 """
 
 from __future__ import annotations
@@ -682,9 +685,11 @@ class Migration:
                 p.buckets = st.new
                 if maintainer is not None:
                     # Still under the lock: a round starting between the swap and this would read M buckets'
-                    # tables with the state of N (the fresh-clone CI failed on it, KeyError 'bucket/10').
+                    # tables with the state of N (the fresh-clone CI failed on it, KeyError 'bucket/10'). The
+                    # loader resumes as soon as the queues' views exist for M (relayout calls it), before the
+                    # index backfill: the raw tables, the views and the activity index are M's by then.
                     self._bar(st, "maintenance", 0, 1)
-                    maintainer.relayout(wh, st.new)  # index and queues anew for M; every bucket reconciled
+                    maintainer.relayout(wh, st.new, resume=loader.resume)
         finally:
             loader.resume()
         self._bar(st, "flip", 1, 1)
