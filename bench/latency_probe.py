@@ -13,16 +13,19 @@ import array
 import contextlib
 import json
 import re
+import signal
 import sys
 import time
 import uuid
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench.common import messages
 from bench.kafka_run import admin
 
 SEQ_DIGITS = 9
+PREBUILT = 1_000_000  # events built up front, at most
 
 
 # -- the producer process -------------------------------------------------------------------------------
@@ -65,11 +68,22 @@ def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 1, "enable.idempotence": True, "partitioner": "murmur2_random"}
     )
-    events = [event(tpls[seq % len(tpls)], tag, seq) for seq in range(count)]  # built before the clock starts
+    # Built before the clock starts; a long open-ended run (bench_rebucket: stopped by SIGTERM) builds them as
+    # it goes instead of holding gigabytes.
+    events: Iterable[tuple[bytes, bytes]] = (
+        [event(tpls[seq % len(tpls)], tag, seq) for seq in range(count)]
+        if count <= PREBUILT
+        else (event(tpls[seq % len(tpls)], tag, seq) for seq in range(count))
+    )
     stamps = array.array("d", bytes(8 * count))
     produce_one = producer.produce
+    stop = []  # SIGTERM: stop sending, still flush and write the stamps (unsent events keep 0.0)
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     start = time.perf_counter()
+    sent = 0
     for seq, (key, value) in enumerate(events):
+        if stop:
+            break
         wait = start + seq / rate - time.perf_counter()
         if wait > 0.0005:
             time.sleep(wait)
@@ -79,13 +93,13 @@ def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times
         except BufferError:
             producer.poll(0.05)
             produce_one(topic, value, key)
+        sent += 1
         if seq % 64 == 0:
             producer.poll(0)
     if producer.flush(60):
         raise RuntimeError("producer could not deliver everything within 60 s")
     times_path.write_bytes(stamps.tobytes())
-    achieved = count / (time.perf_counter() - start)
-    print(json.dumps({"achieved_rate": achieved}), flush=True)
+    print(json.dumps({"achieved_rate": sent / (time.perf_counter() - start), "sent": sent}), flush=True)
 
 
 PART_INSERT = re.compile(r"^INSERT INTO activityRelations_bucket_\S+ .* WHERE _part = (\d+)$", re.S)
