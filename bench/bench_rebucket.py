@@ -38,25 +38,21 @@ import time
 from pathlib import Path
 
 from bench.common import WORK_DIR, Report, broker, unique_prefix
-from bench.latency_probe import SEQ_DIGITS, pct
+from bench.latency_probe import SEQ_DIGITS, Poller, pct
 
 RAW_PREFIX = "activityRelations_bucket_MV_ds_"
 
 
-class RawWatch:
+class RawWatch(Poller):
     """When each probe event ``{tag}-{seq}`` is first found in any raw bucket table (old layout, ``__next``
     tables, the renamed-in new layout). Each poll reads, from parts not read before only, the sourceIds at or
     above the oldest unseen one; parts are keyed by (table UUID, part name), since a table renamed into place
     has part names of its own that may repeat the old table's."""
 
     def __init__(self, wh, tag: str, count: int) -> None:  # noqa: ANN001
-        self.wh, self.tag, self.count = wh, tag, count
-        self.seen = array.array("d", bytes(8 * count))
-        self.next_unseen = 0
+        super().__init__(wh, 0, tag, count)
         self.visible = 0
         self.read: set[tuple[str, str]] = set()
-        self.high = f"{tag}-{'9' * SEQ_DIGITS}~"
-        self.polls = 0
 
     def _tables(self) -> dict[str, str]:
         return {
@@ -104,17 +100,8 @@ class RawWatch:
                     )
                 except WarehouseError:
                     continue
-        now = time.time()
-        new = 0
-        cut = len(self.tag) + 1
-        for (source_id,) in rows:
-            seq = int(source_id[cut:])
-            if seq < self.count and self.seen[seq] == 0.0:
-                self.seen[seq] = now
-                new += 1
+        new = self.record(rows)
         self.visible += new
-        while self.next_unseen < self.count and self.seen[self.next_unseen] != 0.0:
-            self.next_unseen += 1
         return new
 
 
@@ -158,15 +145,31 @@ def gradual(data_dir: Path, bootstrap: str, old: int, new: int, rate: float, bef
     pipeline = Pipeline(
         PipelineConfig(kafka=KafkaConnection.plain(bootstrap), data_dir=data_dir, buckets=old, topic_prefix=prefix)
     )
-    flips: list[float] = []
+    flips: list[float] = []  # the whole flip step (its index backfill runs after the loader resumed)
+    holds: list[float] = []  # the loader held: hold() asked -> resume()
     real_flip = migration.Migration._flip
 
     def timed_flip(self, wh, st) -> None:  # noqa: ANN001
+        loader = self.pipeline.loader
+        real_hold, real_resume = loader.hold, loader.resume
+        asked: list[float] = []
+
+        def hold():  # noqa: ANN202
+            asked.append(time.perf_counter())
+            return real_hold()
+
+        def resume() -> None:
+            if asked:
+                holds.append(time.perf_counter() - asked.pop())
+            real_resume()
+
+        loader.hold, loader.resume = hold, resume
         t = time.perf_counter()
         try:
             real_flip(self, wh, st)
         finally:
             flips.append(time.perf_counter() - t)
+            loader.hold, loader.resume = real_hold, real_resume
 
     migration.Migration._flip = timed_flip  # type: ignore[method-assign]
     errors: list[BaseException] = []
@@ -178,7 +181,7 @@ def gradual(data_dir: Path, bootstrap: str, old: int, new: int, rate: float, bef
             errors.append(exc)
 
     thread = threading.Thread(target=run, name="pipeline", daemon=True)
-    res: dict = {"flip_hold": flips}
+    res: dict = {"flip": flips, "flip_hold": holds}
     try:
         with open_warehouse(data_dir) as reader:
             t0 = time.perf_counter()
@@ -359,6 +362,7 @@ def write(report: Report, res: dict) -> int:
         report.measure("ingestion_p50", [lat["p50"] or float("nan")], "s", window=name, rate=rate, rows=size)
     report.measure("gradual_duration", [g["duration"]], "s", rows=size)
     report.measure("flip_hold", g["flip_hold"] or [float("nan")], "s", rows=size)
+    report.measure("flip_step", g["flip"] or [float("nan")], "s", rows=size)
     report.measure("cutover_duration", [c["wall"]], "s", rows=size)
     lines = [
         f"{size:,} activities in {old} buckets; events at {rate:,.0f}/s (achieved {g['achieved_rate']:,.0f}/s, "
@@ -375,11 +379,14 @@ def write(report: Report, res: dict) -> int:
         )
     phases = ", ".join(f"{p} {t:.1f} s" for p, t in g["phases"])
     flip = ", ".join(f"{x:.1f}" for x in g["flip_hold"])
+    step = ", ".join(f"{x:.1f}" for x in g["flip"])
     lines += [
         "",
         f"Gradual migration: **{g['duration']:.1f} s** to `done` (phases reached at: {phases}); ingestion went on "
-        f"throughout except the flip, which holds the loader for {flip} s (swap, then the maintenance set up anew "
-        f"for {new} buckets: a reconciliation of every cleaned bucket).",
+        f"throughout except in the flip, which holds the loader for {flip} s (asked -> resumed: the loader's flush, "
+        f"a last correction round, the split of the cleaned buckets, the verification, the renames, the activity "
+        f"index rebuilt, the maintenance's queues for {new} buckets); the whole flip step, with the maintenance "
+        f"index backfill after the loader resumed, took {step} s.",
         "",
         f"Cutover on the same rows loaded anew (`stream.rebucket.rebucket`: redistribute, verify, swap, rebuild every "
         f"cleaned bucket; router and loader stopped throughout): **{c['wall']:.1f} s** wall, {c['cpu']:.1f} CPU-s, "
