@@ -233,8 +233,12 @@ class Poller:
                     f"SELECT sourceId FROM `{table}` WHERE sourceId >= {{low:String}} AND sourceId < {{high:String}}",
                     params,
                 )
-        now = time.time()
         self.durations.append(time.perf_counter() - t0)
+        return self.record(rows)
+
+    def record(self, rows: list[tuple[str]]) -> int:
+        """Stamp now on each event of ``rows`` (sourceIds) not seen before; how many were new."""
+        now = time.time()
         new = 0
         cut = len(self.tag) + 1
         for (source_id,) in rows:
