@@ -33,7 +33,8 @@ session timeout gets its partitions back with no rebalance, and the other router
 stays eager (not cooperative-sticky): a rebalance then revokes everything between batches, when no
 transaction is open, while a cooperative member keeps routing during a rebalance and its offsets sent to a
 transaction then may be refused (the generation moved), aborting batches. ``stop()`` sets a flag and interrupts a
-sink waiting on its target: the batch in hand is finished or abandoned uncommitted.
+sink waiting on its target: the batch in hand is finished or abandoned uncommitted. With ``until_idle`` a
+broker outage is not idleness: idle time counts again from the broker's return (the input may be waiting there).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors.kafka import (
     BrokerUnreachable,
     BucketerKafkaError,
     KafkaFatalError,
+    KafkaRetryError,
     Member,
     check_reachable,
     consumer_config,
@@ -131,6 +133,7 @@ class Router:
         self._retry_at = 0.0  # time.monotonic() before which no replay starts
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
         self._static = False
+        self._away: float | None = None  # clock() when the broker was found away; None: it answers
         from stream.migration import RouterSwitch  # the gradual rebucket's switch (stream/migration.py)
 
         self.switch = RouterSwitch(self)
@@ -164,7 +167,7 @@ class Router:
         session = cfg.session_timeout_ms or (None if self._static else 6_000)  # dynamic: the old 6 s
         extra = {} if session is None else {"session.timeout.ms": session, "heartbeat.interval.ms": session // 3}
         instance = f"{self.topics.source}.{cfg.instance_id}" if self._static else None
-        conf = consumer_config(cfg.kafka, cfg.group, instance=instance, **extra)
+        conf = consumer_config(cfg.kafka, cfg.group, instance=instance, error_cb=self._client_error, **extra)
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
             consumer.subscribe(
@@ -203,7 +206,12 @@ class Router:
             elif self.switch.pending:  # a gradual rebucket's switch, on an idle source
                 self.switch.idle(consumer, sink, msgs)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
-                if self._caught_up(consumer, now - max(started, self._assigned_at)):
+                # An outage is not idleness: the input may be waiting on the broker that is away, so idleness
+                # counts again from its return (a static member keeps its partitions through an outage, so no
+                # rejoin restarts the count as it did for a dynamic one).
+                if self._away is not None:
+                    self._probe(consumer)
+                elif self._caught_up(consumer, now - max(started, self._assigned_at)):
                     log.info("no input for %.1fs and nothing left to read: stopping", now - last_input)
                     break
                 last_input = now  # input is pending (a slow first fetch, a loading coordinator): wait on
@@ -260,6 +268,7 @@ class Router:
                 self._count_fatal(exc)
             return
         self._failures = 0
+        self._broker_back()  # a committed batch: it answers
         self.stats.add(counts)
 
     def _abort(self, sink: Sink) -> bool:
@@ -311,7 +320,8 @@ class Router:
 
     def _caught_up(self, consumer: Consumer, running: float) -> bool:
         """Idle means caught up: committed offsets at the end of every assigned partition (or, with no
-        partitions at all, none assigned for a long while: more routers than partitions)."""
+        partitions at all, none assigned for a long while: more routers than partitions). A broker that
+        does not answer is an outage (see ``_client_error``), never caught up."""
         assigned = consumer.assignment()
         if not assigned:
             return running >= max(30.0, self.config.until_idle or 0.0)
@@ -319,8 +329,44 @@ class Router:
             return True
         # The offset estimate counts transaction markers (a source topic written transactionally, e.g. by
         # ``bucketer dlq redrive``, ends each partition with one): read what is really left, once per idle spell.
-        lag = group_lag(self.config.kafka, self.config.group, sorted({tp.topic for tp in assigned}))
+        try:
+            lag = group_lag(self.config.kafka, self.config.group, sorted({tp.topic for tp in assigned}))
+        except KafkaRetryError as exc:
+            self._broker_away(str(exc))
+            return False
         return lag.exact and lag.messages == 0
+
+    def _client_error(self, err: KafkaError) -> None:
+        """The consumer's errors as a whole (error_cb, served inside ``consume()``): all brokers down starts an
+        outage, which ``_probe`` ends; the rest (one connection closed, ...) librdkafka retries itself."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._broker_away(err.str())
+        else:
+            log.debug("router: %s", err.str())
+
+    def _broker_away(self, reason: str) -> None:
+        if self._away is None:
+            self._away = self._clock()
+            log.warning("router: broker unreachable (%s); an outage is not idleness", reason)
+
+    def _probe(self, consumer: Consumer) -> None:
+        """In an outage, while idle: does the group coordinator (or, with nothing assigned, any broker) answer?"""
+        try:
+            assigned = consumer.assignment()
+            if assigned:
+                failed = [tp for tp in consumer.committed(assigned, timeout=2) if tp.error is not None]
+                if failed:
+                    return
+            else:
+                consumer.list_topics(timeout=2)
+        except KafkaException:
+            return
+        self._broker_back()
+
+    def _broker_back(self) -> None:
+        if self._away is not None:
+            log.warning("router: broker back after %.0fs", self._clock() - self._away)
+            self._away = None
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = self._clock()

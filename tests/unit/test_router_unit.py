@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from fakes import FakeMessage
 from sequinmsgs import scenario
 
@@ -172,3 +172,68 @@ def test_too_many_fatal_sink_errors_stop_the_router() -> None:
     with pytest.raises(KafkaFatalError, match="4 times"):
         router.run()
     assert consumer.committed_of == [-1001, -1001]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class OutageConsumer(MemoryConsumer):
+    """One partition holding ``first``; every consume() is 0.25 s of ``clock``. The broker is away from ``away``
+    to ``back`` (all brokers down reported through error_cb, as librdkafka does; committed offsets and
+    watermarks unavailable), and ``second`` is produced one second after it is back."""
+
+    def __init__(self, first: list[bytes], second: list[bytes], clock: Clock, away: float, back: float) -> None:
+        super().__init__([[FakeMessage(TOPIC, 0, i, v) for i, v in enumerate(first)]])
+        self.second, self.clock, self.away, self.back = second, clock, away, back
+        self.error_cb: Any = None
+
+    def down(self) -> bool:
+        return self.away <= self.clock.t < self.back
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        self.clock.t += 0.25
+        if self.down():
+            if self.error_cb is not None:
+                self.error_cb(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+                self.error_cb = None  # reported once per outage
+            return []
+        if self.second and self.clock.t >= self.back + 1:
+            start = len(self.logs[0])
+            self.logs[0] += [FakeMessage(TOPIC, 0, start + i, v) for i, v in enumerate(self.second)]
+            self.second = []
+        return super().consume(n, timeout)
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if self.down():
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return super().committed(tps, timeout)
+
+    def get_watermark_offsets(self, tp: TopicPartition, **kw: Any) -> tuple[int, int]:
+        if self.down():
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return super().get_watermark_offsets(tp, **kw)
+
+
+def test_an_outage_is_not_idleness() -> None:
+    """A static member keeps its partitions through a broker outage (no rejoin restarts the idle count): the
+    router must still not call the outage idle time, or it stops as the broker returns, before the input
+    that was waiting on it comes (test_broker_bounce lost the 2,000 changes produced after the restart)."""
+    first = [s.value for s in scenario(31, 40, 10)]
+    second = [s.value for s in scenario(32, 30, 10)]
+    clock = Clock()
+    consumer = OutageConsumer(first, second, clock, away=2.0, back=22.0)  # 20 s away, idle after 5
+
+    def connect(conf: dict[str, Any]) -> OutageConsumer:
+        consumer.error_cb = conf.get("error_cb")
+        return consumer
+
+    sink = FlakySink([])
+    cfg = RouterConfig(kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, until_idle=5, instance_id="u")
+    Router(cfg, sink_factory=lambda _: sink, clock=clock, consumer_factory=connect).run()  # type: ignore[arg-type,return-value]
+    assert consumer.second == [] and consumer.committed_of == [len(first) + len(second)]
+    assert clock.t >= 22.0 + 5  # idle for until_idle after the broker's return, not counted from before
