@@ -27,8 +27,7 @@ Rebalance callbacks only run inside ``consume()``, i.e. between batches, so a re
 open transaction; the group generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
 ``transactional.id`` per instance (``instance_id``; default ``connectors.kafka.Member``'s host name and index)
 lets a restarted router fence and abort its killed predecessor's open transaction at once. With
-``static_membership`` (the default; only for an explicit ``instance_id``) that name is its
-``group.instance.id``: a router restarted within the
+``static_membership`` (the default) that name is its ``group.instance.id``: a router restarted within the
 session timeout gets its partitions back with no rebalance, and the other routers never pause. The assignor
 stays eager (not cooperative-sticky): a rebalance then revokes everything between batches, when no
 transaction is open, while a cooperative member keeps routing during a rebalance and its offsets sent to a
@@ -148,9 +147,7 @@ class Router:
     def run(self) -> None:
         if self._consumer_factory is None:
             check_reachable(self.config.kafka)
-        # Static only with an explicit instance id: `run` with a default-named static router lost rows after a
-        # broker restart (tests/integration/test_broker_bounce.py, not understood yet).
-        self._static = self.config.static_membership and self.config.instance_id is not None
+        self._static = self.config.static_membership
         member = Member(self.config.group, self.config.instance_id)
         try:
             self.config = replace(self.config, instance_id=member.name)

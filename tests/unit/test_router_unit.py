@@ -237,3 +237,22 @@ def test_an_outage_is_not_idleness() -> None:
     Router(cfg, sink_factory=lambda _: sink, clock=clock, consumer_factory=connect).run()  # type: ignore[arg-type,return-value]
     assert consumer.second == [] and consumer.committed_of == [len(first) + len(second)]
     assert clock.t >= 22.0 + 5  # idle for until_idle after the broker's return, not counted from before
+
+
+def test_a_router_without_an_instance_id_is_a_static_member_under_its_host_index_name(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUCKETER_LOCK_DIR", str(tmp_path))
+    confs: list[dict[str, Any]] = []
+
+    def connect(conf: dict[str, Any]) -> MemoryConsumer:
+        confs.append(conf)
+        return MemoryConsumer([[]])
+
+    cfg = RouterConfig(kafka=KafkaConnection.plain("memory"), buckets=10, until_idle=0.05)
+    router = Router(cfg, sink_factory=lambda _: FlakySink([]), consumer_factory=connect)  # type: ignore[arg-type,return-value]
+    router.run()
+    name = router.config.instance_id
+    assert name is not None and name.endswith("-0")
+    assert confs[0]["group.instance.id"] == f"activityRelations.{name}"
+    assert confs[0]["session.timeout.ms"] == 30_000
