@@ -133,6 +133,7 @@ class Router:
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
         self._static = False
         self._away: float | None = None  # clock() when the broker was found away; None: it answers
+        self._session_s = 0.0  # the consumer's session timeout, once run() has built it
         from stream.migration import RouterSwitch  # the gradual rebucket's switch (stream/migration.py)
 
         self.switch = RouterSwitch(self)
@@ -165,6 +166,7 @@ class Router:
         extra = {} if session is None else {"session.timeout.ms": session, "heartbeat.interval.ms": session // 3}
         instance = f"{self.topics.source}.{cfg.instance_id}" if self._static else None
         conf = consumer_config(cfg.kafka, cfg.group, instance=instance, error_cb=self._client_error, **extra)
+        self._session_s = conf["session.timeout.ms"] / 1000
         consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
         try:
             consumer.subscribe(
@@ -317,11 +319,13 @@ class Router:
 
     def _caught_up(self, consumer: Consumer, running: float) -> bool:
         """Idle means caught up: committed offsets at the end of every assigned partition (or, with no
-        partitions at all, none assigned for a long while: more routers than partitions). A broker that
-        does not answer is an outage (see ``_client_error``), never caught up."""
+        partitions at all, none assigned for a long while: more routers than partitions). "A long while" covers
+        twice the session timeout: a join waits up to one for a static member that left for good (it sends no
+        LeaveGroup) before the group rebalances (measured: 29 s for the next router of a group under another
+        name). A broker that does not answer is an outage (see ``_client_error``), never caught up."""
         assigned = consumer.assignment()
         if not assigned:
-            return running >= max(30.0, self.config.until_idle or 0.0)
+            return running >= max(30.0, 2 * self._session_s, self.config.until_idle or 0.0)
         if lag_estimate(consumer) == 0:
             return True
         # The offset estimate counts transaction markers (a source topic written transactionally, e.g. by

@@ -256,3 +256,33 @@ def test_a_router_without_an_instance_id_is_a_static_member_under_its_host_index
     assert name is not None and name.endswith("-0")
     assert confs[0]["group.instance.id"] == f"activityRelations.{name}"
     assert confs[0]["session.timeout.ms"] == 30_000
+
+
+class WaitingConsumer(MemoryConsumer):
+    """A join that never ends in an assignment (the group waits for a static member that left for good);
+    every consume() is 0.5 s of ``clock``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__([[]])
+        self.clock = clock
+
+    def subscribe(self, topics: list[str], on_assign: Any, **_: Any) -> None:
+        pass
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        self.clock.t += 0.5
+        return []
+
+    def assignment(self) -> list[TopicPartition]:
+        return []
+
+
+@pytest.mark.parametrize(("static", "waits"), [(True, 60.0), (False, 30.0)])
+def test_a_router_with_no_partitions_waits_out_a_departed_static_members_session(static: bool, waits: float) -> None:
+    clock = Clock()
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, until_idle=3, instance_id="u", static_membership=static
+    )
+    consumer = WaitingConsumer(clock)
+    Router(cfg, sink_factory=lambda _: FlakySink([]), clock=clock, consumer_factory=lambda _: consumer).run()  # type: ignore[arg-type,return-value]
+    assert waits <= clock.t < waits + 5
