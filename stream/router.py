@@ -21,8 +21,10 @@ is aborted (or, when even that fails, the producer is dropped and a new one with
 per consecutive failure up to ``retry_backoff_cap``), every assigned partition seeks to its committed
 offset and the batch is replayed. Each attempt is bounded (about 20 s), so the consumer keeps polling
 and a broker stop/start is ridden out; more than ``max_sink_restarts`` fatal Kafka producer errors in
-5 minutes stop the router. A ``SinkFatalError`` (e.g. Tinybird refusing the token, or unreachable past
-its deadline) stops the router at once with its one-line reason, the batch in hand uncommitted.
+5 minutes stop the router (counted with them: a static member fenced, ``ConsumerFenced``, rejoins with a new
+consumer under its name; a broker away past the session fences the member's own rejoin). A ``SinkFatalError``
+(e.g. Tinybird refusing the token, or unreachable past its deadline) stops the router at once with its one-line
+reason, the batch in hand uncommitted.
 Rebalance callbacks only run inside ``consume()``, i.e. between batches, so a revoke never meets an
 open transaction; the group generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
 ``transactional.id`` per instance (``instance_id``; default ``connectors.kafka.Member``'s host name and index)
@@ -38,6 +40,7 @@ broker outage is not idleness: idle time counts again from the broker's return (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +52,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from connectors.kafka import (
     BrokerUnreachable,
     BucketerKafkaError,
+    ConsumerFenced,
     KafkaFatalError,
     KafkaRetryError,
     Member,
@@ -167,20 +171,38 @@ class Router:
         instance = f"{self.topics.source}.{cfg.instance_id}" if self._static else None
         conf = consumer_config(cfg.kafka, cfg.group, instance=instance, error_cb=self._client_error, **extra)
         self._session_s = conf["session.timeout.ms"] / 1000
-        consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
+        consumer: Consumer | None = self._join(conf)
         try:
-            consumer.subscribe(
-                [self.topics.source], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
-            )
-            self._loop(consumer, sink)
+            while consumer is not None:
+                try:
+                    self._loop(consumer, sink)
+                    break
+                except ConsumerFenced as exc:
+                    # Raised between batches (no transaction open): the batch in hand is replayed by the new
+                    # consumer from the committed offsets. A real twin under this name fences it again, and the
+                    # fatal count stops the router.
+                    self._count_fatal(exc)
+                    log.warning("%s: rejoining the group under the same name with a new consumer", exc)
+                    old, consumer = consumer, None
+                    with contextlib.suppress(KafkaException, RuntimeError):
+                        old.close()
+                    consumer = self._join(conf)
         finally:
             try:
                 if not self._broken:
                     self._abort(sink)  # if it fails, the next instance (same transactional.id) aborts it
                 sink.close()  # may raise the sink's stop (SinkFatalError) nothing reported yet
             finally:
-                consumer.close()
+                if consumer is not None:
+                    consumer.close()
                 log.info("router stopped: %s", self.stats.summary())
+
+    def _join(self, conf: dict[str, object]) -> Consumer:
+        consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
+        consumer.subscribe(
+            [self.topics.source], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        return consumer
 
     def _loop(self, consumer: Consumer, sink: Sink) -> None:
         cfg = self.config
@@ -282,7 +304,7 @@ class Router:
         now = self._clock()
         self._fatal_times = [t for t in self._fatal_times if now - t < 300] + [now]
         if len(self._fatal_times) > self.config.max_sink_restarts:
-            raise KafkaFatalError(f"the sink failed fatally {len(self._fatal_times)} times in 5 min: {exc}")
+            raise KafkaFatalError(f"the sink or consumer failed fatally {len(self._fatal_times)} times in 5 min: {exc}")
 
     def _recover(self, consumer: Consumer, sink: Sink) -> bool:
         """Reopen a broken sink (a new transactional producer fences the old one and resolves its open

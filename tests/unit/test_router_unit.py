@@ -11,7 +11,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from fakes import FakeMessage
 from sequinmsgs import scenario
 
-from connectors.kafka import KafkaFatalError, KafkaRetryError
+from connectors.kafka import ConsumerFenced, KafkaFatalError, KafkaRetryError
 from connectors.kafka_conn import KafkaConnection
 from stream.router import Router, RouterConfig
 
@@ -286,3 +286,58 @@ def test_a_router_with_no_partitions_waits_out_a_departed_static_members_session
     consumer = WaitingConsumer(clock)
     Router(cfg, sink_factory=lambda _: FlakySink([]), clock=clock, consumer_factory=lambda _: consumer).run()  # type: ignore[arg-type,return-value]
     assert waits <= clock.t < waits + 5
+
+
+class FencedConsumer(MemoryConsumer):
+    """Shares the logs and committed offsets with the consumers before it (one group); its ``fence_at``-th
+    consume() returns a few messages and then librdkafka's fatal consumer error (a static member fenced)."""
+
+    def __init__(self, logs: list[list[FakeMessage]], committed: list[int], fence_at: int) -> None:
+        super().__init__(logs)
+        self.committed_of, self.fence_at, self.calls = committed, fence_at, 0
+        self.position_of = [max(0, c) for c in committed]
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        self.calls += 1
+        got = super().consume(n, timeout)
+        if self.calls != self.fence_at:
+            return got
+        fenced = KafkaError(
+            KafkaError._FATAL, "Static consumer fenced by other consumer with same group.instance.id", True
+        )
+        return [*got[:3], FakeMessage.failed(fenced)]
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_a_fenced_static_member_rejoins_under_its_name_and_a_twin_stops_it(twin: bool) -> None:
+    """After a broker away longer than the session, librdkafka's rejoin fences the member itself: the router
+    takes a new consumer under the same name and every output is there once. A real twin under that name
+    fences each new consumer: the fatal count stops the router."""
+    sents = scenario(41, 120, 10)
+    logs: list[list[FakeMessage]] = [[], []]
+    for s in sents:
+        p = hash(s.key) % 2
+        logs[p].append(FakeMessage(TOPIC, p, len(logs[p]), s.value, s.key))
+    committed = [-1001, -1001]
+    consumers: list[FencedConsumer] = []
+
+    def connect(conf: dict[str, Any]) -> FencedConsumer:
+        consumers.append(FencedConsumer(logs, committed, fence_at=2 if twin or not consumers else 0))
+        return consumers[-1]
+
+    sink = FlakySink([])
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=20, until_idle=0.05, instance_id="u"
+    )
+    router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=connect)  # type: ignore[arg-type,return-value]
+    if twin:
+        with pytest.raises(KafkaFatalError, match="6 times"):
+            router.run()
+        assert len(consumers) == 6
+        return
+    router.run()
+    assert len(consumers) == 2
+    assert committed == [len(log) for log in logs]
+    got = Counter(o[3] for o in sink.out if o[0] != "retire")
+    assert got == Counter(s.value for s in sents)  # every change once: the batch cut by the fence was replayed
+    assert isinstance(ConsumerFenced("x"), KafkaFatalError)
