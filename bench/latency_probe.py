@@ -1,7 +1,7 @@
 """The instruments of bench_latency: a fixed-rate producer (its own process), the visibility poller, and
 the bucket-topic append times. See bench/bench_latency.py for the method.
 
-    python -m bench.latency_probe BOOTSTRAP TOPIC TAG RATE COUNT TIMES_FILE   # the producer process
+    python -m bench.latency_probe BOOTSTRAP TOPIC TAG RATE COUNT TIMES_FILE [PARTITIONS]  # the producer process
 
 Events are Sequin inserts from loadgen templates with a unique activityId and a sequential sourceId
 ``{tag}-{seq:09d}``, so a poll can ask for "every id at or above the oldest one not seen yet".
@@ -60,8 +60,11 @@ def event(tpl: bytes, tag: str, seq: int) -> tuple[bytes, bytes]:
     return aid, tpl.replace(b"@@AID@@", aid).replace(b"@@SRC@@", src)
 
 
-def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times_path: Path) -> None:
-    """Send ``count`` events at ``rate``/s; write the produce() wall-clock times (float64 array)."""
+def produce(
+    bootstrap: str, topic: str, tag: str, rate: float, count: int, times_path: Path, partitions: int = 0
+) -> None:
+    """Send ``count`` events at ``rate``/s; write the produce() wall-clock times (float64 array). With
+    ``partitions``, event ``seq`` goes to partition ``seq % partitions`` (else the key's)."""
     from confluent_kafka import Producer
 
     tpls = templates()
@@ -88,11 +91,12 @@ def produce(bootstrap: str, topic: str, tag: str, rate: float, count: int, times
         if wait > 0.0005:
             time.sleep(wait)
         stamps[seq] = time.time()
+        where = {"partition": seq % partitions} if partitions else {}
         try:
-            produce_one(topic, value, key)
+            produce_one(topic, value, key, **where)
         except BufferError:
             producer.poll(0.05)
-            produce_one(topic, value, key)
+            produce_one(topic, value, key, **where)
         sent += 1
         if seq % 64 == 0:
             producer.poll(0)
@@ -300,8 +304,9 @@ def pct(sorted_values: list[float], q: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    bootstrap, topic, tag, rate, count, path = (argv if argv is not None else sys.argv[1:])[:6]
-    produce(bootstrap, topic, tag, float(rate), int(count), Path(path))
+    args = argv if argv is not None else sys.argv[1:]
+    bootstrap, topic, tag, rate, count, path = args[:6]
+    produce(bootstrap, topic, tag, float(rate), int(count), Path(path), int(args[6]) if len(args) > 6 else 0)
     return 0
 
 

@@ -114,6 +114,15 @@ def route_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BUCKETER_BATCH_SIZE", min=1)] = 10_000,
     batch_time: Annotated[float, typer.Option("--batch-time", envvar="BUCKETER_BATCH_TIME", min=0.01)] = 0.25,
     instance_id: InstanceIdOpt = None,
+    dynamic_membership: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic-membership",
+            envvar="BUCKETER_DYNAMIC_MEMBERSHIP",
+            help="Join the group without group.instance.id: a restart rebalances the whole group (the routers "
+            "pause) instead of the static member resuming its partitions (bench/bench_restart.py).",
+        ),
+    ] = False,
     progress: Annotated[
         float, typer.Option("--progress", envvar="BUCKETER_PROGRESS", min=0.1, help="Seconds between progress lines.")
     ] = 10.0,
@@ -172,6 +181,7 @@ def route_cmd(
         exactly_once=not at_least_once,
         until_idle=until_idle,
         progress_interval=progress,
+        static_membership=not dynamic_membership,
         tinybird=tinybird,
         **extra,
     )

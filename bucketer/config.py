@@ -92,6 +92,7 @@ KEYS: tuple[Key, ...] = (
     _k("router", "batch_time", float, _same("batch_time", "route"), env="BUCKETER_BATCH_TIME"),
     # A worker's static member name (--instance-id); one variable for every worker, as the option reads it.
     _k("router", "instance_id", str, _same("instance_id", "route", "run"), env="BUCKETER_INSTANCE_ID"),
+    _k("router", "dynamic_membership", bool, _same("dynamic_membership", "route"), env="BUCKETER_DYNAMIC_MEMBERSHIP"),
     _k("router", "partitions", int, _same("partitions", "route", "run"), env="BUCKETER_BUCKET_PARTITIONS"),
     _k("router", "replication", int, _same("replication", "route"), env="BUCKETER_BUCKET_REPLICATION"),
     _k("router", "at_least_once", bool, _same("at_least_once", "route", "run"), env="BUCKETER_AT_LEAST_ONCE"),

@@ -9,7 +9,8 @@
 - ``classify(KafkaError)`` turns a librdkafka error into one of three typed exceptions:
   ``KafkaRetryError`` (transient: try again, maybe after aborting the transaction),
   ``KafkaDeadLetterError`` (this message can never be written: send it to the DLQ),
-  ``KafkaFatalError`` (this client is unusable, e.g. fenced by a newer instance: stop).
+  ``KafkaFatalError`` (this client is unusable, e.g. fenced by a newer instance: stop; a consumer's is
+  ``ConsumerFenced``, which a static member may answer with a new consumer).
 - ``group_lag`` counts what a consumer group still has to read, as a ``read_committed`` reader sees it (the
   one lag function: loader drained check, ``status``'s router lag and DLQ count).
 - DLQ header names of docs/CONTRACTS.md and ``dlq_headers``.
@@ -102,6 +103,13 @@ class KafkaAuthenticationFailed(KafkaFatalError):
     """The broker refused the connection's SASL credentials."""
 
 
+class ConsumerFenced(KafkaFatalError):
+    """A static member fenced off by a join under its ``group.instance.id`` (librdkafka's only fatal consumer
+    error): another live worker with the same name, or the member's own rejoin after its session timed out on
+    the client side (a broker away longer than the session: seen after a restart of a single broker). A new
+    consumer under the same name takes the member back; a real twin fences it again."""
+
+
 def classify(err: KafkaError, context: str = "") -> BucketerKafkaError:
     """The typed exception for a librdkafka error (returned, so the caller decides to raise)."""
     text = f"{context}: {err.str()} [{err.name()}]" if context else f"{err.str()} [{err.name()}]"
@@ -122,6 +130,8 @@ def consumer_error(err: KafkaError, context: str, *, missing_ok: bool = False) -
     if code == KafkaError._PARTITION_EOF:
         return None
     exc = classify(err, context)
+    if code in (KafkaError.FENCED_INSTANCE_ID, KafkaError._FATAL):
+        raise ConsumerFenced(str(exc), err)
     if err.fatal() or isinstance(exc, KafkaFatalError):
         raise exc
     if missing_ok and code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):

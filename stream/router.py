@@ -21,35 +21,40 @@ is aborted (or, when even that fails, the producer is dropped and a new one with
 per consecutive failure up to ``retry_backoff_cap``), every assigned partition seeks to its committed
 offset and the batch is replayed. Each attempt is bounded (about 20 s), so the consumer keeps polling
 and a broker stop/start is ridden out; more than ``max_sink_restarts`` fatal Kafka producer errors in
-5 minutes stop the router. A ``SinkFatalError`` (e.g. Tinybird refusing the token, or unreachable past
-its deadline) stops the router at once with its one-line reason, the batch in hand uncommitted.
+5 minutes stop the router (counted with them: a static member fenced, ``ConsumerFenced``, rejoins with a new
+consumer under its name; a broker away past the session fences the member's own rejoin). A ``SinkFatalError``
+(e.g. Tinybird refusing the token, or unreachable past its deadline) stops the router at once with its one-line
+reason, the batch in hand uncommitted.
 Rebalance callbacks only run inside ``consume()``, i.e. between batches, so a revoke never meets an
 open transaction; the group generation travels with the offsets (KIP-447), so a zombie's commit is fenced. A stable
 ``transactional.id`` per instance (``instance_id``; default ``connectors.kafka.Member``'s host name and index)
 lets a restarted router fence and abort its killed predecessor's open transaction at once. With
-``static_membership`` (the default; only for an explicit ``instance_id``) that name is its
-``group.instance.id``: a router restarted within the
+``static_membership`` (the default) that name is its ``group.instance.id``: a router restarted within the
 session timeout gets its partitions back with no rebalance, and the other routers never pause. The assignor
 stays eager (not cooperative-sticky): a rebalance then revokes everything between batches, when no
 transaction is open, while a cooperative member keeps routing during a rebalance and its offsets sent to a
 transaction then may be refused (the generation moved), aborting batches. ``stop()`` sets a flag and interrupts a
-sink waiting on its target: the batch in hand is finished or abandoned uncommitted.
+sink waiting on its target: the batch in hand is finished or abandoned uncommitted. With ``until_idle`` a
+broker outage is not idleness: idle time counts again from the broker's return (the input may be waiting there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors.kafka import (
     BrokerUnreachable,
     BucketerKafkaError,
+    ConsumerFenced,
     KafkaFatalError,
+    KafkaRetryError,
     Member,
     check_reachable,
     consumer_config,
@@ -131,6 +136,8 @@ class Router:
         self._retry_at = 0.0  # time.monotonic() before which no replay starts
         self._router = BatchRouter(config.buckets, config.max_message_bytes)
         self._static = False
+        self._away: float | None = None  # clock() when the broker was found away; None: it answers
+        self._session_s = 0.0  # the consumer's session timeout, once run() has built it
         from stream.migration import RouterSwitch  # the gradual rebucket's switch (stream/migration.py)
 
         self.switch = RouterSwitch(self)
@@ -145,9 +152,7 @@ class Router:
     def run(self) -> None:
         if self._consumer_factory is None:
             check_reachable(self.config.kafka)
-        # Static only with an explicit instance id: `run` with a default-named static router lost rows after a
-        # broker restart (tests/integration/test_broker_bounce.py, not understood yet).
-        self._static = self.config.static_membership and self.config.instance_id is not None
+        self._static = self.config.static_membership
         member = Member(self.config.group, self.config.instance_id)
         try:
             self.config = replace(self.config, instance_id=member.name)
@@ -164,21 +169,40 @@ class Router:
         session = cfg.session_timeout_ms or (None if self._static else 6_000)  # dynamic: the old 6 s
         extra = {} if session is None else {"session.timeout.ms": session, "heartbeat.interval.ms": session // 3}
         instance = f"{self.topics.source}.{cfg.instance_id}" if self._static else None
-        conf = consumer_config(cfg.kafka, cfg.group, instance=instance, **extra)
-        consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
+        conf = consumer_config(cfg.kafka, cfg.group, instance=instance, error_cb=self._client_error, **extra)
+        self._session_s = conf["session.timeout.ms"] / 1000
+        consumer: Consumer | None = self._join(conf)
         try:
-            consumer.subscribe(
-                [self.topics.source], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
-            )
-            self._loop(consumer, sink)
+            while consumer is not None:
+                try:
+                    self._loop(consumer, sink)
+                    break
+                except ConsumerFenced as exc:
+                    # Raised between batches (no transaction open): the batch in hand is replayed by the new
+                    # consumer from the committed offsets. A real twin under this name fences it again, and the
+                    # fatal count stops the router.
+                    self._count_fatal(exc)
+                    log.warning("%s: rejoining the group under the same name with a new consumer", exc)
+                    old, consumer = consumer, None
+                    with contextlib.suppress(KafkaException, RuntimeError):
+                        old.close()
+                    consumer = self._join(conf)
         finally:
             try:
                 if not self._broken:
                     self._abort(sink)  # if it fails, the next instance (same transactional.id) aborts it
                 sink.close()  # may raise the sink's stop (SinkFatalError) nothing reported yet
             finally:
-                consumer.close()
+                if consumer is not None:
+                    consumer.close()
                 log.info("router stopped: %s", self.stats.summary())
+
+    def _join(self, conf: dict[str, object]) -> Consumer:
+        consumer = self._consumer_factory(conf) if self._consumer_factory else Consumer(conf)
+        consumer.subscribe(
+            [self.topics.source], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        return consumer
 
     def _loop(self, consumer: Consumer, sink: Sink) -> None:
         cfg = self.config
@@ -203,7 +227,12 @@ class Router:
             elif self.switch.pending:  # a gradual rebucket's switch, on an idle source
                 self.switch.idle(consumer, sink, msgs)
             elif cfg.until_idle is not None and now - max(last_input, self._assigned_at) >= cfg.until_idle:
-                if self._caught_up(consumer, now - max(started, self._assigned_at)):
+                # An outage is not idleness: the input may be waiting on the broker that is away, so idleness
+                # counts again from its return (a static member keeps its partitions through an outage, so no
+                # rejoin restarts the count as it did for a dynamic one).
+                if self._away is not None:
+                    self._probe(consumer)
+                elif self._caught_up(consumer, now - max(started, self._assigned_at)):
                     log.info("no input for %.1fs and nothing left to read: stopping", now - last_input)
                     break
                 last_input = now  # input is pending (a slow first fetch, a loading coordinator): wait on
@@ -260,6 +289,7 @@ class Router:
                 self._count_fatal(exc)
             return
         self._failures = 0
+        self._broker_back()  # a committed batch: it answers
         self.stats.add(counts)
 
     def _abort(self, sink: Sink) -> bool:
@@ -274,7 +304,7 @@ class Router:
         now = self._clock()
         self._fatal_times = [t for t in self._fatal_times if now - t < 300] + [now]
         if len(self._fatal_times) > self.config.max_sink_restarts:
-            raise KafkaFatalError(f"the sink failed fatally {len(self._fatal_times)} times in 5 min: {exc}")
+            raise KafkaFatalError(f"the sink or consumer failed fatally {len(self._fatal_times)} times in 5 min: {exc}")
 
     def _recover(self, consumer: Consumer, sink: Sink) -> bool:
         """Reopen a broken sink (a new transactional producer fences the old one and resolves its open
@@ -311,16 +341,55 @@ class Router:
 
     def _caught_up(self, consumer: Consumer, running: float) -> bool:
         """Idle means caught up: committed offsets at the end of every assigned partition (or, with no
-        partitions at all, none assigned for a long while: more routers than partitions)."""
+        partitions at all, none assigned for a long while: more routers than partitions). "A long while" covers
+        twice the session timeout: a join waits up to one for a static member that left for good (it sends no
+        LeaveGroup) before the group rebalances (measured: 29 s for the next router of a group under another
+        name). A broker that does not answer is an outage (see ``_client_error``), never caught up."""
         assigned = consumer.assignment()
         if not assigned:
-            return running >= max(30.0, self.config.until_idle or 0.0)
+            return running >= max(30.0, 2 * self._session_s, self.config.until_idle or 0.0)
         if lag_estimate(consumer) == 0:
             return True
         # The offset estimate counts transaction markers (a source topic written transactionally, e.g. by
         # ``bucketer dlq redrive``, ends each partition with one): read what is really left, once per idle spell.
-        lag = group_lag(self.config.kafka, self.config.group, sorted({tp.topic for tp in assigned}))
+        try:
+            lag = group_lag(self.config.kafka, self.config.group, sorted({tp.topic for tp in assigned}))
+        except KafkaRetryError as exc:
+            self._broker_away(str(exc))
+            return False
         return lag.exact and lag.messages == 0
+
+    def _client_error(self, err: KafkaError) -> None:
+        """The consumer's errors as a whole (error_cb, served inside ``consume()``): all brokers down starts an
+        outage, which ``_probe`` ends; the rest (one connection closed, ...) librdkafka retries itself."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._broker_away(err.str())
+        else:
+            log.debug("router: %s", err.str())
+
+    def _broker_away(self, reason: str) -> None:
+        if self._away is None:
+            self._away = self._clock()
+            log.warning("router: broker unreachable (%s); an outage is not idleness", reason)
+
+    def _probe(self, consumer: Consumer) -> None:
+        """In an outage, while idle: does the group coordinator (or, with nothing assigned, any broker) answer?"""
+        try:
+            assigned = consumer.assignment()
+            if assigned:
+                failed = [tp for tp in consumer.committed(assigned, timeout=2) if tp.error is not None]
+                if failed:
+                    return
+            else:
+                consumer.list_topics(timeout=2)
+        except KafkaException:
+            return
+        self._broker_back()
+
+    def _broker_back(self) -> None:
+        if self._away is not None:
+            log.warning("router: broker back after %.0fs", self._clock() - self._away)
+            self._away = None
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = self._clock()

@@ -7,11 +7,11 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from fakes import FakeMessage
 from sequinmsgs import scenario
 
-from connectors.kafka import KafkaFatalError, KafkaRetryError
+from connectors.kafka import ConsumerFenced, KafkaFatalError, KafkaRetryError
 from connectors.kafka_conn import KafkaConnection
 from stream.router import Router, RouterConfig
 
@@ -172,3 +172,172 @@ def test_too_many_fatal_sink_errors_stop_the_router() -> None:
     with pytest.raises(KafkaFatalError, match="4 times"):
         router.run()
     assert consumer.committed_of == [-1001, -1001]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class OutageConsumer(MemoryConsumer):
+    """One partition holding ``first``; every consume() is 0.25 s of ``clock``. The broker is away from ``away``
+    to ``back`` (all brokers down reported through error_cb, as librdkafka does; committed offsets and
+    watermarks unavailable), and ``second`` is produced one second after it is back."""
+
+    def __init__(self, first: list[bytes], second: list[bytes], clock: Clock, away: float, back: float) -> None:
+        super().__init__([[FakeMessage(TOPIC, 0, i, v) for i, v in enumerate(first)]])
+        self.second, self.clock, self.away, self.back = second, clock, away, back
+        self.error_cb: Any = None
+
+    def down(self) -> bool:
+        return self.away <= self.clock.t < self.back
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        self.clock.t += 0.25
+        if self.down():
+            if self.error_cb is not None:
+                self.error_cb(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+                self.error_cb = None  # reported once per outage
+            return []
+        if self.second and self.clock.t >= self.back + 1:
+            start = len(self.logs[0])
+            self.logs[0] += [FakeMessage(TOPIC, 0, start + i, v) for i, v in enumerate(self.second)]
+            self.second = []
+        return super().consume(n, timeout)
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if self.down():
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return super().committed(tps, timeout)
+
+    def get_watermark_offsets(self, tp: TopicPartition, **kw: Any) -> tuple[int, int]:
+        if self.down():
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return super().get_watermark_offsets(tp, **kw)
+
+
+def test_an_outage_is_not_idleness() -> None:
+    """A static member keeps its partitions through a broker outage (no rejoin restarts the idle count): the
+    router must still not call the outage idle time, or it stops as the broker returns, before the input
+    that was waiting on it comes (test_broker_bounce lost the 2,000 changes produced after the restart)."""
+    first = [s.value for s in scenario(31, 40, 10)]
+    second = [s.value for s in scenario(32, 30, 10)]
+    clock = Clock()
+    consumer = OutageConsumer(first, second, clock, away=2.0, back=22.0)  # 20 s away, idle after 5
+
+    def connect(conf: dict[str, Any]) -> OutageConsumer:
+        consumer.error_cb = conf.get("error_cb")
+        return consumer
+
+    sink = FlakySink([])
+    cfg = RouterConfig(kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=100, until_idle=5, instance_id="u")
+    Router(cfg, sink_factory=lambda _: sink, clock=clock, consumer_factory=connect).run()  # type: ignore[arg-type,return-value]
+    assert consumer.second == [] and consumer.committed_of == [len(first) + len(second)]
+    assert clock.t >= 22.0 + 5  # idle for until_idle after the broker's return, not counted from before
+
+
+def test_a_router_without_an_instance_id_is_a_static_member_under_its_host_index_name(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUCKETER_LOCK_DIR", str(tmp_path))
+    confs: list[dict[str, Any]] = []
+
+    def connect(conf: dict[str, Any]) -> MemoryConsumer:
+        confs.append(conf)
+        return MemoryConsumer([[]])
+
+    cfg = RouterConfig(kafka=KafkaConnection.plain("memory"), buckets=10, until_idle=0.05)
+    router = Router(cfg, sink_factory=lambda _: FlakySink([]), consumer_factory=connect)  # type: ignore[arg-type,return-value]
+    router.run()
+    name = router.config.instance_id
+    assert name is not None and name.endswith("-0")
+    assert confs[0]["group.instance.id"] == f"activityRelations.{name}"
+    assert confs[0]["session.timeout.ms"] == 30_000
+
+
+class WaitingConsumer(MemoryConsumer):
+    """A join that never ends in an assignment (the group waits for a static member that left for good);
+    every consume() is 0.5 s of ``clock``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__([[]])
+        self.clock = clock
+
+    def subscribe(self, topics: list[str], on_assign: Any, **_: Any) -> None:
+        pass
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        self.clock.t += 0.5
+        return []
+
+    def assignment(self) -> list[TopicPartition]:
+        return []
+
+
+@pytest.mark.parametrize(("static", "waits"), [(True, 60.0), (False, 30.0)])
+def test_a_router_with_no_partitions_waits_out_a_departed_static_members_session(static: bool, waits: float) -> None:
+    clock = Clock()
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, until_idle=3, instance_id="u", static_membership=static
+    )
+    consumer = WaitingConsumer(clock)
+    Router(cfg, sink_factory=lambda _: FlakySink([]), clock=clock, consumer_factory=lambda _: consumer).run()  # type: ignore[arg-type,return-value]
+    assert waits <= clock.t < waits + 5
+
+
+class FencedConsumer(MemoryConsumer):
+    """Shares the logs and committed offsets with the consumers before it (one group); its ``fence_at``-th
+    consume() returns a few messages and then librdkafka's fatal consumer error (a static member fenced)."""
+
+    def __init__(self, logs: list[list[FakeMessage]], committed: list[int], fence_at: int) -> None:
+        super().__init__(logs)
+        self.committed_of, self.fence_at, self.calls = committed, fence_at, 0
+        self.position_of = [max(0, c) for c in committed]
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        self.calls += 1
+        got = super().consume(n, timeout)
+        if self.calls != self.fence_at:
+            return got
+        fenced = KafkaError(
+            KafkaError._FATAL, "Static consumer fenced by other consumer with same group.instance.id", True
+        )
+        return [*got[:3], FakeMessage.failed(fenced)]
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_a_fenced_static_member_rejoins_under_its_name_and_a_twin_stops_it(twin: bool) -> None:
+    """After a broker away longer than the session, librdkafka's rejoin fences the member itself: the router
+    takes a new consumer under the same name and every output is there once. A real twin under that name
+    fences each new consumer: the fatal count stops the router."""
+    sents = scenario(41, 120, 10)
+    logs: list[list[FakeMessage]] = [[], []]
+    for s in sents:
+        p = hash(s.key) % 2
+        logs[p].append(FakeMessage(TOPIC, p, len(logs[p]), s.value, s.key))
+    committed = [-1001, -1001]
+    consumers: list[FencedConsumer] = []
+
+    def connect(conf: dict[str, Any]) -> FencedConsumer:
+        consumers.append(FencedConsumer(logs, committed, fence_at=2 if twin or not consumers else 0))
+        return consumers[-1]
+
+    sink = FlakySink([])
+    cfg = RouterConfig(
+        kafka=KafkaConnection.plain("memory"), buckets=10, batch_size=20, until_idle=0.05, instance_id="u"
+    )
+    router = Router(cfg, sink_factory=lambda _: sink, consumer_factory=connect)  # type: ignore[arg-type,return-value]
+    if twin:
+        with pytest.raises(KafkaFatalError, match="6 times"):
+            router.run()
+        assert len(consumers) == 6
+        return
+    router.run()
+    assert len(consumers) == 2
+    assert committed == [len(log) for log in logs]
+    got = Counter(o[3] for o in sink.out if o[0] != "retire")
+    assert got == Counter(s.value for s in sents)  # every change once: the batch cut by the fence was replayed
+    assert isinstance(ConsumerFenced("x"), KafkaFatalError)
