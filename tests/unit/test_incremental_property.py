@@ -36,6 +36,7 @@ from stream.schema import CLEANED_NAMES, REFERENCE_COLUMNS, UNION_VIEW, ensure_s
 
 N = 2
 TOPICS = TopicNames()
+TOAST = "unchanged_toast"
 
 
 def _segments() -> list[str]:
@@ -174,15 +175,18 @@ class Scenario:
     def now(self) -> datetime:
         return T0 + timedelta(days=10, milliseconds=next(self.clock))
 
-    def emit(self, table: str, action: str, record: dict[str, Any], at: datetime, sent: bool = True) -> None:
+    def emit(
+        self, table: str, action: str, record: dict[str, Any], at: datetime, sent: bool = True, changes: Any = None
+    ) -> None:
         meta = {"table_name": table, "commit_timestamp": iso(at)}
-        value = orjson.dumps({"action": action, "record": record, "changes": None, "metadata": meta})
+        value = orjson.dumps({"action": action, "record": record, "changes": changes, "metadata": meta})
         self.batch.setdefault(table, []).append(value)
         if sent:
             self.sent.append((table, value))
 
-    def activity(self, action: str, a: dict[str, Any], at: datetime) -> None:
-        rec = {
+    @staticmethod
+    def activity_record(a: dict[str, Any], at: datetime) -> dict[str, Any]:
+        return {
             "activityId": f"act-{a['sourceId']}-{a['channel'][-3:]}",
             "createdAt": iso(T0),
             "updatedAt": iso(at),
@@ -191,7 +195,9 @@ class Scenario:
             "isContribution": True,
             **{k: v for k, v in a.items() if k != "timestamp"},
         }
-        self.emit(raw_table(bucket_of(a["segmentId"], N)), action, rec, at)
+
+    def activity(self, action: str, a: dict[str, Any], at: datetime) -> None:
+        self.emit(raw_table(bucket_of(a["segmentId"], N)), action, self.activity_record(a, at), at)
 
     def apply(self, op: tuple[Any, ...]) -> None:
         kind = op[0]
@@ -253,6 +259,25 @@ class Scenario:
             _, iid, action, platform = op
             rec = {"id": iid, "platform": platform, "segmentId": SEGMENTS[0], "createdAt": created}
             self.emit("integrations", action, {**rec, "updatedAt": iso(at)}, at)
+        # Sequin without REPLICA IDENTITY FULL (../shared/spec/SEQUIN.md): an unchanged TOASTed column arrives as
+        # "unchanged_toast", an update carries changes {}, a delete only the primary key.
+        elif kind == "member_toast":  # a member update that left attributes unchanged
+            _, mid, name = op
+            rec = {"id": mid, "attributes": TOAST, "displayName": name, "joinedAt": created, "createdAt": created}
+            self.emit("members", "update", {**rec, "updatedAt": iso(at)}, at, changes={})
+        elif kind == "repo_toast":  # repository r0 re-enabled, its url unchanged
+            _, enabled = op
+            rec = {"id": "r0", "url": TOAST, "segmentId": SEGMENTS[0], "insightsProjectId": "p0"}
+            rec |= {"sourceIntegrationId": "i0", "enabled": enabled, "excluded": False, "archived": False}
+            rec |= {"deletedAt": None, "createdAt": created, "updatedAt": iso(at)}
+            self.emit("repositories", "update", rec, at, changes={})
+        elif kind == "activity_toast" and self.activities:  # an update that left the channel unchanged
+            a = self.activities[op[1] % len(self.activities)]
+            rec = self.activity_record({**a, "username": "u9"}, at)
+            self.emit(raw_table(bucket_of(a["segmentId"], N)), "update", {**rec, "channel": TOAST}, at, changes={})
+        elif kind == "activity_key_delete" and self.activities:  # the router sends it to the resolve topic
+            a = self.activities[op[1] % len(self.activities)]
+            self.emit("resolve", "delete", {"activityId": self.activity_record(a, at)["activityId"]}, at)
         elif kind == "replay" and self.sent:
             table, value = self.sent[op[1] % len(self.sent)]
             self.batch.setdefault(table, []).append(value)
@@ -289,6 +314,7 @@ def truncate_all(w: EmbeddedWarehouse) -> None:
 
 def land(w: EmbeddedWarehouse, loader: Loader, batch: dict[str, list[bytes]]) -> None:
     topic = {raw_table(n): TOPICS.bucket(n) for n in range(N)} | {t: TOPICS.reference(t) for t in REFERENCE_COLUMNS}
+    topic["resolve"] = TOPICS.resolve
     pending = {}
     for table, values in batch.items():
         p = _Pending(topic[table])
@@ -447,6 +473,16 @@ DIRECTED = {
         [member(), act(), Q, ("move", 0, SEGMENTS[1], STAMPS[0]), ("land",), ("move", 1, SEGMENTS[2], STAMPS[1])]
         + [("land",), Q, act(action="delete", segmentId=SEGMENTS[2], timestamp=STAMPS[1]), Q],
         [1, 1, 0, 0],
+    ),
+    # Sequin without REPLICA IDENTITY FULL: the repository re-enabled with its url "unchanged_toast" (the row
+    # comes back only if the stored url is taken), the member's attributes "unchanged_toast" after it turned bot
+    # (stays a bot), the activity's channel "unchanged_toast" (stays a git row of an enabled repository), then a
+    # delete holding only the activityId
+    "without_replica_identity_full": (
+        [member(), PROJECT, act(platform="github", channel="https://GITHUB.com/acme/A"), Q, repo(GITHUB), Q]
+        + [repo(GITHUB, enabled=False), Q, ("repo_toast", True), Q, member(flags=(True, False, False)), Q]
+        + [("member_toast", "m0", "renamed"), Q, member(), Q, ("activity_toast", 0), Q, ("activity_key_delete", 0), Q],
+        [0, 1, 0, 1, 0, 0, 1, 1, 0, 0],
     ),
     # a replayed older version and a duplicate change leave the newest in place
     "replays": (
