@@ -48,6 +48,7 @@ from connectors.model import (
     VERSION_COLUMNS,
     VERSION_SOURCE,
     Column,
+    bucket_sql,
 )
 from connectors.topics import SOURCE
 from connectors.warehouse import WarehouseError
@@ -128,15 +129,19 @@ def index_view_names(wh: Any) -> list[str]:
 def rebuild_index(wh: Any, buckets: int, command: Callable[[Any, str], object]) -> None:
     """The raw buckets were replaced (a rebucket, either strategy): a view whose source table was renamed away no
     longer fires for the table now under that name, and ``_bucket`` names the old layout. So every view is
-    dropped, the index emptied, the views defined over the current raw tables (``command``: the schema's
-    ``schema_command``) and the index filled from them. Nothing may write the raw buckets meanwhile (the rebucket
-    holds the loader, or runs with it stopped)."""
+    dropped and defined again over the current raw tables (``command``: the schema's ``schema_command``), and
+    ``_bucket`` recomputed in place from each row's segmentId, where the rebucket has put its raw row (one
+    column rewritten instead of the whole index copied again inside the gradual flip's loader hold). The rows are
+    the same in both layouts: every version moved, nothing was added. Nothing may write the raw buckets
+    meanwhile (the rebucket holds the loader, or runs with it stopped)."""
     for name in index_view_names(wh):
         wh.command(f"DROP TABLE IF EXISTS `{name}` SYNC")
-    wh.command(f"TRUNCATE TABLE IF EXISTS {INDEX_TABLE}")
+    wh.command(
+        f"ALTER TABLE {INDEX_TABLE} UPDATE `_bucket` = toUInt32({bucket_sql('segmentId', buckets)}) WHERE 1 "
+        "SETTINGS mutations_sync = 2"
+    )
     for sql in index_ddl(buckets):
         command(wh, sql)
-    fill_index(wh, buckets)
 
 
 # --- finding the messages to resolve (Python, on the few candidates a byte scan lets through) ------------------
