@@ -28,7 +28,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -380,7 +380,13 @@ def lag_estimate(consumer: Any, partitions: list[TopicPartition] | None = None) 
         return None
 
 
-def group_lag(kafka: KafkaConnection, group: str | None, topics: Sequence[str], timeout: float = 10.0) -> Lag:
+def group_lag(
+    kafka: KafkaConnection,
+    group: str | None,
+    topics: Sequence[str],
+    timeout: float = 10.0,
+    until: Mapping[tuple[str, int], int] | None = None,
+) -> Lag:
     """Messages on ``topics`` that a ``read_committed`` consumer of ``group`` still has to read: per partition,
     the committed messages from the group's committed offset (the low watermark when it has none, or for every
     partition when ``group`` is None: then it counts all the committed messages) up to the high watermark taken
@@ -393,7 +399,8 @@ def group_lag(kafka: KafkaConnection, group: str | None, topics: Sequence[str], 
     group and commits nothing (the group's offsets are only read). A partition is done at its end-of-partition
     event (a read_committed reader gets it at the last stable offset: what lies beyond is ``pending``), or at a
     message or position at or past the start's high watermark. What is not read within ``timeout`` counts as
-    its offset span (logged)."""
+    its offset span (logged). ``until``: only these partitions, each up to this offset instead of its high
+    watermark (what a drain that took the ends earlier still waits for)."""
     # Offsets and committed positions through a read_uncommitted client: its high watermark is the log's end
     # (a read_committed one would report the last stable offset and hide open transactions).
     meta = Consumer(consumer_config(kafka, group or "bucketer-lag-unused", **{"isolation.level": "read_uncommitted"}))
@@ -409,7 +416,11 @@ def group_lag(kafka: KafkaConnection, group: str | None, topics: Sequence[str], 
                 parts += [TopicPartition(topic, p) for p in sorted(info.partitions)]
         spans: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, partition) -> (start, end) offsets
         for tp in _committed(meta, parts, timeout) if group and parts else parts:
+            if until is not None and (tp.topic, tp.partition) not in until:
+                continue
             low, high = meta.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout)
+            if until is not None:
+                high = min(high, until[(tp.topic, tp.partition)])
             start = max(low, tp.offset) if tp.offset >= 0 else low
             if start < high:
                 spans[(tp.topic, tp.partition)] = (start, high)
