@@ -160,16 +160,21 @@ class ReferenceState:
         )
 
 
-def prepare_reference(wh: Warehouse) -> ReferenceState:
-    """Build this batch's member set, channel set and organization lookup (country codes must be refreshed)."""
-    wh.command(country_table_ddl())
+def drop_stale(wh: Warehouse, prefix: str) -> None:
+    """Drop the work tables named ``prefix…`` left over 6 hours ago by a process that died before its cleanup."""
     stale = wh.rows(
         "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
         "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
-        {"p": REF_PREFIX},
+        {"p": prefix},
     )
     for (name,) in stale:
         wh.command(f"DROP TABLE IF EXISTS `{name}`")
+
+
+def prepare_reference(wh: Warehouse) -> ReferenceState:
+    """Build this batch's member set, channel set and organization lookup (country codes must be refreshed)."""
+    wh.command(country_table_ddl())
+    drop_stale(wh, REF_PREFIX)
     ref = ReferenceState(uuid.uuid4().hex[:12])
     try:
         wh.command(f"CREATE TABLE {ref.members} (id String) ENGINE = Set SETTINGS persistent = 0")

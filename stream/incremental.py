@@ -68,6 +68,7 @@ from stream.cleaning import (
     cleaning_select,
     country_table_ddl,
     drop_reference,
+    drop_stale,
     organization_lookup_sql,
     prepare_reference,
     real_members_sql,
@@ -304,13 +305,7 @@ class Maintainer:
             schema_command(wh, sql)  # ON CLUSTER on a server cluster (connectors/warehouse.py)
         for n in range(self.buckets):
             schema_command(wh, cleaned_table_ddl(n))
-        stale = wh.rows(
-            "SELECT name FROM system.tables WHERE database = currentDatabase() AND startsWith(name, "
-            "{p:String}) AND metadata_modification_time < now() - INTERVAL 6 HOUR",
-            {"p": WORK_PREFIX},
-        )
-        for (name,) in stale:
-            wh.command(f"DROP TABLE IF EXISTS `{name}`")
+        drop_stale(wh, WORK_PREFIX)
         wh.command(f"CREATE TABLE IF NOT EXISTS {self.work} (_b UInt32, {IDENT_DDL}) ENGINE = Memory")
         wh.command(f"CREATE TABLE IF NOT EXISTS {self.stage} ({cleaned_columns_ddl()}) ENGINE = Memory")
         wh.command(
