@@ -353,6 +353,17 @@ def dir_holder(data_dir: str | Path) -> DirHolder | None:
     return DirHolder(pid, record["url"], bool(record.get("token_required")))
 
 
+_WRITES: dict[str, int] = {}  # engine dsn -> writes finished (EmbeddedWarehouse.write_epoch)
+_WRITES_LOCK = threading.Lock()
+
+
+def _wrote(dsn: str) -> None:
+    # Counted after the write returns: a reader that saw the old number may have read the old data, and it
+    # will see the new number on its next look.
+    with _WRITES_LOCK:
+        _WRITES[dsn] = _WRITES.get(dsn, 0) + 1
+
+
 class EmbeddedWarehouse(_ClientWarehouse):
     """chdb in this process, data under ``data_dir``; ``database`` is created on open."""
 
@@ -395,6 +406,24 @@ class EmbeddedWarehouse(_ClientWarehouse):
             if self._registered:
                 self._registered = False
                 _release_engine()
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            super().command(sql, params)
+        finally:
+            _wrote(self.dsn)
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            super().insert(table, columns, rows)
+        finally:
+            _wrote(self.dsn)
+
+    def write_epoch(self) -> int:
+        """How many writes (commands, inserts) this process's handles on this engine have finished, failed ones
+        included. No other process can write to an embedded data dir (chdb: one process per directory), so a
+        result read when this number was E is still the warehouse's while it is E."""
+        return _WRITES.get(self.dsn, 0)
 
     def insert_json(self, table: str, select: str, data: bytes | Sequence[bytes]) -> None:
         if not data:

@@ -137,6 +137,16 @@ def load_pipes(folder: Path) -> tuple[UserPipe, ...]:
         names = [n for n, _ in params]
         if len(set(names)) != len(names):
             raise ServeError(f"pipe file {path}: a parameter is declared with two types")
+        # ?token= is the caller's secret (auth), and ?project= names the bucket when the pipe takes bucketId:
+        # a SQL parameter of either name would be handed the other's value.
+        taken = {"token"} | ({"project"} if "bucketId" in names else set())
+        for name in names:
+            if name in taken:
+                raise ServeError(
+                    f"pipe file {path}: {{{name}:Type}} cannot be a pipe parameter "
+                    + ("(?token= is the API token)" if name == "token" else "(?project= picks bucketId)")
+                    + "; give it another name"
+                )
         out.append(UserPipe(name, statement, params))
     return tuple(out)
 
@@ -198,12 +208,19 @@ class HandlePool:
                     self._all.append(wh)
             try:
                 yield wh
-            except BaseException:
+            except BaseException as exc:
                 # A handle that saw a failure is not reused: after a query timeout, chdb hands the timed-out
                 # query's output to the NEXT query on the same handle (measured, chdb 4.4); closing drops it.
+                # The API's own 4xx answers (an unknown project, a bad parameter) ran nothing that failed: the
+                # handle goes back (closed, it cost the next request a new connection, ~250 ms measured).
+                keep = isinstance(exc, ApiError) and exc.status < 500
                 with self._lock:
-                    self._all.remove(wh)
-                _close(wh)
+                    if keep:
+                        self._idle.append(wh)
+                    else:
+                        self._all.remove(wh)
+                if not keep:
+                    _close(wh)
                 raise
             with self._lock:
                 self._idle.append(wh)
@@ -301,21 +318,35 @@ class ProjectCache:
 
     The fingerprint (row count and an XOR of every row's (id, _version, _deleted) hash, parts not merged
     included) changes with any insert into insightsProjects and does not need FINAL, so each lookup costs
-    one small aggregate instead of the view's FINAL scan; a merge also changes it (harmless: one refill)."""
+    one small aggregate instead of the view's FINAL scan; a merge also changes it (harmless: one refill).
+
+    On the embedded warehouse not even that: nothing but this process writes to it, so while its count of
+    finished writes (``EmbeddedWarehouse.write_epoch``) is the one the fingerprint was taken at, the
+    fingerprint is still the table's and is not asked again (``bucketer serve``: never; ``bucketer run``: once
+    after each of the loader's writes, not once per request). A server has other writers: asked every time."""
 
     FINGERPRINT = "SELECT count(), groupBitXor(cityHash64(id, _version, _deleted)) FROM insightsProjects"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._fingerprint: tuple[Any, ...] | None = None
+        self._epoch: int | None = None  # the write epoch the fingerprint was taken at (embedded only)
         self._known: dict[str, Project | None] = {}
         self.lookups = 0  # view queries run (for tests and metrics)
+        self.fingerprints = 0  # fingerprint queries run
 
     def resolve(self, wh: Any, slug: str) -> Project:
-        fp = tuple(wh.rows(self.FINGERPRINT)[0])
+        epoch_of = getattr(wh, "write_epoch", None)
+        epoch = epoch_of() if epoch_of is not None else None
+        with self._lock:
+            fp = self._fingerprint if epoch is not None and epoch == self._epoch else None
+        if fp is None:
+            self.fingerprints += 1
+            fp = tuple(wh.rows(self.FINGERPRINT)[0])
         with self._lock:
             if fp != self._fingerprint:
                 self._fingerprint, self._known = fp, {}
+            self._epoch = epoch
             if slug in self._known:
                 found = self._known[slug]
             else:
@@ -562,7 +593,7 @@ def create_app(
 
         figures = KafkaFigures(cfg.kafka, TopicNames(cfg.topic_prefix), cfg.router_group, ttl=cfg.kafka_ttl_s)
 
-    def authorize(
+    async def authorize(  # async: it does not block, and a sync dependency costs a trip to the thread pool
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
         token: Annotated[str | None, Security(_query_token)],
     ) -> None:
@@ -886,7 +917,10 @@ def bind(host: str, port: int) -> socket.socket:
         raise ServeError(f"HTTP port {port} is out of range (1-65535)")
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio turns TCP_NODELAY on for accepted connections only when the
+        # socket says it is TCP (base_events._set_nodelay); with proto 0 every small response waited on
+        # Nagle and the client's delayed ACK (/healthz took 44 ms instead of 1, measured).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)

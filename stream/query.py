@@ -36,6 +36,8 @@ reading one bucket only.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -203,6 +205,8 @@ _AST_FUNCTION = re.compile(r"\bFunction ([A-Za-z_][A-Za-z0-9_]*)")
 
 
 class _Session(Protocol):
+    engine: str  # which engine answers (its table functions are looked up once)
+
     def raw(self, sql: str, params: Mapping[str, Any], fmt: str | None) -> bytes: ...
 
     def close(self) -> None: ...
@@ -214,11 +218,13 @@ class _EmbeddedSession:
     def __init__(self, wh: EmbeddedWarehouse, settings: Mapping[str, str]) -> None:
         import chdb
 
+        self.engine = wh.dsn
         self._conn: Any = chdb.connect(wh.dsn.removeprefix("chdb://"))
         try:
             self._conn.query(f"USE `{wh.database}`")
-            for key, value in settings.items():
-                self._conn.query(f"SET {key} = {_literal(value)}")
+            # One SET for all: the engine checks every change against the settings in force before the
+            # statement (readonly = 0 then), applies them in order, readonly last (one query instead of ~10).
+            self._conn.query("SET " + ", ".join(f"{key} = {_literal(value)}" for key, value in settings.items()))
         except Exception as exc:
             self.close()
             raise engine_error(str(exc)) from exc
@@ -245,6 +251,7 @@ class _ServerSession:
     def __init__(self, wh: ServerWarehouse, settings: Mapping[str, str]) -> None:
         self._client = wh._c()
         self._settings = dict(settings)
+        self.engine = wh.url
 
     def raw(self, sql: str, params: Mapping[str, Any], fmt: str | None) -> bytes:
         try:
@@ -273,6 +280,35 @@ def open_session(wh: Warehouse, limits: QueryLimits, check: bool = False) -> _Se
     raise QueryError(f"no read-only query session for {type(wh).__name__}")
 
 
+class _Passed:
+    """Statements the engine has parsed and ``check_functions`` let through, most recent last (bounded).
+
+    A verdict depends only on the statement's text and the engine (parameters are values, never names), so a
+    statement asked again — a pipe, a dashboard's query — skips the check session and its two queries."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._size = size
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, statement: object) -> bool:
+        with self._lock:
+            if statement not in self._seen:
+                return False
+            self._seen.move_to_end(statement)  # type: ignore[arg-type]
+            return True
+
+    def add(self, statement: str) -> None:
+        with self._lock:
+            self._seen[statement] = None
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+
+
+PASSED = _Passed()
+_TABLE_FUNCTIONS: dict[str, frozenset[str]] = {}  # per engine (dsn): the names do not change while it runs
+
+
 def check_functions(session: _Session, statement: str, params: Mapping[str, Any]) -> None:
     """Refuse a statement that names a function reaching outside the warehouse, as the engine parses it."""
     prefix = "EXPLAIN AST "
@@ -283,10 +319,10 @@ def check_functions(session: _Session, statement: str, params: Mapping[str, Any]
             r"(position |line 1, col )(\d+)", lambda m: f"{m.group(1)}{max(int(m.group(2)) - len(prefix), 0)}", str(exc)
         )
         raise type(exc)(shifted) from exc
-    table_functions = {
-        line.strip().lower()
-        for line in session.raw("SELECT name FROM system.table_functions", {}, "TabSeparatedRaw").decode().split()
-    }
+    table_functions = _TABLE_FUNCTIONS.get(session.engine)
+    if table_functions is None:
+        raw = session.raw("SELECT name FROM system.table_functions", {}, "TabSeparatedRaw").decode()
+        table_functions = _TABLE_FUNCTIONS[session.engine] = frozenset(line.strip().lower() for line in raw.split())
     for name in _AST_FUNCTION.findall(ast):
         low = name.lower()
         if name in OUTSIDE_SCALAR_FUNCTIONS or (low in table_functions and low not in LOCAL_TABLE_FUNCTIONS):
@@ -341,15 +377,18 @@ def query_raw(wh: Warehouse, sql: str, project: str | None = None, limits: Query
 def run_statement(
     wh: Warehouse, statement: str, params: Mapping[str, Any], limits: QueryLimits, fmt: str | None
 ) -> bytes:
-    """Run one statement already passed by ``read_only``: the engine parses it first (``check_functions``),
-    then it runs on a session of its own with the limits set and ``readonly = 1`` last; ``fmt`` is the output
-    format unless the statement has a FORMAT clause. A fresh session each time, closed after: a handle whose
-    query failed (a timeout) is never used again (chdb may hand its output to the next query)."""
-    checker = open_session(wh, limits, check=True)
-    try:
-        check_functions(checker, statement, params)
-    finally:
-        checker.close()
+    """Run one statement already passed by ``read_only``: the engine parses it first (``check_functions``;
+    once per statement text, ``PASSED``), then it runs on a session of its own with the limits set and
+    ``readonly = 1`` last; ``fmt`` is the output format unless the statement has a FORMAT clause. A fresh session
+    each time, closed after: a handle whose query failed (a timeout) is never used again (chdb may hand its
+    output to the next query)."""
+    if statement not in PASSED:
+        checker = open_session(wh, limits, check=True)
+        try:
+            check_functions(checker, statement, params)
+        finally:
+            checker.close()
+        PASSED.add(statement)
     session = open_session(wh, limits)
     try:
         return session.raw(statement, params, fmt)

@@ -526,6 +526,32 @@ def test_a_timed_out_handle_is_not_reused(tmp_path: Path) -> None:
         pool.close()
 
 
+def test_the_apis_own_4xx_keeps_the_handle_and_a_5xx_drops_it(tmp_path: Path) -> None:
+    """An unknown project (404) ran nothing that failed: the next request gets the same handle, not a new
+    connection (which cost ~250 ms each); a 503 raised while a handle was out closes it."""
+    from connectors.warehouse import EmbeddedWarehouse
+    from stream.api import ApiError, HandlePool
+
+    opened: list[EmbeddedWarehouse] = []
+
+    def connect() -> EmbeddedWarehouse:
+        opened.append(EmbeddedWarehouse(tmp_path / "wh"))
+        return opened[-1]
+
+    pool = HandlePool(connect, size=1)
+    try:
+        with pytest.raises(ApiError), pool.handle() as wh:
+            raise ApiError(404, "unknown or disabled project 'x'")
+        with pool.handle() as again:
+            assert again is wh and len(opened) == 1
+        with pytest.raises(ApiError), pool.handle():
+            raise ApiError(503, "warehouse unavailable: gone")
+        with pool.handle() as fresh:
+            assert fresh is not wh and len(opened) == 2 and fresh.rows("SELECT 1") == [(1,)]
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_fuzz_from_the_openapi_document(served: Served, mode: str) -> None:
     """Schemathesis generates requests for every operation of /openapi.json (valid ones, then invalid ones):

@@ -289,3 +289,24 @@ def test_limits_cannot_be_switched_off_by_zero() -> None:
     for bad in ({"timeout_s": 0}, {"max_result_rows": 0}, {"max_memory_bytes": 0}):
         with pytest.raises(ValueError):
             QueryLimits(**bad)  # type: ignore[arg-type]
+
+
+def test_a_statement_is_checked_once_and_a_refused_one_every_time(
+    wh: EmbeddedWarehouse, secret_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_statement remembers the statements the engine's parse let through (a pipe asked again skips the
+    check session); one it refused is never remembered, so it is refused again, and its file stays unread."""
+    import stream.query as query
+
+    checks: list[str] = []
+    real = query.check_functions
+    monkeypatch.setattr(query, "check_functions", lambda s, st, p: (checks.append(st), real(s, st, p))[1])
+    ok = "SELECT count() AS n FROM numbers({n:UInt8}) /* checked once */"
+    for n in (3, 4):
+        assert query.run_statement(wh, ok, {"n": n}, QueryLimits(), "JSONEachRow") == b'{"n":%d}\n' % n
+    assert checks == [ok]
+    bad = f"SELECT * FROM file('{secret_file}', 'LineAsString') /* refused */"
+    for _ in range(2):
+        with pytest.raises(QueryForbidden):
+            query.run_statement(wh, bad, {}, QueryLimits(), "JSONEachRow")
+    assert checks == [ok, bad, bad]

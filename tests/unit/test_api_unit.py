@@ -263,3 +263,51 @@ def test_a_user_pipe_binds_a_parameter_named_max_rows(embedded: Any) -> None:
     assert r.status_code == 200 and [d["number"] for d in r.json()["data"]] == [0, 1], r.text
     r = embedded.get("/v0/pipes/first.json", params={"max_rows": "0"})
     assert r.status_code == 200 and r.json()["data"] == [], r.text
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("SELECT {token:String} AS t", "token"),
+        ("SELECT * FROM t WHERE b = {bucketId:UInt32} AND p = {project:String}", "project"),
+    ],
+)
+def test_a_pipe_file_cannot_take_the_token_or_the_project_of_a_bucket_pipe(
+    tmp_path: Any, sql: str, refused: str
+) -> None:
+    """?token= is the secret and ?project= picks bucketId: a pipe parameter of that name would be handed it."""
+    from stream.api import load_pipes
+
+    (tmp_path / "p.sql").write_text(sql)
+    with pytest.raises(ServeError, match=rf"\{{{refused}:Type\}} cannot be a pipe parameter"):
+        load_pipes(tmp_path)
+    (tmp_path / "p.sql").write_text("SELECT {project:String} AS p")  # no bucketId: project is the pipe's own
+    assert [p.params for p in load_pipes(tmp_path)] == [(("project", "String"),)]
+
+
+def test_the_project_cache_asks_the_fingerprint_again_only_after_a_write(embedded: Any) -> None:
+    """Embedded: no process but this one writes, so the cache skips its fingerprint query until a write of this
+    process finishes; then a changed project is seen on the very next lookup."""
+    from stream.api import ApiError, ProjectCache
+    from stream.schema import ensure_schema
+
+    with embedded.app.state.pool.handle() as wh:  # the module's engine (one data dir per process)
+        ensure_schema(wh, 4)
+
+        def project(slug: str, enabled: int, version: int) -> None:
+            wh.command(
+                "INSERT INTO insightsProjects (id, slug, segmentId, enabled, _version) VALUES "
+                f"('{slug}-id', '{slug}', 'seg-{slug}', {enabled}, {version})"
+            )
+
+        project("alpha", 1, 1)
+        cache = ProjectCache()
+        assert cache.resolve(wh, "alpha").segment_id == "seg-alpha"
+        asked = cache.fingerprints
+        for _ in range(3):
+            cache.resolve(wh, "alpha")
+        assert cache.fingerprints == asked  # no write: not asked again
+        project("alpha", 0, 2)  # disabled by a later version
+        with pytest.raises(ApiError) as err:
+            cache.resolve(wh, "alpha")
+        assert err.value.status == 404 and cache.fingerprints == asked + 1
