@@ -44,8 +44,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m bucketer.demo
 
+# --durations: the slowest tests are named in every run's output (the suite is kept under ~20 min).
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
