@@ -140,11 +140,11 @@ def load_pipes(folder: Path) -> tuple[UserPipe, ...]:
         # ?token= is the caller's secret (auth), and ?project= names the bucket when the pipe takes bucketId:
         # a SQL parameter of either name would be handed the other's value.
         taken = {"token"} | ({"project"} if "bucketId" in names else set())
-        for name in names:
-            if name in taken:
+        for param in names:
+            if param in taken:
                 raise ServeError(
-                    f"pipe file {path}: {{{name}:Type}} cannot be a pipe parameter "
-                    + ("(?token= is the API token)" if name == "token" else "(?project= picks bucketId)")
+                    f"pipe file {path}: {{{param}:Type}} cannot be a pipe parameter "
+                    + ("(?token= is the API token)" if param == "token" else "(?project= picks bucketId)")
                     + "; give it another name"
                 )
         out.append(UserPipe(name, statement, params))

@@ -631,7 +631,9 @@ def test_serve_with_user_pipes(tmp_path: Path) -> None:
         got = pipe(ROUTING, project="proj-a").json()["data"]
         assert sorted(r["activityId"] for r in got) == [f"{seg_a}-act-{i}" for i in range(3)]
         b = bucket_of(seg_a, 4)
-        assert pipe("activities_of", bucketId=b, segmentId=seg_a, n=2).json()["data"] == [
+        r = pipe("activities_of", bucketId=b, segmentId=seg_a, n=2)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"] == [
             {"activityId": f"{seg_a}-act-0"},
             {"activityId": f"{seg_a}-act-1"},
         ]

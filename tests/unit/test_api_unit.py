@@ -282,7 +282,7 @@ def test_a_pipe_file_cannot_take_the_token_or_the_project_of_a_bucket_pipe(
     with pytest.raises(ServeError, match=rf"\{{{refused}:Type\}} cannot be a pipe parameter"):
         load_pipes(tmp_path)
     (tmp_path / "p.sql").write_text("SELECT {project:String} AS p")  # no bucketId: project is the pipe's own
-    assert [p.params for p in load_pipes(tmp_path)] == [(("project", "String"),)]
+    assert [(p.name, p.params) for p in load_pipes(tmp_path)] == [("p", (("project", "String"),))]
 
 
 def test_the_project_cache_asks_the_fingerprint_again_only_after_a_write(embedded: Any) -> None:
