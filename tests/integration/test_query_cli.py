@@ -45,6 +45,23 @@ def _one_line_error(cp: subprocess.CompletedProcess[str]) -> str:
     return cp.stderr
 
 
+def _signal_masks(pid: int) -> dict[str, str]:
+    """The main thread's signal masks (hex) from /proc (SigIgn bit 2: SIGINT ignored), and the threads that
+    block SIGINT."""
+
+    def masks(path: Path) -> dict[str, str]:
+        lines = path.read_text().splitlines()
+        wanted = ("Name", "SigBlk", "SigIgn", "SigCgt")
+        return {k: v.strip() for k, _, v in (ln.partition(":") for ln in lines) if k in wanted}
+
+    out = {f"main {k}": v for k, v in masks(Path(f"/proc/{pid}/status")).items()}
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        m = masks(task / "status")
+        if int(m.get("SigBlk", "0"), 16) & 2:
+            out[f"task {task.name} {m.get('Name')}"] = f"blocks SIGINT ({m['SigBlk']})"
+    return out
+
+
 def test_ctrl_c_cancels_a_running_query_at_once(warehouse: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [str(BUCKETER), "query", "--data-dir", str(warehouse), "--max-seconds", "600", HEAVY],
@@ -53,6 +70,10 @@ def test_ctrl_c_cancels_a_running_query_at_once(warehouse: Path, tmp_path: Path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a terminal's Ctrl-C finds it: SIGINT not ignored. A suite started in the background (`make test &`,
+        # nohup) ignores SIGINT, the child inherits that, and Python then installs no KeyboardInterrupt handler
+        # (seen 2026-12-04: the query ran on past the SIGINT).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # The warehouse lock holds the pid once the query's process has opened the warehouse.
@@ -63,9 +84,13 @@ def test_ctrl_c_cancels_a_running_query_at_once(warehouse: Path, tmp_path: Path)
             time.sleep(0.1)
         time.sleep(1.5)  # well into the engine's work
         assert proc.poll() is None, "the query ended by itself: it must still be running when Ctrl-C comes"
+        signals = _signal_masks(proc.pid)  # said if the process does not exit
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 10 s after SIGINT; before it: {signals}") from None
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
