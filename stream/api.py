@@ -605,6 +605,14 @@ def create_app(
         if not any(hmac.compare_digest(given.encode(), t) for t in tokens):
             raise ApiError(401, "invalid token")
 
+    def single_valued(request: Request) -> None:
+        """Every parameter of this API is one value: a repeated one (``?segmentId=a&segmentId=b``) is ambiguous
+        and refused, never read as its last value (schemathesis found it accepted)."""
+        keys = [k for k, _ in request.query_params.multi_items()]
+        if len(keys) != len(set(keys)):
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            raise ApiError(400, f"parameter {', '.join(map(repr, twice))} given more than once; give each once")
+
     app = FastAPI(
         title="bucketer",
         version="0.1.0",
@@ -617,6 +625,7 @@ def create_app(
     app.state.projects = projects
     app.state.kafka_figures = figures
     auth = [Depends(authorize)]
+    with_params = [*auth, Depends(single_valued)]  # the routes that read parameters (and document 400)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -689,7 +698,7 @@ def create_app(
 
     @app.get(
         "/v0/sql",
-        dependencies=auth,
+        dependencies=with_params,
         responses=_SQL_OK | _QUERY_ERRORS,
         openapi_extra={"parameters": _LIMIT_OPENAPI},
         summary="Read-only SQL (FORMAT JSON by default)",
@@ -702,7 +711,7 @@ def create_app(
 
     @app.post(
         "/v0/sql",
-        dependencies=auth,
+        dependencies=with_params,
         responses=_SQL_OK | _QUERY_ERRORS,
         openapi_extra=_SQL_BODY | {"parameters": _LIMIT_OPENAPI},
         summary="Read-only SQL, the query in the body (form field q or text)",
@@ -728,7 +737,7 @@ def create_app(
 
     @app.get(
         f"/v0/pipes/{UNION_VIEW}.json",
-        dependencies=auth,
+        dependencies=with_params,
         responses=_PIPE_OK | _QUERY_ERRORS,
         summary="Every cleaned bucket",
     )
@@ -737,7 +746,7 @@ def create_app(
 
     @app.get(
         f"/v0/pipes/{ROUTING_VIEW}.json",
-        dependencies=auth,
+        dependencies=with_params,
         responses=_PIPE_OK | _QUERY_ERRORS,
         summary="One cleaned bucket, by id or project",
     )
@@ -763,7 +772,7 @@ def create_app(
 
     @app.get(
         f"/v0/pipes/{PROJECT_VIEW}.json",
-        dependencies=auth,
+        dependencies=with_params,
         responses=_PIPE_OK | _QUERY_ERRORS,
         summary="The bucket of a project",
     )
@@ -803,13 +812,13 @@ def create_app(
             f"/v0/pipes/{pipe.name}.json",
             user_pipe(pipe),
             methods=["GET"],
-            dependencies=auth,
+            dependencies=with_params,
             responses=_PIPE_OK | _QUERY_ERRORS,
             summary=f"User pipe {pipe.name}",
             openapi_extra={"parameters": parameters},
         )
 
-    @app.get("/v0/pipes/{name}.json", dependencies=auth, include_in_schema=False)
+    @app.get("/v0/pipes/{name}.json", dependencies=with_params, include_in_schema=False)
     def unknown_pipe(name: str) -> Response:
         raise ApiError(404, f"no pipe {name!r}")
 
@@ -840,7 +849,7 @@ def create_app(
 
     if rebucket is not None:  # stream.migration.Controller of a running pipeline
 
-        @app.post("/v0/rebucket", dependencies=auth, include_in_schema=False)
+        @app.post("/v0/rebucket", dependencies=with_params, include_in_schema=False)
         def rebucket_start(to: int | None = None, abort: bool = False) -> JSONResponse:
             from stream.migration import MigrationError
 
@@ -855,7 +864,7 @@ def create_app(
 
     @app.get(
         "/v0/status",
-        dependencies=auth,
+        dependencies=with_params,
         responses=_errors(400, 401, 503),
         summary="The JSON of `bucketer status --json`",
     )

@@ -311,3 +311,12 @@ def test_the_project_cache_asks_the_fingerprint_again_only_after_a_write(embedde
         with pytest.raises(ApiError) as err:
             cache.resolve(wh, "alpha")
         assert err.value.status == 404 and cache.fingerprints == asked + 1
+
+
+def test_a_repeated_parameter_is_400_not_its_last_value(embedded: Any) -> None:
+    """``?segmentId=a&segmentId=b`` is ambiguous: refused with its name (schemathesis found it read as ``b``)."""
+    r = embedded.get("/v0/sql", params=[("q", "SELECT {n:UInt8} AS v"), ("n", "1"), ("n", "2")])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "parameter 'n' given more than once; give each once"
+    r = embedded.get("/v0/sql", params=[("q", "SELECT {n:UInt8} AS v"), ("n", "2")])
+    assert r.status_code == 200 and r.json()["data"] == [{"v": 2}], r.text
