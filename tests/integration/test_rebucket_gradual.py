@@ -365,11 +365,19 @@ def test_gradual_rebucket_sigkill_in_every_phase_then_resume(bootstrap: str, tmp
             r = httpx.post(run.url + "/v0/rebucket", params={"to": 20}, timeout=60)
             assert r.status_code == 200, r.text
 
-            def phase(url: str = run.url, want: str = stall) -> bool:
+            seen: list[object] = []
+
+            def phase(url: str = run.url, want: str = stall, seen: list[object] = seen) -> bool:
                 got = httpx.get(url + "/v0/rebucket", timeout=30).json()["migration"]
+                seen[:] = [got]
                 return got is not None and got["phase"] == want
 
-            wait_until(phase, 120, f"phase {stall}", 0.3)
+            # 240 s: alone this whole test takes ~90 s; beside a CPU-bound test on the other xdist worker a phase
+            # took over 120 s once (fresh clone, 2 cores), without logs: a miss now says where the migration was.
+            try:
+                wait_until(phase, 240, f"phase {stall}", 0.3)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; last /v0/rebucket: {seen}; log: {run.log.read_text()[-4000:]}") from None
             run.proc.kill()
             run.proc.wait(30)
             run = s.start(stall=nxt)
