@@ -30,7 +30,9 @@ MARKERS = (
     ("  decode (connectors/sequin.py)", "decode (connectors/sequin.py"),
     ("  valid_timestamp", "valid_timestamp (connectors/sequin.py"),
     ("  produce (stream/sinks.py write)", "write (stream/sinks.py"),
+    ("  replay of a routed batch into the sink (stream/routing.py RecordedBatch.replay)", "replay (stream/routing.py"),
     ("batch bookkeeping (stream/router.py _batch, outside route)", "_batch (stream/router.py"),
+    ("waiting for the previous batch's commit (router _settle: what pipelining left)", "_settle (stream/router"),
     ("transaction calls (send_offsets + commit, waited on in the watchdog)", "_watched (stream/sinks.py"),
     ("  sink.commit (send_offsets + commit_transaction)", "commit (stream/sinks.py"),
     ("begin_transaction", "begin (stream/sinks.py"),
@@ -78,7 +80,7 @@ def summarize(raw: os.PathLike[str], contender: str, count: int, cmd: str) -> st
             total += samples
             frames = stack.split(";")
             top[frames[-1]] += samples
-            if "_loop (stream/router.py" in frames[-1]:
+            if "_loop (stream/router.py" in frames[-1] or "_turn (stream/router.py" in frames[-1]:
                 frames.append("@loop")
             for label, marker in MARKERS:
                 if any(marker in fr for fr in frames):

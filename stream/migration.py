@@ -277,6 +277,20 @@ class RouterSwitch:
         with self._lock:
             return self.buckets == buckets and self.migration == migration and bool(self.positions)
 
+    def settled(self, current: BatchRouter, parts: Iterable[tuple[str, int]]) -> bool:
+        """``begin_batch`` has nothing to do for a batch of these partitions: the recorded layout is loaded, no
+        switch is asked for, no record is unconfirmed, and either no migration ever switched this router or
+        ``current`` routes by its N and every partition's record has committed. The router may then route such
+        a batch before the previous batch's transaction has committed (stream/router.py)."""
+        if not self._loaded:
+            return False
+        with self._lock:
+            if self._wanted is not None or self._unconfirmed:
+                return False
+            if self.migration is None:
+                return True
+            return current.buckets == self.buckets and all(f"{t}/{p}" in self.positions for t, p in parts)
+
     # called from the router thread, inside the batch's transaction
     def begin_batch(
         self, current: BatchRouter, sink: Any, msgs: list[Any], parts: Iterable[tuple[str, int]] | None = None

@@ -16,7 +16,7 @@ from typing import Protocol
 from connectors.kafka import RETIREMENT_HEADERS, dlq_headers
 from connectors.sequin import BadMessage, decode
 from stream.buckets import bucket_of
-from stream.sinks import Sink
+from stream.sinks import Headers, Sink
 
 
 class SourceMessage(Protocol):
@@ -102,6 +102,38 @@ class BatchRouter:
         headers = dlq_headers(bad.error_class, bad.detail, m.topic(), m.partition(), m.offset())
         sink.dead_letter(m.key(), value, headers)
         counts.dlq[bad.error_class] += 1
+
+
+class RecordedBatch:
+    """A sink stand-in that keeps a batch's sink calls, in order, for ``replay`` into the real sink later: the
+    router routes the next batch this way while the current one's transaction commits (stream/router.py).
+    ``resolve``: the real sink has ``write_resolve`` (so key-only deletes go there, not to the DLQ)."""
+
+    exactly_once = True
+
+    def __init__(self, resolve: bool) -> None:
+        self.calls: list[tuple[int, bytes | None, bytes | None, Headers]] = []  # bucket; -1 DLQ, -2 resolve
+        self.write_resolve = self._resolve if resolve else None
+
+    def write(self, bucket: int, key: bytes | None, value: bytes, headers: Headers = None) -> None:
+        self.calls.append((bucket, key, value, headers))
+
+    def dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        self.calls.append((-1, key, value, headers))
+
+    def _resolve(self, key: bytes | None, value: bytes) -> None:
+        self.calls.append((-2, key, value, None))
+
+    def replay(self, sink: Sink) -> None:
+        write, dead_letter = sink.write, sink.dead_letter
+        resolve = getattr(sink, "write_resolve", None)
+        for bucket, key, value, headers in self.calls:
+            if bucket >= 0:
+                write(bucket, key, value, headers)  # type: ignore[arg-type]  # routed values are bytes
+            elif bucket == -1:
+                dead_letter(key, value, headers)
+            else:
+                resolve(key, value)  # type: ignore[misc]  # recorded only when the sink has it
 
 
 class RouterStats:

@@ -11,6 +11,10 @@ The router drives a sink batch by batch, never concurrently::
         # or, on a BucketerKafkaError from commit: sink.abort(); the router rewinds the consumer
     sink.close()
 
+A sink may also have ``commit_later(offsets, consumer)``: ``commit`` in two parts, the consumer's part at once
+and the wait on the broker as a returned call, which the router runs in a thread of its own while it reads and
+routes the next batch (stream/router.py); the sink is still used by one thread at a time.
+
 ``commit`` is where the delivery guarantee lives. ``exactly_once`` sinks commit records and offsets
 atomically (Kafka transactions: ``send_offsets_to_transaction`` + ``commit_transaction``). Others
 must first wait until every record of the batch is acknowledged and only then call
@@ -37,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -179,19 +184,33 @@ class KafkaSink:
                 raise from_exception(exc, f"produce to {topic}") from None
 
     def commit(self, offsets: list[TopicPartition], consumer: Consumer) -> None:
+        self.commit_later(offsets, consumer)()
+
+    def commit_later(self, offsets: list[TopicPartition], consumer: Consumer) -> Callable[[], None]:
+        """``commit`` in two parts: what needs the consumer runs now, in the caller's thread (the group
+        metadata, i.e. the generation the batch was read under); the returned call waits on the broker and may
+        run in another thread while the caller reads and decodes the next batch (stream/router.py). Nothing
+        else may use the sink until that call has returned."""
         if self.exactly_once:
             meta = consumer.consumer_group_metadata()
-            self._retrying(
-                "send_offsets_to_transaction", lambda t: self._p.send_offsets_to_transaction(offsets, meta, t)
-            )
-            self._retrying("commit_transaction", lambda t: self._p.commit_transaction(t))
-            self._in_txn = False
-            return
-        self.flush()
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            raise from_exception(exc, "commit offsets") from None
+
+            def finish() -> None:
+                self._retrying(
+                    "send_offsets_to_transaction", lambda t: self._p.send_offsets_to_transaction(offsets, meta, t)
+                )
+                self._retrying("commit_transaction", lambda t: self._p.commit_transaction(t))
+                self._in_txn = False
+
+            return finish
+
+        def finish_at_least_once() -> None:
+            self.flush()
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                raise from_exception(exc, "commit offsets") from None
+
+        return finish_at_least_once
 
     def flush(self) -> None:
         """Wait until every record is acknowledged (bounded by message.timeout.ms); raise on failures."""

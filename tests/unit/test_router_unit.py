@@ -3,6 +3,7 @@ commits, failed aborts and a fatal sink error still give every output exactly on
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import Any
 
@@ -111,6 +112,22 @@ class FlakySink:
         pass
 
 
+class PipelinedFlakySink(FlakySink):
+    """FlakySink with ``commit_later``, as KafkaSink has: the router then routes each batch while the previous
+    one commits in a thread of its own. ``begin`` (inherited) fails if a batch begins before that commit ended."""
+
+    def __init__(self, plan: list[str]) -> None:
+        super().__init__(plan)
+        self.commit_threads: set[str] = set()
+
+    def commit_later(self, offsets: list[TopicPartition], consumer: MemoryConsumer) -> Any:
+        def finish() -> None:
+            self.commit_threads.add(threading.current_thread().name)
+            FlakySink.commit(self, offsets, consumer)
+
+        return finish
+
+
 def _abortable() -> KafkaRetryError:
     class Err:
         def txn_requires_abort(self) -> bool:
@@ -119,10 +136,11 @@ def _abortable() -> KafkaRetryError:
     return KafkaRetryError("commit failed", Err())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["commit-in-line", "commit-in-background"])
 @pytest.mark.parametrize(
     "plan", [[], ["ok", "abortable", "ok", "abortable", "abortable"], ["stuck", "ok", "fatal", "ok", "abortable"]]
 )
-def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> None:
+def test_every_output_exactly_once_despite_failed_commits(plan: list[str], pipelined: bool) -> None:
     sents = scenario(21, 300, 10)
     logs: list[list[FakeMessage]] = [[], []]
     expected: list[list[Any]] = [[], []]
@@ -131,7 +149,7 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
         logs[p].append(FakeMessage(TOPIC, p, len(logs[p]), s.value, s.key))
         expected[p].append(s)
     consumer = MemoryConsumer(logs)
-    sink = FlakySink(list(plan))
+    sink = (PipelinedFlakySink if pipelined else FlakySink)(list(plan))
     cfg = RouterConfig(
         kafka=KafkaConnection.plain("memory"),
         buckets=10,
@@ -160,6 +178,8 @@ def test_every_output_exactly_once_despite_failed_commits(plan: list[str]) -> No
     assert router.stats.aborts == failures
     assert sink.opens == 1 + sum(step in ("stuck", "fatal") for step in plan)
     assert router.stats.dlq == Counter(s.dlq for s in sents if s.dlq)
+    if isinstance(sink, PipelinedFlakySink):  # the commits did run beside the router's thread
+        assert sink.commit_threads == {"router-commit"}
 
 
 def test_too_many_fatal_sink_errors_stop_the_router() -> None:
